@@ -1,0 +1,42 @@
+# samantic developer entry points. `make test` and `make demo` work on a fresh
+# clone: they create .venv with the pinned development environment, build the
+# compiled module samantic._C (CPU always, CUDA too when nvcc is found) and run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS := requirements/constraints.txt
+CSRC := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+
+.PHONY: all env build test test-all demo bench clean
+
+all: build
+
+$(VENV)/.env-stamp: $(CONSTRAINTS) requirements/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -r requirements/dev.txt
+	touch $@
+
+env: $(VENV)/.env-stamp
+
+$(VENV)/.build-stamp: $(VENV)/.env-stamp $(CSRC)
+	$(PIP) install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.build-stamp
+
+test: build
+	$(PY) -m pytest -q
+
+test-all: build
+	$(PY) -m pytest -q -m "not gpu"
+
+demo: build
+	$(VENV)/bin/samantic doctor
+	$(PY) -m samantic.demo --out runs/demo
+
+bench: build
+	$(PY) benchmarks/postprocess.py --out benchmarks/results
+
+clean:
+	rm -rf build runs $(VENV)/.build-stamp

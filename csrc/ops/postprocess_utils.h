@@ -1,0 +1,316 @@
+// Per-element math of the fused mask post-processing, shared by the CPU loop
+// (cpu/postprocess.cpp) and the CUDA kernels (cuda/postprocess.cu).
+//
+// segment-anything upsamples low-res logits L (h x w) twice with bilinear
+// interpolation (align_corners=False): to img_size x img_size, crop to the
+// resized input (input_h x input_w), then to the original H x W. Both stages
+// are separable, so each output row y (column x) is a fixed convex combination
+// of at most 4 consecutive low-res rows (columns): an AxisTap. The output value
+// is sum_i sum_j ty.w[i] * tx.w[j] * L[ty.start + i, tx.start + j], computed on
+// the fly; no full-resolution float mask exists anywhere.
+//
+// Output rows with the same tap footprint form a row group (same for columns).
+// For one (row group, column group) block, the min/max of the low-res cells in
+// the footprint bound every output value in the block, so a block entirely
+// above or below all three thresholds (t - offset, t, t + offset) is emitted
+// as one run without evaluating a single pixel.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace samantic {
+namespace postprocess {
+
+constexpr int kMaxTaps = 4;
+constexpr uint8_t kUnknown = 0xFF;
+// Safety margin for block decisions: a convex combination computed in float32
+// can differ from its exact value by a few ulps of the inputs.
+constexpr float kBlockMargin = 1e-3f;
+
+struct AxisTap {
+  int32_t start;
+  int32_t len;
+  float w[kMaxTaps];
+};
+
+// A run of consecutive output indices sharing one tap footprint.
+struct Group {
+  int32_t begin;  // first output index
+  int32_t end;    // one past the last
+  int32_t start;  // first low-res index of the footprint
+  int32_t len;    // footprint length
+};
+
+struct Thresholds {
+  float lo;   // t - offset (stability union)
+  float mid;  // t (the mask)
+  float hi;   // t + offset (stability intersection)
+};
+
+// PyTorch's source index for bilinear, align_corners=False, computed in float
+// like its CPU kernel: src = scale * (dst + 0.5) - 0.5, clamped at 0.
+HOST_DEVICE_INLINE void linear_source(float scale, int64_t dst, int64_t in_size, int64_t* i0, int64_t* i1,
+                                      float* l0, float* l1) {
+  float src = scale * (static_cast<float>(dst) + 0.5f) - 0.5f;
+  if (src < 0.f) src = 0.f;
+  int64_t i = static_cast<int64_t>(floorf(src));
+  if (i > in_size - 1) i = in_size - 1;
+  float lambda = src - static_cast<float>(i);
+  lambda = lambda < 0.f ? 0.f : (lambda > 1.f ? 1.f : lambda);
+  *i0 = i;
+  *i1 = i + ((i < in_size - 1) ? 1 : 0);
+  *l1 = lambda;
+  *l0 = 1.f - lambda;
+}
+
+// Classifies a block whose values lie in [lo, hi] against the three
+// thresholds: returns how many thresholds every value exceeds (0..3), or
+// kUnknown when some threshold may be crossed inside the block.
+HOST_DEVICE_INLINE uint8_t classify_range(float lo, float hi, Thresholds t) {
+  const float ts[3] = {t.lo, t.mid, t.hi};
+  uint8_t above = 0;
+  for (int k = 0; k < 3; ++k) {
+    const float m = kBlockMargin * (1.f + fabsf(ts[k]));
+    if (lo > ts[k] + m) {
+      ++above;
+    } else if (!(hi <= ts[k] - m)) {
+      return kUnknown;
+    }
+  }
+  return above;
+}
+
+// Classifies one (row group, column group) block of one mask.
+HOST_DEVICE_INLINE uint8_t classify_block(const float* logits, int64_t w_lr, Group rg, Group cg, Thresholds t) {
+  float lo = logits[static_cast<int64_t>(rg.start) * w_lr + cg.start];
+  float hi = lo;
+  for (int32_t a = rg.start; a < rg.start + rg.len; ++a) {
+    const float* row = logits + static_cast<int64_t>(a) * w_lr;
+    for (int32_t b = cg.start; b < cg.start + cg.len; ++b) {
+      lo = fminf(lo, row[b]);
+      hi = fmaxf(hi, row[b]);
+    }
+  }
+  return classify_range(lo, hi, t);
+}
+
+// The upsampled logit at one output pixel.
+HOST_DEVICE_INLINE float pixel_value(const float* logits, int64_t w_lr, const AxisTap& ty, const AxisTap& tx) {
+  float v = 0.f;
+  for (int i = 0; i < ty.len; ++i) {
+    const float* row = logits + static_cast<int64_t>(ty.start + i) * w_lr + tx.start;
+    float r = 0.f;
+    for (int j = 0; j < tx.len; ++j) r += tx.w[j] * row[j];
+    v += ty.w[i] * r;
+  }
+  return v;
+}
+
+// Per-column statistics; reduced over columns to per-mask results.
+struct ColumnStats {
+  int64_t n_lo = 0;   // pixels > t - offset
+  int64_t n_mid = 0;  // pixels > t (area)
+  int64_t n_hi = 0;   // pixels > t + offset
+  int32_t y_min = 0x7fffffff;
+  int32_t y_max = -1;
+};
+
+// Scans one output column top to bottom. `cls` holds the block classes of this
+// column's group for every row group. Calls sink.on_run(y_begin, y_end) for
+// every maximal run of mask pixels (> t) in the column, in order.
+template <typename Sink>
+HOST_DEVICE_INLINE ColumnStats scan_column(const float* logits, int64_t w_lr, const AxisTap* row_taps,
+                                           const Group* row_groups, int32_t n_row_groups, const uint8_t* cls,
+                                           const AxisTap& tx, Thresholds t, Sink& sink) {
+  ColumnStats s;
+  int32_t run_begin = -1;
+  for (int32_t g = 0; g < n_row_groups; ++g) {
+    const Group rg = row_groups[g];
+    const uint8_t c = cls[g];
+    if (c != kUnknown) {
+      const int64_t len = rg.end - rg.begin;
+      if (c >= 1) s.n_lo += len;
+      if (c >= 3) s.n_hi += len;
+      if (c >= 2) {
+        s.n_mid += len;
+        if (run_begin < 0) run_begin = rg.begin;
+        if (rg.begin < s.y_min) s.y_min = rg.begin;
+        s.y_max = rg.end - 1;
+      } else if (run_begin >= 0) {
+        sink.on_run(run_begin, rg.begin);
+        run_begin = -1;
+      }
+      continue;
+    }
+    for (int32_t y = rg.begin; y < rg.end; ++y) {
+      const float v = pixel_value(logits, w_lr, row_taps[y], tx);
+      if (v > t.lo) ++s.n_lo;
+      if (v > t.hi) ++s.n_hi;
+      if (v > t.mid) {
+        ++s.n_mid;
+        if (run_begin < 0) run_begin = y;
+        if (y < s.y_min) s.y_min = y;
+        s.y_max = y;
+      } else if (run_begin >= 0) {
+        sink.on_run(run_begin, y);
+        run_begin = -1;
+      }
+    }
+  }
+  if (run_begin >= 0) sink.on_run(run_begin, row_groups[n_row_groups - 1].end);
+  return s;
+}
+
+// ---- host-side planning and assembly, shared by both backends ----
+
+// The taps of one axis of the two-stage resize: low-res (lr) -> padded model
+// input (img) -> crop to `valid` -> output (out).
+inline std::vector<AxisTap> plan_axis(int64_t lr, int64_t img, int64_t valid, int64_t out) {
+  std::vector<AxisTap> taps(out);
+  const float scale2 = static_cast<float>(valid) / static_cast<float>(out);
+  const float scale1 = static_cast<float>(lr) / static_cast<float>(img);
+  for (int64_t o = 0; o < out; ++o) {
+    int64_t m0, m1;
+    float u0, u1;
+    linear_source(scale2, o, valid, &m0, &m1, &u0, &u1);
+    const int64_t mids[2] = {m0, m1};
+    const float mw[2] = {u0, u1};
+    int64_t idx[4];
+    float wts[4];
+    for (int k = 0; k < 2; ++k) {
+      int64_t a0, a1;
+      float v0, v1;
+      linear_source(scale1, mids[k], lr, &a0, &a1, &v0, &v1);
+      idx[2 * k] = a0;
+      wts[2 * k] = mw[k] * v0;
+      idx[2 * k + 1] = a1;
+      wts[2 * k + 1] = mw[k] * v1;
+    }
+    int64_t lo = idx[0], hi = idx[0];
+    for (int k = 1; k < 4; ++k) {
+      lo = std::min(lo, idx[k]);
+      hi = std::max(hi, idx[k]);
+    }
+    SAMANTIC_CHECK(hi - lo < kMaxTaps, "internal: resize footprint wider than ", kMaxTaps, " taps");
+    AxisTap tap{};
+    tap.start = static_cast<int32_t>(lo);
+    tap.len = static_cast<int32_t>(hi - lo + 1);
+    for (int k = 0; k < 4; ++k) tap.w[idx[k] - lo] += wts[k];
+    taps[o] = tap;
+  }
+  return taps;
+}
+
+inline std::vector<Group> group_axis(const std::vector<AxisTap>& taps) {
+  std::vector<Group> groups;
+  for (int32_t o = 0; o < static_cast<int32_t>(taps.size()); ++o) {
+    if (!groups.empty() && groups.back().start == taps[o].start && groups.back().len == taps[o].len) {
+      groups.back().end = o + 1;
+    } else {
+      groups.push_back(Group{o, o + 1, taps[o].start, taps[o].len});
+    }
+  }
+  return groups;
+}
+
+// Where one (possibly cropped) mask lands in the canvas its RLE describes.
+struct Placement {
+  int64_t canvas_h, canvas_w;
+  int64_t offset_x, offset_y;
+};
+
+// Appends the RLE counts (column-major, zeros first) of a mask given as its
+// sorted, non-overlapping runs of ones [begin, end) in canvas pixel order.
+inline void runs_to_counts(const int64_t* begins, const int64_t* ends, int64_t n_runs, uint64_t total,
+                           std::vector<uint32_t>& counts) {
+  uint64_t prev = 0;
+  int64_t i = 0;
+  while (i < n_runs) {
+    const uint64_t b = static_cast<uint64_t>(begins[i]);
+    uint64_t e = static_cast<uint64_t>(ends[i]);
+    // runs that touch (end of one column meets the start of the next) merge
+    while (i + 1 < n_runs && static_cast<uint64_t>(begins[i + 1]) == e) e = static_cast<uint64_t>(ends[++i]);
+    counts.push_back(static_cast<uint32_t>(b - prev));
+    counts.push_back(static_cast<uint32_t>(e - b));
+    prev = e;
+    ++i;
+  }
+  if (prev < total || counts.empty()) counts.push_back(static_cast<uint32_t>(total - prev));
+}
+
+struct MaskStats {
+  int64_t n_lo = 0, n_mid = 0, n_hi = 0;
+  int64_t x_min = -1, x_max = -1, y_min = -1, y_max = -1;
+
+  void add_column(const ColumnStats& c, int64_t x) {
+    n_lo += c.n_lo;
+    n_mid += c.n_mid;
+    n_hi += c.n_hi;
+    if (c.y_max >= 0) {
+      if (x_min < 0) x_min = x;
+      x_max = x;
+      y_min = (y_min < 0) ? c.y_min : std::min<int64_t>(y_min, c.y_min);
+      y_max = std::max<int64_t>(y_max, c.y_max);
+    }
+  }
+  // segment-anything's calculate_stability_score: an int32 ratio in float32;
+  // 0 / 0 gives NaN like torch does.
+  float stability() const { return static_cast<float>(n_hi) / static_cast<float>(n_lo); }
+  // XYXY with inclusive max, zeros for an empty mask (batched_mask_to_box).
+  void box(int64_t* out4) const {
+    if (x_max < 0) {
+      out4[0] = out4[1] = out4[2] = out4[3] = 0;
+      return;
+    }
+    out4[0] = x_min;
+    out4[1] = y_min;
+    out4[2] = x_max;
+    out4[3] = y_max;
+  }
+};
+
+// Everything one call needs, planned once on the host.
+struct Plan {
+  int64_t n, h_lr, w_lr, out_h, out_w;
+  Thresholds thr;
+  Placement place;
+  std::vector<AxisTap> row_taps, col_taps;
+  std::vector<Group> row_groups, col_groups;
+  std::vector<int32_t> col_group_of;  // column -> its group
+};
+
+inline Plan make_plan(int64_t n, int64_t h_lr, int64_t w_lr, int64_t img_size, int64_t input_h, int64_t input_w,
+                      int64_t out_h, int64_t out_w, float mask_threshold, float stability_offset, Placement place) {
+  Plan p;
+  p.n = n;
+  p.h_lr = h_lr;
+  p.w_lr = w_lr;
+  p.out_h = out_h;
+  p.out_w = out_w;
+  p.thr = Thresholds{mask_threshold - stability_offset, mask_threshold, mask_threshold + stability_offset};
+  p.place = place;
+  p.row_taps = plan_axis(h_lr, img_size, input_h, out_h);
+  p.col_taps = plan_axis(w_lr, img_size, input_w, out_w);
+  p.row_groups = group_axis(p.row_taps);
+  p.col_groups = group_axis(p.col_taps);
+  p.col_group_of.resize(out_w);
+  for (int32_t g = 0; g < static_cast<int32_t>(p.col_groups.size()); ++g)
+    for (int32_t x = p.col_groups[g].begin; x < p.col_groups[g].end; ++x) p.col_group_of[x] = g;
+  return p;
+}
+
+// Results of one call: per mask stability, area, box; RLEs as CSR.
+struct Output {
+  std::vector<float> stability;
+  std::vector<int64_t> area;
+  std::vector<int64_t> boxes;  // N x 4
+  std::vector<uint32_t> counts;
+  std::vector<int64_t> offsets;
+};
+
+}  // namespace postprocess
+}  // namespace samantic

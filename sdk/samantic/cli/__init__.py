@@ -1,0 +1,1 @@
+"""The ``samantic`` command line (Typer). One module per command group."""

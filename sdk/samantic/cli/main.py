@@ -1,0 +1,26 @@
+"""Builds the ``samantic`` Typer app from one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from samantic.cli import doctor as _doctor
+from samantic.cli import weights as _weights
+
+app = typer.Typer(
+    name="samantic",
+    help="Segment images by class names with Segment Anything.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("doctor", help="Versions, compiled kernel backends and what is usable now.")(_doctor.doctor)
+app.add_typer(_weights.app, name="weights", help="Official SAM checkpoints: list, download, verify.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""SAM architectures: frozen configs, a timm-style registry, the weight table, checkpoint I/O.
+
+Importing this package does not import torch; building a model does.
+
+Example:
+    >>> from samantic.models import create_model, list_models
+    >>> list_models("sam_vit_*")
+    ['sam_vit_b', 'sam_vit_h', 'sam_vit_l']
+    >>> sam = create_model("sam_vit_b", "sam_vit_b.sa1b")  # doctest: +SKIP
+"""
+
+from samantic.models.configs import SamConfig
+from samantic.models.loading import (
+    load_checkpoint,
+    read_metadata,
+    read_state_dict,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from samantic.models.registry import (
+    ModelEntry,
+    build_sam,
+    create_model,
+    get_config,
+    get_model_entry,
+    list_models,
+    register_model,
+)
+from samantic.models.weights import (
+    ChecksumError,
+    DownloadError,
+    VerifyResult,
+    WeightSpec,
+    get_weight,
+    list_weights,
+)
+
+__all__ = [
+    "ChecksumError",
+    "DownloadError",
+    "ModelEntry",
+    "SamConfig",
+    "VerifyResult",
+    "WeightSpec",
+    "build_sam",
+    "create_model",
+    "get_config",
+    "get_model_entry",
+    "get_weight",
+    "list_models",
+    "list_weights",
+    "load_checkpoint",
+    "read_metadata",
+    "read_state_dict",
+    "register_model",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,319 @@
+"""Model registry (timm's pattern): named architectures -> configs -> segment-anything modules.
+
+A registered function is named after the model and returns its
+:class:`~samantic.models.configs.SamConfig`; :func:`create_model` builds the
+model from segment-anything's own classes, so official checkpoints load
+unchanged. torch and segment-anything are imported only when a model is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union, overload
+
+from samantic.models.configs import SamConfig
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+__all__ = [
+    "ModelEntry",
+    "build_sam",
+    "create_model",
+    "get_config",
+    "get_model_entry",
+    "list_models",
+    "register_model",
+]
+
+ConfigFn = Callable[[], SamConfig]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered architecture.
+
+    Attributes:
+        name: Registry key (the function's name).
+        config_fn: Returns the architecture's :class:`SamConfig`.
+        default_weights: Weights :func:`create_model` loads unless told
+            ``pretrained=False``: a weight tag, a file path, or
+            ``"pkg:<path>"`` for a file shipped inside the samantic package.
+            ``None`` when the model has no weights that come without asking
+            (the official models need a download, see ``pretrained=True``).
+        description: First line of the function's docstring.
+    """
+
+    name: str
+    config_fn: ConfigFn
+    default_weights: Optional[str] = None
+    description: str = ""
+
+
+_MODELS: Dict[str, ModelEntry] = {}
+
+
+@overload
+def register_model(fn: ConfigFn) -> ConfigFn: ...
+
+
+@overload
+def register_model(*, default_weights: Optional[str] = None) -> Callable[[ConfigFn], ConfigFn]: ...
+
+
+def register_model(fn: Optional[ConfigFn] = None, *, default_weights: Optional[str] = None):
+    """Registers a function returning a :class:`SamConfig` under its own name.
+
+    Usable bare (``@register_model``) or with arguments
+    (``@register_model(default_weights="pkg:assets/x.safetensors")``).
+
+    Args:
+        fn: The config function.
+        default_weights: See :attr:`ModelEntry.default_weights`.
+
+    Raises:
+        ValueError: If the name is already registered.
+    """
+
+    def decorate(f: ConfigFn) -> ConfigFn:
+        name = f.__name__
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        doc = (f.__doc__ or "").strip().splitlines()
+        _MODELS[name] = ModelEntry(name, f, default_weights, doc[0] if doc else "")
+        return f
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def list_models(pattern: str = "*") -> List[str]:
+    """Names of registered models matching a shell-style pattern, sorted.
+
+    Args:
+        pattern: ``fnmatch`` pattern, e.g. ``"sam_vit_*"``.
+    """
+    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    """The registry entry of a model.
+
+    Raises:
+        ValueError: If the name is unknown; close matches and all names are listed.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a str, got {type(name).__name__}")
+    try:
+        return _MODELS[name]
+    except KeyError:
+        pass
+    known = list_models()
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(known)}")
+
+
+def get_config(name: str, **overrides: Any) -> SamConfig:
+    """The architecture config of a registered model, optionally with fields changed.
+
+    Args:
+        name: Registered model name.
+        **overrides: :class:`SamConfig` fields to change.
+
+    Raises:
+        ValueError: Unknown model or field, or an invalid resulting config.
+    """
+    config = get_model_entry(name).config_fn()
+    return config.replace(**overrides) if overrides else config
+
+
+def build_sam(config: SamConfig) -> "Sam":
+    """Builds a randomly initialized SAM from segment-anything's classes, in eval mode.
+
+    Args:
+        config: The architecture.
+
+    Returns:
+        A ``segment_anything.modeling.Sam``. It honours an active
+        ``torch.device(...)`` context (``"meta"`` builds instantly).
+
+    Raises:
+        ImportError: If torch or segment-anything is missing.
+    """
+    torch, modeling = _import_torch_sam()
+    image_encoder = modeling.ImageEncoderViT(
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        in_chans=len(config.pixel_mean),
+        embed_dim=config.encoder_embed_dim,
+        depth=config.encoder_depth,
+        num_heads=config.encoder_num_heads,
+        mlp_ratio=config.encoder_mlp_ratio,
+        out_chans=config.prompt_embed_dim,
+        qkv_bias=config.encoder_qkv_bias,
+        norm_layer=partial(torch.nn.LayerNorm, eps=config.encoder_norm_eps),
+        use_rel_pos=config.encoder_use_rel_pos,
+        window_size=config.encoder_window_size,
+        global_attn_indexes=config.encoder_global_attn_indexes,
+    )
+    embedding = (config.image_embedding_size, config.image_embedding_size)
+    prompt_encoder = modeling.PromptEncoder(
+        embed_dim=config.prompt_embed_dim,
+        image_embedding_size=embedding,
+        input_image_size=(config.img_size, config.img_size),
+        mask_in_chans=config.mask_in_chans,
+    )
+    mask_decoder = modeling.MaskDecoder(
+        transformer_dim=config.prompt_embed_dim,
+        transformer=modeling.TwoWayTransformer(
+            depth=config.decoder_depth,
+            embedding_dim=config.prompt_embed_dim,
+            mlp_dim=config.decoder_mlp_dim,
+            num_heads=config.decoder_num_heads,
+            attention_downsample_rate=config.decoder_attention_downsample_rate,
+        ),
+        num_multimask_outputs=config.num_multimask_outputs,
+        iou_head_depth=config.iou_head_depth,
+        iou_head_hidden_dim=config.iou_head_hidden_dim,
+    )
+    sam = modeling.Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
+        pixel_mean=list(config.pixel_mean),
+        pixel_std=list(config.pixel_std),
+    )
+    return sam.eval()
+
+
+def create_model(
+    name: str,
+    checkpoint: Union[str, "os.PathLike[str]", None] = None,
+    *,
+    pretrained: Optional[bool] = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> "Sam":
+    """Builds a registered model, optionally loading weights, in eval mode.
+
+    The returned module carries ``samantic_name`` and ``samantic_config``
+    attributes (used by :func:`~samantic.models.loading.save_checkpoint`).
+
+    Args:
+        name: Registered model name, e.g. ``"sam_vit_b"`` (see :func:`list_models`).
+        checkpoint: A ``.pth``/``.pt``/``.safetensors`` file, or a weight tag
+            such as ``"sam_vit_b.sa1b"`` (downloaded to the cache and verified
+            if missing). Loading is strict.
+        pretrained: ``None`` (default): load the entry's ``default_weights``
+            if it has any (shipped files, no network), else random init.
+            ``True``: load the default weights, or else the model's default
+            weight tag (may download); error if there is none. ``False``:
+            random init.
+        progress: Show a progress bar if a download is needed.
+        **overrides: :class:`SamConfig` fields to change, e.g. ``img_size=512``.
+
+    Returns:
+        A ``segment_anything.modeling.Sam`` in eval mode.
+
+    Raises:
+        ValueError: Unknown model or config field, contradictory arguments, no
+            pretrained weights, or a checkpoint that does not fit (its missing,
+            unexpected and mis-shaped keys are listed).
+        FileNotFoundError: The checkpoint file does not exist.
+        ImportError: torch or segment-anything is missing.
+    """
+    from samantic.models import loading, weights
+
+    entry = get_model_entry(name)
+    config = get_config(name, **overrides)
+    if checkpoint is not None and pretrained is False:
+        raise ValueError(f"got checkpoint={checkpoint!r} and pretrained=False: pass one or the other")
+    if checkpoint is None and pretrained is not False:
+        checkpoint = entry.default_weights
+        if checkpoint is None and pretrained:
+            tags = weights.list_weights(model=name)
+            if not tags:
+                raise ValueError(
+                    f"model {name!r} has no pretrained weights; pass checkpoint=... or pretrained=False"
+                )
+            checkpoint = tags[0].tag
+
+    model = build_sam(config)
+    model.samantic_name = name
+    model.samantic_config = config
+    if checkpoint is not None:
+        loading.load_checkpoint(model, checkpoint, model_name=name, progress=progress)
+    return model.eval()
+
+
+def _import_torch_sam():
+    try:
+        import torch
+        from segment_anything import modeling
+    except ImportError as e:
+        raise ImportError(
+            f"building SAM models needs torch and segment-anything ({e}): pip install 'samantic[torch]'"
+        ) from e
+    return torch, modeling
+
+
+# --------------------------------------------------------------------------- registered architectures
+# The three official models use segment-anything's numbers (build_sam.py) so
+# that the official checkpoints load unchanged.
+
+
+@register_model
+def sam_vit_h() -> SamConfig:
+    """SAM ViT-H (official, 641M parameters)."""
+    return SamConfig(
+        encoder_embed_dim=1280,
+        encoder_depth=32,
+        encoder_num_heads=16,
+        encoder_global_attn_indexes=(7, 15, 23, 31),
+    )
+
+
+@register_model
+def sam_vit_l() -> SamConfig:
+    """SAM ViT-L (official, 312M parameters)."""
+    return SamConfig(
+        encoder_embed_dim=1024,
+        encoder_depth=24,
+        encoder_num_heads=16,
+        encoder_global_attn_indexes=(5, 11, 17, 23),
+    )
+
+
+@register_model
+def sam_vit_b() -> SamConfig:
+    """SAM ViT-B (official, 94M parameters)."""
+    return SamConfig(
+        encoder_embed_dim=768,
+        encoder_depth=12,
+        encoder_num_heads=12,
+        encoder_global_attn_indexes=(2, 5, 8, 11),
+    )
+
+
+# Trained weights will ship inside the package; set
+# default_weights="pkg:assets/<file>.safetensors" once they exist.
+@register_model(default_weights=None)
+def sam_nano() -> SamConfig:
+    """Small SAM for CPUs and tests: 512 px input, 4M parameters (samantic; random init until trained)."""
+    return SamConfig(
+        encoder_embed_dim=192,
+        encoder_depth=6,
+        encoder_num_heads=6,
+        encoder_global_attn_indexes=(2, 5),
+        encoder_window_size=8,
+        img_size=512,
+        patch_size=16,
+        prompt_embed_dim=128,
+        decoder_mlp_dim=512,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=128,
+    )
