@@ -33,7 +33,7 @@ test-all: build
 
 demo: build
 	$(VENV)/bin/samantic doctor
-	$(PY) -m samantic.demo --out runs/demo
+	$(VENV)/bin/samantic demo --out runs/demo
 
 bench: build
 	$(PY) benchmarks/postprocess.py --out benchmarks/results

@@ -25,11 +25,15 @@
 namespace samantic {
 namespace postprocess {
 
-constexpr int kMaxTaps = 4;
+constexpr int kMaxTaps = 4;  // a power of two: the row ring indexes with & (kMaxTaps - 1)
 constexpr uint8_t kUnknown = 0xFF;
 // Safety margin for block decisions: a convex combination computed in float32
 // can differ from its exact value by a few ulps of the inputs.
 constexpr float kBlockMargin = 1e-3f;
+
+// min/max without libm's NaN handling (inputs are validated finite).
+HOST_DEVICE_INLINE float min_f(float a, float b) { return a < b ? a : b; }
+HOST_DEVICE_INLINE float max_f(float a, float b) { return a > b ? a : b; }
 
 struct AxisTap {
   int32_t start;
@@ -49,7 +53,22 @@ struct Thresholds {
   float lo;   // t - offset (stability union)
   float mid;  // t (the mask)
   float hi;   // t + offset (stability intersection)
+  // The same three with the block-decision margin added (on) or subtracted
+  // (off); ascending because offset >= 0.
+  float on[3];
+  float off[3];
 };
+
+inline Thresholds make_thresholds(float t, float offset) {
+  Thresholds th{t - offset, t, t + offset, {0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
+  const float ts[3] = {th.lo, th.mid, th.hi};
+  for (int k = 0; k < 3; ++k) {
+    const float m = kBlockMargin * (1.f + (ts[k] < 0.f ? -ts[k] : ts[k]));
+    th.on[k] = ts[k] + m;
+    th.off[k] = ts[k] - m;
+  }
+  return th;
+}
 
 // PyTorch's source index for bilinear, align_corners=False, computed in float
 // like its CPU kernel: src = scale * (dst + 0.5) - 0.5, clamped at 0.
@@ -70,44 +89,57 @@ HOST_DEVICE_INLINE void linear_source(float scale, int64_t dst, int64_t in_size,
 // Classifies a block whose values lie in [lo, hi] against the three
 // thresholds: returns how many thresholds every value exceeds (0..3), or
 // kUnknown when some threshold may be crossed inside the block.
-HOST_DEVICE_INLINE uint8_t classify_range(float lo, float hi, Thresholds t) {
-  const float ts[3] = {t.lo, t.mid, t.hi};
-  uint8_t above = 0;
-  for (int k = 0; k < 3; ++k) {
-    const float m = kBlockMargin * (1.f + fabsf(ts[k]));
-    if (lo > ts[k] + m) {
-      ++above;
-    } else if (!(hi <= ts[k] - m)) {
-      return kUnknown;
-    }
-  }
+HOST_DEVICE_INLINE uint8_t classify_range(float lo, float hi, const Thresholds& t) {
+  // thresholds ascend, so the ones `lo` clears form a prefix; the next one
+  // must then lie above `hi`
+  const uint8_t above = static_cast<uint8_t>((lo > t.on[0]) + (lo > t.on[1]) + (lo > t.on[2]));
+  if (above < 3 && !(hi <= t.off[above])) return kUnknown;
   return above;
 }
 
-// Classifies one (row group, column group) block of one mask.
-HOST_DEVICE_INLINE uint8_t classify_block(const float* logits, int64_t w_lr, Group rg, Group cg, Thresholds t) {
-  float lo = logits[static_cast<int64_t>(rg.start) * w_lr + cg.start];
-  float hi = lo;
-  for (int32_t a = rg.start; a < rg.start + rg.len; ++a) {
-    const float* row = logits + static_cast<int64_t>(a) * w_lr;
-    for (int32_t b = cg.start; b < cg.start + cg.len; ++b) {
-      lo = fminf(lo, row[b]);
-      hi = fmaxf(hi, row[b]);
+// A run of consecutive row groups with one block class within a column group.
+struct Segment {
+  int32_t rg_begin;
+  int32_t rg_end;
+  uint8_t code;  // 0..3 thresholds exceeded everywhere, or kUnknown
+};
+
+// Classifies every row group of one column group of one mask and merges
+// consecutive row groups of equal class into segments. Row footprints move
+// monotonically downwards and span at most kMaxTaps rows, so per-row min/max
+// over the column footprint live in a ring of kMaxTaps entries. Returns the
+// number of segments written to `segs` (at most n_rg).
+HOST_DEVICE_INLINE int32_t classify_column_group(const float* logits, int64_t w_lr, const Group* row_groups,
+                                                 int32_t n_rg, Group cg, Thresholds t, Segment* segs) {
+  float ring_lo[kMaxTaps], ring_hi[kMaxTaps];
+  int32_t next_row = 0;  // first row not yet in the ring
+  int32_t n_seg = 0;
+  for (int32_t g = 0; g < n_rg; ++g) {
+    const Group rg = row_groups[g];
+    if (next_row < rg.start) next_row = rg.start;
+    for (; next_row < rg.start + rg.len; ++next_row) {
+      const float* row = logits + static_cast<int64_t>(next_row) * w_lr + cg.start;
+      float lo = row[0], hi = row[0];
+      for (int32_t b = 1; b < cg.len; ++b) {
+        lo = min_f(lo, row[b]);
+        hi = max_f(hi, row[b]);
+      }
+      ring_lo[next_row & (kMaxTaps - 1)] = lo;
+      ring_hi[next_row & (kMaxTaps - 1)] = hi;
+    }
+    float lo = ring_lo[rg.start & (kMaxTaps - 1)], hi = ring_hi[rg.start & (kMaxTaps - 1)];
+    for (int32_t a = rg.start + 1; a < rg.start + rg.len; ++a) {
+      lo = min_f(lo, ring_lo[a & (kMaxTaps - 1)]);
+      hi = max_f(hi, ring_hi[a & (kMaxTaps - 1)]);
+    }
+    const uint8_t code = classify_range(lo, hi, t);
+    if (n_seg > 0 && segs[n_seg - 1].code == code) {
+      segs[n_seg - 1].rg_end = g + 1;
+    } else {
+      segs[n_seg++] = Segment{g, g + 1, code};
     }
   }
-  return classify_range(lo, hi, t);
-}
-
-// The upsampled logit at one output pixel.
-HOST_DEVICE_INLINE float pixel_value(const float* logits, int64_t w_lr, const AxisTap& ty, const AxisTap& tx) {
-  float v = 0.f;
-  for (int i = 0; i < ty.len; ++i) {
-    const float* row = logits + static_cast<int64_t>(ty.start + i) * w_lr + tx.start;
-    float r = 0.f;
-    for (int j = 0; j < tx.len; ++j) r += tx.w[j] * row[j];
-    v += ty.w[i] * r;
-  }
-  return v;
+  return n_seg;
 }
 
 // Per-column statistics; reduced over columns to per-mask results.
@@ -119,49 +151,80 @@ struct ColumnStats {
   int32_t y_max = -1;
 };
 
-// Scans one output column top to bottom. `cls` holds the block classes of this
-// column's group for every row group. Calls sink.on_run(y_begin, y_end) for
-// every maximal run of mask pixels (> t) in the column, in order.
+// Accounts rows [y0, y1) of a column that lie on one side of every threshold
+// (`code` thresholds exceeded), extending or closing the current run.
+template <typename Sink>
+HOST_DEVICE_INLINE void emit_uniform(int32_t y0, int32_t y1, uint8_t code, ColumnStats& s, int32_t& run_begin,
+                                     Sink& sink) {
+  const int64_t len = y1 - y0;
+  if (code >= 1) s.n_lo += len;
+  if (code >= 3) s.n_hi += len;
+  if (code >= 2) {
+    s.n_mid += len;
+    if (run_begin < 0) run_begin = y0;
+    if (y0 < s.y_min) s.y_min = y0;
+    s.y_max = y1 - 1;
+  } else if (run_begin >= 0) {
+    sink.on_run(run_begin, y0);
+    run_begin = -1;
+  }
+}
+
+// Scans one output column top to bottom over the segments of its column
+// group. Calls sink.on_run(y_begin, y_end) for every maximal run of mask
+// pixels (> t) in the column, in order.
 template <typename Sink>
 HOST_DEVICE_INLINE ColumnStats scan_column(const float* logits, int64_t w_lr, const AxisTap* row_taps,
-                                           const Group* row_groups, int32_t n_row_groups, const uint8_t* cls,
+                                           const Group* row_groups, const Segment* segs, int32_t n_seg,
                                            const AxisTap& tx, Thresholds t, Sink& sink) {
   ColumnStats s;
   int32_t run_begin = -1;
-  for (int32_t g = 0; g < n_row_groups; ++g) {
-    const Group rg = row_groups[g];
-    const uint8_t c = cls[g];
-    if (c != kUnknown) {
-      const int64_t len = rg.end - rg.begin;
-      if (c >= 1) s.n_lo += len;
-      if (c >= 3) s.n_hi += len;
-      if (c >= 2) {
-        s.n_mid += len;
-        if (run_begin < 0) run_begin = rg.begin;
-        if (rg.begin < s.y_min) s.y_min = rg.begin;
-        s.y_max = rg.end - 1;
-      } else if (run_begin >= 0) {
-        sink.on_run(run_begin, rg.begin);
-        run_begin = -1;
-      }
+  for (int32_t k = 0; k < n_seg; ++k) {
+    const Segment seg = segs[k];
+    if (seg.code != kUnknown) {
+      // step: a whole segment on one side of every threshold
+      emit_uniform(row_groups[seg.rg_begin].begin, row_groups[seg.rg_end - 1].end, seg.code, s, run_begin, sink);
       continue;
     }
-    for (int32_t y = rg.begin; y < rg.end; ++y) {
-      const float v = pixel_value(logits, w_lr, row_taps[y], tx);
-      if (v > t.lo) ++s.n_lo;
-      if (v > t.hi) ++s.n_hi;
-      if (v > t.mid) {
-        ++s.n_mid;
-        if (run_begin < 0) run_begin = y;
-        if (y < s.y_min) s.y_min = y;
-        s.y_max = y;
-      } else if (run_begin >= 0) {
-        sink.on_run(run_begin, y);
-        run_begin = -1;
+    for (int32_t g = seg.rg_begin; g < seg.rg_end; ++g) {
+      // step: rows of one group share their footprint: combine its columns once;
+      // every row of the group is a convex combination of these values
+      const Group rg = row_groups[g];
+      float c[kMaxTaps];
+      float c_lo = 0.f, c_hi = 0.f;
+      for (int32_t i = 0; i < rg.len; ++i) {
+        const float* row = logits + static_cast<int64_t>(rg.start + i) * w_lr + tx.start;
+        float r = 0.f;
+        for (int32_t j = 0; j < tx.len; ++j) r += tx.w[j] * row[j];
+        c[i] = r;
+        c_lo = i ? min_f(c_lo, r) : r;
+        c_hi = i ? max_f(c_hi, r) : r;
+      }
+      const uint8_t code = classify_range(c_lo, c_hi, t);
+      if (code != kUnknown) {
+        emit_uniform(rg.begin, rg.end, code, s, run_begin, sink);
+        continue;
+      }
+      // step: rows that may cross a threshold, one by one
+      for (int32_t y = rg.begin; y < rg.end; ++y) {
+        const AxisTap& ty = row_taps[y];
+        float v = 0.f;
+        for (int32_t i = 0; i < rg.len; ++i) v += ty.w[i] * c[i];
+        if (v > t.lo) ++s.n_lo;
+        if (v > t.hi) ++s.n_hi;
+        if (v > t.mid) {
+          ++s.n_mid;
+          if (run_begin < 0) run_begin = y;
+          if (y < s.y_min) s.y_min = y;
+          s.y_max = y;
+        } else if (run_begin >= 0) {
+          sink.on_run(run_begin, y);
+          run_begin = -1;
+        }
       }
     }
   }
-  if (run_begin >= 0) sink.on_run(run_begin, row_groups[n_row_groups - 1].end);
+  if (run_begin >= 0) sink.on_run(run_begin, row_groups[segs[n_seg - 1].rg_end - 1].end);
   return s;
 }
 
@@ -190,16 +253,19 @@ inline std::vector<AxisTap> plan_axis(int64_t lr, int64_t img, int64_t valid, in
       idx[2 * k + 1] = a1;
       wts[2 * k + 1] = mw[k] * v1;
     }
-    int64_t lo = idx[0], hi = idx[0];
-    for (int k = 1; k < 4; ++k) {
-      lo = std::min(lo, idx[k]);
-      hi = std::max(hi, idx[k]);
+    // footprint of the taps with non-zero weight (an exact stage-2 copy has a 0 weight)
+    int64_t lo = -1, hi = -1;
+    for (int k = 0; k < 4; ++k) {
+      if (wts[k] == 0.f) continue;
+      lo = (lo < 0) ? idx[k] : std::min(lo, idx[k]);
+      hi = (hi < 0) ? idx[k] : std::max(hi, idx[k]);
     }
     SAMANTIC_CHECK(hi - lo < kMaxTaps, "internal: resize footprint wider than ", kMaxTaps, " taps");
     AxisTap tap{};
     tap.start = static_cast<int32_t>(lo);
     tap.len = static_cast<int32_t>(hi - lo + 1);
-    for (int k = 0; k < 4; ++k) tap.w[idx[k] - lo] += wts[k];
+    for (int k = 0; k < 4; ++k)
+      if (wts[k] != 0.f) tap.w[idx[k] - lo] += wts[k];
     taps[o] = tap;
   }
   return taps;
@@ -291,7 +357,7 @@ inline Plan make_plan(int64_t n, int64_t h_lr, int64_t w_lr, int64_t img_size, i
   p.w_lr = w_lr;
   p.out_h = out_h;
   p.out_w = out_w;
-  p.thr = Thresholds{mask_threshold - stability_offset, mask_threshold, mask_threshold + stability_offset};
+  p.thr = make_thresholds(mask_threshold, stability_offset);
   p.place = place;
   p.row_taps = plan_axis(h_lr, img_size, input_h, out_h);
   p.col_taps = plan_axis(w_lr, img_size, input_w, out_w);

@@ -33,23 +33,24 @@ Output run_cpu(const float* logits, const Plan& p) {
   std::vector<std::vector<uint32_t>> per_mask(p.n);
 
   parallel_for(p.n, 1, [&](int64_t first, int64_t last) {
-    std::vector<uint8_t> cls(static_cast<size_t>(n_rg * n_cg));
+    std::vector<Segment> segs(static_cast<size_t>(n_rg * n_cg));
+    std::vector<int32_t> n_seg(static_cast<size_t>(n_cg));
     std::vector<int64_t> begins, ends;
     for (int64_t m = first; m < last; ++m) {
       const float* L = logits + m * p.h_lr * p.w_lr;
       // step: classify every (column group, row group) block once
       for (int64_t cg = 0; cg < n_cg; ++cg)
-        for (int64_t rg = 0; rg < n_rg; ++rg)
-          cls[cg * n_rg + rg] = classify_block(L, p.w_lr, p.row_groups[rg], p.col_groups[cg], p.thr);
+        n_seg[cg] = classify_column_group(L, p.w_lr, p.row_groups.data(), static_cast<int32_t>(n_rg),
+                                          p.col_groups[cg], p.thr, segs.data() + cg * n_rg);
       // step: scan columns, emitting runs and counting
       begins.clear();
       ends.clear();
       MaskStats stats;
       for (int64_t x = 0; x < p.out_w; ++x) {
         RunSink sink{&begins, &ends, (p.place.offset_x + x) * p.place.canvas_h + p.place.offset_y};
-        const uint8_t* col_cls = cls.data() + static_cast<int64_t>(p.col_group_of[x]) * n_rg;
-        ColumnStats cs = scan_column(L, p.w_lr, p.row_taps.data(), p.row_groups.data(), static_cast<int32_t>(n_rg),
-                                     col_cls, p.col_taps[x], p.thr, sink);
+        const int64_t cg = p.col_group_of[x];
+        ColumnStats cs = scan_column(L, p.w_lr, p.row_taps.data(), p.row_groups.data(), segs.data() + cg * n_rg,
+                                     n_seg[cg], p.col_taps[x], p.thr, sink);
         stats.add_column(cs, x);
       }
       // step: per-mask results

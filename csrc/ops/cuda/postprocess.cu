@@ -29,27 +29,29 @@ struct WriteSink {
   }
 };
 
+// One thread per (mask, column group): segments of that column group.
 __global__ void classify_kernel(const float* logits, int64_t n, int64_t h_lr, int64_t w_lr, const Group* row_groups,
-                                int64_t n_rg, const Group* col_groups, int64_t n_cg, Thresholds thr, uint8_t* cls) {
-  const int64_t total = n * n_cg * n_rg;
-  CUDA_1D_KERNEL_LOOP(i, total) {
-    const int64_t rg = i % n_rg;
-    const int64_t cg = (i / n_rg) % n_cg;
-    const int64_t m = i / (n_rg * n_cg);
-    cls[i] = classify_block(logits + m * h_lr * w_lr, w_lr, row_groups[rg], col_groups[cg], thr);
+                                int64_t n_rg, const Group* col_groups, int64_t n_cg, Thresholds thr, Segment* segs,
+                                int32_t* n_seg) {
+  CUDA_1D_KERNEL_LOOP(i, n * n_cg) {
+    const int64_t cg = i % n_cg;
+    const int64_t m = i / n_cg;
+    n_seg[i] = classify_column_group(logits + m * h_lr * w_lr, w_lr, row_groups, static_cast<int32_t>(n_rg),
+                                     col_groups[cg], thr, segs + i * n_rg);
   }
 }
 
 __global__ void count_kernel(const float* logits, int64_t n, int64_t h_lr, int64_t w_lr, int64_t out_w,
                              const AxisTap* row_taps, const Group* row_groups, int64_t n_rg, const AxisTap* col_taps,
-                             const int32_t* col_group_of, int64_t n_cg, Thresholds thr, const uint8_t* cls,
+                             const int32_t* col_group_of, int64_t n_cg, Thresholds thr, const Segment* segs,
+                             const int32_t* n_seg,
                              int32_t* run_counts, ColumnStats* stats) {
   CUDA_1D_KERNEL_LOOP(i, n * out_w) {
     const int64_t x = i % out_w;
     const int64_t m = i / out_w;
     CountSink sink;
-    const uint8_t* col_cls = cls + (m * n_cg + col_group_of[x]) * n_rg;
-    stats[i] = scan_column(logits + m * h_lr * w_lr, w_lr, row_taps, row_groups, static_cast<int32_t>(n_rg), col_cls,
+    const int64_t mc = m * n_cg + col_group_of[x];
+    stats[i] = scan_column(logits + m * h_lr * w_lr, w_lr, row_taps, row_groups, segs + mc * n_rg, n_seg[mc],
                            col_taps[x], thr, sink);
     run_counts[i] = sink.runs;
   }
@@ -57,15 +59,16 @@ __global__ void count_kernel(const float* logits, int64_t n, int64_t h_lr, int64
 
 __global__ void write_kernel(const float* logits, int64_t n, int64_t h_lr, int64_t w_lr, int64_t out_w,
                              const AxisTap* row_taps, const Group* row_groups, int64_t n_rg, const AxisTap* col_taps,
-                             const int32_t* col_group_of, int64_t n_cg, Thresholds thr, const uint8_t* cls,
+                             const int32_t* col_group_of, int64_t n_cg, Thresholds thr, const Segment* segs,
+                             const int32_t* n_seg,
                              const int64_t* run_offsets, Placement place, int64_t* begins, int64_t* ends) {
   CUDA_1D_KERNEL_LOOP(i, n * out_w) {
     const int64_t x = i % out_w;
     const int64_t m = i / out_w;
     WriteSink sink{begins + run_offsets[i], ends + run_offsets[i], (place.offset_x + x) * place.canvas_h + place.offset_y};
-    const uint8_t* col_cls = cls + (m * n_cg + col_group_of[x]) * n_rg;
-    scan_column(logits + m * h_lr * w_lr, w_lr, row_taps, row_groups, static_cast<int32_t>(n_rg), col_cls, col_taps[x],
-                thr, sink);
+    const int64_t mc = m * n_cg + col_group_of[x];
+    scan_column(logits + m * h_lr * w_lr, w_lr, row_taps, row_groups, segs + mc * n_rg, n_seg[mc], col_taps[x], thr,
+                sink);
   }
 }
 
@@ -97,9 +100,11 @@ Output run_cuda(const float* logits, const Plan& p, int device) {
   upload_vector(d_col_group_of, p.col_group_of, stream.s);
 
   // step: classify blocks
-  DeviceBuffer<uint8_t> d_cls(p.n * n_cg * n_rg);
-  classify_kernel<<<cuda::blocks_for(d_cls.count), cuda::kThreadsPerBlock, 0, stream.s>>>(
-      d_logits.ptr, p.n, p.h_lr, p.w_lr, d_row_groups.ptr, n_rg, d_col_groups.ptr, n_cg, p.thr, d_cls.ptr);
+  DeviceBuffer<Segment> d_segs(p.n * n_cg * n_rg);
+  DeviceBuffer<int32_t> d_n_seg(p.n * n_cg);
+  classify_kernel<<<cuda::blocks_for(d_n_seg.count), cuda::kThreadsPerBlock, 0, stream.s>>>(
+      d_logits.ptr, p.n, p.h_lr, p.w_lr, d_row_groups.ptr, n_rg, d_col_groups.ptr, n_cg, p.thr, d_segs.ptr,
+      d_n_seg.ptr);
   cuda::check_last_launch("classify_kernel");
 
   // step: count runs per column
@@ -107,7 +112,7 @@ Output run_cuda(const float* logits, const Plan& p, int device) {
   DeviceBuffer<ColumnStats> d_stats(n_cols);
   count_kernel<<<cuda::blocks_for(n_cols), cuda::kThreadsPerBlock, 0, stream.s>>>(
       d_logits.ptr, p.n, p.h_lr, p.w_lr, p.out_w, d_row_taps.ptr, d_row_groups.ptr, n_rg, d_col_taps.ptr,
-      d_col_group_of.ptr, n_cg, p.thr, d_cls.ptr, d_run_counts.ptr, d_stats.ptr);
+      d_col_group_of.ptr, n_cg, p.thr, d_segs.ptr, d_n_seg.ptr, d_run_counts.ptr, d_stats.ptr);
   cuda::check_last_launch("count_kernel");
   std::vector<int32_t> run_counts(n_cols);
   std::vector<ColumnStats> stats(n_cols);
@@ -123,7 +128,7 @@ Output run_cuda(const float* logits, const Plan& p, int device) {
   upload_vector(d_run_offsets, run_offsets, stream.s);
   write_kernel<<<cuda::blocks_for(n_cols), cuda::kThreadsPerBlock, 0, stream.s>>>(
       d_logits.ptr, p.n, p.h_lr, p.w_lr, p.out_w, d_row_taps.ptr, d_row_groups.ptr, n_rg, d_col_taps.ptr,
-      d_col_group_of.ptr, n_cg, p.thr, d_cls.ptr, d_run_offsets.ptr, p.place, d_begins.ptr, d_ends.ptr);
+      d_col_group_of.ptr, n_cg, p.thr, d_segs.ptr, d_n_seg.ptr, d_run_offsets.ptr, p.place, d_begins.ptr, d_ends.ptr);
   cuda::check_last_launch("write_kernel");
   std::vector<int64_t> begins(n_runs), ends(n_runs);
   d_begins.download(begins.data(), n_runs, stream.s);

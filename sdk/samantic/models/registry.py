@@ -215,6 +215,8 @@ def create_model(
             random init.
         progress: Show a progress bar if a download is needed.
         **overrides: :class:`SamConfig` fields to change, e.g. ``img_size=512``.
+            Default weights are still loaded (strictly), so overrides that
+            change parameter shapes need ``pretrained=False``.
 
     Returns:
         A ``segment_anything.modeling.Sam`` in eval mode.

@@ -35,6 +35,7 @@ __all__ = [
     "download_url",
     "file_sha256",
     "get_weight",
+    "is_weight_ref",
     "list_weights",
     "register_weight",
     "verify",
@@ -270,9 +271,12 @@ def file_sha256(path: PathLike, *, progress: bool = False) -> str:
     Raises:
         FileNotFoundError: If the file does not exist.
     """
-    path = Path(path)
+    return _sha256(Path(path), progress, Path(path).name)
+
+
+def _sha256(path: Path, progress: bool, label: str) -> str:
     digest = hashlib.sha256()
-    with _progress_bar(progress, f"verify {path.name}", path.stat().st_size) as advance:
+    with _progress_bar(progress, f"verify {label}", path.stat().st_size) as advance:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 digest.update(chunk)
@@ -377,6 +381,7 @@ def download_url(
     Bytes go to ``dest + ".part"``; an existing ``.part`` is resumed with an
     HTTP Range request (restarted from zero if the server ignores the range).
     Only a file whose size and hash match is renamed, atomically, to ``dest``.
+    A ``dest + ".lock"`` file serializes concurrent downloads of the same file.
 
     Args:
         url: http(s) URL.
@@ -417,7 +422,7 @@ def download_url(
         if size is not None and got_size != size:
             part.unlink()
             raise ChecksumError(f"download of {url} has {got_size} bytes, expected {size}; the file was deleted")
-        got = file_sha256(part, progress=progress)
+        got = _sha256(part, progress, dest.name)
         if got != sha256:
             part.unlink()
             raise ChecksumError(

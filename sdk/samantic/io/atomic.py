@@ -1,0 +1,64 @@
+"""Atomic file writes: a reader (or an interrupted run) never sees a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Writes ``data`` to a temporary file beside ``path``, fsyncs it and renames it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: int = None) -> Path:
+    """JSON-encodes ``obj`` (numpy scalars and arrays included) and writes it atomically."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, bytes):
+            return o.decode("ascii")
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
+
+    return atomic_write_bytes(path, json.dumps(obj, indent=indent, default=default).encode("utf-8"))
+
+
+def atomic_write_image(path: PathLike, image_rgb: np.ndarray) -> Path:
+    """Encodes an RGB (or single-channel) uint8 image by the file's extension and writes it atomically."""
+    import cv2
+
+    path = Path(path)
+    img = np.asarray(image_rgb)
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(path.suffix or ".png", img)
+    if not ok:
+        raise ValueError(f"cannot encode an image of shape {img.shape} as {path.suffix!r} for {path}")
+    return atomic_write_bytes(path, buf.tobytes())

@@ -1,0 +1,371 @@
+"""Registry, configs, builders and checkpoint loading, checked against segment-anything itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
+from segment_anything.modeling import Sam
+
+from http_server import FileServer
+from samantic.models import (
+    SamConfig,
+    create_model,
+    get_config,
+    list_models,
+    load_checkpoint,
+    read_metadata,
+    register_model,
+    save_checkpoint,
+)
+from samantic.models import registry, weights
+
+# Registered name -> segment-anything's own builder: the independent reference.
+OFFICIAL = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h"}
+
+
+def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def nano() -> Sam:
+    torch.manual_seed(0)
+    return create_model("sam_nano")
+
+
+@pytest.fixture
+def nano_pth(nano, tmp_path):
+    path = tmp_path / "nano.pth"
+    torch.save(nano.state_dict(), path)
+    return path
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registered_names():
+    assert list_models() == ["sam_nano", "sam_vit_b", "sam_vit_h", "sam_vit_l"]
+    assert list_models("sam_vit_*") == ["sam_vit_b", "sam_vit_h", "sam_vit_l"]
+    assert list_models("nothing*") == []
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_build_every_model(name):
+    config = get_config(name)
+    if name in OFFICIAL:
+        with torch.device("meta"):
+            model = create_model(name)
+    else:
+        model = create_model(name)
+    assert isinstance(model, Sam)
+    assert not model.training
+    assert model.samantic_name == name and model.samantic_config == config
+    assert model.image_encoder.img_size == config.img_size
+    assert model.prompt_encoder.image_embedding_size == (config.image_embedding_size,) * 2
+    assert model.prompt_encoder.mask_input_size == (config.low_res_size,) * 2
+    assert model.mask_decoder.num_multimask_outputs == config.num_multimask_outputs
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_architectures_match_segment_anything(name):
+    with torch.device("meta"):
+        ours = create_model(name).state_dict()
+        reference = sam_model_registry[OFFICIAL[name]]().state_dict()
+    assert list(ours) == list(reference)
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+
+
+def test_official_configs_use_the_shared_numbers():
+    for name in OFFICIAL:
+        config = get_config(name)
+        assert (config.img_size, config.patch_size, config.prompt_embed_dim) == (1024, 16, 256)
+        assert (config.image_embedding_size, config.low_res_size) == (64, 256)
+
+
+def test_nano_config():
+    config = get_config("sam_nano")
+    assert (config.img_size, config.image_embedding_size, config.low_res_size) == (512, 32, 128)
+    assert config.encoder_global_attn_indexes == (2, 5)
+
+
+def test_unknown_model_suggests_close_match():
+    with pytest.raises(ValueError, match="Did you mean: sam_vit_b") as info:
+        create_model("sam_vit_bb")
+    assert "sam_nano" in str(info.value)  # all known names are listed
+    with pytest.raises(ValueError, match="Did you mean: sam_nano"):
+        get_config("sam_nanp")
+
+
+def test_register_model_hook_and_duplicates(monkeypatch):
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+
+    @register_model
+    def sam_tiny_test() -> SamConfig:
+        """Test model."""
+        return get_config("sam_nano", encoder_depth=2, encoder_global_attn_indexes=(1,))
+
+    assert "sam_tiny_test" in list_models()
+    assert registry.get_model_entry("sam_tiny_test").description == "Test model."
+    assert len(create_model("sam_tiny_test").image_encoder.blocks) == 2
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(sam_tiny_test)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_config_is_frozen_and_normalized():
+    config = get_config("sam_nano")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.img_size = 1024  # type: ignore[misc]
+    listed = SamConfig(
+        encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1]
+    )
+    assert listed.encoder_global_attn_indexes == (1,)
+    hash(listed)
+
+
+def test_config_json_round_trip():
+    config = get_config("sam_vit_h")
+    assert SamConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["encoder_global_attn_indexes"] == [7, 15, 23, 31]
+    with pytest.raises(ValueError, match="img_size"):
+        SamConfig.from_dict({**config.to_dict(), "img_sise": 3})
+    with pytest.raises(ValueError, match="missing required fields: encoder_depth"):
+        SamConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "encoder_depth"})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"img_size": 500}, "multiple of patch_size"),
+        ({"encoder_num_heads": 5}, "divisible by encoder_num_heads"),
+        ({"encoder_global_attn_indexes": (2, 6)}, r"bad: \[6\]"),
+        ({"prompt_embed_dim": 100}, "multiple of 8"),
+        ({"mask_in_chans": 6}, "multiple of 4"),
+        ({"pixel_mean": (1.0, 2.0)}, "3 values"),
+        ({"encoder_depth": 0}, "positive int"),
+    ],
+)
+def test_invalid_config_raises(change, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("sam_nano", **change)
+
+
+def test_overrides():
+    model = create_model("sam_nano", img_size=256)
+    assert model.image_encoder.img_size == 256
+    assert model.samantic_config.low_res_size == 64
+    with pytest.raises(ValueError, match="Did you mean: img_size"):
+        create_model("sam_nano", img_sise=256)
+
+
+# --------------------------------------------------------------------------- sam_nano runs in segment-anything's tools
+
+
+def test_nano_runs_in_sam_predictor(nano):
+    image = np.random.default_rng(0).integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
+    predictor = SamPredictor(nano)
+    predictor.set_image(image)
+    assert predictor.get_image_embedding().shape == (1, 128, 32, 32)
+    masks, scores, low_res = predictor.predict(
+        point_coords=np.array([[64.0, 48.0]]), point_labels=np.array([1]), multimask_output=True
+    )
+    assert masks.shape == (3, 96, 128) and masks.dtype == bool
+    assert scores.shape == (3,)
+    assert low_res.shape == (3, 128, 128)  # 4 * img_size / patch_size
+
+
+def test_nano_runs_in_automatic_mask_generator(nano):
+    image = np.random.default_rng(1).integers(0, 256, size=(80, 120, 3), dtype=np.uint8)
+    # Thresholds at 0 keep every mask of the untrained model so the outputs can be checked.
+    generator = SamAutomaticMaskGenerator(
+        nano, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0
+    )
+    records = generator.generate(image)
+    assert len(records) > 0
+    for record in records:
+        assert record["segmentation"].shape == (80, 120)
+        assert len(record["bbox"]) == 4
+        assert record["area"] == int(record["segmentation"].sum())
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_pth_round_trip(nano, nano_pth):
+    fresh = create_model("sam_nano")
+    assert not _state_equal(fresh, nano)
+    loaded = create_model("sam_nano", nano_pth)
+    assert _state_equal(loaded, nano)
+    assert not loaded.training
+
+
+def test_safetensors_round_trip_with_metadata(nano, tmp_path):
+    path = save_checkpoint(nano, tmp_path / "deep" / "nano.safetensors", metadata={"step": 7, "note": "x"})
+    assert path.is_file()
+    assert not list(path.parent.glob("*.tmp"))
+    header = read_metadata(path)
+    assert header["model"] == "sam_nano" and header["format"] == "samantic"
+    assert SamConfig.from_json(header["config"]) == get_config("sam_nano")
+    assert (header["step"], header["note"]) == ("7", "x")
+    assert _state_equal(create_model("sam_nano", str(path)), nano)
+
+
+def test_save_checkpoint_rejects_other_suffix(nano, tmp_path):
+    with pytest.raises(ValueError, match=".safetensors"):
+        save_checkpoint(nano, tmp_path / "nano.pth")
+
+
+def test_safetensors_saved_for_another_model(nano, tmp_path):
+    path = save_checkpoint(nano, tmp_path / "nano.safetensors", metadata={"model": "sam_other"})
+    with pytest.raises(ValueError, match="saved for model 'sam_other'"):
+        create_model("sam_nano", path)
+
+
+def test_wrapped_state_dict_is_accepted(nano, tmp_path):
+    path = tmp_path / "wrapped.pt"
+    torch.save({"model": nano.state_dict(), "epoch": 3}, path)
+    assert _state_equal(create_model("sam_nano", path), nano)
+
+
+def _save_modified(nano, path, edit):
+    state = dict(nano.state_dict())
+    edit(state)
+    torch.save(state, path)
+    return path
+
+
+def test_missing_key_is_named(nano, tmp_path):
+    path = _save_modified(nano, tmp_path / "m.pth", lambda s: s.pop("mask_decoder.iou_token.weight"))
+    with pytest.raises(ValueError, match=r"1 missing key \(mask_decoder\.iou_token\.weight\)") as info:
+        create_model("sam_nano", path)
+    assert str(path) in str(info.value)
+    assert "unexpected" not in str(info.value)
+
+
+def test_unexpected_key_is_named(nano, tmp_path):
+    path = _save_modified(nano, tmp_path / "u.pth", lambda s: s.update({"extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"1 unexpected key \(extra\.weight\)"):
+        create_model("sam_nano", path)
+
+
+def test_shape_mismatch_is_named(nano, tmp_path):
+    key = "image_encoder.pos_embed"
+    path = _save_modified(nano, tmp_path / "s.pth", lambda s: s.update({key: torch.zeros(1, 64, 64, 192)}))
+    expected = rf"1 shape mismatch \({key}: checkpoint \[1, 64, 64, 192\] vs model \[1, 32, 32, 192\]\)"
+    with pytest.raises(ValueError, match=expected):
+        create_model("sam_nano", path)
+
+
+def test_wrong_architecture_lists_are_truncated(nano, tmp_path):
+    path = tmp_path / "nano.pth"
+    torch.save(nano.state_dict(), path)
+    n_nano = len(nano.state_dict())
+    with torch.device("meta"):
+        vit_b = create_model("sam_vit_b")
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(vit_b, path)
+    message = str(info.value)
+    assert "model 'sam_vit_b'" in message
+    assert "missing keys" in message and "shape mismatches" in message
+    assert "more" in message and len(message) < 3000
+    assert n_nano < len(vit_b.state_dict())
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        create_model("sam_nano", missing)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        create_model("sam_nano", "nope.safetensors")
+
+
+def test_unsafe_or_bad_files_are_value_errors(tmp_path):
+    pickled = tmp_path / "code.pth"
+    torch.save({"weight": torch.zeros(1), "fn": sys.exit}, pickled)  # needs code execution to load
+    with pytest.raises(ValueError, match="weights_only=True"):
+        create_model("sam_nano", pickled)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="garbage.safetensors"):
+        create_model("sam_nano", garbage)
+    odd = tmp_path / "weights.ckpt.zip"
+    odd.write_bytes(b"x")
+    with pytest.raises(ValueError, match="unsupported checkpoint suffix"):
+        create_model("sam_nano", odd)
+
+
+def test_tag_for_another_model_is_refused():
+    # Refused before any download is attempted.
+    with pytest.raises(ValueError, match="'sam_vit_b.sa1b' are for model 'sam_vit_b', not 'sam_nano'"):
+        create_model("sam_nano", "sam_vit_b.sa1b")
+
+
+def test_pretrained_flags(nano_pth):
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        create_model("sam_nano", pretrained=True)
+    with pytest.raises(ValueError, match="pass one or the other"):
+        create_model("sam_nano", nano_pth, pretrained=False)
+
+
+def test_default_weights_hook(nano, nano_pth, monkeypatch):
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+
+    @register_model(default_weights=str(nano_pth))
+    def sam_nano_shipped() -> SamConfig:
+        return get_config("sam_nano")
+
+    assert _state_equal(create_model("sam_nano_shipped"), nano)
+    assert _state_equal(create_model("sam_nano_shipped", pretrained=True), nano)
+    assert not _state_equal(create_model("sam_nano_shipped", pretrained=False), nano)
+
+
+def test_packaged_weights_missing(monkeypatch):
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+
+    @register_model(default_weights="pkg:assets/not_there.safetensors")
+    def sam_nano_pkg() -> SamConfig:
+        return get_config("sam_nano")
+
+    with pytest.raises(FileNotFoundError, match="not_there.safetensors"):
+        create_model("sam_nano_pkg")
+    assert isinstance(create_model("sam_nano_pkg", pretrained=False), Sam)
+
+
+def test_load_into_meta_model(nano, nano_pth):
+    with torch.device("meta"):
+        model = create_model("sam_nano")
+    load_checkpoint(model, nano_pth)
+    assert not any(p.is_meta for p in model.parameters())
+    assert _state_equal(model, nano)
+
+
+def test_weight_tag_downloads_verifies_and_loads(nano, nano_pth, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMANTIC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(weights, "_WEIGHTS", dict(weights._WEIGHTS))
+    data = nano_pth.read_bytes()
+    with FileServer(data, "nano.pth") as server:
+        weights.register_weight(
+            weights.WeightSpec(
+                tag="sam_nano.test",
+                model="sam_nano",
+                filename="nano.pth",
+                url=server.url,
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+            )
+        )
+        loaded = create_model("sam_nano", "sam_nano.test", progress=False)
+        again = create_model("sam_nano", pretrained=True, progress=False)  # the model's default tag, cached
+        assert len(server.requests) == 1
+    assert _state_equal(loaded, nano) and _state_equal(again, nano)
+    assert (tmp_path / "cache" / "weights" / "nano.pth").is_file()
