@@ -40,10 +40,10 @@ py::array_t<int64_t> nms_boxes(const py::array& boxes_in, const py::array& score
   {
     py::gil_scoped_release release;
 #ifdef SAMANTIC_WITH_CUDA
-    keep = dev >= 0 ? boxes_cuda(boxes.data(), scores.data(), idxs, n, static_cast<float>(iou_threshold), dev)
-                    : boxes_cpu(boxes.data(), scores.data(), idxs, n, static_cast<float>(iou_threshold));
+    keep = dev >= 0 ? boxes_cuda(boxes.data(), scores.data(), idxs, n, iou_threshold, dev)
+                    : boxes_cpu(boxes.data(), scores.data(), idxs, n, iou_threshold);
 #else
-    keep = boxes_cpu(boxes.data(), scores.data(), idxs, n, static_cast<float>(iou_threshold));
+    keep = boxes_cpu(boxes.data(), scores.data(), idxs, n, iou_threshold);
 #endif
   }
   return front::to_numpy(std::move(keep));

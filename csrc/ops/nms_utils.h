@@ -21,10 +21,12 @@ HOST_DEVICE_INLINE float box_iou(const float* a, const float* b) {
   return inter / (area_a + area_b - inter);
 }
 
-// Whether box j (lower score) is suppressed by box i: same category and IoU above the threshold.
-HOST_DEVICE_INLINE bool suppresses(const float* boxes, const int64_t* idxs, int64_t i, int64_t j, float threshold) {
+// Whether box j (lower score) is suppressed by box i: same category and IoU
+// above the threshold. Like torchvision, the float IoU is compared with the
+// threshold as a double (0.3 as a float would wrongly suppress an IoU of exactly 0.3).
+HOST_DEVICE_INLINE bool suppresses(const float* boxes, const int64_t* idxs, int64_t i, int64_t j, double threshold) {
   if (idxs != nullptr && idxs[i] != idxs[j]) return false;
-  return box_iou(boxes + 4 * i, boxes + 4 * j) > threshold;
+  return static_cast<double>(box_iou(boxes + 4 * i, boxes + 4 * j)) > threshold;
 }
 
 }  // namespace nms

@@ -194,11 +194,17 @@ HOST_DEVICE_INLINE ColumnStats scan_column(const float* logits, int64_t w_lr, co
       float c_lo = 0.f, c_hi = 0.f;
       for (int32_t i = 0; i < rg.len; ++i) {
         const float* row = logits + static_cast<int64_t>(rg.start + i) * w_lr + tx.start;
-        float r = 0.f;
-        for (int32_t j = 0; j < tx.len; ++j) r += tx.w[j] * row[j];
-        c[i] = r;
-        c_lo = i ? min_f(c_lo, r) : r;
-        c_hi = i ? max_f(c_hi, r) : r;
+        float r = 0.f, lo = row[0], hi = row[0];
+        for (int32_t j = 0; j < tx.len; ++j) {
+          r += tx.w[j] * row[j];
+          lo = min_f(lo, row[j]);
+          hi = max_f(hi, row[j]);
+        }
+        // a convex combination lies between its inputs; rounding must not push
+        // it out (a plateau at a threshold must stay exactly at it)
+        c[i] = min_f(max_f(r, lo), hi);
+        c_lo = i ? min_f(c_lo, c[i]) : c[i];
+        c_hi = i ? max_f(c_hi, c[i]) : c[i];
       }
       const uint8_t code = classify_range(c_lo, c_hi, t);
       if (code != kUnknown) {
@@ -210,6 +216,7 @@ HOST_DEVICE_INLINE ColumnStats scan_column(const float* logits, int64_t w_lr, co
         const AxisTap& ty = row_taps[y];
         float v = 0.f;
         for (int32_t i = 0; i < rg.len; ++i) v += ty.w[i] * c[i];
+        v = min_f(max_f(v, c_lo), c_hi);
         if (v > t.lo) ++s.n_lo;
         if (v > t.hi) ++s.n_hi;
         if (v > t.mid) {

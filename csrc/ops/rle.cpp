@@ -194,7 +194,7 @@ pybind11::array_t<int64_t> nms_masks(const pybind11::array& counts_in, const pyb
   std::vector<int64_t> keep;
   {
     py::gil_scoped_release release;
-    keep = masks_cpu(vs, scores.data(), idxs, static_cast<float>(iou_threshold));
+    keep = masks_cpu(vs, scores.data(), idxs, iou_threshold);
   }
   return front::to_numpy(std::move(keep));
 }

@@ -16,7 +16,7 @@ std::vector<int64_t> order_by_score(const float* scores, int64_t n) {
 }
 
 std::vector<int64_t> boxes_cpu(const float* boxes, const float* scores, const int64_t* idxs, int64_t n,
-                               float threshold) {
+                               double threshold) {
   const std::vector<int64_t> order = order_by_score(scores, n);
   std::vector<uint8_t> removed(n, 0);
   std::vector<int64_t> keep;
@@ -33,7 +33,7 @@ std::vector<int64_t> boxes_cpu(const float* boxes, const float* scores, const in
 }
 
 std::vector<int64_t> masks_cpu(const std::vector<rle::View>& rles, const float* scores, const int64_t* idxs,
-                               float threshold) {
+                               double threshold) {
   const int64_t n = static_cast<int64_t>(rles.size());
   const std::vector<int64_t> order = order_by_score(scores, n);
   std::vector<uint64_t> areas(n);

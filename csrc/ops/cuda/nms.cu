@@ -14,7 +14,7 @@ constexpr int64_t kBits = 64;
 
 // boxes/idxs are already sorted by score; mask[i * words + w] has bit k set
 // when box i suppresses box w * 64 + k (only for later boxes).
-__global__ void suppression_kernel(const float* boxes, const int64_t* idxs, int64_t n, int64_t words, float threshold,
+__global__ void suppression_kernel(const float* boxes, const int64_t* idxs, int64_t n, int64_t words, double threshold,
                                    unsigned long long* mask) {
   CUDA_1D_KERNEL_LOOP(t, n * words) {
     const int64_t i = t / words;
@@ -31,7 +31,7 @@ __global__ void suppression_kernel(const float* boxes, const int64_t* idxs, int6
 }  // namespace
 
 std::vector<int64_t> boxes_cuda(const float* boxes, const float* scores, const int64_t* idxs, int64_t n,
-                                float threshold, int device) {
+                                double threshold, int device) {
   cuda::check(cudaSetDevice(device), "cudaSetDevice");
   cuda::Stream stream;
   const std::vector<int64_t> order = order_by_score(scores, n);

@@ -8,7 +8,7 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from samantic.ops._common import as_numpy, load_C
-from samantic.ops.rle import Rle, RleBatch
+from samantic.ops.rle import Rle, RleBatch, _index
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class PostprocessResult:
 
     def select(self, index: Any) -> "PostprocessResult":
         """Keeps a subset (boolean mask or integer indices)."""
-        idx = np.arange(len(self))[as_numpy(index)]
+        idx = np.arange(len(self))[_index(index)]
         return PostprocessResult(self.stability_score[idx], self.area[idx], self.boxes[idx], self.rles.select(idx))
 
 

@@ -43,7 +43,7 @@ class RleBatch:
 
     def select(self, index: Any) -> "RleBatch":
         """A sub-batch: ``index`` is a boolean mask or integer indices."""
-        idx = np.arange(len(self))[as_numpy(index)]
+        idx = np.arange(len(self))[_index(index)]
         parts = [self.counts_of(int(i)) for i in idx]
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         if parts:
@@ -74,6 +74,14 @@ class RleBatch:
             offsets[1:] = np.cumsum([len(p) for p in parts])
         counts = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
         return cls(counts.astype(np.uint32, copy=False), offsets, size if size is not None else (0, 0))
+
+
+def _index(index: Any) -> np.ndarray:
+    """A boolean mask or integer indices as a numpy index (an empty list selects nothing)."""
+    idx = as_numpy(index)
+    if idx.size == 0 and idx.dtype != bool:
+        idx = idx.astype(np.int64)
+    return idx
 
 
 def _counts_array(counts: Any, name: str) -> np.ndarray:

@@ -1,0 +1,105 @@
+"""SAM's prompt encoder + mask decoder, split so masks are upscaled only for survivors.
+
+segment-anything's ``MaskDecoder.predict_masks`` runs the two-way transformer,
+then upscales the image embedding and applies the hypernetworks for every
+prompt, and predicts IoU from the IoU token. The IoU (and any head reading the
+mask tokens) needs only the transformer's output, so :class:`PromptMaskDecoder`
+stops there; :meth:`PromptMaskDecoder.masks` computes the low-res logits of the
+selected (prompt, mask) pairs only, with the same modules and weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DecoderOutput:
+    """Transformer outputs for a batch of B prompts and M masks per prompt.
+
+    Attributes:
+        iou_preds: Tensor[B, M], the IoU head's prediction per mask.
+        mask_tokens: Tensor[B, M, D], the transformer's output mask tokens (what heads read).
+        token_index: Tensor[M], index of each output among the decoder's mask tokens.
+        src: Tensor[B, C, h, w], the transformer's per-prompt image embedding (input of upscaling).
+    """
+
+    iou_preds: torch.Tensor
+    mask_tokens: torch.Tensor
+    token_index: torch.Tensor
+    src: torch.Tensor
+
+
+class PromptMaskDecoder:
+    """Runs a segment-anything ``Sam``'s prompt encoder and mask decoder on point prompts.
+
+    Args:
+        model: a ``segment_anything.modeling.Sam``.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.decoder = model.mask_decoder
+        self.prompt_encoder = model.prompt_encoder
+
+    @torch.no_grad()
+    def run(self, image_embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+            multimask_output: bool = True) -> DecoderOutput:
+        """Transformer pass for point prompts.
+
+        Args:
+            image_embedding: Tensor[1, C, h, w] from the image encoder.
+            coords: Tensor[B, N, 2] point coordinates in the model's input frame (after ResizeLongestSide).
+            labels: Tensor[B, N] point labels (1 foreground, 0 background).
+            multimask_output: three masks per prompt (tokens 1..3) or one (token 0), as in ``MaskDecoder``.
+        """
+        dec = self.decoder
+        sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
+        tokens = torch.cat((output_tokens, sparse), dim=1)
+        src = torch.repeat_interleave(image_embedding, tokens.shape[0], dim=0) + dense
+        pos_src = torch.repeat_interleave(self.prompt_encoder.get_dense_pe(), tokens.shape[0], dim=0)
+        b, c, h, w = src.shape
+        hs, src = dec.transformer(src, pos_src, tokens)
+        iou_all = dec.iou_prediction_head(hs[:, 0, :])
+        mask_tokens_all = hs[:, 1 : 1 + dec.num_mask_tokens, :]
+        token_index = torch.arange(1, dec.num_mask_tokens) if multimask_output else torch.arange(0, 1)
+        return DecoderOutput(
+            iou_preds=iou_all[:, token_index],
+            mask_tokens=mask_tokens_all[:, token_index],
+            token_index=token_index,
+            src=src.transpose(1, 2).reshape(b, c, h, w),
+        )
+
+    @torch.no_grad()
+    def masks(self, out: DecoderOutput, prompt_idx: torch.Tensor, mask_idx: torch.Tensor) -> torch.Tensor:
+        """Low-res mask logits for selected (prompt, mask) pairs.
+
+        Args:
+            out: a :meth:`run` result.
+            prompt_idx: Tensor[K] prompt of each selected mask.
+            mask_idx: Tensor[K] output index (0..M-1) of each selected mask.
+
+        Returns:
+            Tensor[K, 4h, 4w] float32 logits, equal to the reference decoder's for those masks.
+        """
+        dec = self.decoder
+        k = int(prompt_idx.numel())
+        if k == 0:
+            side = out.src.shape[-1] * 4
+            return out.src.new_zeros((0, out.src.shape[-2] * 4, side))
+        uniq, inverse = torch.unique(prompt_idx, sorted=True, return_inverse=True)
+        upscaled = dec.output_upscaling(out.src[uniq])  # [U, c, H, W], only for prompts with survivors
+        u, c, hh, ww = upscaled.shape
+        m = out.mask_tokens.shape[1]
+        hyper = upscaled.new_zeros((u, m, c))
+        for j in range(m):
+            rows = inverse[mask_idx == j]
+            if rows.numel():
+                mlp = dec.output_hypernetworks_mlps[int(out.token_index[j])]
+                hyper[rows, j] = mlp(out.mask_tokens[uniq[rows], j])
+        logits = (hyper @ upscaled.view(u, c, hh * ww)).view(u, m, hh, ww)
+        return logits[inverse, mask_idx]

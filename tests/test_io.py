@@ -1,0 +1,74 @@
+"""Image reading errors and atomic writes."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from samantic.io import ImageReadError, atomic_write_bytes, atomic_write_image, atomic_write_json, read_image
+
+
+def test_read_image_formats(tmp_path):
+    rgb = np.zeros((5, 7, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    cv2.imwrite(str(tmp_path / "rgb.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    got = read_image(tmp_path / "rgb.png")
+    assert got.shape == (5, 7, 3) and got.dtype == np.uint8
+    assert (got[..., 0] == 200).all() and (got[..., 2] == 0).all()  # channels come back as RGB
+
+    cv2.imwrite(str(tmp_path / "gray.png"), np.full((4, 6), 77, np.uint8))
+    assert read_image(tmp_path / "gray.png").shape == (4, 6, 3)
+
+    rgba = np.zeros((3, 3, 4), np.uint8)
+    rgba[..., 2] = 255
+    cv2.imwrite(str(tmp_path / "rgba.png"), rgba)
+    got = read_image(tmp_path / "rgba.png")
+    assert got.shape == (3, 3, 3) and (got[..., 0] == 255).all()
+
+
+@pytest.mark.parametrize(
+    "name,content,reason",
+    [
+        ("empty.png", b"", "0 bytes"),
+        ("text.jpg", b"hello", "not a readable image"),
+    ],
+)
+def test_read_image_bad_files(tmp_path, name, content, reason):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(ImageReadError, match=reason) as e:
+        read_image(p)
+    assert name in str(e.value)
+
+
+def test_read_image_missing_truncated_and_16bit(tmp_path):
+    with pytest.raises(ImageReadError, match="no such file"):
+        read_image(tmp_path / "nope.png")
+    ok, buf = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    (tmp_path / "trunc.jpg").write_bytes(buf.tobytes()[:40])
+    with pytest.raises(ImageReadError, match="trunc.jpg"):
+        read_image(tmp_path / "trunc.jpg")
+    cv2.imwrite(str(tmp_path / "deep.png"), np.full((4, 4), 40000, np.uint16))
+    with pytest.raises(ImageReadError, match="uint16"):
+        read_image(tmp_path / "deep.png")
+
+
+def test_atomic_writes_leave_no_temp_files(tmp_path):
+    atomic_write_bytes(tmp_path / "a" / "b.bin", b"xyz")
+    assert (tmp_path / "a" / "b.bin").read_bytes() == b"xyz"
+    atomic_write_json(tmp_path / "r.json", {"v": np.float32(0.5), "a": np.arange(3)})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"v": 0.5, "a": [0, 1, 2]}
+    atomic_write_image(tmp_path / "i.png", np.zeros((2, 3, 3), np.uint8))
+    assert cv2.imread(str(tmp_path / "i.png")).shape == (2, 3, 3)
+    assert sorted(os.listdir(tmp_path)) == ["a", "i.png", "r.json"]
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path):
+    p = tmp_path / "r.json"
+    atomic_write_json(p, {"ok": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(p, {"bad": object()})
+    assert json.loads(p.read_text()) == {"ok": 1}
+    assert os.listdir(tmp_path) == ["r.json"]
