@@ -56,11 +56,11 @@ struct Thresholds {
   // The same three with the block-decision margin added (on) or subtracted
   // (off); ascending because offset >= 0.
   float on[3];
-  float off[3];
+  float off[4];  // off[3] = +inf: nothing left to stay below once all three are cleared
 };
 
 inline Thresholds make_thresholds(float t, float offset) {
-  Thresholds th{t - offset, t, t + offset, {0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
+  Thresholds th{t - offset, t, t + offset, {0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, INFINITY}};
   const float ts[3] = {th.lo, th.mid, th.hi};
   for (int k = 0; k < 3; ++k) {
     const float m = kBlockMargin * (1.f + (ts[k] < 0.f ? -ts[k] : ts[k]));
@@ -92,9 +92,8 @@ HOST_DEVICE_INLINE void linear_source(float scale, int64_t dst, int64_t in_size,
 HOST_DEVICE_INLINE uint8_t classify_range(float lo, float hi, const Thresholds& t) {
   // thresholds ascend, so the ones `lo` clears form a prefix; the next one
   // must then lie above `hi`
-  const uint8_t above = static_cast<uint8_t>((lo > t.on[0]) + (lo > t.on[1]) + (lo > t.on[2]));
-  if (above < 3 && !(hi <= t.off[above])) return kUnknown;
-  return above;
+  const int above = (lo > t.on[0]) + (lo > t.on[1]) + (lo > t.on[2]);
+  return (hi <= t.off[above]) ? static_cast<uint8_t>(above) : kUnknown;
 }
 
 // A run of consecutive row groups with one block class within a column group.
@@ -206,10 +205,13 @@ HOST_DEVICE_INLINE ColumnStats scan_column(const float* logits, int64_t w_lr, co
         c_lo = i ? min_f(c_lo, c[i]) : c[i];
         c_hi = i ? max_f(c_hi, c[i]) : c[i];
       }
-      const uint8_t code = classify_range(c_lo, c_hi, t);
-      if (code != kUnknown) {
-        emit_uniform(rg.begin, rg.end, code, s, run_begin, sink);
-        continue;
+      // short groups are cheaper to evaluate than to classify first
+      if (rg.end - rg.begin > kMaxTaps) {
+        const uint8_t code = classify_range(c_lo, c_hi, t);
+        if (code != kUnknown) {
+          emit_uniform(rg.begin, rg.end, code, s, run_begin, sink);
+          continue;
+        }
       }
       // step: rows that may cross a threshold, one by one
       for (int32_t y = rg.begin; y < rg.end; ++y) {
@@ -217,16 +219,20 @@ HOST_DEVICE_INLINE ColumnStats scan_column(const float* logits, int64_t w_lr, co
         float v = 0.f;
         for (int32_t i = 0; i < rg.len; ++i) v += ty.w[i] * c[i];
         v = min_f(max_f(v, c_lo), c_hi);
-        if (v > t.lo) ++s.n_lo;
-        if (v > t.hi) ++s.n_hi;
-        if (v > t.mid) {
-          ++s.n_mid;
-          if (run_begin < 0) run_begin = y;
-          if (y < s.y_min) s.y_min = y;
-          s.y_max = y;
-        } else if (run_begin >= 0) {
-          sink.on_run(run_begin, y);
-          run_begin = -1;
+        // branch-free counting; only a change of the mask value branches
+        s.n_lo += (v > t.lo);
+        s.n_hi += (v > t.hi);
+        const bool on = v > t.mid;
+        s.n_mid += on;
+        s.y_max = on ? y : s.y_max;
+        if (on != (run_begin >= 0)) {
+          if (on) {
+            run_begin = y;
+            if (y < s.y_min) s.y_min = y;
+          } else {
+            sink.on_run(run_begin, y);
+            run_begin = -1;
+          }
         }
       }
     }
