@@ -92,7 +92,7 @@ def test_official_configs_use_the_shared_numbers():
 
 def test_nano_config():
     config = get_config("sam_nano")
-    assert (config.img_size, config.image_embedding_size, config.low_res_size) == (512, 32, 128)
+    assert (config.img_size, config.image_embedding_size, config.low_res_size) == (384, 24, 96)
     assert config.encoder_global_attn_indexes == (2, 5)
 
 
@@ -175,13 +175,13 @@ def test_nano_runs_in_sam_predictor(nano):
     image = np.random.default_rng(0).integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
     predictor = SamPredictor(nano)
     predictor.set_image(image)
-    assert predictor.get_image_embedding().shape == (1, 128, 32, 32)
+    assert predictor.get_image_embedding().shape == (1, 128, 24, 24)
     masks, scores, low_res = predictor.predict(
         point_coords=np.array([[64.0, 48.0]]), point_labels=np.array([1]), multimask_output=True
     )
     assert masks.shape == (3, 96, 128) and masks.dtype == bool
     assert scores.shape == (3,)
-    assert low_res.shape == (3, 128, 128)  # 4 * img_size / patch_size
+    assert low_res.shape == (3, 96, 96)  # 4 * img_size / patch_size
 
 
 def test_nano_runs_in_automatic_mask_generator(nano):

@@ -317,42 +317,52 @@ class SamTrainer:
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
         )
 
-    def _upscale(self, low_res: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-
     def _image_loss(self, emb: torch.Tensor, gt: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Loss of one image's prompted instances; gt: bool[M, S, S] at the padded input size.
+
+        Losses, IoU targets and error regions live at the decoder's low-res
+        mask size (S / 4), against area-averaged (soft) ground truth: 16x
+        fewer pixels than full size, for the same gradients in expectation.
+        """
         c = self.config
+        lr = self.model.prompt_encoder.mask_input_size[0]
+        scale = self.img_size / lr
+        soft = F.adaptive_avg_pool2d(gt.float()[:, None], lr)[:, 0]  # [M, lr, lr] in [0, 1]
+        hard = soft > 0.5
+        hard = torch.where(hard.flatten(1).any(1)[:, None, None], hard, soft > 0)  # tiny objects
         use_box = bool(self.rng.random() < c.box_prob)
         coords = labels = boxes = mask_input = None
         total = emb.new_zeros(())
         stats: Dict[str, float] = {}
+        prev_pred = None
         for it in range(c.iterations):
             if it == 0 and use_box:
                 boxes = self._jittered_boxes(gt)
                 multimask = False
             elif it == 0:
-                coords, labels = self.sampler.first_points(gt, self.gen)
+                coords, labels = self.sampler.first_points(hard, self.gen)
+                coords = coords * scale
                 multimask = True
             else:
-                nc, nl = self.sampler.next_points(gt, prev_pred, self.gen)
+                nc, nl = self.sampler.next_points(hard, prev_pred, self.gen)
+                nc = nc * scale
                 coords = nc if coords is None else torch.cat([coords, nc], 1)
                 labels = nl if labels is None else torch.cat([labels, nl], 1)
                 multimask = False
-            low_res, iou_pred = self._decode(emb, coords, labels, boxes, mask_input, multimask)
-            logits = self._upscale(low_res)  # [M, K, S, S]
-            m, k = logits.shape[:2]
-            per = self.loss(logits.flatten(0, 1), gt.repeat_interleave(k, 0)).view(m, k)
+            low_res, iou_pred = self._decode(emb, coords, labels, boxes, mask_input, multimask)  # [M, K, lr, lr]
+            m, k = low_res.shape[:2]
+            per = self.loss(low_res.flatten(0, 1), soft.repeat_interleave(k, 0)).view(m, k)
             best = per.argmin(1)
             mask_loss = per.gather(1, best[:, None]).mean()
             with torch.no_grad():
-                pred = logits > 0
-                inter = (pred & gt[:, None]).flatten(2).sum(2).float()
-                union = (pred | gt[:, None]).flatten(2).sum(2).float()
+                pred = low_res > 0
+                inter = (pred & hard[:, None]).flatten(2).sum(2).float()
+                union = (pred | hard[:, None]).flatten(2).sum(2).float()
                 true_iou = inter / union.clamp(min=1)
             iou_loss = F.mse_loss(iou_pred, true_iou)
             total = total + mask_loss + c.iou_weight * iou_loss
             sel = torch.arange(m)
-            prev_pred = pred[sel, best].detach()
+            prev_pred = pred[sel, best]
             mask_input = low_res[sel, best][:, None].detach()
             stats[f"iou_{it}"] = float(true_iou[sel, best].mean())
             if it == 0:
