@@ -261,7 +261,7 @@ def test_unexpected_key_is_named(nano, tmp_path):
 def test_shape_mismatch_is_named(nano, tmp_path):
     key = "image_encoder.pos_embed"
     path = _save_modified(nano, tmp_path / "s.pth", lambda s: s.update({key: torch.zeros(1, 64, 64, 192)}))
-    expected = rf"1 shape mismatch \({key}: checkpoint \[1, 64, 64, 192\] vs model \[1, 32, 32, 192\]\)"
+    expected = rf"1 shape mismatch \({key}: checkpoint \[1, 64, 64, 192\] vs model \[1, 24, 24, 192\]\)"
     with pytest.raises(ValueError, match=expected):
         create_model("sam_nano", path)
 

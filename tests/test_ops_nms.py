@@ -11,13 +11,7 @@ from pycocotools import mask as coco
 from samantic import _C, ops
 
 CUDA = _C.cuda_status()
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(CUDA["device_count"] == 0, reason="no CUDA device")],
-    ),
-]
+from conftest import DEVICES  # noqa: E402
 THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 1.0]
 
 

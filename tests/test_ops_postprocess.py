@@ -33,13 +33,7 @@ from samantic import _C, ops
 from samantic.ops import PostprocessResult, RleBatch
 
 CUDA = _C.cuda_status()
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(CUDA["device_count"] == 0, reason="no CUDA device")],
-    ),
-]
+from conftest import DEVICES  # noqa: E402
 TOL = 1e-4
 
 

@@ -45,8 +45,14 @@ class SamTrainConfig:
         masks_per_image: instances prompted per image (fewer if the image has fewer).
         iterations: prompting rounds per instance (1 = single prompt, no refinement).
         box_prob: probability that an image's first prompts are boxes instead of points.
+        zoom_prob: probability of training on a crop around one instance (1.5-4x its size)
+            instead of the whole image, so small objects are also seen large.
+        flat_steps: curriculum for training from scratch: an image is repainted as flat-colour
+            instances on a flat background with probability 1 - step / flat_steps (0 disables).
+            A randomly initialised encoder learns prompt-to-mask routing on such images within
+            tens of steps, and does not on fully textured ones.
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warm-up and cosine decay.
-        focal_weight, dice_weight, iou_weight: loss weights.
+        focal_weight, dice_weight, iou_weight: loss weights; focal_alpha: focal loss weight of positives.
         grad_clip: max gradient norm (0 disables).
         trainable: which of image_encoder / prompt_encoder / mask_decoder are trained.
         checkpoint_every: steps between resumable checkpoints.
@@ -59,11 +65,14 @@ class SamTrainConfig:
     masks_per_image: int = 8
     iterations: int = 3
     box_prob: float = 0.3
+    zoom_prob: float = 0.5
+    flat_steps: int = 0
     lr: float = 8e-4
     weight_decay: float = 0.05
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     focal_weight: float = 20.0
+    focal_alpha: float = 0.25
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     grad_clip: float = 1.0
@@ -248,7 +257,7 @@ class SamTrainer:
         self.config = config
         self.data = data
         self.sampler = sampler or PointSampler()
-        self.loss = loss or MaskLoss(config.focal_weight, config.dice_weight)
+        self.loss = loss or MaskLoss(config.focal_weight, config.dice_weight, alpha=config.focal_alpha)
         self.prompt_hook = prompt_hook
         self.img_size = model.image_encoder.img_size
         self.transform = ResizeLongestSide(self.img_size)
@@ -279,6 +288,12 @@ class SamTrainer:
         if self.rng.random() < 0.5:  # horizontal flip
             image = image[:, ::-1]
             masks = masks[:, :, ::-1]
+        if self.rng.random() < self.config.zoom_prob:
+            image, masks = self._zoom(image, masks)
+            if masks.shape[0] == 0:
+                return None
+        if self.config.flat_steps and self.rng.random() < 1.0 - self.step / self.config.flat_steps:
+            image = self._flat(masks, image.shape)
         keep = self.rng.permutation(masks.shape[0])[: self.config.masks_per_image]
         masks = masks[keep]
         resized = self.transform.apply_image(np.ascontiguousarray(image))
@@ -292,6 +307,31 @@ class SamTrainer:
         if not ok.any():
             return None
         return x, gt[ok]
+
+    def _flat(self, masks: np.ndarray, shape) -> np.ndarray:
+        """The instances painted in random flat colours (back to front) on a flat background."""
+        image = np.empty(shape, np.uint8)
+        image[:] = self.rng.integers(0, 256, 3)
+        for m in masks:
+            image[m] = self.rng.integers(0, 256, 3)
+        return image
+
+    def _zoom(self, image: np.ndarray, masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """A square crop around one random instance, 1.5-4x its size (clipped to the image)."""
+        h, w = image.shape[:2]
+        k = int(self.rng.integers(len(masks)))
+        ys, xs = np.nonzero(masks[k])
+        if len(xs) == 0:
+            return image, masks
+        side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) * self.rng.uniform(1.5, 4.0)
+        side = int(min(max(side, 32), h, w))
+        cx = (xs.min() + xs.max()) / 2 + self.rng.uniform(-0.25, 0.25) * side
+        cy = (ys.min() + ys.max()) / 2 + self.rng.uniform(-0.25, 0.25) * side
+        x0 = int(np.clip(cx - side / 2, 0, w - side))
+        y0 = int(np.clip(cy - side / 2, 0, h - side))
+        crop = masks[:, y0 : y0 + side, x0 : x0 + side]
+        keep = crop.reshape(len(crop), -1).sum(1) >= 16
+        return image[y0 : y0 + side, x0 : x0 + side], crop[keep]
 
     def _batches(self) -> Iterator[List[Tuple[torch.Tensor, torch.Tensor]]]:
         n = len(self.data)

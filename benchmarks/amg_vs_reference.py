@@ -1,0 +1,222 @@
+"""segment-anything's SamAutomaticMaskGenerator vs samantic's AutomaticMaskGenerator, side by side.
+
+Same model object, same images, same settings. Each (model, setting, image, path)
+runs in its own fresh process so peak RSS is comparable; per-stage times of the
+reference come from timing wrappers around the functions it calls (its behaviour
+is unchanged). Reported: per-stage seconds, end-to-end seconds per image, masks,
+agreement (reference masks matched one-to-one at mask IoU >= 0.99), peak RSS,
+and for samantic's adaptive prompting its recall against samantic's exact mode.
+
+    python benchmarks/amg_vs_reference.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, measure, write_report  # noqa: E402
+
+SETTINGS = {
+    "default": {},
+    "thresholds-0": {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
+}
+
+
+def load_image(name: str) -> np.ndarray:
+    import cv2
+    from skimage import data
+
+    from samantic.train.data.shapes import render_scene
+
+    if name == "scene":
+        return render_scene(11, size=(600, 800)).image
+    if name == "astronaut":
+        return data.astronaut()
+    if name == "coffee":
+        return data.coffee()
+    if name == "big":  # 4000 x 3000 photo (upscaled chelsea)
+        return cv2.resize(data.chelsea(), (4000, 3000), interpolation=cv2.INTER_CUBIC)
+    raise ValueError(f"unknown image {name!r}")
+
+
+def build_model(name: str):
+    import torch
+
+    from samantic.models import create_model
+
+    torch.manual_seed(0)
+    return create_model(name)  # sam_nano: shipped weights; sam_vit_b: random init (same compute as the real one)
+
+
+def _reference_stages():
+    """Wraps the functions segment-anything's generator calls with timers; returns the stage dict."""
+    import segment_anything.automatic_mask_generator as amg_mod
+    from segment_anything.modeling import Sam
+
+    stages = {"encoder": 0.0, "decoder": 0.0, "postprocess": 0.0, "nms": 0.0, "encoding": 0.0}
+
+    def timed(fn, stage):
+        return _timed_method(fn, stages, stage)
+
+    for name, stage in [("calculate_stability_score", "postprocess"), ("batched_mask_to_box", "postprocess"),
+                        ("is_box_near_crop_edge", "postprocess"), ("uncrop_masks", "postprocess"),
+                        ("mask_to_rle_pytorch", "encoding"), ("batched_nms", "nms"), ("coco_encode_rle", "encoding"),
+                        ("rle_to_mask", "encoding")]:
+        setattr(amg_mod, name, timed(getattr(amg_mod, name), stage))
+    amg_mod.SamPredictor.set_image = timed(amg_mod.SamPredictor.set_image, "encoder")
+    orig_post = Sam.postprocess_masks
+    Sam.postprocess_masks = timed(orig_post, "postprocess")
+    return stages
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_grad_enabled(False)
+    image = load_image(args.image)
+    model = build_model(args.model)
+    settings = dict(SETTINGS[args.setting], output_mode="coco_rle")
+    if args.path == "reference":
+        from segment_anything import SamAutomaticMaskGenerator
+
+        stages = _reference_stages()
+        dec = model.mask_decoder
+        dec.forward = _timed_method(dec.forward, stages, "decoder")
+        gen = SamAutomaticMaskGenerator(model, **settings)
+        records, seconds, peak = measure(lambda: gen.generate(image), 1)
+        stages = dict(stages)
+        extra = {}
+    else:
+        from samantic.pipeline import AutomaticMaskGenerator
+
+        gen = AutomaticMaskGenerator(model, adaptive=(args.path == "adaptive"), **settings)
+        records, seconds, peak = measure(lambda: gen.generate(image), 1)
+        stages = dict(gen.timings)
+        extra = dict(gen.stats)
+    out = {"seconds": seconds, "peak_mib": peak, "stages": stages, "stats": extra, "masks": len(records),
+           "rles": [r["segmentation"] for r in records], "iou": [r["predicted_iou"] for r in records]}
+    Path(args.worker_out).write_text(json.dumps(out))
+
+
+def _timed_method(fn, stages, stage):
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            stages[stage] += time.perf_counter() - t
+    return wrapper
+
+
+def spawn(path: str, model: str, setting: str, image: str, tmp: Path) -> Dict[str, Any]:
+    out = tmp / f"{path}-{model}-{setting}-{image}.json"
+    cmd = [sys.executable, __file__, "--worker", path, "--models", model, "--settings", setting, "--images", image,
+           "--worker-out", str(out)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def matched(ref_rles: List[dict], our_rles: List[dict], thr: float) -> int:
+    """Reference masks matched one-to-one by a samantic mask at IoU >= thr."""
+    from pycocotools import mask as mask_utils
+
+    if not ref_rles or not our_rles:
+        return 0
+    iou = np.atleast_2d(mask_utils.iou(our_rles, ref_rles, [0] * len(ref_rles)))
+    used, n = set(), 0
+    for j in np.argsort(-iou.max(0)):
+        i = int(np.argmax(np.where([k in used for k in range(len(our_rles))], -1, iou[:, j])))
+        if iou[i, j] >= thr and i not in used:
+            used.add(i)
+            n += 1
+    return n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--models", default="sam_nano,sam_vit_b")
+    ap.add_argument("--settings", default="default,thresholds-0")
+    ap.add_argument("--images", default="scene,astronaut,coffee")
+    ap.add_argument("--vit-b-images", default="astronaut", help="images for sam_vit_b (slow on a CPU)")
+    ap.add_argument("--big", action="store_true", help="also the 4000x3000 memory case (sam_nano, default settings)")
+    ap.add_argument("--worker", choices=["reference", "exact", "adaptive"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        args.path, args.model, args.setting, args.image = args.worker, args.models, args.settings, args.images
+        worker(args)
+        return 0
+
+    from samantic import __version__
+
+    cases = []
+    for model in args.models.split(","):
+        images = args.vit_b_images.split(",") if model == "sam_vit_b" else args.images.split(",")
+        for setting in args.settings.split(","):
+            for image in images:
+                cases.append((model, setting, image))
+    if args.big:
+        cases.append(("sam_nano", "default", "big"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, setting, image in cases:
+            ref = spawn("reference", model, setting, image, Path(tmp))
+            exact = spawn("exact", model, setting, image, Path(tmp))
+            adaptive = spawn("adaptive", model, setting, image, Path(tmp)) if image != "big" else None
+            n_ref = len(ref["rles"])
+            row = {
+                "model": model, "setting": setting, "image": image,
+                "reference_s": ref["seconds"], "samantic_s": exact["seconds"],
+                "speedup": ref["seconds"] / exact["seconds"],
+                "reference_stages_s": ref["stages"], "samantic_stages_s": exact["stages"],
+                "reference_masks": n_ref, "samantic_masks": len(exact["rles"]),
+                "agreement_099": (matched(ref["rles"], exact["rles"], 0.99) / n_ref) if n_ref else 1.0,
+                "reference_peak_mib": ref["peak_mib"], "samantic_peak_mib": exact["peak_mib"],
+                "samantic_stats": exact["stats"],
+            }
+            if adaptive is not None:
+                n_exact = len(exact["rles"])
+                row.update({
+                    "adaptive_s": adaptive["seconds"], "adaptive_speedup": ref["seconds"] / adaptive["seconds"],
+                    "adaptive_masks": len(adaptive["rles"]),
+                    "adaptive_recall_090": (matched(exact["rles"], adaptive["rles"], 0.9) / n_exact) if n_exact else 1.0,
+                    "adaptive_recall_050": (matched(exact["rles"], adaptive["rles"], 0.5) / n_exact) if n_exact else 1.0,
+                    "adaptive_stats": adaptive["stats"],
+                })
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
+    result = {"benchmark": "amg_vs_reference", "rows": rows, "samantic": __version__, "machine": machine(),
+              "command": "python benchmarks/amg_vs_reference.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    header = ["model", "setting", "image", "reference s", "samantic s", "speed-up", "masks ref/ours", "agreement@0.99",
+              "adaptive s", "adaptive speed-up", "adaptive recall@0.9", "ref peak MiB", "samantic peak MiB"]
+    table = []
+    for r in rows:
+        table.append([r["model"], r["setting"], r["image"], f"{r['reference_s']:.2f}", f"{r['samantic_s']:.2f}",
+                      f"**{r['speedup']:.2f}x**", f"{r['reference_masks']}/{r['samantic_masks']}",
+                      f"{r['agreement_099']:.3f}",
+                      f"{r['adaptive_s']:.2f}" if "adaptive_s" in r else "-",
+                      f"{r['adaptive_speedup']:.2f}x" if "adaptive_s" in r else "-",
+                      f"{r['adaptive_recall_090']:.3f}" if "adaptive_s" in r else "-",
+                      f"{r['reference_peak_mib']:.0f}", f"{r['samantic_peak_mib']:.0f}"])
+    pre = (f"Segment everything, segment-anything vs samantic (CPU, {result['machine']['cpus']} cores; one fresh "
+           "process per run; peak MiB = RSS high-water mark during generate() minus RSS before it; sam_vit_b is "
+           "random-initialised, which costs the same compute as the official weights).\n\n"
+           f"Command: `{result['command']}`")
+    jp, mp = write_report(args.out, "amg_vs_reference", result, table, header, pre)
+    print(mp.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""``samantic segment``: segment files, folders and globs; results per image, resumable."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, List, Optional, Tuple
+
+import typer
+
+
+@dataclass
+class Job:
+    source: Path
+    name: str  # output name relative to --out, e.g. "sub/a.jpg"
+
+
+def collect_inputs(paths: List[str]) -> Tuple[List[Job], List[Tuple[str, str]]]:
+    """Files, folders (recursive, by image extension) and globs -> jobs, plus (path, reason) of inputs that match nothing."""
+    from samantic.io.images import IMAGE_EXTENSIONS
+
+    jobs: List[Job] = []
+    missing: List[Tuple[str, str]] = []
+    seen = set()
+
+    def add(path: Path, name: str) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            jobs.append(Job(path, name))
+
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                missing.append((raw, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder"))
+            for f in found:
+                add(f, f.relative_to(p).as_posix())
+        elif p.exists():
+            add(p, p.name)  # given explicitly: tried whatever its extension
+        elif any(ch in raw for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(raw, recursive=True))
+            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
+            if not files:
+                missing.append((raw, "the pattern matches no image files"))
+            for f in files:
+                add(f, f.name)
+        else:
+            missing.append((raw, "no such file or folder"))
+    names: dict = {}
+    for j in jobs:  # two inputs with one output name: keep both apart
+        if j.name in names:
+            names[j.name] += 1
+            stem = Path(j.name)
+            j.name = str(stem.with_name(f"{stem.stem}-{names[j.name]}{stem.suffix}"))
+        else:
+            names[j.name] = 0
+    return jobs, missing
+
+
+def segment(
+    paths: Annotated[List[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
+    out: Annotated[Path, typer.Option(help="Output folder: NAME.json (COCO results, RLE) and NAME.overlay.png per image.")],
+    model: Annotated[str, typer.Option(help="Registered model (see `samantic weights list`).")] = "sam_nano",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Weights file or tag (default: the model's shipped weights).")] = None,
+    points_per_side: Annotated[int, typer.Option(min=1)] = 32,
+    points_per_batch: Annotated[int, typer.Option(min=1)] = 64,
+    pred_iou_thresh: Annotated[float, typer.Option()] = 0.88,
+    stability_score_thresh: Annotated[float, typer.Option()] = 0.95,
+    stability_score_offset: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    box_nms_thresh: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.7,
+    crop_n_layers: Annotated[int, typer.Option(min=0)] = 0,
+    crop_nms_thresh: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.7,
+    crop_overlap_ratio: Annotated[float, typer.Option(min=0.0)] = 512 / 1500,
+    crop_n_points_downscale_factor: Annotated[int, typer.Option(min=1)] = 1,
+    min_mask_region_area: Annotated[int, typer.Option(min=0)] = 0,
+    adaptive: Annotated[bool, typer.Option("--adaptive", help="Skip prompts inside confident masks (faster, not exact).")] = False,
+    mask_pngs: Annotated[bool, typer.Option("--mask-pngs", help="Also write NAME.masks/ with one PNG per mask and metadata.csv.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images whose results exist.")] = False,
+    device: Annotated[str, typer.Option(help="Where the post-processing kernels run: cpu or cuda[:N].")] = "cpu",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    err = Console(stderr=True)
+    console = Console()
+    jobs, missing = collect_inputs(paths)
+    failures: List[Tuple[str, str]] = list(missing)
+    if not jobs:
+        for path, reason in failures:
+            typer.echo(f"error: {path}: {reason}", err=True)
+        typer.echo("error: no images to segment", err=True)
+        raise typer.Exit(1)
+
+    from samantic.io import ImageReadError, atomic_write_image, overlay_masks, read_image
+    from samantic.io.writers import coco_results, write_mask_pngs, write_results_json
+    from samantic.models import create_model
+    from samantic.ops import rle_decode
+    from samantic.pipeline import AmgConfig, AutomaticMaskGenerator
+
+    try:
+        config = AmgConfig(
+            points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            min_mask_region_area=min_mask_region_area, output_mode="coco_rle", adaptive=adaptive, device=device,
+        )
+        sam = create_model(model, checkpoint=checkpoint)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    generator = AutomaticMaskGenerator(sam, config=config)
+    weights = checkpoint or ("shipped weights" if getattr(sam, "samantic_weights", None) else "default weights")
+    console.print(f"model {model} ({escape(str(weights))}), {points_per_side}x{points_per_side} points, "
+                  f"pred_iou_thresh {pred_iou_thresh}, stability_score_thresh {stability_score_thresh}"
+                  + (", adaptive prompting" if adaptive else "") + f"; {len(jobs)} image(s) -> {out}")
+
+    done = skipped = n_masks = 0
+    seconds = 0.0
+    warnings: List[Tuple[str, str]] = []
+    columns = [TextColumn("segment"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[name]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=err, disable=not progress) as bar:
+            task = bar.add_task("segment", total=len(jobs), name="")
+            for job in jobs:
+                bar.update(task, name=job.name)
+                result_path = out / f"{job.name}.json"
+                if result_path.exists() and not overwrite:
+                    skipped += 1
+                    bar.advance(task)
+                    continue
+                notes: List[str] = []
+                try:
+                    image = read_image(job.source, notes=notes)
+                except ImageReadError as e:
+                    failures.append((str(job.source), str(e).split(": ", 1)[-1]))
+                    bar.advance(task)
+                    continue
+                warnings.extend((str(job.source), n) for n in notes)
+                t0 = time.perf_counter()
+                records = generator.generate(image)
+                seconds += time.perf_counter() - t0
+                h, w = image.shape[:2]
+                # step: overlay and mask PNGs first, the results JSON last (it marks the image as done)
+                masks = rle_decode([r["segmentation"] for r in records]) if records else None
+                if masks is not None:
+                    atomic_write_image(out / f"{job.name}.overlay.png", overlay_masks(image, masks))
+                else:
+                    atomic_write_image(out / f"{job.name}.overlay.png", image)
+                if mask_pngs and masks is not None:
+                    write_mask_pngs(out / f"{job.name}.masks", masks, records)
+                write_results_json(result_path, {"file_name": str(job.source), "height": h, "width": w},
+                                   coco_results(records), model=model, checkpoint=checkpoint,
+                                   settings={k: v for k, v in vars(config).items() if k != "point_grids"})
+                done += 1
+                n_masks += len(records)
+                bar.advance(task)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: {done} image(s) finished and saved in {out}; run again to continue")
+        raise typer.Exit(130)
+
+    table = Table(title="samantic segment")
+    for col in ("images", "segmented", "skipped (done before)", "failed", "masks", "s / image"):
+        table.add_column(col)
+    table.add_row(str(len(jobs) + len(missing)), str(done), str(skipped), str(len(failures)), str(n_masks),
+                  f"{seconds / done:.2f}" if done else "-")
+    console.print(table)
+    if done or skipped:
+        console.print(f"results in {out}/ (NAME.json: COCO results with RLE masks; NAME.overlay.png)")
+    # one unwrapped line per file, so scripts can grep them
+    for path, note in warnings:
+        typer.echo(f"note: {path}: {note}", err=True)
+    for path, reason in failures:
+        typer.echo(f"failed: {path}: {reason}", err=True)
+    if failures:
+        raise typer.Exit(1)

@@ -1,0 +1,110 @@
+"""`samantic segment` as a new user runs it: the installed command in a subprocess, bad files included."""
+
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from samantic.cli.segment import collect_inputs
+
+FAST = ["--points-per-side", "4", "--no-progress"]
+
+
+def _exe() -> str:
+    exe = Path(sys.executable).parent / "samantic"
+    if not exe.exists():
+        pytest.skip("the samantic console script is not installed")
+    return str(exe)
+
+
+def _run(args, **kw):
+    import subprocess
+
+    return subprocess.run([_exe(), "segment", *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from PIL import Image
+
+    from samantic.train.data.shapes import render_scene
+
+    root = tmp_path_factory.mktemp("in")
+    img = render_scene(3, size=(160, 200)).image
+    bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    (root / "sub").mkdir()
+    cv2.imwrite(str(root / "good.png"), bgr)
+    cv2.imwrite(str(root / "sub" / "good.jpg"), bgr)
+    cv2.imwrite(str(root / "gray.png"), bgr[..., 0])
+    cv2.imwrite(str(root / "rgba.png"), np.dstack([bgr, np.full(bgr.shape[:2], 255, np.uint8)]))
+    Image.fromarray(img).convert("CMYK").save(root / "cmyk.jpg")
+    cv2.imwrite(str(root / "deep.png"), bgr[..., 0].astype(np.uint16) * 257)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.png").write_text("not an image")
+    data = (root / "good.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    Image.new("L", (12000, 10000)).save(root / "huge.png")
+    return root
+
+
+BAD = {"deep.png": "uint16", "empty.jpg": "0 bytes", "notes.png": "not a readable image",
+       "truncated.png": "truncated", "huge.png": "more than the limit"}
+CONVERTED = {"gray.png": "grayscale", "rgba.png": "alpha", "cmyk.jpg": "CMYK"}
+
+
+def test_folder_run_reports_bad_files_and_continues(inputs, tmp_path):
+    out = tmp_path / "out"
+    r = _run([str(inputs), "--out", str(out), *FAST])
+    assert r.returncode == 1, r.stdout + r.stderr  # some files failed
+    for name, reason in BAD.items():
+        line = [l for l in r.stderr.splitlines() if name in l]
+        assert line and reason in line[0], (name, r.stderr)
+        assert not (out / f"{name}.json").exists()
+    for name, what in CONVERTED.items():
+        assert any(name in l and what in l for l in r.stderr.splitlines()), (name, r.stderr)
+        assert (out / f"{name}.json").exists()
+    from pycocotools import mask as mask_utils
+
+    for name in ("good.png", "sub/good.jpg"):
+        res = json.loads((out / f"{name}.json").read_text())
+        assert res["image"]["height"] == 160 and res["image"]["width"] == 200
+        for ann in res["annotations"]:
+            m = mask_utils.decode(ann["segmentation"])
+            assert m.shape == (160, 200) and int(m.sum()) == ann["area"]
+        assert (out / f"{name}.overlay.png").exists()
+    assert "failed" in r.stdout or "failed" in r.stderr
+
+
+def test_resume_skips_done_images_and_overwrite_redoes_them(inputs, tmp_path):
+    out = tmp_path / "out"
+    good = str(inputs / "good.png")
+    first = _run([good, "--out", str(out), *FAST])
+    assert first.returncode == 0, first.stderr
+    stamp = (out / "good.png.json").stat().st_mtime_ns
+    again = _run([good, "--out", str(out), *FAST])
+    assert again.returncode == 0 and (out / "good.png.json").stat().st_mtime_ns == stamp
+    assert "1" in again.stdout  # the summary counts one skipped image
+    redo = _run([good, "--out", str(out), "--overwrite", "--mask-pngs", *FAST])
+    assert redo.returncode == 0 and (out / "good.png.json").stat().st_mtime_ns != stamp
+    res = json.loads((out / "good.png.json").read_text())
+    if res["annotations"]:
+        assert (out / "good.png.masks" / "metadata.csv").exists()
+        assert (out / "good.png.masks" / "0.png").exists()
+
+
+def test_missing_inputs_and_globs(inputs, tmp_path):
+    r = _run([str(tmp_path / "nope.png"), "--out", str(tmp_path / "o"), *FAST])
+    assert r.returncode == 1 and "nope.png" in r.stderr and "no images to segment" in r.stderr
+    jobs, missing = collect_inputs([str(inputs / "*.png"), str(inputs / "missing*.jpg")])
+    names = sorted(j.name for j in jobs)
+    assert "good.png" in names and "gray.png" in names and "good.jpg" not in names
+    assert missing and "matches no image" in missing[0][1]
+
+
+def test_unknown_model_is_one_clear_error(tmp_path, inputs):
+    r = _run([str(inputs / "good.png"), "--out", str(tmp_path / "o"), "--model", "sam_vit_bb", *FAST])
+    assert r.returncode == 1
+    assert "sam_vit_b" in r.stderr and "Traceback" not in r.stderr

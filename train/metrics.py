@@ -1,0 +1,172 @@
+"""Evaluation of SAM models on held-out shapes-world scenes.
+
+Metrics (all on seeds the trainer never sees: training renders seeds >= 1,000,000):
+  * point-prompt mIoU, 1 point at the object's centre (the pixel farthest from its
+    boundary): the top mask by predicted IoU, and the oracle best of the three;
+  * 3-point mIoU: two more points, each at the centre of the largest error region
+    of the previous prediction (positive on a miss, negative on a false alarm),
+    with the previous low-res logits as mask prompt, single-mask output;
+  * segment-everything recall: the fraction of ground-truth instances that some
+    mask of the automatic mask generator (default settings) covers at IoU >= 0.5
+    and >= 0.75.
+Prompting goes through segment-anything's own ``SamPredictor``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+TRAIN_SEED_START = 1_000_000  # training scenes are rendered from here up
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks of one size (0 when both are empty)."""
+    inter = np.logical_and(a, b).sum()
+    union = np.logical_or(a, b).sum()
+    return float(inter / union) if union else 0.0
+
+
+def centre_point(region: np.ndarray) -> Tuple[float, float]:
+    """(x, y) of the pixel of ``region`` farthest from its boundary (the largest component's interior)."""
+    import cv2
+
+    r = region.astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(r, connectivity=8)
+    if n > 2:
+        biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        r = (labels == biggest).astype(np.uint8)
+    dist = cv2.distanceTransform(np.pad(r, 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(x) + 0.5, float(y) + 0.5
+
+
+def recall_at(gt_masks: np.ndarray, pred_masks: np.ndarray, thresholds: Sequence[float]) -> Dict[float, int]:
+    """How many ground-truth masks have a predicted mask with IoU >= each threshold."""
+    if len(gt_masks) == 0:
+        return {t: 0 for t in thresholds}
+    if len(pred_masks) == 0:
+        return {t: 0 for t in thresholds}
+    from samantic.ops import rle_encode, rle_iou
+
+    iou = rle_iou(rle_encode(pred_masks), rle_encode(gt_masks))  # [P, G]
+    best = iou.max(0)
+    return {t: int((best >= t).sum()) for t in thresholds}
+
+
+@dataclass
+class SamEvalResult:
+    n_scenes: int
+    n_instances: int
+    metrics: Dict[str, float]
+    seconds: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"scenes": self.n_scenes, "instances": self.n_instances, "metrics": self.metrics, "seconds": self.seconds}
+
+    def markdown(self) -> str:
+        names = {
+            "miou_1pt_top": "1-point mIoU (top by predicted IoU)",
+            "miou_1pt_oracle": "1-point mIoU (oracle best of 3)",
+            "miou_3pt": "3-point mIoU",
+            "recall_50": "segment-everything recall @ IoU 0.5",
+            "recall_75": "segment-everything recall @ IoU 0.75",
+        }
+        lines = ["| metric | value |", "|---|---|"]
+        for k, label in names.items():
+            if k in self.metrics:
+                lines.append(f"| {label} | {self.metrics[k]:.4f} |")
+        lines.append(f"| scenes / instances | {self.n_scenes} / {self.n_instances} |")
+        return "\n".join(lines)
+
+
+def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]] = None, *,
+                 progress: bool = True, amg_kwargs: Optional[Dict[str, Any]] = None) -> SamEvalResult:
+    """Point-prompt mIoU on scenes of ``seeds`` and segment-everything recall on ``amg_seeds`` (default: the same)."""
+    import torch
+    from segment_anything import SamPredictor
+
+    from samantic.pipeline import AutomaticMaskGenerator
+    from samantic.train.data.shapes import render_scene
+
+    seeds = list(seeds)
+    amg_seeds = seeds if amg_seeds is None else list(amg_seeds)
+    for s in seeds + amg_seeds:
+        if s >= TRAIN_SEED_START:
+            raise ValueError(f"seed {s} is a training seed (>= {TRAIN_SEED_START}); evaluate on held-out seeds")
+    model.eval()
+    predictor = SamPredictor(model)
+    t0 = time.perf_counter()
+    top, oracle, three = [], [], []
+    n_inst = 0
+    with _progress(progress, len(seeds) + len(amg_seeds)) as advance, torch.no_grad():
+        for seed in seeds:
+            scene = render_scene(seed)
+            predictor.set_image(scene.image)
+            for gt in scene.masks:
+                n_inst += 1
+                pts = [centre_point(gt)]
+                labels = [1]
+                masks, scores, low = predictor.predict(np.array(pts), np.array(labels), multimask_output=True)
+                ious = [mask_iou(m, gt) for m in masks]
+                top.append(ious[int(np.argmax(scores))])
+                oracle.append(max(ious))
+                cur = masks[int(np.argmax(scores))]
+                logits = low[int(np.argmax(scores))][None]
+                for _ in range(2):
+                    fn = gt & ~cur
+                    fp = cur & ~gt
+                    if not fn.any() and not fp.any():
+                        break
+                    positive = fn.sum() >= fp.sum()
+                    pts.append(centre_point(fn if positive else fp))
+                    labels.append(1 if positive else 0)
+                    masks, _, low = predictor.predict(np.array(pts), np.array(labels), mask_input=logits,
+                                                      multimask_output=False)
+                    cur, logits = masks[0], low[0][None]
+                three.append(mask_iou(cur, gt))
+            advance()
+        generator = AutomaticMaskGenerator(model, output_mode="binary_mask", **(amg_kwargs or {}))
+        hits = {0.5: 0, 0.75: 0}
+        n_gt = 0
+        for seed in amg_seeds:
+            scene = render_scene(seed)
+            found = generator.generate_masks(scene.image)
+            from samantic.ops import rle_decode
+
+            pred = rle_decode(found.rles).astype(bool) if len(found) else np.zeros((0,) + scene.image.shape[:2], bool)
+            r = recall_at(scene.masks, pred, (0.5, 0.75))
+            hits = {t: hits[t] + r[t] for t in hits}
+            n_gt += len(scene.masks)
+            advance()
+    metrics = {
+        "miou_1pt_top": float(np.mean(top)) if top else float("nan"),
+        "miou_1pt_oracle": float(np.mean(oracle)) if oracle else float("nan"),
+        "miou_3pt": float(np.mean(three)) if three else float("nan"),
+        "recall_50": hits[0.5] / n_gt if n_gt else float("nan"),
+        "recall_75": hits[0.75] / n_gt if n_gt else float("nan"),
+    }
+    return SamEvalResult(len(seeds), n_inst, metrics, time.perf_counter() - t0)
+
+
+class _progress:
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = total
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=False)
+        self.bar.__enter__()
+        task = self.bar.add_task("evaluating", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
