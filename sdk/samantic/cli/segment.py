@@ -118,7 +118,16 @@ def segment(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     generator = AutomaticMaskGenerator(sam, config=config)
-    weights = checkpoint or ("shipped weights" if getattr(sam, "samantic_weights", None) else "default weights")
+    from samantic.models import get_model_entry
+
+    if checkpoint:
+        weights = checkpoint
+    elif get_model_entry(model).default_weights:
+        weights = "shipped weights"
+    else:
+        weights = "RANDOM weights: no trained weights are shipped for this model, pass --checkpoint"
+        typer.echo(f"warning: {model} has no trained weights; its masks will be meaningless (pass --checkpoint)",
+                   err=True)
     console.print(f"model {model} ({escape(str(weights))}), {points_per_side}x{points_per_side} points, "
                   f"pred_iou_thresh {pred_iou_thresh}, stability_score_thresh {stability_score_thresh}"
                   + (", adaptive prompting" if adaptive else "") + f"; {len(jobs)} image(s) -> {out}")
