@@ -54,6 +54,15 @@ inline void require_cuda_compiled(const std::string& device) {
 #endif
 }
 
+// An optional int64 [n] category array (None -> nullptr); `holder` keeps it alive.
+inline const int64_t* optional_idxs(const py::object& idxs_obj, int64_t n,
+                                    py::array_t<int64_t, py::array::c_style>& holder) {
+  if (idxs_obj.is_none()) return nullptr;
+  holder = require<int64_t>(idxs_obj.cast<py::array>(), "idxs", 1);
+  SAMANTIC_CHECK(holder.shape(0) == n, "idxs must have one entry per item (", n, "), got shape ", shape_str(holder));
+  return holder.data();
+}
+
 template <typename T>
 py::array_t<T> to_numpy(std::vector<T>&& v) {
   auto* heap = new std::vector<T>(std::move(v));

@@ -10,18 +10,6 @@ namespace nms {
 
 namespace py = pybind11;
 
-namespace {
-
-const int64_t* optional_idxs(const py::object& idxs_obj, int64_t n, py::array_t<int64_t, py::array::c_style>& holder) {
-  if (idxs_obj.is_none()) return nullptr;
-  holder = front::require<int64_t>(idxs_obj.cast<py::array>(), "idxs", 1);
-  SAMANTIC_CHECK(holder.shape(0) == n, "idxs must have one entry per box (", n, "), got shape ",
-                 front::shape_str(holder));
-  return holder.data();
-}
-
-}  // namespace
-
 py::array_t<int64_t> nms_boxes(const py::array& boxes_in, const py::array& scores_in, double iou_threshold,
                                const py::object& idxs_obj, const std::string& device) {
   auto boxes = front::require<float>(boxes_in, "boxes", 2);
@@ -32,7 +20,7 @@ py::array_t<int64_t> nms_boxes(const py::array& boxes_in, const py::array& score
                  front::shape_str(scores_in));
   SAMANTIC_CHECK(!std::isnan(iou_threshold), "iou_threshold must be a number, got nan");
   py::array_t<int64_t, py::array::c_style> idxs_holder;
-  const int64_t* idxs = optional_idxs(idxs_obj, n, idxs_holder);
+  const int64_t* idxs = front::optional_idxs(idxs_obj, n, idxs_holder);
   const int dev = front::parse_device(device);
   if (dev >= 0) front::require_cuda_compiled(device);
   if (n == 0) return front::to_numpy(std::vector<int64_t>{});

@@ -7,7 +7,7 @@
 // are separable, so each output row y (column x) is a fixed convex combination
 // of at most 4 consecutive low-res rows (columns): an AxisTap. The output value
 // is sum_i sum_j ty.w[i] * tx.w[j] * L[ty.start + i, tx.start + j], computed on
-// the fly; no full-resolution float mask exists anywhere.
+// the fly (scan_column); no full-resolution float mask exists anywhere.
 //
 // Output rows with the same tap footprint form a row group (same for columns).
 // For one (row group, column group) block, the min/max of the low-res cells in

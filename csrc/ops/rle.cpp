@@ -184,13 +184,7 @@ pybind11::array_t<int64_t> nms_masks(const pybind11::array& counts_in, const pyb
   SAMANTIC_CHECK(scores.shape(0) == n, "scores must have one entry per mask (", n, "), got shape ",
                  front::shape_str(scores_in));
   py::array_t<int64_t, py::array::c_style> idxs_holder;
-  const int64_t* idxs = nullptr;
-  if (!idxs_obj.is_none()) {
-    idxs_holder = front::require<int64_t>(idxs_obj.cast<py::array>(), "idxs", 1);
-    SAMANTIC_CHECK(idxs_holder.shape(0) == n, "idxs must have one entry per mask (", n, "), got shape ",
-                   front::shape_str(idxs_holder));
-    idxs = idxs_holder.data();
-  }
+  const int64_t* idxs = front::optional_idxs(idxs_obj, n, idxs_holder);
   std::vector<int64_t> keep;
   {
     py::gil_scoped_release release;

@@ -44,12 +44,21 @@ class RleBatch:
     def select(self, index: Any) -> "RleBatch":
         """A sub-batch: ``index`` is a boolean mask or integer indices."""
         idx = np.arange(len(self))[_index(index)]
-        parts = [self.counts_of(int(i)) for i in idx]
+        return RleBatch.pack([self.counts_of(int(i)) for i in idx], self.size)
+
+    @classmethod
+    def pack(cls, parts: Sequence[np.ndarray], size: Sequence[int]) -> "RleBatch":
+        """Packs per-mask count arrays (all of masks of ``size``) into one batch."""
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-        if parts:
+        if len(parts):
             offsets[1:] = np.cumsum([len(p) for p in parts])
-        counts = np.concatenate(parts).astype(np.uint32) if parts else np.zeros(0, dtype=np.uint32)
-        return RleBatch(counts, offsets, self.size)
+        counts = np.concatenate(parts).astype(np.uint32, copy=False) if len(parts) else np.zeros(0, dtype=np.uint32)
+        return cls(counts, offsets, tuple(int(v) for v in size))
+
+    @classmethod
+    def concat(cls, batches: Sequence["RleBatch"]) -> "RleBatch":
+        """The masks of several batches of one size, in order."""
+        return cls.pack([b.counts_of(i) for b in batches for i in range(len(b))], batches[0].size)
 
     @classmethod
     def from_dicts(cls, rles: Sequence[Rle], name: str = "rles") -> "RleBatch":
@@ -69,11 +78,7 @@ class RleBatch:
             elif s != size:
                 raise ValueError(f"{name} must all have one size; {name}[0] is {list(size)}, {name}[{i}] is {list(s)}")
             parts.append(_counts_array(r["counts"], f"{name}[{i}]"))
-        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-        if parts:
-            offsets[1:] = np.cumsum([len(p) for p in parts])
-        counts = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-        return cls(counts.astype(np.uint32, copy=False), offsets, size if size is not None else (0, 0))
+        return cls.pack(parts, size if size is not None else (0, 0))
 
 
 def _index(index: Any) -> np.ndarray:

@@ -77,12 +77,9 @@ class MaskSet:
             return MaskSet.empty(size)
         if len(parts) == 1:
             return parts[0]
-        counts = np.concatenate([p.rles.counts for p in parts])
-        lengths = np.concatenate([np.diff(p.rles.offsets) for p in parts])
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         keys = parts[0].fields.keys()
         return MaskSet(
-            RleBatch(counts.astype(np.uint32), offsets, parts[0].rles.size),
+            RleBatch.concat([p.rles for p in parts]),
             np.concatenate([p.boxes for p in parts]),
             np.concatenate([p.iou_preds for p in parts]),
             np.concatenate([p.points for p in parts]),
@@ -351,13 +348,11 @@ class AutomaticMaskGenerator:
             data.boxes = data.boxes.copy()
             data.boxes[changed] = boxes[changed]
             new_rles = rle_encode(masks[changed])
-            parts = []
-            changed_set = {int(c): j for j, c in enumerate(changed)}
-            for i in range(len(data)):
-                parts.append(new_rles.counts_of(changed_set[i]) if i in changed_set else data.rles.counts_of(i))
-            lengths = np.array([len(p) for p in parts], np.int64)
-            data.rles = RleBatch(np.concatenate(parts).astype(np.uint32), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                                 data.rles.size)
+            changed_at = {int(c): j for j, c in enumerate(changed)}
+            data.rles = RleBatch.pack(
+                [new_rles.counts_of(changed_at[i]) if i in changed_at else data.rles.counts_of(i) for i in range(len(data))],
+                data.rles.size,
+            )
         return data.select(keep)
 
     def to_records(self, data: MaskSet) -> List[Dict[str, Any]]:
