@@ -61,17 +61,20 @@ def test_installed_command_doctor_subprocess():
 def test_installed_command_demo_writes_coco_results(tmp_path):
     from pycocotools import mask as mask_utils
 
-    out = subprocess.run([_samantic_exe(), "demo", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    from samantic.demo import demo_images
+
+    out = subprocess.run([_samantic_exe(), "demo", "--out", str(tmp_path), "--no-progress"], capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    results = json.loads((tmp_path / "shapes.json").read_text())
-    # the bundled scene has five coloured shapes
-    assert len(results) == 5
-    for rec in results:
-        m = mask_utils.decode(rec["segmentation"])
-        assert m.shape == (480, 640)
-        assert int(m.sum()) == rec["area"] > 1000
-        assert rec["score"] > 0.9
-    assert (tmp_path / "shapes_overlay.png").stat().st_size > 1000
+    assert "samantic segment" in out.stdout
+    for image in demo_images():
+        data = json.loads((tmp_path / f"{image.name}.json").read_text())
+        assert data["image"]["height"] == 384 and data["image"]["width"] == 512
+        assert data["annotations"], f"no masks on {image.name}"
+        for rec in data["annotations"]:
+            m = mask_utils.decode(rec["segmentation"])
+            assert m.shape == (384, 512) and int(m.sum()) == rec["area"] > 0
+        assert (tmp_path / f"{image.name}.overlay.png").stat().st_size > 1000
 
 
 def test_demo_bad_image_is_one_clear_error(tmp_path):
@@ -80,4 +83,4 @@ def test_demo_bad_image_is_one_clear_error(tmp_path):
     r = runner.invoke(app, ["demo", "--image", str(bad), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1
     assert "broken.png" in r.output and "not a readable image" in r.output
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o" / "broken.png.json").exists()

@@ -170,3 +170,130 @@ class _progress:
     def __exit__(self, *exc: Any) -> None:
         if self.enabled:
             self.bar.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- U-SAM: semantic segmentation by class names
+
+
+@dataclass
+class UsamEvalResult:
+    """Semantic-map IoU and COCO mask AP50 per name, on held-out scenes."""
+
+    names: Tuple[str, ...]
+    level: str
+    iou: Dict[str, float]
+    ap50: Dict[str, float]
+    n_scenes: int
+    n_instances: int
+    seconds: float
+
+    @property
+    def miou(self) -> float:
+        vals = [v for v in self.iou.values() if v == v]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    @property
+    def map50(self) -> float:
+        vals = [v for v in self.ap50.values() if v == v and v >= 0]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"names": list(self.names), "level": self.level, "miou": self.miou, "map50": self.map50,
+                "iou": self.iou, "ap50": self.ap50, "scenes": self.n_scenes, "instances": self.n_instances,
+                "seconds": self.seconds}
+
+    def markdown(self) -> str:
+        lines = ["| name | IoU | AP50 |", "|---|---|---|"]
+        for n in self.names:
+            lines.append(f"| {n} | {self.iou[n]:.4f} | {self.ap50[n]:.4f} |")
+        lines.append(f"| **mean** | **{self.miou:.4f}** | **{self.map50:.4f}** |")
+        return "\n".join(lines)
+
+
+def _gt_level(scene, level: str) -> Tuple[np.ndarray, List[str]]:
+    """Semantic map and per-instance names of a scene at ``class`` or ``superclass`` level."""
+    from samantic.train.data.shapes import CLASSES, SUPERCLASS_NAMES, SUPERCLASSES
+
+    if level == "class":
+        return scene.semantic, [CLASSES[int(i)] for i in scene.labels]
+    return scene.superclass, [SUPERCLASSES[CLASSES[int(i)]] for i in scene.labels]
+
+
+def evaluate_usam(segmenter, seeds: Iterable[int], level: str = "class", *, progress: bool = True) -> UsamEvalResult:
+    """Evaluates a class-name :class:`~samantic.runtime.Segmenter` on held-out scenes.
+
+    ``segmenter.names`` must be shapes-world names of ``level`` (``class``: circle, ring, ...;
+    ``superclass``: round, angular), in any order and any subset. Semantic IoU accumulates
+    intersections and unions over all scenes; AP50 is pycocotools' ``COCOeval(iouType="segm")``
+    precision at IoU 0.5, per category.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from samantic.ops import rle_encode
+    from samantic.train.data.shapes import CLASSES, SUPERCLASS_NAMES, render_scene
+
+    if level not in ("class", "superclass"):
+        raise ValueError(f"level must be 'class' or 'superclass', got {level!r}")
+    vocab = CLASSES if level == "class" else SUPERCLASS_NAMES
+    names = tuple(segmenter.names)
+    unknown = [n for n in names if n not in vocab]
+    if not names or unknown:
+        raise ValueError(f"the segmenter's names {list(names)} must be shapes-world {level} names ({', '.join(vocab)})")
+    seeds = list(seeds)
+    for s in seeds:
+        if s >= TRAIN_SEED_START:
+            raise ValueError(f"seed {s} is a training seed (>= {TRAIN_SEED_START}); evaluate on held-out seeds")
+    gt_id = {n: vocab.index(n) + 1 for n in names}  # scene maps store 1 + vocabulary index
+    inter = {n: 0 for n in names}
+    union = {n: 0 for n in names}
+    images, gt_anns, dt_anns = [], [], []
+    t0 = time.perf_counter()
+    with _progress(progress, len(seeds)) as advance:
+        for k, seed in enumerate(seeds):
+            scene = render_scene(seed)
+            gt_map, inst_names = _gt_level(scene, level)
+            res = segmenter(scene.image)
+            pred = res.semantic_map
+            for j, n in enumerate(names):
+                g = gt_map == gt_id[n]
+                p = pred == j + 1
+                inter[n] += int(np.logical_and(g, p).sum())
+                union[n] += int(np.logical_or(g, p).sum())
+            image_id = k + 1
+            h, w = scene.image.shape[:2]
+            images.append({"id": image_id, "width": w, "height": h})
+            for m, n in zip(scene.masks, inst_names):
+                if n not in gt_id:
+                    continue
+                rle = rle_encode(m[None]).to_dicts(compressed=True)[0]
+                ys, xs = np.nonzero(m)
+                gt_anns.append({"id": len(gt_anns) + 1, "image_id": image_id, "category_id": gt_id[n],
+                                "segmentation": rle, "area": int(m.sum()), "iscrowd": 0,
+                                "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                         int(ys.max() - ys.min() + 1)]})
+            dt_anns.extend(res.to_coco(image_id, category_ids=gt_id))
+            advance()
+    iou = {n: (inter[n] / union[n]) if union[n] else float("nan") for n in names}
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": gt_anns,
+                  "categories": [{"id": gt_id[n], "name": n} for n in names]}
+    gt.createIndex()
+    ap50 = {n: float("nan") for n in names}
+    if dt_anns and gt_anns:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = gt.loadRes([dict(d, id=i + 1) for i, d in enumerate(dt_anns)])
+            ev = COCOeval(gt, dt, iouType="segm")
+            ev.evaluate()
+            ev.accumulate()
+        prec = ev.eval["precision"][0, :, :, 0, -1]  # IoU 0.5, all recalls, per category, area all, maxDets 100
+        for ci, cat in enumerate(ev.params.catIds):
+            p = prec[:, ci]
+            name = next(n for n in names if gt_id[n] == cat)
+            ap50[name] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+    elif gt_anns:
+        ap50 = {n: 0.0 for n in names}
+    return UsamEvalResult(names, level, iou, ap50, len(seeds), len(gt_anns), time.perf_counter() - t0)

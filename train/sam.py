@@ -52,7 +52,8 @@ class SamTrainConfig:
             A randomly initialised encoder learns prompt-to-mask routing on such images within
             tens of steps, and does not on fully textured ones.
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warm-up and cosine decay.
-        focal_weight, dice_weight, iou_weight: loss weights; focal_alpha: focal loss weight of positives.
+        focal_weight, dice_weight, iou_weight: loss weights; focal_alpha: focal loss weight of positives;
+            focal_gamma: focal loss exponent (0 = alpha-weighted cross-entropy).
         grad_clip: max gradient norm (0 disables).
         trainable: which of image_encoder / prompt_encoder / mask_decoder are trained.
         checkpoint_every: steps between resumable checkpoints.
@@ -73,6 +74,7 @@ class SamTrainConfig:
     min_lr_ratio: float = 0.05
     focal_weight: float = 20.0
     focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     grad_clip: float = 1.0
@@ -257,7 +259,7 @@ class SamTrainer:
         self.config = config
         self.data = data
         self.sampler = sampler or PointSampler()
-        self.loss = loss or MaskLoss(config.focal_weight, config.dice_weight, alpha=config.focal_alpha)
+        self.loss = loss or MaskLoss(config.focal_weight, config.dice_weight, alpha=config.focal_alpha, gamma=config.focal_gamma)
         self.prompt_hook = prompt_hook
         self.img_size = model.image_encoder.img_size
         self.transform = ResizeLongestSide(self.img_size)
@@ -446,6 +448,7 @@ class SamTrainer:
         t_start = time.perf_counter()
         last = float("nan")
         window: List[float] = []
+        window_stats: Dict[str, List[float]] = {}
         columns = [TextColumn("train sam"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, disable=not progress, transient=False) as bar:
@@ -472,10 +475,14 @@ class SamTrainer:
                 self.step += 1
                 last = float(loss.detach())
                 window.append(last)
+                for k, v in stats.items():
+                    window_stats.setdefault(k, []).append(v)
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     rec = {"step": self.step, "loss": sum(window) / len(window), "lr": self.lr_at(self.step - 1),
-                           "seconds": time.perf_counter() - t_start, **stats}
+                           "seconds": time.perf_counter() - t_start,
+                           **{k: sum(v) / len(v) for k, v in window_stats.items()}}
                     window = []
+                    window_stats = {}
                     history.append(rec)
                     with open(log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")

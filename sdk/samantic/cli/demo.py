@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 
 def demo(
-    out: Annotated[Path, typer.Option(help="Directory for the COCO results JSON and the overlay PNG.")] = Path("runs/demo"),
-    image: Annotated[Optional[Path], typer.Option(help="Image to use instead of the bundled demo scene.")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for NAME.json (COCO results) and NAME.overlay.png per scene.")] = Path("runs/demo"),
+    image: Annotated[Optional[List[Path]], typer.Option(help="Image(s) to use instead of the bundled demo scenes.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="sam_nano weights instead of the shipped ones.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    from samantic.demo import run
-    from samantic.io import ImageReadError
+    """Segment everything in the bundled shapes-world scenes with the shipped sam_nano."""
+    from samantic.cli.main import app
+    from samantic.demo import segment_args
 
-    try:
-        r = run(out, image)
-    except ImageReadError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"image: {r.image}" + ("" if image else " (bundled demo scene)"))
-    typer.echo(f"masks: {r.n_masks} in {r.seconds * 1000:.1f} ms (kernel post-processing + NMS)")
-    typer.echo(f"saved: {r.results_json} (COCO results, RLE) and {r.overlay}")
+    args = segment_args(out, image, checkpoint) + ([] if progress else ["--no-progress"])
+    typer.echo("samantic " + " ".join(args))
+    code = app(args, standalone_mode=False)
+    if code:
+        raise typer.Exit(code)

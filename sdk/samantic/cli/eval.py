@@ -56,3 +56,61 @@ def eval_sam(
     atomic_write_bytes(out / "eval_sam.md", md.encode())
     typer.echo(md)
     typer.echo(f"saved: {out / 'eval_sam.json'} and {out / 'eval_sam.md'} ({result.seconds:.0f} s)")
+
+
+@app.command("usam")
+def eval_usam(
+    head: Annotated[list[Path], typer.Option(help="U-SAM head file(s); several give one table row each (ablations).")],
+    model: Annotated[str, typer.Option(help="Registered SAM the heads were trained on.")] = "sam_nano",
+    checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights (default: the model's shipped weights).")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Names to segment (default: the head's classes); superclass names use the head's groups.")] = None,
+    seeds: Annotated[str, typer.Option(help="Held-out scene seeds, START:STOP.")] = "0:100",
+    points_per_side: Annotated[int, typer.Option(min=1)] = 32,
+    pred_iou_thresh: Annotated[float, typer.Option()] = 0.88,
+    stability_score_thresh: Annotated[float, typer.Option()] = 0.95,
+    score_thresh: Annotated[Optional[float], typer.Option(help="Class-probability threshold (default: the head's).")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for eval_usam.json and eval_usam.md.")] = Path("runs/eval"),
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Semantic mIoU and mask mAP50 of class-name segmentation on held-out scenes."""
+    from samantic.heads.usam import load_head
+    from samantic.io import atomic_write_bytes, atomic_write_json
+    from samantic.models import create_model
+    from samantic.runtime import Segmenter
+    from samantic.train.data.shapes import SUPERCLASS_NAMES
+    from samantic.train.metrics import evaluate_usam
+
+    scene_seeds = parse_seeds(seeds)
+    rows = []
+    try:
+        sam = create_model(model, checkpoint=checkpoint)
+        for path in head:
+            h = load_head(path)
+            h.check_model(sam, model, path)
+            seg = Segmenter(sam, h, classes=classes, score_thresh=score_thresh, points_per_side=points_per_side,
+                            pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh)
+            level = "superclass" if all(n in SUPERCLASS_NAMES for n in seg.names) else "class"
+            result = evaluate_usam(seg, scene_seeds, level, progress=progress)
+            method = json.loads(h.info.extra.get("training", "{}")).get("method", "?")
+            rows.append((path, method, result))
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    command = (f"samantic eval usam --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "")
+               + "".join(f" --head {p}" for p in head) + (f" --classes {classes}" if classes else "")
+               + f" --seeds {seeds} --points-per-side {points_per_side} --pred-iou-thresh {pred_iou_thresh}"
+               + f" --stability-score-thresh {stability_score_thresh}")
+    payload = {"model": model, "checkpoint": checkpoint, "seeds": seeds, "command": command,
+               "heads": [{"head": str(p), "method": m, **r.to_dict()} for p, m, r in rows]}
+    atomic_write_json(out / "eval_usam.json", payload, indent=2)
+    md = [f"`{command}`", ""]
+    if len(rows) > 1:
+        md += ["| head | method | mIoU | mAP50 |", "|---|---|---|---|"]
+        md += [f"| {p.name} | {m} | {r.miou:.4f} | {r.map50:.4f} |" for p, m, r in rows]
+        md.append("")
+    for p, m, r in rows:
+        md += [f"**{p.name}** ({m}, {r.level} level, {r.n_scenes} scenes, {r.n_instances} instances)", "", r.markdown(), ""]
+    text = "\n".join(md)
+    atomic_write_bytes(out / "eval_usam.md", text.encode())
+    typer.echo(text)
+    typer.echo(f"saved: {out / 'eval_usam.json'} and {out / 'eval_usam.md'}")

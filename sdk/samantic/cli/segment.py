@@ -64,7 +64,7 @@ def collect_inputs(paths: List[str]) -> Tuple[List[Job], List[Tuple[str, str]]]:
 
 def segment(
     paths: Annotated[List[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
-    out: Annotated[Path, typer.Option(help="Output folder: NAME.json (COCO results, RLE) and NAME.overlay.png per image.")],
+    out: Annotated[Path, typer.Option(help="Output folder: NAME.json (COCO results, RLE) and NAME.overlay.png per image; with --head also NAME.semantic.png.")],
     model: Annotated[str, typer.Option(help="Registered model (see `samantic weights list`).")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Weights file or tag (default: the model's shipped weights).")] = None,
     points_per_side: Annotated[int, typer.Option(min=1)] = 32,
@@ -78,6 +78,9 @@ def segment(
     crop_overlap_ratio: Annotated[float, typer.Option(min=0.0)] = 512 / 1500,
     crop_n_points_downscale_factor: Annotated[int, typer.Option(min=1)] = 1,
     min_mask_region_area: Annotated[int, typer.Option(min=0)] = 0,
+    classes: Annotated[Optional[str], typer.Option(help="Segment only these class names (needs --head), e.g. 'circle,star'; group names of the head work too.")] = None,
+    head: Annotated[Optional[Path], typer.Option(help="U-SAM head file (from `samantic train usam`): masks get class names.")] = None,
+    score_thresh: Annotated[Optional[float], typer.Option(help="Minimum class probability (default: the head's).")] = None,
     adaptive: Annotated[bool, typer.Option("--adaptive", help="Skip prompts inside confident masks (faster, not exact).")] = False,
     mask_pngs: Annotated[bool, typer.Option("--mask-pngs", help="Also write NAME.masks/ with one PNG per mask and metadata.csv.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images whose results exist.")] = False,
@@ -100,7 +103,7 @@ def segment(
         raise typer.Exit(1)
 
     from samantic.io import ImageReadError, atomic_write_image, overlay_masks, read_image
-    from samantic.io.writers import coco_results, write_mask_pngs, write_results_json
+    from samantic.io.writers import coco_results, write_label_png, write_mask_pngs, write_results_json
     from samantic.models import create_model
     from samantic.ops import rle_decode
     from samantic.pipeline import AmgConfig, AutomaticMaskGenerator
@@ -113,11 +116,27 @@ def segment(
             crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             min_mask_region_area=min_mask_region_area, output_mode="coco_rle", adaptive=adaptive, device=device,
         )
+        if classes is not None and head is None:
+            raise ValueError("--classes needs --head (a U-SAM head from `samantic train usam`)")
+        head_module = None
+        if head is not None:
+            from samantic.heads.usam import check_class_names, load_head
+
+            if classes is not None:
+                check_class_names(classes, what="--classes list")
+            head_module = load_head(head)
         sam = create_model(model, checkpoint=checkpoint)
+        segmenter = None
+        if head_module is not None:
+            from samantic.runtime import Segmenter
+
+            head_module.check_model(sam, model, head)
+            segmenter = Segmenter(sam, head_module, classes=classes, score_thresh=score_thresh, config=config)
     except (ValueError, FileNotFoundError, ImportError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     generator = AutomaticMaskGenerator(sam, config=config)
+    names = segmenter.names if segmenter is not None else ()
     from samantic.models import get_model_entry
 
     if checkpoint:
@@ -130,7 +149,9 @@ def segment(
                    err=True)
     console.print(f"model {model} ({escape(str(weights))}), {points_per_side}x{points_per_side} points, "
                   f"pred_iou_thresh {pred_iou_thresh}, stability_score_thresh {stability_score_thresh}"
-                  + (", adaptive prompting" if adaptive else "") + f"; {len(jobs)} image(s) -> {out}")
+                  + (", adaptive prompting" if adaptive else "")
+                  + (f", classes {','.join(names)} ({escape(str(head))})" if names else "")
+                  + f"; {len(jobs)} image(s) -> {out}")
 
     done = skipped = n_masks = 0
     seconds = 0.0
@@ -156,20 +177,33 @@ def segment(
                     continue
                 warnings.extend((str(job.source), n) for n in notes)
                 t0 = time.perf_counter()
-                records = generator.generate(image)
+                result = None
+                if segmenter is not None:
+                    result = segmenter(image)
+                    records = result.instances
+                else:
+                    records = generator.generate(image)
                 seconds += time.perf_counter() - t0
                 h, w = image.shape[:2]
                 # step: overlay and mask PNGs first, the results JSON last (it marks the image as done)
                 masks = rle_decode([r["segmentation"] for r in records]) if records else None
+                labels = [r["category"] for r in records] if result is not None else None
                 if masks is not None:
-                    atomic_write_image(out / f"{job.name}.overlay.png", overlay_masks(image, masks))
+                    atomic_write_image(out / f"{job.name}.overlay.png", overlay_masks(image, masks, labels))
                 else:
                     atomic_write_image(out / f"{job.name}.overlay.png", image)
+                if result is not None:
+                    write_label_png(out / f"{job.name}.semantic.png", result.semantic_map)
                 if mask_pngs and masks is not None:
                     write_mask_pngs(out / f"{job.name}.masks", masks, records)
+                extra = {}
+                if result is not None:
+                    extra = {"head": str(head), "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+                    for r in records:
+                        r["score"] = r["class_score"]
                 write_results_json(result_path, {"file_name": str(job.source), "height": h, "width": w},
                                    coco_results(records), model=model, checkpoint=checkpoint,
-                                   settings={k: v for k, v in vars(config).items() if k != "point_grids"})
+                                   settings={k: v for k, v in vars(config).items() if k != "point_grids"}, **extra)
                 done += 1
                 n_masks += len(records)
                 bar.advance(task)
@@ -184,7 +218,8 @@ def segment(
                   f"{seconds / done:.2f}" if done else "-")
     console.print(table)
     if done or skipped:
-        console.print(f"results in {out}/ (NAME.json: COCO results with RLE masks; NAME.overlay.png)")
+        console.print(f"results in {out}/ (NAME.json: COCO results with RLE masks; NAME.overlay.png"
+                      + ("; NAME.semantic.png: label map, 0 = background, k = category k)" if names else ")"))
     # one unwrapped line per file, so scripts can grep them
     for path, note in warnings:
         typer.echo(f"note: {path}: {note}", err=True)

@@ -28,7 +28,15 @@ def train_sam(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 8e-4,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 100,
     trainable: Annotated[str, typer.Option(help="Comma-separated parts to train: image_encoder,prompt_encoder,mask_decoder.")] = "image_encoder,prompt_encoder,mask_decoder",
+    box_prob: Annotated[float, typer.Option(help="Probability that an image's first prompts are boxes.")] = 0.3,
+    zoom_prob: Annotated[float, typer.Option(help="Probability of training on a crop around one instance.")] = 0.5,
+    flat_steps: Annotated[int, typer.Option(min=0, help="From-scratch curriculum: flat-colour repaints fade out over these steps.")] = 0,
+    focal_weight: Annotated[float, typer.Option(help="Weight of the focal term (SAM: 20).")] = 20.0,
+    focal_alpha: Annotated[float, typer.Option(help="Focal weight of positives (SAM: 0.25; 0.5 = unweighted).")] = 0.25,
+    focal_gamma: Annotated[float, typer.Option(help="Focal exponent (SAM: 2; 0 = cross-entropy).")] = 2.0,
+    dice_weight: Annotated[float, typer.Option(help="Weight of the dice term.")] = 1.0,
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 50,
+    log_every: Annotated[int, typer.Option(min=1)] = 10,
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -40,7 +48,9 @@ def train_sam(
         config = SamTrainConfig(
             steps=steps, images_per_step=images_per_step, masks_per_image=masks_per_image, iterations=iterations,
             lr=lr, warmup_steps=warmup_steps, trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
-            checkpoint_every=checkpoint_every, seed=seed,
+            checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, box_prob=box_prob, zoom_prob=zoom_prob,
+            flat_steps=flat_steps, focal_weight=focal_weight, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+            dice_weight=dice_weight,
         )
         dataset = open_dataset(data)
         sam = create_model(model, checkpoint=checkpoint, pretrained=False if checkpoint is None else None)
@@ -52,3 +62,72 @@ def train_sam(
     result = SamTrainer(sam, config, dataset).train(out, resume=resume, progress=progress)
     typer.echo(f"saved: {result.output} (steps {result.steps}, last loss {result.last_loss:.4f}, "
                f"{result.seconds / 60:.1f} min); log: {result.log}")
+
+
+@app.command("usam")
+def train_usam(
+    classes: Annotated[str, typer.Option(help="Comma-separated class names the head learns, e.g. 'circle,star'.")],
+    out: Annotated[Path, typer.Option(help="Output head (.safetensors); OUT.log.jsonl goes beside it.")],
+    source: Annotated[str, typer.Option(help="Example images: shapes | folder | diffusers.")] = "shapes",
+    images: Annotated[Optional[str], typer.Option(help="folder: root with one sub-folder per class; diffusers: the model directory.")] = None,
+    group: Annotated[Optional[list[str]], typer.Option(help="Superclass from member classes, e.g. round=circle,ring,crescent (repeatable).")] = None,
+    model: Annotated[str, typer.Option(help="Registered SAM whose mask tokens the head reads.")] = "sam_nano",
+    checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights (default: the model's shipped weights).")] = None,
+    per_class: Annotated[int, typer.Option(min=1, help="Example images per class.")] = 60,
+    method: Annotated[str, typer.Option(help="naive | mil | mil_ud (MIL + uncertainty distillation).")] = "mil_ud",
+    epochs: Annotated[int, typer.Option(min=1)] = 60,
+    points_per_side: Annotated[int, typer.Option(min=1, help="Grid of prompts per example image.")] = 16,
+    min_iou: Annotated[float, typer.Option(help="Instances: grid outputs with predicted IoU at least this.")] = 0.5,
+    cache: Annotated[Path, typer.Option(help="Feature cache directory (reused across runs).")] = Path("runs/cache/usam"),
+    seed: Annotated[int, typer.Option()] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Train a U-SAM classifier head from class names and example images (image-level labels only)."""
+    import json
+
+    from samantic.heads.usam import check_class_names, parse_groups
+    from samantic.models import create_model
+    from samantic.train.sources import open_source
+    from samantic.train.usam import (FeatureCache, FeatureExtractor, UsamTrainConfig, collect_bags, head_info_for,
+                                     train_head, training_metadata)
+
+    try:
+        names = check_class_names(classes)
+        groups = parse_groups(group or [], [])
+        unknown_groups = [g for g in groups if g not in names]
+        if unknown_groups:
+            raise ValueError(f"--group {', '.join(unknown_groups)} is not in --classes {','.join(names)}")
+        config = UsamTrainConfig(method=method, epochs=epochs, min_iou=min_iou, seed=seed)
+        src = open_source(source, images)
+        members = sorted({m for c in names for m in groups.get(c, (c,))})
+        src.check(members)
+        if out.suffix != ".safetensors":
+            raise ValueError(f"--out must end in .safetensors, got {out}")
+        sam = create_model(model, checkpoint=checkpoint)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    extractor = FeatureExtractor(sam, points_per_side=points_per_side)
+    feature_cache = FeatureCache(cache, extractor)
+    bags = collect_bags(src, names, groups, per_class, feature_cache, min_iou, seed=seed, progress=progress)
+    typer.echo(f"{len(bags)} example images, {len(bags.tokens)} instances (features: {feature_cache.misses} computed, "
+               f"{feature_cache.hits} from {feature_cache.dir})")
+    for key, reason in src.failures():
+        typer.echo(f"skipped {key}: {reason}", err=True)
+    info = head_info_for(sam, model, names, groups,
+                         extra=training_metadata(config, source=source, images=images, per_class=per_class,
+                                                 points_per_side=points_per_side, checkpoint=checkpoint,
+                                                 examples=len(bags), instances=len(bags.tokens)))
+    log = out.with_name(out.name + ".log.jsonl")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+
+    def on_epoch(rec):
+        with open(log, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    result = train_head(bags, info, config, progress=progress, on_epoch=on_epoch)
+    result.head.save(out)
+    last = result.history[-1]
+    typer.echo(f"saved: {out} (classes {','.join(names)}, {config.method}, {config.epochs} epochs, "
+               f"loss {last['loss']:.4f}, {result.seconds:.1f} s); log: {log}")

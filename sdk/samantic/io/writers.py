@@ -50,3 +50,38 @@ def write_mask_pngs(folder: Path, masks: np.ndarray, records: Sequence[Dict[str,
                          *r["crop_box"]])
     atomic_write_bytes(folder / "metadata.csv", buf.getvalue().encode())
     return folder
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """PASCAL VOC's label colours (uint8 ``[n, 3]``): 0 black, 1 dark red, 2 dark green, ..."""
+    out = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+def write_label_png(path: Path, label_map: np.ndarray) -> Path:
+    """A label map (0 = background, ``k`` = class k) as an indexed PNG with the VOC palette, atomically.
+
+    The pixel values are the labels (what segmentation tools read); the palette only colours them.
+    Maps with labels above 255 are written as 16-bit grayscale PNGs.
+    """
+    from PIL import Image
+
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2:
+        raise ValueError(f"a label map must be [H, W], got {label_map.shape}")
+    buf = io.BytesIO()
+    if label_map.max(initial=0) <= 255:
+        img = Image.fromarray(label_map.astype(np.uint8), mode="P")
+        img.putpalette(voc_palette(256).reshape(-1).tolist())
+    else:
+        img = Image.fromarray(label_map.astype(np.uint16))
+    img.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())

@@ -2,106 +2,82 @@
 
 Same constructor arguments, same records out of :meth:`generate`, on the same
 ``Sam`` model; the work is reordered so that what is thrown away is never
-computed at full resolution:
-
-    grid points (per crop)
-      -> prompt encoder + two-way transformer          (all prompts, in batches)
-      -> predicted IoU filter [+ scoring head]         (before any upscaling)
-      -> decoder upscaling + hypernetworks             (survivors only)
-      -> samantic._C.postprocess_masks                 (SAM's two-stage resize, stability,
-                                                        threshold, box and RLE in one pass)
-      -> stability filter, crop-edge filter, box NMS   (samantic._C.nms)
+computed at full resolution (see :mod:`samantic.pipeline.generator`, which
+holds the pipeline shared with the onnxruntime and TensorRT runtimes). This
+module adds the torch :class:`TorchEngine`: the image encoder and
+:class:`~samantic.pipeline.decoder.PromptMaskDecoder` of a ``Sam``, plus an
+optional semantic head on the mask tokens.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
 
-from samantic.ops.rle import _index
-from samantic.ops import RleBatch, nms, postprocess_masks, rle_area, rle_decode, rle_encode
 from samantic.pipeline.config import AmgConfig
 from samantic.pipeline.decoder import PromptMaskDecoder
-from samantic.pipeline.prompts import adaptive_order, crop_boxes, layer_point_grids, near_crop_edge
+from samantic.pipeline.engine import PromptOutputs, check_points
+from samantic.pipeline.generator import STAGES, MaskGenerator, MaskSet, masks_to_boxes, remove_small_regions
 from samantic.pipeline.scoring import MaskScorer
 
-STAGES = ("encoder", "decoder", "postprocess", "nms", "output")
+__all__ = ["STAGES", "AutomaticMaskGenerator", "MaskSet", "TorchEngine", "masks_to_boxes", "remove_small_regions"]
 
 
-@dataclass
-class MaskSet:
-    """Masks of one image as arrays (before they are formatted as records).
+class TorchEngine:
+    """Runs a segment-anything ``Sam`` (and optionally a semantic head) in torch eager mode.
 
-    Attributes:
-        rles: the masks at image size.
-        boxes: int64 [N, 4] XYXY (inclusive max) in image coordinates.
-        iou_preds: float32 [N].
-        points: float64 [N, 2] prompt of each mask, image coordinates.
-        stability_score: float32 [N].
-        crop_boxes: int64 [N, 4] XYXY crop each mask came from.
-        fields: per-mask extras from a scoring head.
+    Args:
+        model: a ``segment_anything.modeling.Sam``.
+        head: optional ``nn.Module`` mapping mask tokens ``[..., D]`` to class logits ``[..., C + 1]``.
     """
 
-    rles: RleBatch
-    boxes: np.ndarray
-    iou_preds: np.ndarray
-    points: np.ndarray
-    stability_score: np.ndarray
-    crop_boxes: np.ndarray
-    fields: Dict[str, np.ndarray] = field(default_factory=dict)
+    name = "torch"
 
-    def __len__(self) -> int:
-        return len(self.iou_preds)
+    def __init__(self, model, head=None) -> None:
+        self.model = model
+        self.head = head
+        self.decoder = PromptMaskDecoder(model)
+        self.img_size = int(model.image_encoder.img_size)
+        self.mask_threshold = float(model.mask_threshold)
+        self.pixel_mean = tuple(float(v) for v in model.pixel_mean.flatten().tolist())
+        self.pixel_std = tuple(float(v) for v in model.pixel_std.flatten().tolist())
+        self.features: Optional[torch.Tensor] = None
 
-    def select(self, index: Any) -> "MaskSet":
-        idx = np.arange(len(self))[_index(index)]
-        return MaskSet(self.rles.select(idx), self.boxes[idx], self.iou_preds[idx], self.points[idx],
-                       self.stability_score[idx], self.crop_boxes[idx], {k: v[idx] for k, v in self.fields.items()})
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
-    @staticmethod
-    def empty(size: Sequence[int], field_names: Sequence[str] = ()) -> "MaskSet":
-        return MaskSet(
-            RleBatch(np.zeros(0, np.uint32), np.zeros(1, np.int64), tuple(int(v) for v in size)),
-            np.zeros((0, 4), np.int64), np.zeros(0, np.float32), np.zeros((0, 2), np.float64),
-            np.zeros(0, np.float32), np.zeros((0, 4), np.int64), {k: np.zeros(0) for k in field_names},
-        )
+    @torch.no_grad()
+    def encode(self, x: np.ndarray) -> None:
+        self.features = self.model.image_encoder(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
 
-    @staticmethod
-    def concat(parts: List["MaskSet"], size: Sequence[int]) -> "MaskSet":
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return MaskSet.empty(size)
-        if len(parts) == 1:
-            return parts[0]
-        keys = parts[0].fields.keys()
-        return MaskSet(
-            RleBatch.concat([p.rles for p in parts]),
-            np.concatenate([p.boxes for p in parts]),
-            np.concatenate([p.iou_preds for p in parts]),
-            np.concatenate([p.points for p in parts]),
-            np.concatenate([p.stability_score for p in parts]),
-            np.concatenate([p.crop_boxes for p in parts]),
-            {k: np.concatenate([p.fields[k] for p in parts]) for k in keys},
-        )
+    @torch.no_grad()
+    def run_prompts(self, coords: np.ndarray) -> PromptOutputs:
+        if self.features is None:
+            raise RuntimeError("call encode() first")
+        coords = torch.as_tensor(check_points(coords), device=self.device)
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=self.device)
+        out = self.decoder.run(self.features, coords[:, None, :], labels[:, None], multimask_output=True)
+        logits = None
+        if self.head is not None:
+            param = next(self.head.parameters(), None)
+            tokens = out.mask_tokens if param is None else out.mask_tokens.to(param.dtype)
+            logits = self.head(tokens).float().cpu().numpy()
+        return PromptOutputs(out.iou_preds.float().cpu().numpy(), out.mask_tokens, logits, out)
 
+    @torch.no_grad()
+    def upscale(self, out: PromptOutputs, prompt_idx: np.ndarray, mask_idx: np.ndarray) -> np.ndarray:
+        p = torch.as_tensor(np.asarray(prompt_idx, np.int64))
+        m = torch.as_tensor(np.asarray(mask_idx, np.int64))
+        return self.decoder.masks(out.state, p, m).float().cpu().numpy()
 
-def _check_image(image: Any) -> np.ndarray:
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"image must be a numpy array HxWx3 uint8 (RGB), got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must have shape HxWx3 (RGB), got {image.shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8, got {image.dtype}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image must not be empty, got {image.shape}")
-    return image
+    def reset(self) -> None:
+        self.features = None
 
 
-class AutomaticMaskGenerator:
+class AutomaticMaskGenerator(MaskGenerator):
     """Segments everything in an image, like ``segment_anything.SamAutomaticMaskGenerator``.
 
     Args:
@@ -137,8 +113,6 @@ class AutomaticMaskGenerator:
         adaptive: Optional[bool] = None,
         device: Optional[str] = None,
     ) -> None:
-        from segment_anything import SamPredictor
-
         if config is None:
             config = AmgConfig(
                 points_per_side=None if point_grids is not None else points_per_side,
@@ -159,18 +133,9 @@ class AutomaticMaskGenerator:
             config = config.replace(adaptive=adaptive)
         if device is not None:
             config = config.replace(device=device)
-        self.config = config
+        super().__init__(TorchEngine(model), config, mask_scorer=mask_scorer)
         self.model = model
-        self.predictor = SamPredictor(model)
-        self.decoder = PromptMaskDecoder(model)
-        self.mask_scorer = mask_scorer
-        if config.point_grids is not None:
-            self.point_grids = list(config.point_grids)
-        else:
-            self.point_grids = layer_point_grids(config.points_per_side, config.crop_n_layers,
-                                                 config.crop_n_points_downscale_factor)
-        self.timings: Dict[str, float] = {}
-        self.stats: Dict[str, int] = {}
+        self.decoder = self.engine.decoder
 
     # the reference generator's attribute names, for code that reads them
     def __getattr__(self, name: str) -> Any:
@@ -180,241 +145,5 @@ class AutomaticMaskGenerator:
         raise AttributeError(name)
 
     @torch.no_grad()
-    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
-        """Segments everything in an RGB uint8 image ``[H, W, 3]``.
-
-        Returns:
-            One record per mask, as segment-anything's generator returns them:
-            ``segmentation`` (by ``output_mode``), ``area``, ``bbox`` (XYWH),
-            ``predicted_iou``, ``point_coords``, ``stability_score``, ``crop_box``
-            (XYWH), plus any fields of the scoring head.
-        """
-        masks = self.generate_masks(image)
-        t = time.perf_counter()
-        records = self.to_records(masks)
-        self.timings["output"] = self.timings.get("output", 0.0) + time.perf_counter() - t
-        return records
-
-    @torch.no_grad()
     def generate_masks(self, image: np.ndarray) -> MaskSet:
-        """Like :meth:`generate`, but returns the masks as arrays and RLEs (no per-mask decoding)."""
-        image = _check_image(image)
-        self.timings = {k: 0.0 for k in STAGES}
-        self.stats = {"points": 0, "points_skipped": 0, "masks_decoded": 0, "masks_upscaled": 0}
-        cfg = self.config
-        orig = image.shape[:2]
-        boxes, layers = crop_boxes(orig, cfg.crop_n_layers, cfg.crop_overlap_ratio)
-        parts = [self._process_crop(image, box, layer, orig) for box, layer in zip(boxes, layers)]
-        data = MaskSet.concat(parts, orig)
-        if len(boxes) > 1 and len(data):
-            # step: duplicates across crops; smaller crops win (score = 1 / crop area)
-            t = time.perf_counter()
-            cb = data.crop_boxes
-            area = ((cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1])).astype(np.float32)
-            scores = (np.float32(1.0) / area).astype(np.float32)
-            data = data.select(nms(data.boxes.astype(np.float32), scores, cfg.crop_nms_thresh, device=cfg.device))
-            self.timings["nms"] += time.perf_counter() - t
-        if cfg.min_mask_region_area > 0 and len(data):
-            t = time.perf_counter()
-            data = self._remove_small_regions(data, cfg.min_mask_region_area, max(cfg.box_nms_thresh, cfg.crop_nms_thresh))
-            self.timings["postprocess"] += time.perf_counter() - t
-        return data
-
-    def _process_crop(self, image: np.ndarray, crop_box: List[int], layer: int, orig: Sequence[int]) -> MaskSet:
-        cfg = self.config
-        x0, y0, x1, y1 = crop_box
-        crop = image[y0:y1, x0:x1, :]
-        crop_size = crop.shape[:2]
-        # step: image encoder (segment-anything's predictor: same resize and normalisation)
-        t = time.perf_counter()
-        self.predictor.set_image(crop)
-        self.timings["encoder"] += time.perf_counter() - t
-
-        grid = self.point_grids[layer]
-        points = grid * np.array(crop_size)[None, ::-1]
-        order = np.arange(len(points))
-        if cfg.adaptive:
-            side = int(round(np.sqrt(len(points))))
-            if side * side == len(points):
-                order = adaptive_order(side)
-        coverage = None
-        parts: List[MaskSet] = []
-        for start in range(0, len(order), cfg.points_per_batch):
-            batch_idx = order[start : start + cfg.points_per_batch]
-            batch = points[batch_idx]
-            self.stats["points"] += len(batch)
-            if coverage is not None:
-                covered = self._covered(coverage, batch, crop_size)
-                self.stats["points_skipped"] += int(covered.sum())
-                batch = batch[~covered]
-                if len(batch) == 0:
-                    continue
-            part, low_res, confident = self._process_batch(batch, crop_size, crop_box, orig)
-            if cfg.adaptive and confident is not None and confident.any():
-                cov = (low_res[confident] > self.model.mask_threshold).any(0)
-                coverage = cov if coverage is None else (coverage | cov)
-            parts.append(part)
-        self.predictor.reset_image()
-        data = MaskSet.concat(parts, orig)
-        if not len(data):
-            return data
-
-        # step: duplicates within the crop (box NMS by predicted IoU)
-        t = time.perf_counter()
-        data = data.select(nms(data.boxes.astype(np.float32), data.iou_preds, cfg.box_nms_thresh, device=cfg.device))
-        self.timings["nms"] += time.perf_counter() - t
-        data.boxes = data.boxes + np.array([x0, y0, x0, y0], np.int64)
-        data.points = data.points + np.array([x0, y0], np.float64)
-        data.crop_boxes = np.tile(np.array(crop_box, np.int64), (len(data), 1))
-        return data
-
-    def _covered(self, coverage: np.ndarray, points: np.ndarray, crop_size: Sequence[int]) -> np.ndarray:
-        coords = self.predictor.transform.apply_coords(points, crop_size)
-        lr = coverage.shape[0] / self.model.image_encoder.img_size
-        ix = np.clip((coords[:, 0] * lr).astype(np.int64), 0, coverage.shape[1] - 1)
-        iy = np.clip((coords[:, 1] * lr).astype(np.int64), 0, coverage.shape[0] - 1)
-        return coverage[iy, ix]
-
-    def _process_batch(self, points: np.ndarray, crop_size: Sequence[int], crop_box: List[int], orig: Sequence[int]):
-        cfg = self.config
-        orig_h, orig_w = orig
-        # step: prompt encoder + transformer for every prompt
-        t = time.perf_counter()
-        coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size), device=self.predictor.device)
-        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
-        out = self.decoder.run(self.predictor.features, coords[:, None, :], labels[:, None], multimask_output=True)
-        n_prompts, n_out = out.iou_preds.shape
-        self.stats["masks_decoded"] += n_prompts * n_out
-        iou = out.iou_preds.reshape(-1)
-        prompt_idx = torch.arange(n_prompts).repeat_interleave(n_out)
-        mask_idx = torch.arange(n_out).repeat(n_prompts)
-        # step: early filter on predicted IoU, before any upscaling
-        keep = iou > cfg.pred_iou_thresh if cfg.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
-        sel = torch.nonzero(keep).reshape(-1)
-        fields: Dict[str, np.ndarray] = {}
-        if self.mask_scorer is not None and sel.numel():
-            scored = self.mask_scorer(out.mask_tokens[prompt_idx[sel], mask_idx[sel]], iou[sel])
-            head_keep = np.asarray(scored.keep, dtype=bool)
-            fields = {k: np.asarray(v)[head_keep] for k, v in scored.fields.items()}
-            sel = sel[torch.from_numpy(head_keep)]
-        # step: upscaling + hypernetworks for the survivors only
-        low_res = self.decoder.masks(out, prompt_idx[sel], mask_idx[sel]).float().cpu().numpy()
-        self.stats["masks_upscaled"] += int(sel.numel())
-        self.timings["decoder"] += time.perf_counter() - t
-
-        # step: fused post-processing at crop resolution, RLE placed in the full image
-        t = time.perf_counter()
-        res = postprocess_masks(
-            low_res,
-            input_size=self.predictor.input_size,
-            original_size=crop_size,
-            img_size=self.model.image_encoder.img_size,
-            mask_threshold=self.model.mask_threshold,
-            stability_score_offset=cfg.stability_score_offset,
-            canvas_size=(orig_h, orig_w),
-            offset=(crop_box[0], crop_box[1]),
-            device=cfg.device,
-        )
-        sel_np = sel.numpy()
-        iou_np = iou.numpy()[sel_np].astype(np.float32)
-        pts = points[prompt_idx.numpy()[sel_np]]
-        keep_np = np.ones(len(res), dtype=bool)
-        if cfg.stability_score_thresh > 0.0:
-            keep_np &= res.stability_score >= cfg.stability_score_thresh
-        keep_np &= ~near_crop_edge(res.boxes, crop_box, [0, 0, orig_w, orig_h])
-        confident = None
-        if cfg.adaptive:
-            confident = keep_np & (iou_np >= cfg.adaptive_iou_thresh) & (res.stability_score >= cfg.adaptive_stability_thresh)
-        idx = np.nonzero(keep_np)[0]
-        part = MaskSet(
-            res.rles.select(idx), res.boxes[idx], iou_np[idx], pts[idx], res.stability_score[idx],
-            np.zeros((len(idx), 4), np.int64), {k: v[idx] for k, v in fields.items()},
-        )
-        self.timings["postprocess"] += time.perf_counter() - t
-        return part, low_res, confident
-
-    def _remove_small_regions(self, data: MaskSet, min_area: int, nms_thresh: float) -> MaskSet:
-        masks = rle_decode(data.rles).astype(bool)
-        scores = np.zeros(len(data), np.float32)
-        for i in range(len(masks)):
-            m, changed_holes = remove_small_regions(masks[i], min_area, "holes")
-            m, changed_islands = remove_small_regions(m, min_area, "islands")
-            masks[i] = m
-            scores[i] = 0.0 if (changed_holes or changed_islands) else 1.0
-        boxes = masks_to_boxes(masks)
-        keep = nms(boxes.astype(np.float32), scores, nms_thresh, device=self.config.device)
-        changed = keep[scores[keep] == 0.0]
-        if len(changed):
-            data.boxes = data.boxes.copy()
-            data.boxes[changed] = boxes[changed]
-            new_rles = rle_encode(masks[changed])
-            changed_at = {int(c): j for j, c in enumerate(changed)}
-            data.rles = RleBatch.pack(
-                [new_rles.counts_of(changed_at[i]) if i in changed_at else data.rles.counts_of(i) for i in range(len(data))],
-                data.rles.size,
-            )
-        return data.select(keep)
-
-    def to_records(self, data: MaskSet) -> List[Dict[str, Any]]:
-        """Formats masks as segment-anything's generator records (``output_mode`` decides ``segmentation``)."""
-        mode = self.config.output_mode
-        if mode == "coco_rle":
-            segs = data.rles.to_dicts(compressed=True)
-        elif mode == "uncompressed_rle":
-            segs = data.rles.to_dicts(compressed=False)
-        else:
-            segs = list(rle_decode(data.rles).astype(bool)) if len(data) else []
-        areas = rle_area(data.rles) if len(data) else np.zeros(0, np.int64)
-        records = []
-        for i in range(len(data)):
-            b = data.boxes[i]
-            c = data.crop_boxes[i]
-            rec = {
-                "segmentation": segs[i],
-                "area": int(areas[i]),
-                "bbox": [int(b[0]), int(b[1]), int(b[2] - b[0]), int(b[3] - b[1])],
-                "predicted_iou": float(data.iou_preds[i]),
-                "point_coords": [data.points[i].tolist()],
-                "stability_score": float(data.stability_score[i]),
-                "crop_box": [int(c[0]), int(c[1]), int(c[2] - c[0]), int(c[3] - c[1])],
-            }
-            for k, v in data.fields.items():
-                rec[k] = v[i].item() if hasattr(v[i], "item") else v[i]
-            records.append(rec)
-        return records
-
-
-def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """XYXY boxes (inclusive max) of binary masks [N, H, W]; zeros for empty masks (``batched_mask_to_box``)."""
-    n = len(masks)
-    out = np.zeros((n, 4), np.int64)
-    for i in range(n):
-        ys = np.nonzero(masks[i].any(1))[0]
-        xs = np.nonzero(masks[i].any(0))[0]
-        if len(xs):
-            out[i] = [xs[0], ys[0], xs[-1], ys[-1]]
-    return out
-
-
-def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str):
-    """Fills holes (``mode="holes"``) or drops islands (``"islands"``) smaller than ``area_thresh`` pixels.
-
-    Islands: if every island is small, the largest one stays. Returns (mask, changed).
-    """
-    import cv2
-
-    if mode not in ("holes", "islands"):
-        raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}")
-    holes = mode == "holes"
-    work = (~mask if holes else mask).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(work, connectivity=8)
-    sizes = stats[1:, cv2.CC_STAT_AREA]
-    small = np.nonzero(sizes < area_thresh)[0] + 1
-    if len(small) == 0:
-        return mask, False
-    if holes:
-        return mask | np.isin(labels, small), True
-    large = np.setdiff1d(np.arange(1, n), small)
-    if len(large) == 0:
-        large = np.array([int(np.argmax(sizes)) + 1])
-    return np.isin(labels, large), True
+        return super().generate_masks(image)

@@ -1,0 +1,10 @@
+"""The deployable runtime: ``Segmenter`` on torch, onnxruntime or TensorRT, and bundle loading.
+
+Torch-free: with ``pip install 'samantic[runtime]'`` (onnxruntime, numpy,
+OpenCV, Pillow) a bundle runs without torch, the trainers or the exporters.
+"""
+
+from samantic.runtime.bundle import Bundle, BundleError
+from samantic.runtime.segmenter import BACKENDS, Result, Segmenter
+
+__all__ = ["BACKENDS", "Bundle", "BundleError", "Result", "Segmenter"]

@@ -1,0 +1,266 @@
+"""``Segmenter``: the grid-prompted pipeline (+ semantic head) on torch, onnxruntime or TensorRT.
+
+Example:
+    >>> seg = Segmenter.from_bundle("bundles/nano", backend="onnxruntime")  # doctest: +SKIP
+    >>> result = seg(image)                                                   # doctest: +SKIP
+    >>> result.instances[0]["bbox"], result.semantic_map.max()                # doctest: +SKIP
+
+All backends share :class:`~samantic.pipeline.generator.MaskGenerator` (grid
+prompts, early IoU and class filters, ``samantic._C`` post-processing, NMS);
+only the engine that runs the networks differs. This module imports neither
+torch nor onnxruntime; each backend imports what it needs when chosen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from samantic.pipeline.config import AmgConfig
+from samantic.pipeline.engine import Engine
+from samantic.pipeline.generator import MaskGenerator, MaskSet
+from samantic.pipeline.scoring import ClassLogitScorer, MaskScorer
+from samantic.runtime.bundle import Bundle, BundleError
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+
+
+class Result:
+    """The masks of one image.
+
+    Attributes:
+        masks: the :class:`~samantic.pipeline.generator.MaskSet` (RLEs, boxes, scores, head fields).
+        instances: one record per mask (segment-anything's keys, plus ``category_id``,
+            ``category`` and ``class_score`` when a head ran).
+        names: the requested class names (``category_id`` is 1-based into it), empty without a head.
+        image_size: (H, W).
+    """
+
+    def __init__(self, masks: MaskSet, instances: List[Dict[str, Any]], names: Sequence[str],
+                 image: Optional[np.ndarray] = None) -> None:
+        self.masks = masks
+        self.instances = instances
+        self.names = tuple(names)
+        self.image_size = tuple(int(v) for v in masks.rles.size)
+        self._image = image
+        self._semantic: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __repr__(self) -> str:
+        return f"Result({len(self)} masks, image {self.image_size[0]}x{self.image_size[1]}, classes {list(self.names)})"
+
+    @property
+    def semantic_map(self) -> np.ndarray:
+        """Label map ``[H, W]``: 0 background, ``i + 1`` for ``names[i]``; where masks overlap the
+        higher class score wins. uint8 up to 255 classes, else uint16.
+
+        Raises:
+            RuntimeError: no semantic head ran.
+        """
+        if not self.names:
+            raise RuntimeError("no semantic head: a semantic map needs Segmenter(..., head=...) or a bundle with a head")
+        if self._semantic is None:
+            from samantic.ops import rle_decode
+
+            dtype = np.uint8 if len(self.names) < 256 else np.uint16
+            out = np.zeros(self.image_size, dtype)
+            if len(self.masks):
+                ids = self.masks.fields["category_id"]
+                order = np.argsort(self.masks.fields["class_score"], kind="stable")  # best painted last
+                decoded = rle_decode(self.masks.rles.select(order)).astype(bool)
+                for m, label in zip(decoded, ids[order]):
+                    out[m] = label
+            self._semantic = out
+        return self._semantic
+
+    def to_coco(self, image_id: int = 1, category_ids: Optional[Mapping[str, int]] = None) -> List[Dict[str, Any]]:
+        """COCO results entries (compressed RLE ``segmentation``, XYWH ``bbox``, ``score``).
+
+        ``score`` is the class score with a head, else the predicted IoU;
+        ``category_id`` maps through ``category_ids`` (name -> id) when given.
+        """
+        from samantic.ops import rle_area
+
+        rles = self.masks.rles.to_dicts(compressed=True) if len(self) else []
+        areas = rle_area(self.masks.rles) if len(self) else []
+        cats = self.masks.fields.get("category_id")
+        scores = self.masks.fields.get("class_score", self.masks.iou_preds)
+        out = []
+        for i in range(len(self)):
+            b = self.masks.boxes[i]
+            cat = int(cats[i]) if cats is not None else 1
+            if category_ids is not None and self.names:
+                cat = int(category_ids[self.names[cat - 1]])
+            out.append({"id": i + 1, "image_id": image_id, "category_id": cat, "segmentation": rles[i],
+                        "area": int(areas[i]), "bbox": [int(b[0]), int(b[1]), int(b[2] - b[0]), int(b[3] - b[1])],
+                        "score": float(scores[i]), "iscrowd": 0})
+        return out
+
+    def overlay(self, image: Optional[np.ndarray] = None, alpha: float = 0.5) -> np.ndarray:
+        """The masks drawn on the image (uint8 RGB), labelled with class names when a head ran."""
+        from samantic.io.visualize import overlay_masks
+        from samantic.ops import rle_decode
+
+        image = self._image if image is None else image
+        if image is None:
+            raise ValueError("overlay() needs the image: pass overlay(image)")
+        masks = rle_decode(self.masks.rles).astype(bool) if len(self) else np.zeros((0, *image.shape[:2]), bool)
+        labels = None
+        if self.names and len(self):
+            labels = [self.names[int(c) - 1] for c in self.masks.fields["category_id"]]
+        return overlay_masks(image, masks, labels, alpha=alpha)
+
+
+def _head_info(head: Any) -> Dict[str, Any]:
+    """classes / groups / score_thresh of a head module (``head.info`` like U-SAM's, or attributes)."""
+    info = getattr(head, "info", head)
+    classes = getattr(info, "classes", None)
+    if not classes:
+        raise ValueError(f"a head must say its classes (head.info.classes or head.classes), got {type(head).__name__}")
+    return {"classes": list(classes), "groups": {k: list(v) for k, v in (getattr(info, "groups", None) or {}).items()},
+            "score_thresh": float(getattr(info, "score_thresh", 0.5))}
+
+
+class Segmenter:
+    """Segments images (by class names when a semantic head is present) on one backend.
+
+    Args:
+        model: a ``Sam`` (torch backend), or None when ``engine`` is given.
+        head: a semantic head module (token ``[..., D]`` -> logits ``[..., C + 1]``, ``info`` with
+            ``classes``/``groups``/``score_thresh``) or a head file; torch backend.
+        classes: requested names (head classes and/or groups; None: all classes).
+        score_thresh: class threshold (None: the head's).
+        config: generator options; defaults to :class:`AmgConfig` with ``output_mode="coco_rle"``.
+        mask_scorer: an extra scoring hook on the mask tokens (see :class:`MaskGenerator`).
+        engine: an already built :class:`~samantic.pipeline.engine.Engine` (instead of ``model``).
+        head_info: ``{"classes", "groups", "score_thresh"}`` of a head the engine runs.
+        **options: :class:`AmgConfig` fields overriding ``config``.
+    """
+
+    def __init__(self, model: Any = None, head: Any = None, *, classes: Optional[Union[str, Sequence[str]]] = None,
+                 score_thresh: Optional[float] = None, config: Optional[AmgConfig] = None,
+                 mask_scorer: Optional[MaskScorer] = None, engine: Optional[Engine] = None,
+                 head_info: Optional[Mapping[str, Any]] = None, **options: Any) -> None:
+        if (model is None) == (engine is None):
+            raise ValueError("give exactly one of model (a Sam, torch backend) and engine")
+        if engine is None:
+            from samantic.pipeline.amg import TorchEngine
+
+            if isinstance(head, (str, Path)):
+                from samantic.heads.usam import load_head
+
+                head = load_head(head)
+            engine = TorchEngine(model, head=head)
+            if head is not None:
+                head_info = _head_info(head)
+        elif head is not None:
+            raise ValueError("head= is for the torch backend; an engine runs its own head (pass head_info=)")
+        config = config or AmgConfig(output_mode="coco_rle")
+        if options:
+            config = config.replace(**options)
+        scorer = None
+        if head_info is not None:
+            thresh = head_info.get("score_thresh", 0.5) if score_thresh is None else score_thresh
+            scorer = ClassLogitScorer(head_info["classes"], head_info.get("groups"), classes, thresh)
+        elif classes is not None:
+            raise ValueError("classes= needs a semantic head (Segmenter(model, head=...) or a bundle with a head)")
+        self.engine = engine
+        self.head_info = dict(head_info) if head_info is not None else None
+        self.class_scorer = scorer
+        self.generator = MaskGenerator(engine, config, mask_scorer=mask_scorer, class_scorer=scorer)
+
+    @property
+    def config(self) -> AmgConfig:
+        return self.generator.config
+
+    @property
+    def names(self) -> tuple:
+        """The requested class names (empty without a head)."""
+        return tuple(self.class_scorer.names) if self.class_scorer is not None else ()
+
+    @property
+    def timings(self) -> Dict[str, float]:
+        """Seconds per stage of the last call (preprocess, encoder, decoder, postprocess, nms, output)."""
+        return dict(self.generator.timings)
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        return dict(self.generator.stats)
+
+    def __call__(self, image: np.ndarray) -> Result:
+        """Segments an RGB uint8 image ``[H, W, 3]``."""
+        import time
+
+        masks = self.generator.generate_masks(image)
+        t = time.perf_counter()
+        records = self.generator.to_records(masks)
+        if self.names:
+            for r in records:
+                r["category"] = self.names[int(r["category_id"]) - 1]
+        self.generator.timings["output"] += time.perf_counter() - t
+        return Result(masks, records, self.names, image)
+
+    @staticmethod
+    def from_bundle(path: Union[str, Path], backend: str = "auto", device: str = "auto", *,
+                    precision: str = "fp32", classes: Optional[Union[str, Sequence[str]]] = None,
+                    score_thresh: Optional[float] = None, config: Optional[AmgConfig] = None,
+                    threads: Optional[int] = None, verify: bool = True, **options: Any) -> "Segmenter":
+        """Loads a bundle (verifying its files) and builds a Segmenter on a backend.
+
+        Args:
+            path: the bundle directory.
+            backend: ``"auto"`` (TensorRT when an engine for this GPU, TensorRT version and
+                precision is in the bundle and TensorRT is installed, else onnxruntime),
+                ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"`` (needs the bundle's torch weights).
+            device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+            precision: ``"fp32"``, ``"int8"`` (onnxruntime: dynamic INT8 graphs; TensorRT: INT8
+                engine) or ``"fp16"`` (TensorRT / TensorRT EP).
+            classes, score_thresh: as for :class:`Segmenter`.
+            config: generator options (default: the bundle's recorded thresholds, ``coco_rle`` output).
+            threads: onnxruntime intra-op threads.
+            verify: check every file's SHA-256 (on by default).
+            **options: :class:`AmgConfig` fields.
+
+        Raises:
+            BundleError: a missing, corrupt or escaping file; a missing precision or engine.
+            ImportError: the backend's package is not installed (the message names the extra).
+            ValueError: unknown backend, device or class names.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        bundle = Bundle.load(path, verify=verify)
+        if config is None:
+            known = set(AmgConfig.__dataclass_fields__)
+            config = AmgConfig(output_mode="coco_rle", **{k: v for k, v in bundle.thresholds.items() if k in known})
+        kw = dict(classes=classes, score_thresh=score_thresh, config=config, **options)
+        if backend == "torch":
+            return Segmenter._torch_from_bundle(bundle, **kw)
+        if backend == "auto":
+            from samantic.runtime.tensorrt import find_engine
+
+            backend = "tensorrt" if find_engine(bundle, precision, quiet=True) is not None else "onnxruntime"
+        if backend == "tensorrt":
+            from samantic.runtime.tensorrt import TensorRTEngine
+
+            engine: Engine = TensorRTEngine(bundle, precision=precision, device=device)
+        else:
+            from samantic.runtime.onnxruntime import OnnxRuntimeEngine
+
+            engine = OnnxRuntimeEngine(bundle, precision=precision, device=device, threads=threads)
+        return Segmenter(engine=engine, head_info=bundle.head, **kw)
+
+    @staticmethod
+    def _torch_from_bundle(bundle: Bundle, **kw: Any) -> "Segmenter":
+        weights = bundle.manifest.get("torch_weights")
+        if not weights:
+            raise BundleError(f"{bundle.root}: the bundle has no torch weights; re-export with --torch-weights, "
+                              "or build Segmenter(model=create_model(...)) directly")
+        from samantic.models import create_model
+
+        sam = create_model(bundle.model_id, checkpoint=str(bundle.path(weights["file"])))
+        head = bundle.path(bundle.head["file"]) if bundle.head else None
+        return Segmenter(sam, head, **kw)
