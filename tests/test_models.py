@@ -161,11 +161,13 @@ def test_invalid_config_raises(change, message):
 
 
 def test_overrides():
-    model = create_model("sam_nano", img_size=256)
+    model = create_model("sam_nano", img_size=256, pretrained=False)  # other shapes: the shipped weights do not fit
     assert model.image_encoder.img_size == 256
     assert model.samantic_config.low_res_size == 64
     with pytest.raises(ValueError, match="Did you mean: img_size"):
         create_model("sam_nano", img_sise=256)
+    with pytest.raises(ValueError, match="pos_embed: checkpoint"):
+        create_model("sam_nano", img_size=256)  # the default weights are loaded strictly
 
 
 # --------------------------------------------------------------------------- sam_nano runs in segment-anything's tools
@@ -202,7 +204,7 @@ def test_nano_runs_in_automatic_mask_generator(nano):
 
 
 def test_pth_round_trip(nano, nano_pth):
-    fresh = create_model("sam_nano")
+    fresh = create_model("sam_nano", pretrained=False)
     assert not _state_equal(fresh, nano)
     loaded = create_model("sam_nano", nano_pth)
     assert _state_equal(loaded, nano)
@@ -310,9 +312,15 @@ def test_tag_for_another_model_is_refused():
         create_model("sam_nano", "sam_vit_b.sa1b")
 
 
-def test_pretrained_flags(nano_pth):
+def test_pretrained_flags(nano_pth, monkeypatch):
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+
+    @register_model
+    def sam_untrained() -> SamConfig:
+        return get_config("sam_nano")
+
     with pytest.raises(ValueError, match="no pretrained weights"):
-        create_model("sam_nano", pretrained=True)
+        create_model("sam_untrained", pretrained=True)
     with pytest.raises(ValueError, match="pass one or the other"):
         create_model("sam_nano", nano_pth, pretrained=False)
 

@@ -5,20 +5,40 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from samantic.models import get_model_entry
+from samantic.models import create_model, get_model_entry, read_metadata, resolve_checkpoint
+
+# The model card's numbers (sdk/samantic/assets/sam_nano.md: 0.303 / 0.387 / 0.363 on 100 scenes) minus a
+# margin for the 16-scene sample below. Far under the targets (0.85 / 0.92): sam_nano v0 is undertrained.
+FLOORS = {"miou_1pt_top": 0.2, "miou_1pt_oracle": 0.28, "miou_3pt": 0.25}
 
 
 def test_shipped_weights_load_by_default():
-    from samantic.models import create_model, read_metadata, resolve_checkpoint
-
     entry = get_model_entry("sam_nano")
     assert entry.default_weights == "pkg:assets/sam_nano.safetensors"
     path = resolve_checkpoint(entry.default_weights)
     assert path.stat().st_size <= 20 * 2**20
     meta = read_metadata(path)
-    training = json.loads(json.loads(meta["training"])["training"]) if False else json.loads(meta["training"])
-    assert training["steps_done"] >= 1000 and training["data"].startswith("ShapesStream") or "shapes" in str(training)
+    assert meta["dtype"] == "float16" and meta["model"] == "sam_nano"
+    training = json.loads(meta["training"])
+    assert training["steps_done"] >= 1000
     model = create_model("sam_nano")
     assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     assert (model.image_encoder.img_size, model.prompt_encoder.embed_dim) == (384, 128)
+    fresh = create_model("sam_nano", pretrained=False)
+    w = "mask_decoder.iou_token.weight"
+    assert not torch.equal(model.state_dict()[w], fresh.state_dict()[w])
+
+
+@pytest.fixture(scope="module")
+def small_eval():
+    from samantic.train.metrics import evaluate_sam
+
+    return evaluate_sam(create_model("sam_nano"), range(0, 16), [], progress=False).metrics
+
+
+@pytest.mark.parametrize("metric", sorted(FLOORS))
+def test_shipped_nano_reaches_its_floors_on_held_out_scenes(small_eval, metric):
+    assert small_eval[metric] >= FLOORS[metric], (metric, small_eval)

@@ -149,6 +149,9 @@ class ShapesStream:
     def __len__(self) -> int:
         return 1 << 30
 
+    def __repr__(self) -> str:
+        return f"shapes:{self.seed}"
+
     def __getitem__(self, i: int) -> Sample:
         from samantic.train.data.shapes import render_scene
 
@@ -520,3 +523,22 @@ class SamTrainer:
         self.step = int(state["step"])
         self.gen.set_state(state["torch_rng"])
         self.rng.bit_generator.state = json.loads(state["numpy_rng"])
+
+
+def export_weights(src: Path, dst: Path, dtype: str = "float16", extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Writes trained weights for shipping: floating tensors cast to ``dtype``, the source's metadata kept.
+
+    ``create_model`` loads such a file into a float32 model (the cast happens on load).
+    """
+    from safetensors import safe_open
+
+    from samantic.models import save_checkpoint
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    cast = getattr(torch, dtype)
+    state = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    meta["dtype"] = dtype
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
+    return save_checkpoint(state, dst, metadata=meta)

@@ -301,9 +301,8 @@ def sam_vit_b() -> SamConfig:
     )
 
 
-# Trained weights will ship inside the package; set
-# default_weights="pkg:assets/<file>.safetensors" once they exist.
-@register_model(default_weights=None)
+# Trained by `samantic train sam` on the shapes world; see assets/sam_nano.md (the model card).
+@register_model(default_weights="pkg:assets/sam_nano.safetensors")
 def sam_nano() -> SamConfig:
     """Small SAM for CPUs and tests: 384 px input, 3.9M parameters, trained by samantic on the shapes world."""
     return SamConfig(
