@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--classes", default="circle,star")
     ap.add_argument("--seeds", default="500:510", help="held-out scene seeds START:STOP")
     ap.add_argument("--points-per-side", type=int, default=32)
+    ap.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    ap.add_argument("--stability-score-thresh", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
@@ -75,7 +77,8 @@ def main() -> None:
     a, b = (int(v) for v in args.seeds.split(":"))
     sam = create_model(args.model, checkpoint=args.checkpoint)
     head = load_head(args.head)
-    opts = dict(points_per_side=args.points_per_side)
+    opts = dict(points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+                stability_score_thresh=args.stability_score_thresh)
     early = Segmenter(sam, head, classes=args.classes, **opts)
     late = Segmenter(sam, head, classes=args.classes, **opts)
     late.generator.class_scorer = ClassifyAll(late.generator.class_scorer)

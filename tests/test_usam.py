@@ -247,9 +247,17 @@ def test_train_usam_cli_end_to_end(structured_nano, tmp_path):
     assert head.info.model == "sam_nano" and head.info.token_dim == structured_nano.prompt_encoder.embed_dim
     assert len((tmp_path / "head.safetensors.log.jsonl").read_text().splitlines()) == 2
     assert json.loads(head.info.extra["training"])["method"] == "mil_ud"
+    # a fine head with an inference-time superclass
+    fine = tmp_path / "fine.safetensors"
+    res = CliRunner().invoke(app, [*args[:2], "--classes", "circle,ring,star", "--group", "round=circle,ring",
+                                   *args[6:-3], "--out", str(fine), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    fine_head = load_head(fine)
+    assert fine_head.info.classes == ("circle", "ring", "star") and fine_head.info.groups == {"round": ("circle", "ring")}
+    assert HeadScorer(fine_head, ["round", "star"]).names == ("round", "star")
     # errors: unknown class, duplicate, group not in classes
     for bad, msg in [(["--classes", "dog"], "triangle"), (["--classes", "star,star"], "more than once"),
-                     (["--classes", "star", "--group", "round=circle"], "not in --classes")]:
+                     (["--classes", "star", "--group", "round=circle"], "circle not in --classes")]:
         res = CliRunner().invoke(app, ["train", "usam", *bad, "--checkpoint", str(ckpt), "--out", str(out)])
         assert res.exit_code == 1 and msg in res.output, res.output
 

@@ -275,15 +275,16 @@ def evaluate_usam(segmenter, seeds: Iterable[int], level: str = "class", *, prog
             dt_anns.extend(res.to_coco(image_id, category_ids=gt_id))
             advance()
     iou = {n: (inter[n] / union[n]) if union[n] else float("nan") for n in names}
+    import contextlib
+    import io
+
     gt = COCO()
     gt.dataset = {"images": images, "annotations": gt_anns,
                   "categories": [{"id": gt_id[n], "name": n} for n in names]}
-    gt.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt.createIndex()
     ap50 = {n: float("nan") for n in names}
     if dt_anns and gt_anns:
-        import contextlib
-        import io
-
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes([dict(d, id=i + 1) for i, d in enumerate(dt_anns)])
             ev = COCOeval(gt, dt, iouType="segm")

@@ -70,7 +70,7 @@ def train_usam(
     out: Annotated[Path, typer.Option(help="Output head (.safetensors); OUT.log.jsonl goes beside it.")],
     source: Annotated[str, typer.Option(help="Example images: shapes | folder | diffusers.")] = "shapes",
     images: Annotated[Optional[str], typer.Option(help="folder: root with one sub-folder per class; diffusers: the model directory.")] = None,
-    group: Annotated[Optional[list[str]], typer.Option(help="Superclass from member classes, e.g. round=circle,ring,crescent (repeatable).")] = None,
+    group: Annotated[Optional[list[str]], typer.Option(help="NAME=class1,class2 (repeatable). NAME in --classes: a superclass trained from its members' images; otherwise a superclass of classes in --classes, usable at inference (--classes NAME).")] = None,
     model: Annotated[str, typer.Option(help="Registered SAM whose mask tokens the head reads.")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights (default: the model's shipped weights).")] = None,
     per_class: Annotated[int, typer.Option(min=1, help="Example images per class.")] = 60,
@@ -94,12 +94,17 @@ def train_usam(
     try:
         names = check_class_names(classes)
         groups = parse_groups(group or [], [])
-        unknown_groups = [g for g in groups if g not in names]
-        if unknown_groups:
-            raise ValueError(f"--group {', '.join(unknown_groups)} is not in --classes {','.join(names)}")
+        # a group named in --classes is a head class trained from its members' images (a superclass head);
+        # any other group maps classes of the head to a superclass at inference (stored in the head)
+        train_groups = {g: m for g, m in groups.items() if g in names}
+        for g, members in groups.items():
+            missing = [m for m in members if m not in names]
+            if g not in names and missing:
+                raise ValueError(f"--group {g}: {', '.join(missing)} not in --classes {','.join(names)} (a group either "
+                                 "is one of --classes, trained from its members' images, or groups classes of --classes)")
         config = UsamTrainConfig(method=method, epochs=epochs, min_iou=min_iou, seed=seed)
         src = open_source(source, images)
-        members = sorted({m for c in names for m in groups.get(c, (c,))})
+        members = sorted({m for c in names for m in train_groups.get(c, (c,))})
         src.check(members)
         if out.suffix != ".safetensors":
             raise ValueError(f"--out must end in .safetensors, got {out}")
@@ -109,7 +114,7 @@ def train_usam(
         raise typer.Exit(1)
     extractor = FeatureExtractor(sam, points_per_side=points_per_side)
     feature_cache = FeatureCache(cache, extractor)
-    bags = collect_bags(src, names, groups, per_class, feature_cache, min_iou, seed=seed, progress=progress)
+    bags = collect_bags(src, names, train_groups, per_class, feature_cache, min_iou, seed=seed, progress=progress)
     typer.echo(f"{len(bags)} example images, {len(bags.tokens)} instances (features: {feature_cache.misses} computed, "
                f"{feature_cache.hits} from {feature_cache.dir})")
     for key, reason in src.failures():
