@@ -26,11 +26,11 @@ def test_bad_class_lists_are_rejected(bad, msg):
 
 def test_class_list_parsing():
     assert check_class_names(" circle, star ") == ("circle", "star")
-    assert parse_groups(["round=circle,ring"], []) == {"round": ("circle", "ring")}
+    assert parse_groups(["round=circle,ring"]) == {"round": ("circle", "ring")}
     with pytest.raises(ValueError, match="NAME=class1"):
-        parse_groups(["round"], [])
+        parse_groups(["round"])
     with pytest.raises(ValueError, match="given twice"):
-        parse_groups(["a=circle", "a=ring"], [])
+        parse_groups(["a=circle", "a=ring"])
     assert expand_groups(["round", "star"], {"round": ("circle", "ring")}) == [
         ("round", "circle"), ("round", "ring"), ("star", "star")]
 

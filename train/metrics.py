@@ -230,7 +230,7 @@ def evaluate_usam(segmenter, seeds: Iterable[int], level: str = "class", *, prog
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from samantic.ops import rle_encode
+    from samantic.ops import rle_area, rle_encode, rle_to_bbox
     from samantic.train.data.shapes import CLASSES, SUPERCLASS_NAMES, render_scene
 
     if level not in ("class", "superclass"):
@@ -263,15 +263,14 @@ def evaluate_usam(segmenter, seeds: Iterable[int], level: str = "class", *, prog
             image_id = k + 1
             h, w = scene.image.shape[:2]
             images.append({"id": image_id, "width": w, "height": h})
-            for m, n in zip(scene.masks, inst_names):
-                if n not in gt_id:
-                    continue
-                rle = rle_encode(m[None]).to_dicts(compressed=True)[0]
-                ys, xs = np.nonzero(m)
-                gt_anns.append({"id": len(gt_anns) + 1, "image_id": image_id, "category_id": gt_id[n],
-                                "segmentation": rle, "area": int(m.sum()), "iscrowd": 0,
-                                "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
-                                         int(ys.max() - ys.min() + 1)]})
+            wanted = [i for i, n in enumerate(inst_names) if n in gt_id]
+            if wanted:  # one encode per scene; boxes and areas from the RLEs
+                rles = rle_encode(scene.masks[wanted])
+                areas, boxes = rle_area(rles), rle_to_bbox(rles)
+                for j, (i, rle) in enumerate(zip(wanted, rles.to_dicts(compressed=True))):
+                    gt_anns.append({"id": len(gt_anns) + 1, "image_id": image_id, "category_id": gt_id[inst_names[i]],
+                                    "segmentation": rle, "area": int(areas[j]), "iscrowd": 0,
+                                    "bbox": [float(v) for v in boxes[j]]})
             dt_anns.extend(res.to_coco(image_id, category_ids=gt_id))
             advance()
     iou = {n: (inter[n] / union[n]) if union[n] else float("nan") for n in names}

@@ -135,7 +135,7 @@ def segment(
     except (ValueError, FileNotFoundError, ImportError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    generator = AutomaticMaskGenerator(sam, config=config)
+    generator = AutomaticMaskGenerator(sam, config=config) if segmenter is None else None
     names = segmenter.names if segmenter is not None else ()
     from samantic.models import get_model_entry
 

@@ -93,7 +93,7 @@ def train_usam(
 
     try:
         names = check_class_names(classes)
-        groups = parse_groups(group or [], [])
+        groups = parse_groups(group or [])
         # a group named in --classes is a head class trained from its members' images (a superclass head);
         # any other group maps classes of the head to a superclass at inference (stored in the head)
         train_groups = {g: m for g, m in groups.items() if g in names}

@@ -44,7 +44,7 @@ def check_class_names(classes: Union[str, Sequence[str]], what: str = "class lis
     return names
 
 
-def parse_groups(specs: Sequence[str], classes: Sequence[str]) -> Dict[str, Tuple[str, ...]]:
+def parse_groups(specs: Sequence[str]) -> Dict[str, Tuple[str, ...]]:
     """``["round=circle,ring", ...]`` -> {"round": ("circle", "ring")}; every member must be a known class."""
     groups: Dict[str, Tuple[str, ...]] = {}
     for spec in specs:
