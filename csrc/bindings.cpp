@@ -17,6 +17,9 @@ void register_ops(py::module_& m);
 namespace rle {
 void register_ops(py::module_& m);
 }
+namespace regions {
+void register_ops(py::module_& m);
+}
 }  // namespace samantic
 
 #ifndef SAMANTIC_CUDA_ARCHITECTURES
@@ -31,6 +34,7 @@ PYBIND11_MODULE(_C, m) {
   samantic::postprocess::register_ops(m);
   samantic::nms::register_ops(m);
   samantic::rle::register_ops(m);
+  samantic::regions::register_ops(m);
 
   m.def("build_info", []() {
     py::dict d;

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from PIL import Image
 
 from samantic.export.bundle import export_bundle
 from samantic.export.onnx import GRAPHS, OPSET
@@ -201,7 +202,7 @@ BLOCK_TORCH = '''
 import sys
 class _NoTorch:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch.") or name in ("torchvision", "segment_anything"):
+        if name == "torch" or name.startswith("torch.") or name in ("torchvision", "segment_anything", "cv2"):
             raise ImportError(f"{name} is blocked in this test")
 sys.meta_path.insert(0, _NoTorch())
 '''
@@ -209,16 +210,23 @@ sys.meta_path.insert(0, _NoTorch())
 RUN_BUNDLE = '''
 import json, sys
 import numpy as np
+from samantic.io import atomic_write_image, read_image
+from samantic.ops import remove_small_regions
 from samantic.runtime import Segmenter
-try:
-    import torch
-    raise SystemExit("torch imported although it is blocked")
-except ImportError:
-    pass
-image = np.load(sys.argv[2])
+for blocked in ("torch", "cv2"):
+    try:
+        __import__(blocked)
+        raise SystemExit(blocked + " imported although it is blocked")
+    except ImportError:
+        pass
+image = read_image(sys.argv[2])
 seg = Segmenter.from_bundle(sys.argv[1], backend="auto", device="cpu", {kw})
 res = seg(image)
-assert "torch" not in sys.modules and "samantic.export" not in sys.modules and "samantic.train" not in sys.modules
+atomic_write_image(sys.argv[3] + ".overlay.png", res.overlay())
+assert read_image(sys.argv[3] + ".overlay.png").shape == image.shape
+assert remove_small_regions(np.eye(5, dtype=bool), 3, "islands")[1] is False
+for mod in ("torch", "cv2", "samantic.export", "samantic.train"):
+    assert mod not in sys.modules, mod
 json.dump({{"rles": res.masks.rles.to_dicts(compressed=True), "iou": res.masks.iou_preds.tolist(),
            "engine": seg.engine.name, "coco": len(res.to_coco())}}, open(sys.argv[3], "w"))
 '''
@@ -232,9 +240,9 @@ def test_bundle_runs_where_torch_cannot_be_imported(nano, bundle_dir, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(RUN_BUNDLE.format(kw=kw))
     image = disk_image(101)
-    np.save(tmp_path / "image.npy", image)
+    Image.fromarray(image).save(tmp_path / "image.png")
     env = dict(os.environ, PYTHONPATH=str(blocker))
-    proc = subprocess.run([sys.executable, str(script), str(bundle_dir), str(tmp_path / "image.npy"),
+    proc = subprocess.run([sys.executable, str(script), str(bundle_dir), str(tmp_path / "image.png"),
                            str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
@@ -248,9 +256,44 @@ def test_bundle_runs_where_torch_cannot_be_imported(nano, bundle_dir, tmp_path):
     assert out["coco"] == len(o)
 
 
-def test_blocker_really_blocks_torch(tmp_path):
+def test_segment_cli_runs_a_bundle_without_torch_or_opencv(nano, bundle_dir, tmp_path):
+    """`samantic segment --bundle` on a folder, in a process where torch and cv2 cannot be imported,
+    writes the same masks as the torch path of the CLI (`--model ... --checkpoint`)."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_TORCH)
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in (101, 102):
+        Image.fromarray(disk_image(i)).save(images / f"disk{i}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    exe = str(Path(sys.executable).with_name("samantic"))
+    flags = ["--points-per-side", "8", "--pred-iou-thresh", "0.5", "--stability-score-thresh", "0.6", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    proc = subprocess.run([exe, "segment", str(images), "--bundle", str(bundle_dir), "--backend", "onnxruntime",
+                           "--out", str(tmp_path / "ort"), *flags], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the broken file fails, the rest is done
+    assert "broken.png" in proc.stderr and "not a readable image" in proc.stderr
+    ckpt = bundle_dir / Bundle.load(bundle_dir).manifest["torch_weights"]["file"]
+    proc = subprocess.run([exe, "segment", str(images / "disk101.png"), str(images / "disk102.png"), "--model",
+                           "sam_nano", "--checkpoint", str(ckpt), "--out", str(tmp_path / "torch"), *flags],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for i in (101, 102):
+        ort = json.loads((tmp_path / "ort" / f"disk{i}.png.json").read_text())
+        ref = json.loads((tmp_path / "torch" / f"disk{i}.png.json").read_text())
+        assert ort["backend"] == "onnxruntime" and (tmp_path / "ort" / f"disk{i}.png.overlay.png").exists()
+        o = [{**a["segmentation"], "counts": a["segmentation"]["counts"].encode()} for a in ort["annotations"]]
+        r = [{**a["segmentation"], "counts": a["segmentation"]["counts"].encode()} for a in ref["annotations"]]
+        assert len(r) > 0 and abs(len(o) - len(r)) <= max(1, round(0.01 * len(r)))
+        iou = np.atleast_2d(mask_utils.iou(o, r, [0] * len(r)))
+        assert np.mean(iou.max(0) >= 0.99) >= 0.99
+
+
+@pytest.mark.parametrize("module", ["torch", "cv2"])
+def test_blocker_really_blocks(tmp_path, module):
     (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
-    proc = subprocess.run([sys.executable, "-c", "import torch"], env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], env=dict(os.environ, PYTHONPATH=str(tmp_path)),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "blocked" in proc.stderr
 

@@ -9,9 +9,10 @@ import torch
 
 from samantic.models import create_model, get_model_entry, read_metadata, resolve_checkpoint
 
-# The model card's numbers (sdk/samantic/assets/sam_nano.md: 0.303 / 0.387 / 0.363 on 100 scenes) minus a
-# margin for the 16-scene sample below. Far under the targets (0.85 / 0.92): sam_nano v0 is undertrained.
-FLOORS = {"miou_1pt_top": 0.2, "miou_1pt_oracle": 0.28, "miou_3pt": 0.25}
+# The model card's numbers (sdk/samantic/assets/sam_nano.md: 0.482 / 0.565 / 0.546 on 100 scenes; on the
+# 16 scenes below v1 measures 0.450 / 0.547 / 0.522) minus a margin. v0 (0.303 / 0.387 / 0.363) fails them.
+# Far under the targets (0.85 / 0.92): sam_nano v1 is still undertrained.
+FLOORS = {"miou_1pt_top": 0.40, "miou_1pt_oracle": 0.50, "miou_3pt": 0.47}
 
 
 def test_shipped_weights_load_by_default():
@@ -22,7 +23,7 @@ def test_shipped_weights_load_by_default():
     meta = read_metadata(path)
     assert meta["dtype"] == "float16" and meta["model"] == "sam_nano"
     training = json.loads(meta["training"])
-    assert training["steps_done"] >= 1000
+    assert training["steps_done"] >= 4500  # v1
     model = create_model("sam_nano")
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())

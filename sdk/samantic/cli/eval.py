@@ -27,6 +27,9 @@ def parse_seeds(spec: str) -> range:
     return range(a, b)
 
 
+SAM_AMG_DEFAULTS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
+
+
 @app.command("sam")
 def eval_sam(
     model: Annotated[str, typer.Option(help="Registered model.")] = "sam_nano",
@@ -34,23 +37,29 @@ def eval_sam(
     seeds: Annotated[str, typer.Option(help="Held-out scene seeds for point prompts, START:STOP.")] = "0:100",
     amg_seeds: Annotated[str, typer.Option(help="Held-out scene seeds for segment-everything recall, START:STOP.")] = "0:50",
     out: Annotated[Path, typer.Option(help="Directory for eval_sam.json and eval_sam.md.")] = Path("runs/eval"),
+    pred_iou_thresh: Annotated[float, typer.Option(help="Segment-everything setting for the recall (segment-anything's default).")] = 0.88,
+    stability_score_thresh: Annotated[float, typer.Option(help="Segment-everything setting for the recall (segment-anything's default).")] = 0.95,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     from samantic.io import atomic_write_bytes, atomic_write_json
     from samantic.models import create_model
     from samantic.train.metrics import evaluate_sam
 
+    amg = {"pred_iou_thresh": pred_iou_thresh, "stability_score_thresh": stability_score_thresh}
+
     point_seeds, recall_seeds = parse_seeds(seeds), parse_seeds(amg_seeds)
     try:
         sam = create_model(model, checkpoint=checkpoint)
-        result = evaluate_sam(sam, point_seeds, recall_seeds, progress=progress)
+        result = evaluate_sam(sam, point_seeds, recall_seeds, progress=progress, amg_kwargs=amg)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     command = f"samantic eval sam --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "") + \
         f" --seeds {seeds} --amg-seeds {amg_seeds}"
+    if amg != SAM_AMG_DEFAULTS:
+        command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in amg.items())
     payload = {"model": model, "checkpoint": checkpoint, "seeds": seeds, "amg_seeds": amg_seeds, "command": command,
-               **result.to_dict()}
+               "segment_everything": amg, **result.to_dict()}
     atomic_write_json(out / "eval_sam.json", payload, indent=2)
     md = f"`{command}`\n\n{result.markdown()}\n"
     atomic_write_bytes(out / "eval_sam.md", md.encode())

@@ -67,10 +67,13 @@ def segment(
     out: Annotated[Path, typer.Option(help="Output folder: NAME.json (COCO results, RLE) and NAME.overlay.png per image; with --head also NAME.semantic.png.")],
     model: Annotated[str, typer.Option(help="Registered model (see `samantic weights list`).")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Weights file or tag (default: the model's shipped weights).")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="Run an exported bundle (`samantic export bundle`) instead of --model: no torch needed with the onnxruntime backend.")] = None,
+    backend: Annotated[str, typer.Option(help="With --bundle: auto, onnxruntime, tensorrt or torch.")] = "auto",
+    precision: Annotated[str, typer.Option(help="With --bundle: fp32, int8 (onnxruntime dynamic INT8 / TensorRT) or fp16 (TensorRT).")] = "fp32",
     points_per_side: Annotated[int, typer.Option(min=1)] = 32,
     points_per_batch: Annotated[int, typer.Option(min=1)] = 64,
-    pred_iou_thresh: Annotated[float, typer.Option()] = 0.88,
-    stability_score_thresh: Annotated[float, typer.Option()] = 0.95,
+    pred_iou_thresh: Annotated[Optional[float], typer.Option(help="[default: 0.88, or the bundle's]")] = None,
+    stability_score_thresh: Annotated[Optional[float], typer.Option(help="[default: 0.95, or the bundle's]")] = None,
     stability_score_offset: Annotated[float, typer.Option(min=0.0)] = 1.0,
     box_nms_thresh: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.7,
     crop_n_layers: Annotated[int, typer.Option(min=0)] = 0,
@@ -104,53 +107,70 @@ def segment(
 
     from samantic.io import ImageReadError, atomic_write_image, overlay_masks, read_image
     from samantic.io.writers import coco_results, write_label_png, write_mask_pngs, write_results_json
-    from samantic.models import create_model
     from samantic.ops import rle_decode
-    from samantic.pipeline import AmgConfig, AutomaticMaskGenerator
+    from samantic.pipeline import AmgConfig
+    from samantic.runtime import Segmenter
 
     try:
+        if classes is not None and head is None and bundle is None:
+            raise ValueError("--classes needs --head (a U-SAM head from `samantic train usam`) or a --bundle with a head")
+        if classes is not None:
+            from samantic.pipeline.scoring import check_class_names
+
+            check_class_names(classes, what="--classes list")
+        thresholds = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
+        if bundle is not None:
+            from samantic.runtime import Bundle
+
+            if head is not None or checkpoint is not None:
+                raise ValueError("--bundle brings its own weights and head; leave out --head/--checkpoint")
+            bundle_info = Bundle.load(bundle, verify=False)
+            thresholds.update({k: v for k, v in bundle_info.thresholds.items() if k in thresholds})
+        if pred_iou_thresh is not None:
+            thresholds["pred_iou_thresh"] = pred_iou_thresh
+        if stability_score_thresh is not None:
+            thresholds["stability_score_thresh"] = stability_score_thresh
         config = AmgConfig(
-            points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
+            points_per_side=points_per_side, points_per_batch=points_per_batch, **thresholds,
+            stability_score_offset=stability_score_offset,
             box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
             crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             min_mask_region_area=min_mask_region_area, output_mode="coco_rle", adaptive=adaptive, device=device,
         )
-        if classes is not None and head is None:
-            raise ValueError("--classes needs --head (a U-SAM head from `samantic train usam`)")
-        head_module = None
-        if head is not None:
-            from samantic.heads.usam import check_class_names, load_head
+        if bundle is not None:
+            segmenter = Segmenter.from_bundle(bundle, backend=backend, precision=precision, classes=classes,
+                                              score_thresh=score_thresh, config=config)
+            model = bundle_info.model_id
+            weights = f"bundle {bundle}, {segmenter.engine.name} {precision}"
+        else:
+            from samantic.models import create_model, get_model_entry
 
-            if classes is not None:
-                check_class_names(classes, what="--classes list")
-            head_module = load_head(head)
-        sam = create_model(model, checkpoint=checkpoint)
-        segmenter = None
-        if head_module is not None:
-            from samantic.runtime import Segmenter
+            head_module = None
+            if head is not None:
+                from samantic.heads.usam import load_head
 
-            head_module.check_model(sam, model, head)
+                head_module = load_head(head)
+            sam = create_model(model, checkpoint=checkpoint)
+            if head_module is not None:
+                head_module.check_model(sam, model, head)
             segmenter = Segmenter(sam, head_module, classes=classes, score_thresh=score_thresh, config=config)
+            if checkpoint:
+                weights = checkpoint
+            elif get_model_entry(model).default_weights:
+                weights = "shipped weights"
+            else:
+                weights = "RANDOM weights: no trained weights are shipped for this model, pass --checkpoint"
+                typer.echo(f"warning: {model} has no trained weights; its masks will be meaningless (pass --checkpoint)",
+                           err=True)
     except (ValueError, FileNotFoundError, ImportError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    generator = AutomaticMaskGenerator(sam, config=config) if segmenter is None else None
-    names = segmenter.names if segmenter is not None else ()
-    from samantic.models import get_model_entry
-
-    if checkpoint:
-        weights = checkpoint
-    elif get_model_entry(model).default_weights:
-        weights = "shipped weights"
-    else:
-        weights = "RANDOM weights: no trained weights are shipped for this model, pass --checkpoint"
-        typer.echo(f"warning: {model} has no trained weights; its masks will be meaningless (pass --checkpoint)",
-                   err=True)
+    names = segmenter.names
+    head_name = head if head is not None else (bundle if names else None)
     console.print(f"model {model} ({escape(str(weights))}), {points_per_side}x{points_per_side} points, "
-                  f"pred_iou_thresh {pred_iou_thresh}, stability_score_thresh {stability_score_thresh}"
+                  f"pred_iou_thresh {config.pred_iou_thresh}, stability_score_thresh {config.stability_score_thresh}"
                   + (", adaptive prompting" if adaptive else "")
-                  + (f", classes {','.join(names)} ({escape(str(head))})" if names else "")
+                  + (f", classes {','.join(names)} ({escape(str(head_name))})" if names else "")
                   + f"; {len(jobs)} image(s) -> {out}")
 
     done = skipped = n_masks = 0
@@ -177,28 +197,24 @@ def segment(
                     continue
                 warnings.extend((str(job.source), n) for n in notes)
                 t0 = time.perf_counter()
-                result = None
-                if segmenter is not None:
-                    result = segmenter(image)
-                    records = result.instances
-                else:
-                    records = generator.generate(image)
+                result = segmenter(image)
+                records = result.instances
                 seconds += time.perf_counter() - t0
                 h, w = image.shape[:2]
                 # step: overlay and mask PNGs first, the results JSON last (it marks the image as done)
                 masks = rle_decode([r["segmentation"] for r in records]) if records else None
-                labels = [r["category"] for r in records] if result is not None else None
+                labels = [r["category"] for r in records] if names else None
                 if masks is not None:
                     atomic_write_image(out / f"{job.name}.overlay.png", overlay_masks(image, masks, labels))
                 else:
                     atomic_write_image(out / f"{job.name}.overlay.png", image)
-                if result is not None:
+                if names:
                     write_label_png(out / f"{job.name}.semantic.png", result.semantic_map)
                 if mask_pngs and masks is not None:
                     write_mask_pngs(out / f"{job.name}.masks", masks, records)
-                extra = {}
-                if result is not None:
-                    extra = {"head": str(head), "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+                extra = {"bundle": str(bundle), "backend": segmenter.engine.name} if bundle is not None else {}
+                if names:
+                    extra.update(head=str(head_name), categories=[{"id": i + 1, "name": n} for i, n in enumerate(names)])
                     for r in records:
                         r["score"] = r["class_score"]
                 write_results_json(result_path, {"file_name": str(job.source), "height": h, "width": w},

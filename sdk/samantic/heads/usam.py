@@ -21,27 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from samantic.pipeline.scoring import ScoredMasks
+from samantic.pipeline.scoring import NONE_CLASS, ScoredMasks, check_class_names  # noqa: F401 (re-exported)
 
 HEAD_FORMAT = "samantic.usam_head.v1"
-NONE_CLASS = "__none__"
-
-
-def check_class_names(classes: Union[str, Sequence[str]], what: str = "class list") -> Tuple[str, ...]:
-    """Parses ``"a,b"`` or a sequence into a tuple of names; rejects empty and duplicate names."""
-    if isinstance(classes, str):
-        classes = [c.strip() for c in classes.split(",")]
-    names = tuple(str(c).strip() for c in classes)
-    if not names or all(not n for n in names):
-        raise ValueError(f"the {what} is empty; give class names like 'circle,star'")
-    if any(not n for n in names):
-        raise ValueError(f"the {what} {','.join(names)!r} has an empty name")
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        raise ValueError(f"the {what} names {', '.join(dups)} more than once")
-    if NONE_CLASS in names:
-        raise ValueError(f"{NONE_CLASS!r} is reserved")
-    return names
 
 
 def parse_groups(specs: Sequence[str]) -> Dict[str, Tuple[str, ...]]:

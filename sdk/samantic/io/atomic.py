@@ -51,14 +51,16 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int = None) -> Path:
 
 
 def atomic_write_image(path: PathLike, image_rgb: np.ndarray) -> Path:
-    """Encodes an RGB (or single-channel) uint8 image by the file's extension and writes it atomically."""
-    import cv2
+    """Encodes an RGB (or single-channel) uint8 image by the file's extension (Pillow) and writes it atomically."""
+    import io
+
+    from PIL import Image
 
     path = Path(path)
     img = np.asarray(image_rgb)
-    if img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(path.suffix or ".png", img)
-    if not ok:
-        raise ValueError(f"cannot encode an image of shape {img.shape} as {path.suffix!r} for {path}")
-    return atomic_write_bytes(path, buf.tobytes())
+    fmt = Image.registered_extensions().get((path.suffix or ".png").lower())
+    if fmt is None or img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (3, 4))):
+        raise ValueError(f"cannot encode a {img.dtype} image of shape {img.shape} as {path.suffix!r} for {path}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, format=fmt)
+    return atomic_write_bytes(path, buf.getvalue())

@@ -26,29 +26,19 @@ def _truncated(data: bytes) -> bool:
     return False
 
 
-def _jpeg_components(data: bytes) -> int:
-    """Number of colour components in a JPEG's frame header (4 = CMYK/YCCK), 0 if not found."""
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            return 0
-        marker = data[i + 1]
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return data[i + 9]
-        i += 2 + length
+def _png_bit_depth(data: bytes) -> int:
+    """Bits per sample from a PNG's IHDR chunk (0 if not a PNG): Pillow reads 16-bit RGB as 8-bit silently."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[12:16] == b"IHDR":
+        return data[24]
     return 0
 
 
 def _header_size(data: bytes):
-    """(width, height) from the header without decoding pixels, when Pillow is available."""
-    try:
-        import io
-
-        from PIL import Image
-    except ImportError:
-        return None
+    """(width, height) from the header without decoding pixels."""
+    import io
     import warnings
+
+    from PIL import Image
 
     try:
         with warnings.catch_warnings():
@@ -59,12 +49,17 @@ def _header_size(data: bytes):
         return None
 
 
+# Pillow modes with more than 8 bits per sample, by the numpy dtype they stand for
+_DEEP_MODES = {"I;16": "uint16", "I;16L": "uint16", "I;16B": "uint16", "I;16N": "uint16", "I": "int32", "F": "float32"}
+
+
 def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
                notes: Optional[List[str]] = None) -> np.ndarray:
-    """Reads an image file as uint8 RGB ``[H, W, 3]``.
+    """Reads an image file as uint8 RGB ``[H, W, 3]``, with its EXIF orientation applied.
 
     Grayscale is expanded to three channels, an alpha channel dropped and CMYK
     JPEGs converted; 16-bit images are rejected rather than silently rescaled.
+    Decoding is Pillow's, so reading needs neither OpenCV nor torch.
 
     Args:
         path: the image file.
@@ -74,7 +69,10 @@ def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
     Raises:
         ImageReadError: missing, empty, truncated, undecodable, too large or unsupported file.
     """
-    import cv2
+    import io
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
     if not p.exists():
@@ -89,29 +87,38 @@ def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
         raise ImageReadError(f"{p}: {size[0]}x{size[1]} pixels is more than the limit of {max_pixels:,}")
     if _truncated(data):
         raise ImageReadError(f"{p}: truncated (the file ends before the image data does)")
-    is_jpeg = data[:2] == b"\xff\xd8"
-    if is_jpeg and notes is not None and _jpeg_components(data) == 4:
-        notes.append("CMYK converted to RGB")
-    # JPEG has no alpha and may be CMYK: let the decoder convert it to BGR
-    flags = cv2.IMREAD_COLOR if is_jpeg else cv2.IMREAD_UNCHANGED
+    if _png_bit_depth(data) == 16:
+        raise ImageReadError(f"{p}: uint16 pixels are not supported; convert it to 8-bit")
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    except cv2.error as e:
-        raise ImageReadError(f"{p}: cannot be decoded ({str(e).strip().splitlines()[-1]})") from None
-    if img is None:
-        raise ImageReadError(f"{p}: not a readable image (unknown format or truncated data)")
-    if img.shape[0] * img.shape[1] > max_pixels:
-        raise ImageReadError(f"{p}: {img.shape[1]}x{img.shape[0]} pixels is more than the limit of {max_pixels:,}")
-    if img.dtype != np.uint8:
-        raise ImageReadError(f"{p}: {img.dtype} pixels are not supported; convert it to 8-bit")
-    if img.ndim == 2:
-        if notes is not None:
-            notes.append("grayscale expanded to RGB")
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        if notes is not None:
-            notes.append("alpha channel dropped")
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    if img.shape[2] == 3:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    raise ImageReadError(f"{p}: {img.shape[2]} channels are not supported")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{p}: not a readable image (unknown format)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(f"{p}: not a readable image ({e})") from None
+    if im.width * im.height > max_pixels:
+        raise ImageReadError(f"{p}: {im.width}x{im.height} pixels is more than the limit of {max_pixels:,}")
+    mode = im.mode
+    if mode in _DEEP_MODES:
+        raise ImageReadError(f"{p}: {_DEEP_MODES[mode]} pixels are not supported; convert it to 8-bit")
+    note = None
+    if mode in ("1", "L"):
+        note = "grayscale expanded to RGB"
+    elif mode == "LA":
+        note = "grayscale expanded to RGB, alpha channel dropped"
+    elif mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+        note = "alpha channel dropped"
+    elif mode == "CMYK":
+        note = "CMYK converted to RGB"
+    elif mode not in ("RGB", "P", "YCbCr", "LAB", "HSV"):
+        raise ImageReadError(f"{p}: pixel mode {mode!r} is not supported; convert it to 8-bit RGB")
+    if note and notes is not None:
+        notes.append(note)
+    if mode in ("RGBA", "LA", "PA", "P"):
+        # alpha is dropped, not composited: the colour values stay as stored
+        im = im.convert("RGBA") if mode != "RGBA" else im
+        return np.ascontiguousarray(np.asarray(im)[..., :3])
+    return np.ascontiguousarray(np.asarray(im.convert("RGB")))

@@ -1,7 +1,8 @@
-"""Overlays of masks on images, for people to look at."""
+"""Overlays of masks on images, for people to look at (numpy + Pillow, no OpenCV)."""
 
 from __future__ import annotations
 
+import colorsys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -9,11 +10,35 @@ import numpy as np
 
 def palette(n: int, seed: int = 0) -> np.ndarray:
     """``n`` distinct, saturated RGB colours (uint8 ``[n, 3]``), stable for a seed."""
-    import cv2
-
     hues = (np.arange(n) * 0.61803398875 + seed * 0.1) % 1.0
-    hsv = np.stack([hues * 179, np.full(n, 200), np.full(n, 255)], -1).astype(np.uint8)[None]
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
+    rgb = [colorsys.hsv_to_rgb(float(h), 200 / 255, 1.0) for h in hues]
+    return np.round(np.array(rgb, np.float64).reshape(n, 3) * 255).astype(np.uint8)
+
+
+def _dilate(m: np.ndarray) -> np.ndarray:
+    """3x3 dilation of a boolean mask."""
+    p = np.pad(m, 1)
+    h, w = m.shape
+    out = np.zeros_like(m)
+    for dy in range(3):
+        for dx in range(3):
+            out |= p[dy : dy + h, dx : dx + w]
+    return out
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """A two-pixel boundary band of a boolean mask: pixels within one step of both the mask and its outside."""
+    m = np.asarray(mask, bool)
+    return _dilate(m) & _dilate(~m)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
 
 
 def overlay_masks(
@@ -33,8 +58,6 @@ def overlay_masks(
     Returns:
         uint8 ``[H, W, 3]`` RGB.
     """
-    import cv2
-
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
@@ -49,14 +72,18 @@ def overlay_masks(
         out[m] = out[m] * (1 - alpha) + colours[i].astype(np.float32) * alpha
     out = out.clip(0, 255).astype(np.uint8)
     for i in order:
-        contours, _ = cv2.findContours(masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in colours[i]), 2, cv2.LINE_AA)
+        out[outline(masks[i])] = colours[i]
     if labels is not None:
+        from PIL import Image, ImageDraw
+
+        canvas = Image.fromarray(out)
+        draw = ImageDraw.Draw(canvas)
+        font = _font(12)
         for i in order:
             ys, xs = np.nonzero(masks[i])
             if len(xs) == 0:
                 continue
-            org = (int(xs.min()), max(12, int(ys.min()) - 4))
-            cv2.putText(out, str(labels[i]), org, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
-            cv2.putText(out, str(labels[i]), org, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+            org = (int(xs.min()), max(0, int(ys.min()) - 14))
+            draw.text(org, str(labels[i]), fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+        out = np.asarray(canvas).copy()
     return out

@@ -9,6 +9,7 @@ or a compressed ``str``/``bytes`` (like ``pycocotools.mask.encode``).
 
 from samantic.ops.nms import mask_nms, nms
 from samantic.ops.postprocess import PostprocessResult, postprocess_masks
+from samantic.ops.regions import remove_small_regions
 from samantic.ops.rle import (
     RleBatch,
     rle_area,
@@ -27,6 +28,7 @@ __all__ = [
     "mask_nms",
     "nms",
     "postprocess_masks",
+    "remove_small_regions",
     "rle_area",
     "rle_compress",
     "rle_decode",

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from samantic.ops import RleBatch, nms, postprocess_masks, rle_area, rle_decode, rle_encode
+from samantic.ops import RleBatch, nms, postprocess_masks, remove_small_regions, rle_area, rle_decode, rle_encode
 from samantic.ops.rle import _index
 from samantic.pipeline.config import AmgConfig
 from samantic.pipeline.engine import Engine, PromptOutputs
@@ -362,27 +362,3 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
         if len(xs):
             out[i] = [xs[0], ys[0], xs[-1], ys[-1]]
     return out
-
-
-def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str):
-    """Fills holes (``mode="holes"``) or drops islands (``"islands"``) smaller than ``area_thresh`` pixels.
-
-    Islands: if every island is small, the largest one stays. Returns (mask, changed).
-    """
-    import cv2
-
-    if mode not in ("holes", "islands"):
-        raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}")
-    holes = mode == "holes"
-    work = (~mask if holes else mask).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(work, connectivity=8)
-    sizes = stats[1:, cv2.CC_STAT_AREA]
-    small = np.nonzero(sizes < area_thresh)[0] + 1
-    if len(small) == 0:
-        return mask, False
-    if holes:
-        return mask | np.isin(labels, small), True
-    large = np.setdiff1d(np.arange(1, n), small)
-    if len(large) == 0:
-        large = np.array([int(np.argmax(sizes)) + 1])
-    return np.isin(labels, large), True

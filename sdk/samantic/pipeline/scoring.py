@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
+
+
+NONE_CLASS = "__none__"  # the "none of these" column of a semantic head
+
+
+def check_class_names(classes: Union[str, Sequence[str]], what: str = "class list") -> Tuple[str, ...]:
+    """Parses ``"a,b"`` or a sequence into a tuple of names; rejects empty and duplicate names."""
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",")]
+    names = tuple(str(c).strip() for c in classes)
+    if not names or all(not n for n in names):
+        raise ValueError(f"the {what} is empty; give class names like 'circle,star'")
+    if any(not n for n in names):
+        raise ValueError(f"the {what} {','.join(names)!r} has an empty name")
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ValueError(f"the {what} names {', '.join(dups)} more than once")
+    if NONE_CLASS in names:
+        raise ValueError(f"{NONE_CLASS!r} is reserved")
+    return names
 
 
 @dataclass
@@ -66,9 +86,7 @@ class ClassLogitScorer:
                  names: Optional[Sequence[str]] = None, score_thresh: float = 0.5) -> None:
         classes = tuple(classes)
         groups = {k: tuple(v) for k, v in (groups or {}).items()}
-        if isinstance(names, str):
-            names = [n.strip() for n in names.split(",")]
-        names = classes if names is None else tuple(names)
+        names = classes if names is None else check_class_names(names, what="list of requested classes")
         known = list(classes) + [g for g in groups if g not in classes]
         unknown = [n for n in names if n not in known]
         if not names or unknown:
