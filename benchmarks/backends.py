@@ -50,7 +50,8 @@ def _worker(args: argparse.Namespace) -> None:
     from samantic.runtime import Segmenter
     from samantic.train.metrics import mask_iou
 
-    kw = dict(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch)
+    kw = dict(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+              pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
     t = time.perf_counter()
     seg = Segmenter.from_bundle(args.bundle, backend=args.worker, device="cpu", precision=args.precision,
                                 threads=args.threads, **kw)
@@ -85,6 +86,7 @@ def _spawn(bundle: Path, backend: str, precision: str, args: argparse.Namespace,
     cmd = [sys.executable, __file__, "--worker", backend, "--precision", precision, "--bundle", str(bundle),
            "--images", str(args.images), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--points-per-side", str(args.points_per_side), "--points-per-batch", str(args.points_per_batch),
+           "--pred-iou-thresh", str(args.pred_iou_thresh), "--stability-score-thresh", str(args.stability_score_thresh),
            "--worker-out", str(out)]
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     return json.loads(out.read_text())
@@ -174,6 +176,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--points-per-side", type=int, default=16)
     p.add_argument("--points-per-batch", type=int, default=64)
+    p.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    p.add_argument("--stability-score-thresh", type=float, default=0.95)
     p.add_argument("--nano-checkpoint", default=None, help="trained sam_nano weights (accuracy numbers need them)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--name", default="backends", help="report file name (<name>.json, <name>.md)")
