@@ -93,7 +93,8 @@ def main() -> None:
         up_e = early.stats["masks_upscaled"]
         t = time.perf_counter()
         rl = late(image)
-        ms = rl.masks.select(np.nonzero(rl.masks.fields["wanted"])[0])
+        wanted = rl.masks.fields.get("wanted", np.zeros(len(rl.masks), bool))  # absent when nothing survived
+        ms = rl.masks.select(np.nonzero(wanted)[0])
         tl = time.perf_counter() - t
         up_l = late.stats["masks_upscaled"]
         rows.append({"seed": seed, "early_s": te, "late_s": tl, "early_masks": len(re), "late_masks": len(ms),
