@@ -202,7 +202,7 @@ def segment(
                 seconds += time.perf_counter() - t0
                 h, w = image.shape[:2]
                 # step: overlay and mask PNGs first, the results JSON last (it marks the image as done)
-                masks = rle_decode([r["segmentation"] for r in records]) if records else None
+                masks = rle_decode(result.masks.rles) if records else None  # the batch, not the records' strings
                 labels = [r["category"] for r in records] if names else None
                 if masks is not None:
                     atomic_write_image(out / f"{job.name}.overlay.png", overlay_masks(image, masks, labels))
