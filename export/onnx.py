@@ -35,6 +35,8 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from samantic.pipeline.transformer import two_way_transformer
+
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9-20
 MULTIMASK = 3  # the pipeline always asks for SAM's three masks per prompt
 
@@ -101,10 +103,9 @@ class PromptsOnnx(nn.Module):
         sparse = self.embed_points(point_coords, point_labels)
         b = sparse.shape[0]
         tokens = torch.cat([self.output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
-        src = (image_embeddings + self.no_mask).expand(b, -1, -1, -1)
-        pos = self.dense_pe.expand(b, -1, -1, -1)
         _, c, h, w = self.dense_pe.shape
-        hs, src_out = self.transformer(src, pos, tokens)
+        # the image embedding is shared by every prompt, not repeated (see samantic.pipeline.transformer)
+        hs, src_out = two_way_transformer(self.transformer, image_embeddings + self.no_mask, self.dense_pe, tokens)
         iou = self.iou_prediction_head(hs[:, 0, :])[:, 1:]
         mask_tokens = hs[:, 2 : 1 + self.num_mask_tokens, :]
         src_out = src_out.transpose(1, 2).reshape(b, c, h, w)

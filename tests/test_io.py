@@ -72,3 +72,27 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
         atomic_write_json(p, {"bad": object()})
     assert json.loads(p.read_text()) == {"ok": 1}
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with no pixel data (what a decompression bomb looks like)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("size", [(12000, 9000), (40000, 40000)])  # over our limit; over Pillow's own bomb limit too
+def test_read_image_refuses_huge_headers_before_decoding(tmp_path, size):
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_png_header_only(*size))
+    with pytest.raises(ImageReadError, match=r"bomb\.png: .*(limit|too large)"):
+        read_image(p)
+    # the same header under a raised limit is decoded, and then found to have no pixel data
+    if size[0] * size[1] < 200_000_000:
+        with pytest.raises(ImageReadError, match="bomb.png: not a readable image"):
+            read_image(p, max_pixels=size[0] * size[1])

@@ -185,3 +185,34 @@ def test_trained_nano_matches_reference_at_its_thresholds(shipped_nano, seed):
     ours = AutomaticMaskGenerator(shipped_nano, **kw).generate(image)
     assert len(ref) >= 2, "the trained nano keeps masks at these thresholds"
     assert_equivalent(ref, ours)
+
+
+# (depth, width, heads, mlp): sam_nano's decoder, the official checkpoints' decoder, no layers, only the first layer
+TRANSFORMERS = {"nano": (2, 128, 4, 512), "official": (2, 256, 8, 2048), "depth-0": (0, 64, 4, 128),
+                "depth-1": (1, 64, 4, 128)}
+
+
+@pytest.mark.parametrize("arch, batch", [("nano", 1), ("nano", 5), ("official", 3), ("depth-0", 4), ("depth-1", 4)])
+def test_shared_image_transformer_matches_segment_anything(arch, batch):
+    """The folded, image-shared two-way transformer against segment-anything's on the image repeated B times."""
+    from segment_anything.modeling import TwoWayTransformer
+
+    from samantic.pipeline.transformer import two_way_transformer
+
+    torch.manual_seed(batch)
+    depth, width, heads, mlp = TRANSFORMERS[arch]
+    transformer = TwoWayTransformer(depth=depth, embedding_dim=width, num_heads=heads, mlp_dim=mlp)
+    with torch.no_grad():  # random biases everywhere, so the folded bias terms are exercised
+        for p in transformer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    c = transformer.embedding_dim
+    image, pe = torch.randn(1, c, 16, 12), torch.randn(1, c, 16, 12)
+    tokens = torch.randn(batch, 7, c)
+    with torch.no_grad():
+        ref_q, ref_k = transformer(image.repeat(batch, 1, 1, 1), pe.repeat(batch, 1, 1, 1), tokens)
+        q, k = two_way_transformer(transformer, image, pe, tokens)
+        # a per-prompt image batch (no sharing) takes the same path
+        q2, k2 = two_way_transformer(transformer, image.repeat(batch, 1, 1, 1), pe, tokens)
+    assert q.shape == ref_q.shape and k.shape == ref_k.shape
+    for a, b in ((q, ref_q), (k, ref_k), (q2, ref_q), (k2, ref_k)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

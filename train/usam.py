@@ -66,37 +66,38 @@ class BagFeatures:
 class FeatureExtractor:
     """Grid-prompts SAM on an image and returns every (prompt, output)'s mask token and predicted IoU.
 
-    Tokens come from the decoder's transformer (the same pass the pipeline's
-    early filter reads), so no mask is upscaled.
+    It runs the segment-everything pipeline's own torch engine (preprocessing,
+    encoder, prompt encoder and transformer), so the tokens are those the
+    pipeline's early filter reads, and no mask is upscaled.
     """
 
     def __init__(self, model, points_per_side: int = 16, points_per_batch: int = 256) -> None:
-        from segment_anything import SamPredictor
-
-        from samantic.pipeline.decoder import PromptMaskDecoder
+        from samantic.pipeline.amg import TorchEngine
         from samantic.pipeline.prompts import point_grid
 
         self.model = model.eval()
-        self.predictor = SamPredictor(model)
-        self.decoder = PromptMaskDecoder(model)
+        self.engine = TorchEngine(self.model)
         self.grid = point_grid(points_per_side)
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> BagFeatures:
-        self.predictor.set_image(image)
+        from samantic.pipeline.transforms import apply_coords, preprocess
+
+        engine = self.engine
         h, w = image.shape[:2]
-        points = self.predictor.transform.apply_coords(self.grid * np.array([w, h])[None], (h, w))
+        engine.encode(preprocess(image, engine.pixel_mean, engine.pixel_std, engine.img_size)[0])
+        points = apply_coords(self.grid * np.array([w, h])[None], (h, w), engine.img_size)
         tokens, ious = [], []
-        for s in range(0, len(points), self.points_per_batch):
-            coords = torch.as_tensor(points[s : s + self.points_per_batch], dtype=torch.float32)[:, None]
-            labels = torch.ones(coords.shape[:2], dtype=torch.int)
-            out = self.decoder.run(self.predictor.features, coords, labels, multimask_output=True)
-            tokens.append(out.mask_tokens.reshape(-1, out.mask_tokens.shape[-1]))
-            ious.append(out.iou_preds.reshape(-1))
-        self.predictor.reset_image()
-        return BagFeatures(torch.cat(tokens).half().numpy(), torch.cat(ious).float().numpy())
+        try:
+            for s in range(0, len(points), self.points_per_batch):
+                out = engine.run_prompts(points[s : s + self.points_per_batch])
+                tokens.append(out.mask_tokens.reshape(-1, out.mask_tokens.shape[-1]))
+                ious.append(out.iou_preds.reshape(-1))
+        finally:
+            engine.reset()
+        return BagFeatures(torch.cat(tokens).half().cpu().numpy(), np.concatenate(ious).astype(np.float32))
 
 
 class FeatureCache:

@@ -124,7 +124,7 @@ def segment(
 
             if head is not None or checkpoint is not None:
                 raise ValueError("--bundle brings its own weights and head; leave out --head/--checkpoint")
-            bundle_info = Bundle.load(bundle, verify=False)
+            bundle_info = Bundle.load(bundle, verify=False)  # verified once, by from_bundle
             thresholds.update({k: v for k, v in bundle_info.thresholds.items() if k in thresholds})
         if pred_iou_thresh is not None:
             thresholds["pred_iou_thresh"] = pred_iou_thresh
@@ -138,7 +138,7 @@ def segment(
             min_mask_region_area=min_mask_region_area, output_mode="coco_rle", adaptive=adaptive, device=device,
         )
         if bundle is not None:
-            segmenter = Segmenter.from_bundle(bundle, backend=backend, precision=precision, classes=classes,
+            segmenter = Segmenter.from_bundle(bundle_info, backend=backend, precision=precision, classes=classes,
                                               score_thresh=score_thresh, config=config)
             model = bundle_info.model_id
             weights = f"bundle {bundle}, {segmenter.engine.name} {precision}"

@@ -33,22 +33,6 @@ def _png_bit_depth(data: bytes) -> int:
     return 0
 
 
-def _header_size(data: bytes):
-    """(width, height) from the header without decoding pixels."""
-    import io
-    import warnings
-
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's decompression-bomb warning: we check the size ourselves
-            with Image.open(io.BytesIO(data)) as im:
-                return im.size
-    except Exception:
-        return None
-
-
 # Pillow modes with more than 8 bits per sample, by the numpy dtype they stand for
 _DEEP_MODES = {"I;16": "uint16", "I;16L": "uint16", "I;16B": "uint16", "I;16N": "uint16", "I": "int32", "F": "float32"}
 
@@ -82,25 +66,29 @@ def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
     data = p.read_bytes()
     if not data:
         raise ImageReadError(f"{p}: file is empty (0 bytes)")
-    size = _header_size(data)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise ImageReadError(f"{p}: {size[0]}x{size[1]} pixels is more than the limit of {max_pixels:,}")
-    if _truncated(data):
-        raise ImageReadError(f"{p}: truncated (the file ends before the image data does)")
-    if _png_bit_depth(data) == 16:
-        raise ImageReadError(f"{p}: uint16 pixels are not supported; convert it to 8-bit")
+    too_large = "{}x{} pixels is more than the limit of {:,}"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
+            warnings.simplefilter("ignore")  # Pillow's decompression-bomb warning: the size is checked here
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                if im.width * im.height > max_pixels:
+                    raise ImageReadError(f"{p}: " + too_large.format(im.width, im.height, max_pixels))
+                if _truncated(data):
+                    raise ImageReadError(f"{p}: truncated (the file ends before the image data does)")
+                if _png_bit_depth(data) == 16:
+                    raise ImageReadError(f"{p}: uint16 pixels are not supported; convert it to 8-bit")
                 im.load()
                 im = ImageOps.exif_transpose(im)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as e:  # beyond Pillow's own limit, raised while reading the header
+        raise ImageReadError(f"{p}: too large ({e})") from None
     except UnidentifiedImageError:
+        if _truncated(data):
+            raise ImageReadError(f"{p}: truncated (the file ends before the image data does)") from None
         raise ImageReadError(f"{p}: not a readable image (unknown format)") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"{p}: not a readable image ({e})") from None
-    if im.width * im.height > max_pixels:
-        raise ImageReadError(f"{p}: {im.width}x{im.height} pixels is more than the limit of {max_pixels:,}")
     mode = im.mode
     if mode in _DEEP_MODES:
         raise ImageReadError(f"{p}: {_DEEP_MODES[mode]} pixels are not supported; convert it to 8-bit")

@@ -5,7 +5,9 @@ then upscales the image embedding and applies the hypernetworks for every
 prompt, and predicts IoU from the IoU token. The IoU (and any head reading the
 mask tokens) needs only the transformer's output, so :class:`PromptMaskDecoder`
 stops there; :meth:`PromptMaskDecoder.masks` computes the low-res logits of the
-selected (prompt, mask) pairs only, with the same modules and weights.
+selected (prompt, mask) pairs only, with the same modules and weights. The
+transformer itself runs through :func:`samantic.pipeline.transformer.two_way_transformer`,
+which does not copy the image embedding per prompt.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from samantic.pipeline.transformer import two_way_transformer
 
 
 @dataclass
@@ -60,10 +64,11 @@ class PromptMaskDecoder:
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse), dim=1)
-        src = torch.repeat_interleave(image_embedding, tokens.shape[0], dim=0) + dense
-        pos_src = torch.repeat_interleave(self.prompt_encoder.get_dense_pe(), tokens.shape[0], dim=0)
-        b, c, h, w = src.shape
-        hs, src = dec.transformer(src, pos_src, tokens)
+        dense = dense[:1]  # no mask prompts: every prompt's dense embedding is ``no_mask_embed``
+        b = tokens.shape[0]
+        _, c, h, w = image_embedding.shape
+        # the image is not repeated per prompt (see samantic.pipeline.transformer)
+        hs, src = two_way_transformer(dec.transformer, image_embedding + dense, self.prompt_encoder.get_dense_pe(), tokens)
         iou_all = dec.iou_prediction_head(hs[:, 0, :])
         mask_tokens_all = hs[:, 1 : 1 + dec.num_mask_tokens, :]
         token_index = torch.arange(1, dec.num_mask_tokens) if multimask_output else torch.arange(0, 1)

@@ -205,14 +205,14 @@ class Segmenter:
         return Result(masks, records, self.names, image)
 
     @staticmethod
-    def from_bundle(path: Union[str, Path], backend: str = "auto", device: str = "auto", *,
+    def from_bundle(path: Union[str, Path, Bundle], backend: str = "auto", device: str = "auto", *,
                     precision: str = "fp32", classes: Optional[Union[str, Sequence[str]]] = None,
                     score_thresh: Optional[float] = None, config: Optional[AmgConfig] = None,
                     threads: Optional[int] = None, verify: bool = True, **options: Any) -> "Segmenter":
         """Loads a bundle (verifying its files) and builds a Segmenter on a backend.
 
         Args:
-            path: the bundle directory.
+            path: the bundle directory, or a :class:`Bundle` already loaded.
             backend: ``"auto"`` (TensorRT when an engine for this GPU, TensorRT version and
                 precision is in the bundle and TensorRT is installed, else onnxruntime),
                 ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"`` (needs the bundle's torch weights).
@@ -232,7 +232,12 @@ class Segmenter:
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        bundle = Bundle.load(path, verify=verify)
+        if isinstance(path, Bundle):  # already loaded (e.g. by the CLI, to read its thresholds)
+            bundle = path
+            if verify:
+                bundle.verify()
+        else:
+            bundle = Bundle.load(path, verify=verify)
         if config is None:
             known = set(AmgConfig.__dataclass_fields__)
             config = AmgConfig(output_mode="coco_rle", **{k: v for k, v in bundle.thresholds.items() if k in known})
