@@ -133,6 +133,12 @@ def matched(ref_rles: List[dict], our_rles: List[dict], thr: float) -> int:
     if not ref_rles or not our_rles:
         return 0
     iou = np.atleast_2d(mask_utils.iou(our_rles, ref_rles, [0] * len(ref_rles)))
+    # pycocotools gives 0 for two empty masks; with thresholds at 0 both generators keep many empty masks
+    # (stability 0 passes a threshold of 0), and an empty mask equals an empty mask
+    def empty(rles):  # (pycocotools' area() of a long list overflows a uint8 under numpy 2)
+        return np.array([mask_utils.area(r) == 0 for r in rles], bool)
+
+    iou[np.ix_(empty(our_rles), empty(ref_rles))] = 1.0
     used, n = set(), 0
     for j in np.argsort(-iou.max(0)):
         i = int(np.argmax(np.where([k in used for k in range(len(our_rles))], -1, iou[:, j])))
