@@ -67,6 +67,7 @@ def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
     if not data:
         raise ImageReadError(f"{p}: file is empty (0 bytes)")
     too_large = "{}x{} pixels is more than the limit of {:,}"
+    truncated = f"{p}: truncated (the file ends before the image data does)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's decompression-bomb warning: the size is checked here
@@ -74,7 +75,7 @@ def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
                 if im.width * im.height > max_pixels:
                     raise ImageReadError(f"{p}: " + too_large.format(im.width, im.height, max_pixels))
                 if _truncated(data):
-                    raise ImageReadError(f"{p}: truncated (the file ends before the image data does)")
+                    raise ImageReadError(truncated)
                 if _png_bit_depth(data) == 16:
                     raise ImageReadError(f"{p}: uint16 pixels are not supported; convert it to 8-bit")
                 im.load()
@@ -85,7 +86,7 @@ def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
         raise ImageReadError(f"{p}: too large ({e})") from None
     except UnidentifiedImageError:
         if _truncated(data):
-            raise ImageReadError(f"{p}: truncated (the file ends before the image data does)") from None
+            raise ImageReadError(truncated) from None
         raise ImageReadError(f"{p}: not a readable image (unknown format)") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"{p}: not a readable image ({e})") from None
