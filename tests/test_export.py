@@ -190,6 +190,20 @@ def test_int8_runs_and_stays_close(nano, bundle_dir):
     assert np.mean(best >= 0.8) >= 0.8
 
 
+def test_onnxruntime_threads_do_not_spin_between_runs_unless_asked(bundle_dir):
+    from samantic.runtime.bundle import Bundle
+    from samantic.runtime.onnxruntime import OnnxRuntimeEngine
+
+    # three sessions with a pool each: spinning threads of one graph would steal the cores of the next
+    key = "session.intra_op.allow_spinning"
+    seg = Segmenter.from_bundle(bundle_dir, backend="onnxruntime", device="cpu", **PARITY_KW)
+    assert {g: s.get_session_options().get_session_config_entry(key) for g, s in seg.engine.sessions.items()} == {
+        "encoder": "0", "prompts": "0", "upscale": "0"}
+    eng = OnnxRuntimeEngine(Bundle.load(bundle_dir), device="cpu", spinning=True)
+    with pytest.raises(RuntimeError, match="does not have"):  # onnxruntime's default (spinning) stays
+        eng.sessions["encoder"].get_session_options().get_session_config_entry(key)
+
+
 def test_torch_backend_from_bundle(nano, bundle_dir):
     image = disk_image(101)
     ref = Segmenter(nano, **PARITY_KW)(image)

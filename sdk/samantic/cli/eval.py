@@ -123,3 +123,46 @@ def eval_usam(
     atomic_write_bytes(out / "eval_usam.md", text.encode())
     typer.echo(text)
     typer.echo(f"saved: {out / 'eval_usam.json'} and {out / 'eval_usam.md'}")
+
+
+@app.command("probe")
+def eval_probe(
+    model: Annotated[str, typer.Option(help="Registered SAM.")] = "sam_nano",
+    checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights (default: the model's shipped weights).")] = None,
+    train_seeds: Annotated[str, typer.Option(help="Scenes the probe is fitted on, START:STOP (disjoint from --seeds).")] = "500000:500080",
+    seeds: Annotated[str, typer.Option(help="Held-out scenes it is scored on, START:STOP.")] = "0:40",
+    features: Annotated[str, typer.Option(help="Feature sets, comma-separated; join features with '+' (token, pooled, shape).")] = "token,pooled,shape,token+shape",
+    points_per_side: Annotated[int, typer.Option(min=1)] = 16,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    out: Annotated[Path, typer.Option(help="Directory for eval_probe.json and eval_probe.md.")] = Path("runs/eval"),
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """The ceiling of a class head: a probe fitted on mask-level ground truth, per feature set."""
+    from samantic.io import atomic_write_bytes, atomic_write_json
+    from samantic.models import create_model
+    from samantic.train.data.shapes import CLASSES
+    from samantic.train.probe import collect_probe_data, parse_feature_sets, run_probe
+
+    fit_range, test_range = parse_seeds(train_seeds), parse_seeds(seeds)
+    if set(fit_range) & set(test_range):
+        raise typer.BadParameter(f"--train-seeds {train_seeds} and --seeds {seeds} overlap")
+    try:
+        sets = parse_feature_sets(features)
+        sam = create_model(model, checkpoint=checkpoint)
+        train = collect_probe_data(sam, fit_range, points_per_side, progress)
+        test = collect_probe_data(sam, test_range, points_per_side, progress)
+        result = run_probe(train, test, sets, len(CLASSES), epochs=epochs)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    command = (f"samantic eval probe --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "")
+               + f" --train-seeds {train_seeds} --seeds {seeds} --features {features} --points-per-side {points_per_side}"
+               + f" --epochs {epochs}")
+    payload = {"model": model, "checkpoint": checkpoint, "command": command, **result.to_dict()}
+    atomic_write_json(out / "eval_probe.json", payload, indent=2)
+    md = (f"`{command}`\n\nClass accuracy of a probe fitted with mask-level labels on {result.n_train[1]} matched masks "
+          f"({result.n_train[0]} in all), scored on {result.n_test[1]} matched held-out masks ({result.n_test[0]} in all).\n\n"
+          f"{result.markdown()}\n")
+    atomic_write_bytes(out / "eval_probe.md", md.encode())
+    typer.echo(md)
+    typer.echo(f"saved: {out / 'eval_probe.json'} and {out / 'eval_probe.md'}")

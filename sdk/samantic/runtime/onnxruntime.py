@@ -85,12 +85,15 @@ class OnnxRuntimeEngine(BundleEngine):
         device: ``"auto"`` (GPU providers when installed, else CPU), ``"cpu"``, ``"cuda[:N]"``.
         threads: intra-op threads (None: onnxruntime's default).
         providers: explicit providers, overriding ``device``.
+        spinning: let idle intra-op threads busy-wait for the next run (onnxruntime's default). Off by
+            default: each of the three sessions has its own pool, and threads spinning after one graph
+            steal the cores from the next graph and from the post-processing between runs.
     """
 
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "auto", threads: Optional[int] = None,
-                 providers: Optional[Sequence[Any]] = None) -> None:
+                 providers: Optional[Sequence[Any]] = None, spinning: bool = False) -> None:
         ort = import_onnxruntime()
         if precision not in ("fp32", "fp16", "int8"):
             raise ValueError(f"precision must be 'fp32', 'fp16' or 'int8', got {precision!r}")
@@ -100,6 +103,11 @@ class OnnxRuntimeEngine(BundleEngine):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = int(threads)
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # memory-pattern planning pre-allocates every intermediate of the encoder at once: sam_vit_b's
+        # encoder peaked at 6.9 GiB with it and 3.7 GiB without, at the same speed (benchmarks/backends.py)
+        options.enable_mem_pattern = False
         self.sessions = {}
         for g in ("encoder", "prompts", "upscale"):
             per = bundle.manifest["graphs"].get(g, {})
