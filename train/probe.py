@@ -78,18 +78,17 @@ def mask_features(engine, low_res: torch.Tensor, tokens: torch.Tensor) -> Dict[s
     """The three feature sets of K masks: tokens [K, D], low-res logits [K, L, L], engine holding the embedding."""
     from torchvision.ops import roi_align
 
+    from samantic.pipeline.generator import masks_to_boxes
+
     emb = engine.features[0].float()  # [C, h, w]
     prob = torch.sigmoid(low_res.float())
     k = prob.shape[0]
     weights = F.adaptive_avg_pool2d(prob[:, None], emb.shape[-2:])[:, 0].reshape(k, -1)
     pooled = (weights @ emb.reshape(emb.shape[0], -1).T) / weights.sum(1, keepdim=True).clamp(min=1e-3)
-    on = low_res > 0
-    rows, cols = on.any(2), on.any(1)
-    idx = torch.arange(on.shape[-1], dtype=torch.float32)
-    big = float(on.shape[-1])
-    y0 = torch.where(rows, idx, big).amin(1); y1 = torch.where(rows, idx, -1.0).amax(1) + 1
-    x0 = torch.where(cols, idx, big).amin(1); x1 = torch.where(cols, idx, -1.0).amax(1) + 1
-    empty = ~rows.any(1)
+    on = (low_res > 0).numpy()
+    empty = torch.from_numpy(~on.any((1, 2)))
+    x0, y0, x1, y1 = torch.from_numpy(masks_to_boxes(on).astype(np.float32)).unbind(1)
+    x1, y1 = x1 + 1, y1 + 1  # masks_to_boxes' max is inclusive
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     half = torch.maximum(x1 - x0, y1 - y0).clamp(min=1) / 2
     boxes = torch.stack([torch.arange(k, dtype=torch.float32), cx - half, cy - half, cx + half, cy + half], 1)
@@ -118,32 +117,27 @@ class ProbeData:
 @torch.no_grad()
 def collect_probe_data(model, seeds: Iterable[int], points_per_side: int = 16, progress: bool = True) -> ProbeData:
     """Every (grid prompt, multimask output) of the scenes ``seeds``, with features and labels."""
-    from samantic.pipeline.amg import TorchEngine
-    from samantic.pipeline.prompts import point_grid
-    from samantic.pipeline.transforms import apply_coords, preprocess
+    from samantic.pipeline.prompts import preprocess_shape
     from samantic.train.data.shapes import CLASSES, render_scene
     from samantic.train.metrics import _progress
+    from samantic.train.usam import FeatureExtractor
 
-    engine = TorchEngine(model.eval())
-    grid = point_grid(points_per_side)
+    extractor = FeatureExtractor(model, points_per_side=points_per_side)
+    engine = extractor.engine
     seeds = list(seeds)
     parts = []
     with _progress(progress, len(seeds)) as tick:
         for seed in seeds:
             scene = render_scene(seed)
-            h, w = scene.image.shape[:2]
-            x, resized = preprocess(scene.image, engine.pixel_mean, engine.pixel_std, engine.img_size)
-            engine.encode(x)
-            try:
-                out = engine.run_prompts(apply_coords(grid * np.array([w, h])[None], (h, w), engine.img_size))
+            lows, feats = [], []
+            for out in extractor.prompt_outputs(scene.image):
                 n, m = out.iou_preds.shape
-                p, j = np.repeat(np.arange(n), m), np.tile(np.arange(m), n)
-                low = torch.from_numpy(engine.upscale(out, p, j))
-                feats = mask_features(engine, low, out.mask_tokens.reshape(n * m, -1))
-            finally:
-                engine.reset()
-            labels, _ = label_masks(low.numpy(), scene.masks, scene.labels, resized, engine.img_size, len(CLASSES))
-            parts.append(ProbeData(feats, labels, 1))
+                low = torch.from_numpy(engine.upscale(out, np.repeat(np.arange(n), m), np.tile(np.arange(m), n)))
+                feats.append(mask_features(engine, low, out.mask_tokens.reshape(n * m, -1)))
+                lows.append(low.numpy())
+            resized = preprocess_shape(*scene.image.shape[:2], engine.img_size)
+            labels, _ = label_masks(np.concatenate(lows), scene.masks, scene.labels, resized, engine.img_size, len(CLASSES))
+            parts.append(ProbeData({k: np.concatenate([f[k] for f in feats]) for k in FEATURES}, labels, 1))
             tick()
     return ProbeData.concat(parts)
 

@@ -32,13 +32,16 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from samantic.heads.usam import HeadInfo, UsamHead, check_class_names
+
+if TYPE_CHECKING:
+    from samantic.pipeline.engine import PromptOutputs
 
 METHODS = ("naive", "mil", "mil_ud")
 
@@ -81,22 +84,28 @@ class FeatureExtractor:
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch
 
-    @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> BagFeatures:
+    def prompt_outputs(self, image: np.ndarray) -> Iterator["PromptOutputs"]:
+        """Encodes ``image`` and yields the engine's outputs for each batch of grid prompts, in grid order.
+
+        The image embedding stays in ``self.engine`` until the iteration ends (e.g. for ``engine.upscale``).
+        """
         from samantic.pipeline.transforms import apply_coords, preprocess
 
         engine = self.engine
         h, w = image.shape[:2]
         engine.encode(preprocess(image, engine.pixel_mean, engine.pixel_std, engine.img_size)[0])
         points = apply_coords(self.grid * np.array([w, h])[None], (h, w), engine.img_size)
-        tokens, ious = [], []
         try:
             for s in range(0, len(points), self.points_per_batch):
-                out = engine.run_prompts(points[s : s + self.points_per_batch])
-                tokens.append(out.mask_tokens.reshape(-1, out.mask_tokens.shape[-1]))
-                ious.append(out.iou_preds.reshape(-1))
+                yield engine.run_prompts(points[s : s + self.points_per_batch])
         finally:
             engine.reset()
+
+    def __call__(self, image: np.ndarray) -> BagFeatures:
+        tokens, ious = [], []
+        for out in self.prompt_outputs(image):
+            tokens.append(out.mask_tokens.reshape(-1, out.mask_tokens.shape[-1]))
+            ious.append(out.iou_preds.reshape(-1))
         return BagFeatures(torch.cat(tokens).half().cpu().numpy(), np.concatenate(ious).astype(np.float32))
 
 

@@ -144,7 +144,7 @@ def eval_probe(
     from samantic.train.probe import collect_probe_data, parse_feature_sets, run_probe
 
     fit_range, test_range = parse_seeds(train_seeds), parse_seeds(seeds)
-    if set(fit_range) & set(test_range):
+    if max(fit_range.start, test_range.start) < min(fit_range.stop, test_range.stop):
         raise typer.BadParameter(f"--train-seeds {train_seeds} and --seeds {seeds} overlap")
     try:
         sets = parse_feature_sets(features)
