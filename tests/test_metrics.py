@@ -35,3 +35,52 @@ def test_evaluate_sam_runs_on_held_out_seeds_only(structured_nano):
         assert 0.0 <= r.metrics[k] <= 1.0
     assert r.metrics["miou_1pt_oracle"] >= r.metrics["miou_1pt_top"]
     assert "3-point mIoU" in r.markdown()
+
+
+def test_ideal_logits_reproduce_a_large_disk():
+    import cv2
+
+    from samantic.train.metrics import ideal_low_res_logits
+
+    gt = np.zeros((300, 400), np.uint8)
+    cv2.circle(gt, (200, 150), 100, 1, -1)
+    logits = ideal_low_res_logits(gt.astype(bool), (288, 384), 384, 96)
+    assert logits.shape == (96, 96)
+    assert logits[36, 48] > 0 and logits[2, 2] < 0 and logits[90, 48] < 0  # inside, outside, padding
+    import torch
+    import torch.nn.functional as F
+
+    up = F.interpolate(torch.from_numpy(logits)[None, None], (384, 384), mode="bilinear", align_corners=False)
+    up = F.interpolate(up[..., :288, :384], (300, 400), mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert mask_iou(up > 0, gt.astype(bool)) > 0.98
+
+
+def test_resolution_ceiling_grows_with_the_low_res_size():
+    from samantic.models import build_sam, get_config
+    from samantic.train.metrics import resolution_ceiling
+
+    nano = build_sam(get_config("sam_nano"))
+    finer = build_sam(get_config("sam_nano", img_size=768))  # 48x48 tokens, 192x192 low-res masks
+    c_nano, n = resolution_ceiling(nano, [0, 1])
+    c_finer, n2 = resolution_ceiling(finer, [0, 1])
+    assert n == n2 > 0
+    assert 0.6 < c_nano < c_finer < 1.0
+
+
+def test_eval_sam_cli_reports_the_ceiling(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from samantic.cli.main import app
+
+    r = CliRunner().invoke(app, ["eval", "sam", "--seeds", "0:1", "--amg-seeds", "0:1", "--out", str(tmp_path),
+                                 "--pred-iou-thresh", "0.5", "--stability-score-thresh", "0.8", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "eval_sam.json").read_text())
+    m = data["metrics"]
+    assert 0.0 < m["miou_1pt_top"] <= m["ceiling"] < 1.0  # the shipped sam_nano stays under its resolution ceiling
+    assert data["command"].endswith("--pred-iou-thresh 0.5 --stability-score-thresh 0.8")
+    assert "resolution ceiling" in (tmp_path / "eval_sam.md").read_text()
+    r = CliRunner().invoke(app, ["eval", "sam", "--seeds", "5:2"])
+    assert r.exit_code != 0 and "START < STOP" in r.output

@@ -216,3 +216,33 @@ def test_shared_image_transformer_matches_segment_anything(arch, batch):
     assert q.shape == ref_q.shape and k.shape == ref_k.shape
     for a, b in ((q, ref_q), (k, ref_k), (q2, ref_q), (k2, ref_k)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_adaptive_order_goes_coarse_to_fine():
+    from samantic.pipeline.prompts import adaptive_order
+
+    order = adaptive_order(8)
+    assert sorted(order.tolist()) == list(range(64))
+    rows, cols = order // 8, order % 8
+    level = np.where((rows % 4 == 0) & (cols % 4 == 0), 0, np.where((rows % 2 == 0) & (cols % 2 == 0), 1, 2))
+    assert level.tolist() == sorted(level.tolist())  # every coarse point before any finer one
+    assert (level == 0).sum() == 4 and (level == 1).sum() == 12
+
+
+def test_adaptive_skips_points_inside_confident_masks_and_keeps_the_objects(nano):
+    from samantic.ops import rle_iou
+
+    image = IMAGES["disks"]
+    settings = dict(points_per_side=16, points_per_batch=16, pred_iou_thresh=0.5, stability_score_thresh=0.6)
+    exact = AutomaticMaskGenerator(nano, **settings)
+    ex = exact.generate_masks(image)
+    adaptive = AutomaticMaskGenerator(nano, adaptive=True, adaptive_iou_thresh=0.5, adaptive_stability_thresh=0.6,
+                                      **settings)
+    assert (adaptive.config.adaptive_iou_thresh, adaptive.config.adaptive_stability_thresh) == (0.5, 0.6)
+    ad = adaptive.generate_masks(image)
+    assert exact.stats["points_skipped"] == 0 and exact.stats["points"] == 256
+    assert 0 < adaptive.stats["points_skipped"] < adaptive.stats["points"] == 256
+    assert adaptive.stats["masks_decoded"] == 3 * (256 - adaptive.stats["points_skipped"])
+    assert len(ex) > 0 and len(ad) > 0
+    best = rle_iou(ad.rles, ex.rles).max(0)  # each exact mask's best adaptive match
+    assert (best >= 0.9).mean() >= 0.8, best

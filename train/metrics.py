@@ -8,7 +8,9 @@ Metrics (all on seeds the trainer never sees: training renders seeds >= 1,000,00
     with the previous low-res logits as mask prompt, single-mask output;
   * segment-everything recall: the fraction of ground-truth instances that some
     mask of the automatic mask generator (default settings) covers at IoU >= 0.5
-    and >= 0.75.
+    and >= 0.75;
+  * the resolution ceiling (optional): the mIoU a perfect model of the same input
+    and low-res mask size would reach, see :func:`resolution_ceiling`.
 Prompting goes through segment-anything's own ``SamPredictor``.
 """
 
@@ -57,6 +59,56 @@ def recall_at(gt_masks: np.ndarray, pred_masks: np.ndarray, thresholds: Sequence
     return {t: int((best >= t).sum()) for t in thresholds}
 
 
+def ideal_low_res_logits(mask: np.ndarray, input_size: Tuple[int, int], img_size: int, low_res: int) -> np.ndarray:
+    """The best low-res logits a SAM could output for ``mask``: its signed distance, sampled on the low-res grid.
+
+    The full-size signed distance to the boundary (positive inside) is resized
+    to the model's input frame, padded like the input, and sampled at the
+    centres of the ``low_res x low_res`` cells. Bilinear upsampling of these
+    logits (what SAM's post-processing does) puts the boundary where a smooth
+    learned logit field would put it; a hard 0/1 map would do worse.
+    """
+    import cv2
+    import torch
+    import torch.nn.functional as F
+
+    m = mask.astype(np.uint8)
+    sdf = cv2.distanceTransform(m, cv2.DIST_L2, 5) - cv2.distanceTransform(1 - m, cv2.DIST_L2, 5)
+    h, w = input_size
+    t = F.interpolate(torch.from_numpy(sdf)[None, None], (h, w), mode="bilinear", align_corners=False)
+    padded = torch.full((1, 1, img_size, img_size), -float(img_size))
+    padded[..., :h, :w] = t
+    return F.interpolate(padded, (low_res, low_res), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def resolution_ceiling(model, seeds: Iterable[int]) -> Tuple[float, int]:
+    """(mIoU, instances): how well ideal low-res logits reproduce the ground truth of ``seeds`` after ``model``'s own
+    post-processing (segment-anything's ``Sam.postprocess_masks``).
+
+    No weights are involved: only the input size and the low-res mask size. It
+    bounds what any training can reach on these scenes with this architecture.
+    """
+    import torch
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from samantic.train.data.shapes import render_scene
+
+    img_size = model.image_encoder.img_size
+    low_res = model.prompt_encoder.mask_input_size[0]
+    resize = ResizeLongestSide(img_size)
+    ious = []
+    with torch.no_grad():
+        for seed in seeds:
+            scene = render_scene(seed)
+            size = scene.image.shape[:2]
+            input_size = resize.get_preprocess_shape(size[0], size[1], img_size)
+            for gt in scene.masks:
+                logits = ideal_low_res_logits(gt, input_size, img_size, low_res)
+                up = model.postprocess_masks(torch.from_numpy(logits)[None, None], input_size, size)
+                ious.append(mask_iou(up[0, 0].numpy() > model.mask_threshold, gt))
+    return (float(np.mean(ious)) if ious else float("nan")), len(ious)
+
+
 @dataclass
 class SamEvalResult:
     n_scenes: int
@@ -74,6 +126,7 @@ class SamEvalResult:
             "miou_3pt": "3-point mIoU",
             "recall_50": "segment-everything recall @ IoU 0.5",
             "recall_75": "segment-everything recall @ IoU 0.75",
+            "ceiling": "resolution ceiling: mIoU of ideal low-res logits (no model can do better)",
         }
         lines = ["| metric | value |", "|---|---|"]
         for k, label in names.items():
@@ -84,8 +137,12 @@ class SamEvalResult:
 
 
 def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]] = None, *,
-                 progress: bool = True, amg_kwargs: Optional[Dict[str, Any]] = None) -> SamEvalResult:
-    """Point-prompt mIoU on scenes of ``seeds`` and segment-everything recall on ``amg_seeds`` (default: the same)."""
+                 progress: bool = True, amg_kwargs: Optional[Dict[str, Any]] = None,
+                 ceiling: bool = False) -> SamEvalResult:
+    """Point-prompt mIoU on scenes of ``seeds`` and segment-everything recall on ``amg_seeds`` (default: the same).
+
+    With ``ceiling``, also the :func:`resolution_ceiling` on ``seeds``.
+    """
     import torch
     from segment_anything import SamPredictor
 
@@ -149,6 +206,8 @@ def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]]
         "recall_50": hits[0.5] / n_gt if n_gt else float("nan"),
         "recall_75": hits[0.75] / n_gt if n_gt else float("nan"),
     }
+    if ceiling:
+        metrics["ceiling"] = resolution_ceiling(model, seeds)[0]
     return SamEvalResult(len(seeds), n_inst, metrics, time.perf_counter() - t0)
 
 

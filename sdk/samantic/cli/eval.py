@@ -39,6 +39,7 @@ def eval_sam(
     out: Annotated[Path, typer.Option(help="Directory for eval_sam.json and eval_sam.md.")] = Path("runs/eval"),
     pred_iou_thresh: Annotated[float, typer.Option(help="Segment-everything setting for the recall (segment-anything's default).")] = 0.88,
     stability_score_thresh: Annotated[float, typer.Option(help="Segment-everything setting for the recall (segment-anything's default).")] = 0.95,
+    ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Also report the resolution ceiling: the mIoU of ideal low-res logits after the model's post-processing.")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     from samantic.io import atomic_write_bytes, atomic_write_json
@@ -50,7 +51,7 @@ def eval_sam(
     point_seeds, recall_seeds = parse_seeds(seeds), parse_seeds(amg_seeds)
     try:
         sam = create_model(model, checkpoint=checkpoint)
-        result = evaluate_sam(sam, point_seeds, recall_seeds, progress=progress, amg_kwargs=amg)
+        result = evaluate_sam(sam, point_seeds, recall_seeds, progress=progress, amg_kwargs=amg, ceiling=ceiling)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)

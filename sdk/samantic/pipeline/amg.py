@@ -88,6 +88,8 @@ class AutomaticMaskGenerator(MaskGenerator):
         mask_scorer: optional head called on the mask tokens of masks that passed the IoU
             filter, before upscaling (see :class:`~samantic.pipeline.scoring.MaskScorer`).
         adaptive: opt-in prompt reduction (not exact, see ``AmgConfig.adaptive``).
+        adaptive_iou_thresh, adaptive_stability_thresh: how confident a kept mask must be to cover
+            (skip) later points in adaptive mode (``AmgConfig``'s defaults 0.9 and 0.95 when not given).
         device: where the post-processing kernels run.
     """
 
@@ -111,6 +113,8 @@ class AutomaticMaskGenerator(MaskGenerator):
         config: Optional[AmgConfig] = None,
         mask_scorer: Optional[MaskScorer] = None,
         adaptive: Optional[bool] = None,
+        adaptive_iou_thresh: Optional[float] = None,
+        adaptive_stability_thresh: Optional[float] = None,
         device: Optional[str] = None,
     ) -> None:
         if config is None:
@@ -131,6 +135,10 @@ class AutomaticMaskGenerator(MaskGenerator):
             )
         if adaptive is not None:
             config = config.replace(adaptive=adaptive)
+        if adaptive_iou_thresh is not None:
+            config = config.replace(adaptive_iou_thresh=adaptive_iou_thresh)
+        if adaptive_stability_thresh is not None:
+            config = config.replace(adaptive_stability_thresh=adaptive_stability_thresh)
         if device is not None:
             config = config.replace(device=device)
         super().__init__(TorchEngine(model), config, mask_scorer=mask_scorer)
