@@ -105,9 +105,12 @@ class PromptsOnnx(nn.Module):
         tokens = torch.cat([self.output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         _, c, h, w = self.dense_pe.shape
         # the image embedding is shared by every prompt, not repeated (see samantic.pipeline.transformer)
-        hs, src_out = two_way_transformer(self.transformer, image_embeddings + self.no_mask, self.dense_pe, tokens)
+        # the IoU token and the multimask tokens 1..3 (rows 2..num_mask_tokens) are all that is read
+        rows = [0] + list(range(2, 1 + self.num_mask_tokens))
+        hs, src_out = two_way_transformer(self.transformer, image_embeddings + self.no_mask, self.dense_pe, tokens,
+                                          out_tokens=rows)
         iou = self.iou_prediction_head(hs[:, 0, :])[:, 1:]
-        mask_tokens = hs[:, 2 : 1 + self.num_mask_tokens, :]
+        mask_tokens = hs[:, 1:, :]
         src_out = src_out.transpose(1, 2).reshape(b, c, h, w)
         if self.head is None:
             return iou, mask_tokens, src_out

@@ -213,8 +213,10 @@ def test_shared_image_transformer_matches_segment_anything(arch, batch):
         q, k = two_way_transformer(transformer, image, pe, tokens)
         # a per-prompt image batch (no sharing) takes the same path
         q2, k2 = two_way_transformer(transformer, image.repeat(batch, 1, 1, 1), pe, tokens)
-    assert q.shape == ref_q.shape and k.shape == ref_k.shape
-    for a, b in ((q, ref_q), (k, ref_k), (q2, ref_q), (k2, ref_k)):
+        # only some output tokens (the decoder reads the IoU token and the requested mask tokens)
+        q3, k3 = two_way_transformer(transformer, image, pe, tokens, out_tokens=[0, 2, 3, 4])
+    assert q.shape == ref_q.shape and k.shape == ref_k.shape and q3.shape == (batch, 4, c)
+    for a, b in ((q, ref_q), (k, ref_k), (q2, ref_q), (k2, ref_k), (q3, ref_q[:, [0, 2, 3, 4]]), (k3, ref_k)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 

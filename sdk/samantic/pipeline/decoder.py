@@ -68,15 +68,17 @@ class PromptMaskDecoder:
         b = tokens.shape[0]
         _, c, h, w = image_embedding.shape
         # the image is not repeated per prompt (see samantic.pipeline.transformer)
-        hs, src = two_way_transformer(dec.transformer, image_embedding + dense, self.prompt_encoder.get_dense_pe(), tokens)
-        iou_all = dec.iou_prediction_head(hs[:, 0, :])
-        mask_tokens_all = hs[:, 1 : 1 + dec.num_mask_tokens, :]
         token_index = torch.arange(1, dec.num_mask_tokens) if multimask_output else torch.arange(0, 1)
+        # only the IoU token and the mask tokens of the requested outputs leave the transformer
+        rows = [0] + (token_index + 1).tolist()
+        hs, src = two_way_transformer(dec.transformer, image_embedding + dense, self.prompt_encoder.get_dense_pe(),
+                                      tokens, out_tokens=rows)
+        iou_all = dec.iou_prediction_head(hs[:, 0, :])
         return DecoderOutput(
             iou_preds=iou_all[:, token_index],
-            mask_tokens=mask_tokens_all[:, token_index],
+            mask_tokens=hs[:, 1:],
             token_index=token_index,
-            src=src.transpose(1, 2).reshape(b, c, h, w),
+            src=src.transpose(1, 2).unflatten(2, (h, w)),  # a view: only the upscaled prompts get copied
         )
 
     @torch.no_grad()
