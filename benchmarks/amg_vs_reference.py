@@ -182,14 +182,13 @@ def main(argv=None) -> int:
                 cases.append((model, setting, image))
     if args.big:
         cases.append(("sam_nano", "default", "big"))
+    knobs = [f"--adaptive-{k}-thresh={v}" for k, v in (("iou", args.adaptive_iou_thresh),
+                                                        ("stability", args.adaptive_stability_thresh)) if v is not None]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model, setting, image in cases:
             ref = spawn("reference", model, setting, image, Path(tmp))
             exact = spawn("exact", model, setting, image, Path(tmp))
-            knobs = [f"--adaptive-{k}-thresh={v}" for k, v in (("iou", args.adaptive_iou_thresh),
-                                                                ("stability", args.adaptive_stability_thresh))
-                     if v is not None]
             adaptive = spawn("adaptive", model, setting, image, Path(tmp), knobs) if image != "big" else None
             n_ref = len(ref["rles"])
             row = {

@@ -81,6 +81,25 @@ def ideal_low_res_logits(mask: np.ndarray, input_size: Tuple[int, int], img_size
     return F.interpolate(padded, (low_res, low_res), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+def ceiling_ious(model, scene) -> List[float]:
+    """Per instance of ``scene``: IoU of its ideal low-res logits after ``model``'s own post-processing."""
+    import torch
+
+    from samantic.pipeline.prompts import preprocess_shape
+
+    img_size = model.image_encoder.img_size
+    low_res = model.prompt_encoder.mask_input_size[0]
+    size = scene.image.shape[:2]
+    input_size = preprocess_shape(size[0], size[1], img_size)
+    ious = []
+    with torch.no_grad():
+        for gt in scene.masks:
+            logits = ideal_low_res_logits(gt, input_size, img_size, low_res)
+            up = model.postprocess_masks(torch.from_numpy(logits)[None, None], input_size, size)
+            ious.append(mask_iou(up[0, 0].numpy() > model.mask_threshold, gt))
+    return ious
+
+
 def resolution_ceiling(model, seeds: Iterable[int]) -> Tuple[float, int]:
     """(mIoU, instances): how well ideal low-res logits reproduce the ground truth of ``seeds`` after ``model``'s own
     post-processing (segment-anything's ``Sam.postprocess_masks``).
@@ -88,24 +107,9 @@ def resolution_ceiling(model, seeds: Iterable[int]) -> Tuple[float, int]:
     No weights are involved: only the input size and the low-res mask size. It
     bounds what any training can reach on these scenes with this architecture.
     """
-    import torch
-    from segment_anything.utils.transforms import ResizeLongestSide
-
     from samantic.train.data.shapes import render_scene
 
-    img_size = model.image_encoder.img_size
-    low_res = model.prompt_encoder.mask_input_size[0]
-    resize = ResizeLongestSide(img_size)
-    ious = []
-    with torch.no_grad():
-        for seed in seeds:
-            scene = render_scene(seed)
-            size = scene.image.shape[:2]
-            input_size = resize.get_preprocess_shape(size[0], size[1], img_size)
-            for gt in scene.masks:
-                logits = ideal_low_res_logits(gt, input_size, img_size, low_res)
-                up = model.postprocess_masks(torch.from_numpy(logits)[None, None], input_size, size)
-                ious.append(mask_iou(up[0, 0].numpy() > model.mask_threshold, gt))
+    ious = [iou for seed in seeds for iou in ceiling_ious(model, render_scene(seed))]
     return (float(np.mean(ious)) if ious else float("nan")), len(ious)
 
 
@@ -157,11 +161,13 @@ def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]]
     model.eval()
     predictor = SamPredictor(model)
     t0 = time.perf_counter()
-    top, oracle, three = [], [], []
+    top, oracle, three, ideal = [], [], [], []
     n_inst = 0
     with _progress(progress, len(seeds) + len(amg_seeds)) as advance, torch.no_grad():
         for seed in seeds:
             scene = render_scene(seed)
+            if ceiling:
+                ideal.extend(ceiling_ious(model, scene))
             predictor.set_image(scene.image)
             for gt in scene.masks:
                 n_inst += 1
@@ -207,7 +213,7 @@ def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]]
         "recall_75": hits[0.75] / n_gt if n_gt else float("nan"),
     }
     if ceiling:
-        metrics["ceiling"] = resolution_ceiling(model, seeds)[0]
+        metrics["ceiling"] = float(np.mean(ideal)) if ideal else float("nan")
     return SamEvalResult(len(seeds), n_inst, metrics, time.perf_counter() - t0)
 
 

@@ -133,14 +133,9 @@ class AutomaticMaskGenerator(MaskGenerator):
                 min_mask_region_area=min_mask_region_area,
                 output_mode=output_mode,
             )
-        if adaptive is not None:
-            config = config.replace(adaptive=adaptive)
-        if adaptive_iou_thresh is not None:
-            config = config.replace(adaptive_iou_thresh=adaptive_iou_thresh)
-        if adaptive_stability_thresh is not None:
-            config = config.replace(adaptive_stability_thresh=adaptive_stability_thresh)
-        if device is not None:
-            config = config.replace(device=device)
+        overrides = {"adaptive": adaptive, "adaptive_iou_thresh": adaptive_iou_thresh,
+                     "adaptive_stability_thresh": adaptive_stability_thresh, "device": device}
+        config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
         super().__init__(TorchEngine(model), config, mask_scorer=mask_scorer)
         self.model = model
         self.decoder = self.engine.decoder
