@@ -102,7 +102,7 @@ def worker(args) -> None:
         from samantic.pipeline import AutomaticMaskGenerator
 
         gen = AutomaticMaskGenerator(model, adaptive=(args.path == "adaptive"), **settings,
-                                     adaptive_iou_thresh=args.adaptive_iou_thresh,
+                                     adaptive_margin=args.adaptive_margin, adaptive_iou_thresh=args.adaptive_iou_thresh,
                                      adaptive_stability_thresh=args.adaptive_stability_thresh)
         records, seconds, peak = measure(lambda: gen.generate(image), 1)
         stages = dict(gen.timings)
@@ -160,6 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--images", default="scene,astronaut,coffee")
     ap.add_argument("--vit-b-images", default="astronaut", help="images for sam_vit_b (slow on a CPU)")
     ap.add_argument("--big", action="store_true", help="also the 4000x3000 memory case (sam_nano, default settings)")
+    ap.add_argument("--adaptive-margin", type=float, default=None,
+                    help="how far below pred_iou_thresh a coarse point's best predicted IoU may lie and still get "
+                         "its neighbours prompted in adaptive mode (default 0.15)")
     ap.add_argument("--adaptive-iou-thresh", type=float, default=None,
                     help="predicted IoU a kept mask needs to cover later points in adaptive mode (default 0.9)")
     ap.add_argument("--adaptive-stability-thresh", type=float, default=None,
@@ -182,8 +185,8 @@ def main(argv=None) -> int:
                 cases.append((model, setting, image))
     if args.big:
         cases.append(("sam_nano", "default", "big"))
-    knobs = [f"--adaptive-{k}-thresh={v}" for k, v in (("iou", args.adaptive_iou_thresh),
-                                                        ("stability", args.adaptive_stability_thresh)) if v is not None]
+    knobs = [f"--adaptive-{k}={v}" for k, v in (("margin", args.adaptive_margin), ("iou-thresh", args.adaptive_iou_thresh),
+                                                 ("stability-thresh", args.adaptive_stability_thresh)) if v is not None]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model, setting, image in cases:

@@ -248,3 +248,127 @@ def test_adaptive_skips_points_inside_confident_masks_and_keeps_the_objects(nano
     assert len(ex) > 0 and len(ad) > 0
     best = rle_iou(ad.rles, ex.rles).max(0)  # each exact mask's best adaptive match
     assert (best >= 0.9).mean() >= 0.8, best
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 11, 32])
+def test_coarse_parents_are_the_coarser_neighbours(n):
+    from samantic.pipeline.prompts import NO_PARENT, OUTSIDE, adaptive_levels, adaptive_order, coarse_parents
+
+    level = adaptive_levels(n)
+    parents = coarse_parents(n)
+    assert parents.shape == (n * n, 4)
+    assert np.array_equal(np.sort(adaptive_order(n)), np.arange(n * n))
+    for p in range(n * n):
+        i, j = divmod(p, n)
+        slots = parents[p][parents[p] != NO_PARENT]
+        if level[p] == 0:
+            assert len(slots) == 0
+            continue
+        step = 2 if level[p] == 1 else 1
+        # halfway between two coarser points along a row or column (2 parents) or at the centre of four
+        assert len(slots) == (4 if (i % (2 * step)) and (j % (2 * step)) else 2)
+        inside = slots[slots != OUTSIDE]
+        for q in inside:
+            qi, qj = divmod(int(q), n)
+            assert level[q] < level[p] and abs(qi - i) in (0, step) and abs(qj - j) in (0, step)
+        # a slot is OUTSIDE exactly when the parent's row or column lies beyond the grid
+        beyond = (i + step >= n and i % (2 * step)) or (j + step >= n and j % (2 * step))
+        assert (OUTSIDE in slots) == bool(beyond)
+
+
+class _HotSpotEngine:
+    """A fake engine: predicted IoU 0.9 for points within ``radius`` of ``hot`` (input frame), else 0.1;
+    every mask is empty. Records the points it was prompted with."""
+
+    name = "fake"
+    img_size = 64
+    mask_threshold = 0.0
+    pixel_mean = (0.0, 0.0, 0.0)
+    pixel_std = (1.0, 1.0, 1.0)
+
+    def __init__(self, hot=(34.0, 34.0), radius=6.0):
+        self.hot, self.radius = np.array(hot), radius
+        self.prompted = []
+
+    def encode(self, x):
+        pass
+
+    def run_prompts(self, coords):
+        from samantic.pipeline.engine import PromptOutputs
+
+        self.prompted.extend(map(tuple, np.asarray(coords)))
+        near = np.linalg.norm(np.asarray(coords) - self.hot, axis=1) <= self.radius
+        iou = np.where(near, 0.9, 0.1).astype(np.float32)[:, None].repeat(3, 1)
+        return PromptOutputs(iou, np.zeros((len(coords), 3, 4), np.float32))
+
+    def upscale(self, out, prompt_idx, mask_idx):
+        return np.full((len(prompt_idx), 16, 16), -5.0, np.float32)
+
+    def reset(self):
+        pass
+
+
+def _prompted_cells(engine, n=16):
+    """Grid (row, col) of every prompted point (grid cell centres at (k + 0.5) * 64 / n)."""
+    return {(int(round(y / (64 / n) - 0.5)), int(round(x / (64 / n) - 0.5))) for x, y in engine.prompted}
+
+
+def test_adaptive_refines_only_around_promising_coarse_points():
+    from samantic.pipeline.generator import MaskGenerator
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    engine = _HotSpotEngine()
+    gen = MaskGenerator(engine, AmgConfig(points_per_side=16, adaptive=True, adaptive_margin=0.15))
+    assert gen.generate(image) == []
+    cells = _prompted_cells(engine)
+    assert len(engine.prompted) == len(cells) == 256 - gen.stats["points_skipped"]
+    assert gen.stats["points_skipped"] == gen.stats["points_quiet"] > 128 and gen.stats["points_covered"] == 0
+    assert gen.stats["masks_decoded"] == 3 * len(cells)
+    # the coarse lattice always; the hot point (8, 8) and every finer point it is a parent of
+    assert {(i, j) for i in range(0, 16, 4) for j in range(0, 16, 4)} <= cells
+    assert {(8, 8), (6, 8), (10, 8), (8, 6), (6, 6), (10, 10), (7, 8), (9, 9), (7, 7), (8, 9)} <= cells
+    # (5, 8) lies between (4, 8) and (6, 8), both cold; (2, 2) between four cold level-0 points
+    assert (5, 8) not in cells and (2, 2) not in cells and (1, 1) not in cells
+    # the coarse lattice stops at row/column 12: the border rows and columns beyond it are prompted
+    assert {(14, 4), (4, 14), (14, 14)} <= cells
+
+
+@pytest.mark.parametrize("change", [dict(pred_iou_thresh=0.0), dict(adaptive_margin=float("inf")),
+                                    dict(pred_iou_thresh=0.2), dict(adaptive=False)])
+def test_adaptive_prompts_everything_when_nothing_can_be_ruled_out(change):
+    from samantic.pipeline.generator import MaskGenerator
+
+    engine = _HotSpotEngine()
+    config = AmgConfig(points_per_side=16, adaptive=True).replace(**change)
+    gen = MaskGenerator(engine, config)
+    gen.generate(np.zeros((64, 64, 3), np.uint8))
+    assert len(engine.prompted) == 256 and gen.stats["points_skipped"] == 0
+
+
+def test_adaptive_margin_is_validated():
+    with pytest.raises(ValueError, match="adaptive_margin"):
+        AmgConfig(adaptive_margin=-0.1)
+    with pytest.raises(ValueError, match="adaptive_margin"):
+        AmgConfig(adaptive_margin=float("nan"))
+
+
+def test_adaptive_keeps_the_shipped_nanos_masks_on_held_out_scenes(shipped_nano):
+    """The under-confident shipped nano never covers a point (no mask reaches IoU 0.9), but the
+    coarse-to-fine refinement skips the points around which nothing came close to the IoU filter."""
+    from samantic.ops import rle_iou
+    from samantic.train.data.shapes import render_scene
+
+    kw = dict(pred_iou_thresh=0.5, stability_score_thresh=0.8)
+    skipped, found, total = 0, 0, 0
+    for seed in (900004, 900006, 900008):
+        image = render_scene(seed, size=(480, 640)).image
+        exact = AutomaticMaskGenerator(shipped_nano, **kw).generate_masks(image)
+        gen = AutomaticMaskGenerator(shipped_nano, adaptive=True, **kw)
+        ad = gen.generate_masks(image)
+        skipped += gen.stats["points_quiet"]
+        total += len(exact)
+        if len(exact) and len(ad):
+            found += int((rle_iou(ad.rles, exact.rles).max(0) >= 0.9).sum())
+    assert total >= 30, "the scenes must have masks at these thresholds for the test to mean anything"
+    assert found >= 0.95 * total, (found, total)
+    assert skipped >= 0.2 * 3 * 1024, skipped

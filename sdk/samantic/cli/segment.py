@@ -84,7 +84,8 @@ def segment(
     classes: Annotated[Optional[str], typer.Option(help="Segment only these class names (needs --head), e.g. 'circle,star'; group names of the head work too.")] = None,
     head: Annotated[Optional[Path], typer.Option(help="U-SAM head file (from `samantic train usam`): masks get class names.")] = None,
     score_thresh: Annotated[Optional[float], typer.Option(help="Minimum class probability (default: the head's).")] = None,
-    adaptive: Annotated[bool, typer.Option("--adaptive", help="Skip prompts inside confident masks (faster, not exact).")] = False,
+    adaptive: Annotated[bool, typer.Option("--adaptive", help="Prompt coarse to fine: refine only around points whose masks came close to --pred-iou-thresh, skip points inside confident masks (faster, not exact).")] = False,
+    adaptive_margin: Annotated[float, typer.Option(min=0.0, help="With --adaptive: how far below --pred-iou-thresh a coarse point's best predicted IoU may lie and still get its neighbours prompted.")] = 0.15,
     mask_pngs: Annotated[bool, typer.Option("--mask-pngs", help="Also write NAME.masks/ with one PNG per mask and metadata.csv.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images whose results exist.")] = False,
     device: Annotated[str, typer.Option(help="Where the post-processing kernels run: cpu or cuda[:N].")] = "cpu",
@@ -135,7 +136,8 @@ def segment(
             stability_score_offset=stability_score_offset,
             box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
             crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-            min_mask_region_area=min_mask_region_area, output_mode="coco_rle", adaptive=adaptive, device=device,
+            min_mask_region_area=min_mask_region_area, output_mode="coco_rle", adaptive=adaptive,
+            adaptive_margin=adaptive_margin, device=device,
         )
         if bundle is not None:
             segmenter = Segmenter.from_bundle(bundle_info, backend=backend, precision=precision, classes=classes,
@@ -169,7 +171,7 @@ def segment(
     head_name = head if head is not None else (bundle if names else None)
     console.print(f"model {model} ({escape(str(weights))}), {points_per_side}x{points_per_side} points, "
                   f"pred_iou_thresh {config.pred_iou_thresh}, stability_score_thresh {config.stability_score_thresh}"
-                  + (", adaptive prompting" if adaptive else "")
+                  + (f", adaptive prompting (margin {adaptive_margin})" if adaptive else "")
                   + (f", classes {','.join(names)} ({escape(str(head_name))})" if names else "")
                   + f"; {len(jobs)} image(s) -> {out}")
 

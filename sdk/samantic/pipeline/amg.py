@@ -88,6 +88,8 @@ class AutomaticMaskGenerator(MaskGenerator):
         mask_scorer: optional head called on the mask tokens of masks that passed the IoU
             filter, before upscaling (see :class:`~samantic.pipeline.scoring.MaskScorer`).
         adaptive: opt-in prompt reduction (not exact, see ``AmgConfig.adaptive``).
+        adaptive_margin: in adaptive mode, how far below ``pred_iou_thresh`` a coarse point's best
+            predicted IoU may lie and still get the finer points around it prompted (default 0.15).
         adaptive_iou_thresh, adaptive_stability_thresh: how confident a kept mask must be to cover
             (skip) later points in adaptive mode (``AmgConfig``'s defaults 0.9 and 0.95 when not given).
         device: where the post-processing kernels run.
@@ -113,6 +115,7 @@ class AutomaticMaskGenerator(MaskGenerator):
         config: Optional[AmgConfig] = None,
         mask_scorer: Optional[MaskScorer] = None,
         adaptive: Optional[bool] = None,
+        adaptive_margin: Optional[float] = None,
         adaptive_iou_thresh: Optional[float] = None,
         adaptive_stability_thresh: Optional[float] = None,
         device: Optional[str] = None,
@@ -133,7 +136,7 @@ class AutomaticMaskGenerator(MaskGenerator):
                 min_mask_region_area=min_mask_region_area,
                 output_mode=output_mode,
             )
-        overrides = {"adaptive": adaptive, "adaptive_iou_thresh": adaptive_iou_thresh,
+        overrides = {"adaptive": adaptive, "adaptive_margin": adaptive_margin, "adaptive_iou_thresh": adaptive_iou_thresh,
                      "adaptive_stability_thresh": adaptive_stability_thresh, "device": device}
         config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
         super().__init__(TorchEngine(model), config, mask_scorer=mask_scorer)

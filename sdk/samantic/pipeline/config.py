@@ -29,8 +29,13 @@ class AmgConfig:
         point_grids: explicit [N, 2] grids in [0, 1] per layer, exclusive with ``points_per_side``.
         min_mask_region_area: remove holes and islands smaller than this (pixels), then re-run NMS.
         output_mode: "binary_mask", "uncompressed_rle" or "coco_rle".
-        adaptive: samantic's opt-in prompt reduction (not exact): prompts go coarse to fine and
-            points inside masks already kept with high confidence are skipped.
+        adaptive: samantic's opt-in prompt reduction (not exact). A regular grid is prompted coarse
+            to fine (every 4th point of every 4th row, then every 2nd, then the rest); a finer point
+            is prompted only if one of its coarser neighbours predicted a mask IoU of at least
+            ``pred_iou_thresh - adaptive_margin`` (where nothing came close to the IoU filter,
+            nothing is refined), and points inside masks already kept with high confidence are skipped.
+        adaptive_margin: how far below ``pred_iou_thresh`` a coarse neighbour's best predicted IoU
+            may lie and still get the points around it prompted (``math.inf``: refine everywhere).
         adaptive_iou_thresh: predicted IoU a kept mask needs to cover (skip) later points.
         adaptive_stability_thresh: stability a kept mask needs to cover later points.
         device: where the post-processing kernels run ("cpu" or "cuda[:N]").
@@ -50,6 +55,7 @@ class AmgConfig:
     min_mask_region_area: int = 0
     output_mode: str = "binary_mask"
     adaptive: bool = False
+    adaptive_margin: float = 0.15
     adaptive_iou_thresh: float = 0.9
     adaptive_stability_thresh: float = 0.95
     device: str = "cpu"
@@ -84,6 +90,8 @@ class AmgConfig:
             raise ValueError(f"min_mask_region_area must be >= 0, got {self.min_mask_region_area}")
         if self.stability_score_offset < 0:
             raise ValueError(f"stability_score_offset must be >= 0, got {self.stability_score_offset}")
+        if not self.adaptive_margin >= 0:  # also rejects NaN
+            raise ValueError(f"adaptive_margin must be >= 0, got {self.adaptive_margin}")
         for name in ("box_nms_thresh", "crop_nms_thresh"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:

@@ -29,7 +29,8 @@ from samantic.ops import RleBatch, nms, postprocess_masks, remove_small_regions,
 from samantic.ops.rle import _index
 from samantic.pipeline.config import AmgConfig
 from samantic.pipeline.engine import Engine, PromptOutputs
-from samantic.pipeline.prompts import adaptive_order, crop_boxes, layer_point_grids, near_crop_edge
+from samantic.pipeline.prompts import (NO_PARENT, OUTSIDE, adaptive_levels, coarse_parents, crop_boxes,
+                                       layer_point_grids, near_crop_edge, point_grid)
 from samantic.pipeline.scoring import ScoredMasks
 from samantic.pipeline.transforms import apply_coords, preprocess
 
@@ -154,7 +155,8 @@ class MaskGenerator:
         """Like :meth:`generate`, but returns the masks as arrays and RLEs (no per-mask decoding)."""
         image = check_image(image)
         self.timings = {k: 0.0 for k in STAGES}
-        self.stats = {"points": 0, "points_skipped": 0, "masks_decoded": 0, "masks_upscaled": 0}
+        self.stats = {"points": 0, "points_skipped": 0, "points_covered": 0, "points_quiet": 0, "masks_decoded": 0,
+                      "masks_upscaled": 0}
         cfg = self.config
         orig = image.shape[:2]
         boxes, layers = crop_boxes(orig, cfg.crop_n_layers, cfg.crop_overlap_ratio)
@@ -191,28 +193,38 @@ class MaskGenerator:
 
         grid = self.point_grids[layer]
         points = grid * np.array(crop_size)[None, ::-1]
-        order = np.arange(len(points))
-        if cfg.adaptive:
-            side = int(round(np.sqrt(len(points))))
-            if side * side == len(points):
-                order = adaptive_order(side)
+        levels, parents = self._adaptive_levels(grid) if cfg.adaptive else ([np.arange(len(points))], None)
+        self.stats["points"] += len(points)
+        # adaptive: best predicted IoU of each decoded point (+inf: inside a confident mask, -inf: not decoded)
+        promise = np.full(len(points), -np.inf)
+        # no IoU filter: nothing to come close to, so every point is prompted
+        floor = cfg.pred_iou_thresh - cfg.adaptive_margin if cfg.pred_iou_thresh > 0.0 else -np.inf
         coverage = None
         parts: List[MaskSet] = []
-        for start in range(0, len(order), cfg.points_per_batch):
-            batch_idx = order[start : start + cfg.points_per_batch]
-            batch = points[batch_idx]
-            self.stats["points"] += len(batch)
-            if coverage is not None:
-                covered = self._covered(coverage, batch, crop_size)
-                self.stats["points_skipped"] += int(covered.sum())
-                batch = batch[~covered]
-                if len(batch) == 0:
-                    continue
-            part, low_res, confident = self._process_batch(batch, crop_size, input_size, crop_box, orig)
-            if cfg.adaptive and confident is not None and confident.any():
-                cov = (low_res[confident] > engine.mask_threshold).any(0)
-                coverage = cov if coverage is None else (coverage | cov)
-            parts.append(part)
+        for idx in levels:
+            if parents is not None:
+                # step: refine only where a coarser neighbour came close to the IoU filter
+                quiet = ~_promising(parents[idx], promise, floor)
+                self.stats["points_quiet"] += int(quiet.sum())
+                idx = idx[~quiet]
+            for start in range(0, len(idx), cfg.points_per_batch):
+                batch_idx = idx[start : start + cfg.points_per_batch]
+                if coverage is not None:
+                    # step: skip points inside masks already kept with high confidence
+                    covered = self._covered(coverage, points[batch_idx], crop_size)
+                    self.stats["points_covered"] += int(covered.sum())
+                    promise[batch_idx[covered]] = np.inf
+                    batch_idx = batch_idx[~covered]
+                    if len(batch_idx) == 0:
+                        continue
+                part, low_res, confident, best_iou = self._process_batch(points[batch_idx], crop_size, input_size,
+                                                                         crop_box, orig)
+                promise[batch_idx] = best_iou
+                if cfg.adaptive and confident is not None and confident.any():
+                    cov = (low_res[confident] > engine.mask_threshold).any(0)
+                    coverage = cov if coverage is None else (coverage | cov)
+                parts.append(part)
+        self.stats["points_skipped"] = self.stats["points_covered"] + self.stats["points_quiet"]
         engine.reset()
         data = MaskSet.concat(parts, orig)
         if not len(data):
@@ -226,6 +238,16 @@ class MaskGenerator:
         data.points = data.points + np.array([x0, y0], np.float64)
         data.crop_boxes = np.tile(np.array(crop_box, np.int64), (len(data), 1))
         return data
+
+    @staticmethod
+    def _adaptive_levels(grid: np.ndarray):
+        """(point indices per refinement level, coarse parents) of a crop's grid; a grid that is not
+        a regular ``n x n`` lattice gets one level in its own order and no parents."""
+        side = int(round(np.sqrt(len(grid))))
+        if side < 1 or side * side != len(grid) or not np.allclose(grid, point_grid(side)):
+            return [np.arange(len(grid))], None
+        level = adaptive_levels(side)
+        return [np.nonzero(level == lv)[0] for lv in range(3)], coarse_parents(side)
 
     def _covered(self, coverage: np.ndarray, points: np.ndarray, crop_size: Sequence[int]) -> np.ndarray:
         coords = apply_coords(points, crop_size, self.engine.img_size)
@@ -298,7 +320,7 @@ class MaskGenerator:
             np.zeros((len(idx), 4), np.int64), {k: v[idx] for k, v in fields.items()},
         )
         self.timings["postprocess"] += time.perf_counter() - t
-        return part, low_res, confident
+        return part, low_res, confident, iou.reshape(n_prompts, n_out).max(1)
 
     def _remove_small_regions(self, data: MaskSet, min_area: int, nms_thresh: float) -> MaskSet:
         masks = rle_decode(data.rles).astype(bool)
@@ -350,6 +372,16 @@ class MaskGenerator:
             records.append(rec)
         return records
 
+
+
+def _promising(parents: np.ndarray, promise: np.ndarray, floor: float) -> np.ndarray:
+    """Which points to prompt, from their coarse parents (``[K, 4]``, see ``coarse_parents``): those
+    without parents (the coarsest level), those with a parent beyond the grid's border (the coarse
+    lattice says nothing there), and those with a decoded parent whose best predicted IoU reached
+    ``floor`` or that lay inside a confident mask."""
+    valid = parents >= 0
+    best = np.where(valid, promise[np.where(valid, parents, 0)], -np.inf)
+    return (parents == NO_PARENT).all(1) | (parents == OUTSIDE).any(1) | (best >= floor).any(1)
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:

@@ -66,15 +66,50 @@ def preprocess_shape(h: int, w: int, long_side: int) -> Tuple[int, int]:
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
+def adaptive_levels(n_per_side: int) -> np.ndarray:
+    """Refinement level of each point of a row-major ``n x n`` grid: 0 on every 4th row and column,
+    1 on the remaining points of every 2nd row and column, 2 elsewhere (int64 ``[n * n]``)."""
+    rows, cols = np.meshgrid(np.arange(n_per_side), np.arange(n_per_side), indexing="ij")
+    level = np.full((n_per_side, n_per_side), 2, np.int64)
+    level[(rows % 2 == 0) & (cols % 2 == 0)] = 1
+    level[(rows % 4 == 0) & (cols % 4 == 0)] = 0
+    return level.reshape(-1)
+
+
 def adaptive_order(n_per_side: int) -> np.ndarray:
     """Grid point indices coarse to fine: every 4th point of every 4th row, then every 2nd, then the rest.
 
     Used by adaptive prompting so that large objects are found by the first,
     sparse points and the dense points inside them can be skipped.
     """
-    idx = np.arange(n_per_side * n_per_side).reshape(n_per_side, n_per_side)
-    rows, cols = np.meshgrid(np.arange(n_per_side), np.arange(n_per_side), indexing="ij")
-    level = np.full((n_per_side, n_per_side), 2)
-    level[(rows % 2 == 0) & (cols % 2 == 0)] = 1
-    level[(rows % 4 == 0) & (cols % 4 == 0)] = 0
-    return idx.reshape(-1)[np.argsort(level.reshape(-1), kind="stable")]
+    return np.argsort(adaptive_levels(n_per_side), kind="stable")
+
+
+OUTSIDE = -1  # a parent position beyond the grid's last row or column
+NO_PARENT = -2  # an unused parent slot
+
+
+def coarse_parents(n_per_side: int) -> np.ndarray:
+    """The coarser-level neighbours each grid point is refined from (int64 ``[n * n, 4]``).
+
+    A level-1 point lies 2 grid steps from its level-0 neighbours, a level-2 point 1 step
+    from its level-0/1 neighbours: halfway between 2 of them along a row or column, or at
+    the centre of 4 (the diagonals); those are its parents. Slots hold a point index,
+    :data:`OUTSIDE` where the parent would lie beyond the last row or column (the coarse
+    lattice does not reach the grid's far border), or :data:`NO_PARENT`. Level-0 points
+    have no parents.
+    """
+    n = n_per_side
+    level = adaptive_levels(n).reshape(n, n)
+    out = np.full((n * n, 4), NO_PARENT, np.int64)
+    for i in range(n):
+        for j in range(n):
+            lv = level[i, j]
+            if lv == 0:
+                continue
+            step = 2 if lv == 1 else 1
+            dr = [0] if i % (2 * step) == 0 else [-step, step]
+            dc = [0] if j % (2 * step) == 0 else [-step, step]
+            slots = [(i + a, j + b) for a in dr for b in dc]
+            out[i * n + j, : len(slots)] = [r * n + c if 0 <= r < n and 0 <= c < n else OUTSIDE for r, c in slots]
+    return out
