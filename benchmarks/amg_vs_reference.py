@@ -42,6 +42,8 @@ def load_image(name: str) -> np.ndarray:
 
     if name == "scene":
         return render_scene(11, size=(600, 800)).image
+    if name.startswith("scene-"):  # a held-out shapes-world scene by seed, e.g. scene-900001
+        return render_scene(int(name[len("scene-"):]), size=(600, 800)).image
     if name == "astronaut":
         return data.astronaut()
     if name == "coffee":
@@ -157,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--models", default="sam_nano,sam_vit_b")
     ap.add_argument("--settings", default="default,thresholds-0")
-    ap.add_argument("--images", default="scene,astronaut,coffee")
+    ap.add_argument("--images", default="scene,astronaut,coffee",
+                    help="scene, astronaut, coffee, or scene-SEED (a shapes-world scene, 800x600)")
     ap.add_argument("--vit-b-images", default="astronaut", help="images for sam_vit_b (slow on a CPU)")
     ap.add_argument("--big", action="store_true", help="also the 4000x3000 memory case (sam_nano, default settings)")
     ap.add_argument("--adaptive-margin", type=float, default=None,
