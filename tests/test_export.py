@@ -178,6 +178,18 @@ def test_crops_and_min_region_run_on_onnxruntime(nano, bundle_dir):
     assert matched_fraction(ref.masks, ours.masks) >= 0.99
 
 
+def test_adaptive_prompting_runs_the_same_on_onnxruntime(nano, bundle_dir):
+    kw = dict(PARITY_KW, points_per_side=16, adaptive=True, adaptive_iou_thresh=0.5, adaptive_stability_thresh=0.6)
+    image = disk_image(101)
+    torch_seg = Segmenter(nano, **kw)
+    ref = torch_seg(image)
+    ort_seg = Segmenter.from_bundle(bundle_dir, backend="onnxruntime", device="cpu", **kw)
+    ours = ort_seg(image)
+    stats = (torch_seg.generator.stats, ort_seg.generator.stats)
+    assert stats[0]["points_skipped"] > 0 and stats[0] == stats[1], stats  # the same points were prompted
+    assert len(ref) > 0 and matched_fraction(ref.masks, ours.masks) >= 0.99
+
+
 def test_int8_runs_and_stays_close(nano, bundle_dir):
     image = disk_image(101)
     ref = Segmenter.from_bundle(bundle_dir, backend="onnxruntime", device="cpu", **PARITY_KW)(image)
