@@ -115,6 +115,7 @@ def test_adaptive_run_says_so_and_matches_the_exact_run(inputs, tmp_path):
     exact = _run([str(inputs / "good.png"), "--out", str(tmp_path / "exact"), *common])
     adaptive = _run([str(inputs / "good.png"), "--out", str(tmp_path / "adaptive"), "--adaptive", *common])
     assert exact.returncode == 0 and adaptive.returncode == 0, adaptive.stderr
+    assert "no masks kept" not in exact.stderr
     said = " ".join(adaptive.stdout.split())  # rich wraps long lines
     assert "adaptive prompting (margin 0.15)" in said and "adaptive prompting" not in " ".join(exact.stdout.split())
     ex = json.loads((tmp_path / "exact" / "good.png.json").read_text())["annotations"]
@@ -129,3 +130,11 @@ def test_adaptive_run_says_so_and_matches_the_exact_run(inputs, tmp_path):
     bad = _run([str(inputs / "good.png"), "--out", str(tmp_path / "bad"), "--adaptive", "--adaptive-margin", "-1",
                 "--no-progress"])
     assert bad.returncode == 2 and "adaptive-margin" in bad.stderr
+
+
+def test_an_empty_result_says_which_filters_to_loosen(inputs, tmp_path):
+    r = _run([str(inputs / "good.png"), "--out", str(tmp_path / "o"), *FAST])  # segment-anything's 0.88 / 0.95
+    assert r.returncode == 0
+    assert json.loads((tmp_path / "o" / "good.png.json").read_text())["annotations"] == []
+    assert "note: no masks kept in 1 image(s)" in r.stderr and "--pred-iou-thresh 0.88" in r.stderr
+    assert "try --pred-iou-thresh 0.25" in r.stderr

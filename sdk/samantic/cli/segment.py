@@ -238,6 +238,13 @@ def segment(
     if done or skipped:
         console.print(f"results in {out}/ (NAME.json: COCO results with RLE masks; NAME.overlay.png"
                       + ("; NAME.semantic.png: label map, 0 = background, k = category k)" if names else ")"))
+    if done and not n_masks and not names:
+        # a silent empty result is the most confusing outcome for a new user: say which filter to loosen
+        hint = (" sam_nano's IoU head is under-confident (see its model card): try --pred-iou-thresh 0.25 "
+                "--stability-score-thresh 0.8, as `samantic demo` does." if model == "sam_nano" and not checkpoint else "")
+        typer.echo(f"note: no masks kept in {done} image(s): the filters (--pred-iou-thresh {config.pred_iou_thresh}, "
+                   f"--stability-score-thresh {config.stability_score_thresh}) removed every mask.{hint}",
+                   err=True)
     # one unwrapped line per file, so scripts can grep them
     for path, note in warnings:
         typer.echo(f"note: {path}: {note}", err=True)
