@@ -212,10 +212,15 @@ def test_shared_image_transformer_matches_segment_anything(arch, batch):
         ref_q, ref_k = transformer(image.repeat(batch, 1, 1, 1), pe.repeat(batch, 1, 1, 1), tokens)
         q, k = two_way_transformer(transformer, image, pe, tokens)
         # a per-prompt image batch (no sharing) takes the same path
-        q2, k2 = two_way_transformer(transformer, image.repeat(batch, 1, 1, 1), pe, tokens)
+        image_b = image.repeat(batch, 1, 1, 1)
+        q2, k2 = two_way_transformer(transformer, image_b, pe, tokens)
+        assert torch.equal(image_b, image.repeat(batch, 1, 1, 1))  # the skip connections ran in place, not on inputs
         # only some output tokens (the decoder reads the IoU token and the requested mask tokens)
         q3, k3 = two_way_transformer(transformer, image, pe, tokens, out_tokens=[0, 2, 3, 4])
+    q4, k4 = two_way_transformer(transformer, image, pe, tokens)  # autograd on: nothing is overwritten in place
     assert q.shape == ref_q.shape and k.shape == ref_k.shape and q3.shape == (batch, 4, c)
+    torch.testing.assert_close(q4.detach(), q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k4.detach(), k, atol=1e-6, rtol=1e-6)
     for a, b in ((q, ref_q), (k, ref_k), (q2, ref_q), (k2, ref_k), (q3, ref_q[:, [0, 2, 3, 4]]), (k3, ref_k)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 

@@ -21,12 +21,17 @@ The rewrites, per attention with weights ``W_q, W_k, W_v, W_o`` and heads ``h``:
 - image-to-token: ``(W_q,h x + b_q,h) . k_h = x . (W_q,h^T k_h) + b_q,h . k_h``, and
   ``W_o (concat_h sum_t p_ht v_ht) + b_o = sum_h sum_t p_ht (W_o,h v_ht + b_o / H)``.
 
-Two things that are not algebra but memory layout (1.3x on the whole transformer
-on 2 CPU cores): the image-to-token scores are kept token-major (a softmax over
+Things that are not algebra but memory layout (1.3x, then another 1.3-1.5x, on the
+whole transformer on 2 CPU cores): the image-to-token scores are kept token-major (a softmax over
 the T = 7 prompt tokens along a 7-wide last axis is several times slower than
 along a strided one), and bias adds and the block's skip connection go into
 the matrix products (``addmm`` / ``baddbmm``) instead of separate passes over
-B x h*w x C tensors. The last token-to-image attention runs only for the
+B x h*w x C tensors. Once the image tokens are per prompt (after the first
+layer), their positional encoding is not added to them (another B x h*w x C
+pass): it is shared, so its share of every score product is one product for
+the whole batch, and the block's skip connection is accumulated in place into
+keys nobody reads again (not while autograd or an ONNX export traces).
+The last token-to-image attention runs only for the
 output tokens the caller reads (``out_tokens``): each query row is independent.
 """
 
@@ -66,14 +71,16 @@ def _pool_image(p: Tensor, img: Tensor) -> Tensor:
     return torch.bmm(p, img)
 
 
-def token_to_image(attn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``attn(q=q, k=k, v=v)`` for a segment-anything ``Attention`` whose keys/values are image tokens.
+def token_to_image(attn, q: Tensor, k: Tensor, v: Tensor, k_pe: Optional[Tensor] = None) -> Tensor:
+    """``attn(q=q, k=k + k_pe, v=v)`` for a segment-anything ``Attention`` whose keys/values are image tokens.
 
     Args:
         attn: ``segment_anything.modeling.transformer.Attention``.
         q: Tensor[B, T, C] prompt tokens.
-        k: Tensor[1 or B, N, C] image tokens plus positional encoding.
+        k: Tensor[1 or B, N, C] image tokens (plus positional encoding, unless ``k_pe`` is given).
         v: Tensor[1 or B, N, C] image tokens.
+        k_pe: optional Tensor[1, N, C] positional encoding of the keys, shared by the batch. Its
+            share of the scores is one product for the whole batch, instead of a B x N x C sum.
 
     Returns:
         Tensor[B, T, C].
@@ -83,8 +90,14 @@ def token_to_image(attn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     b, t, _ = q.shape
     qh = _heads(attn.q_proj(q), heads)  # [H, B*T, d]
     # fold W_k into the queries; b_k adds a per-row constant, which softmax ignores
-    qk = torch.matmul(qh, attn.k_proj.weight.view(heads, d, c)) / (d**0.5)  # [H, B*T, C]
-    p = torch.softmax(_image_product(_per_prompt(qk, b, t), k), dim=-1)  # [B, H*T, N]
+    qk = _per_prompt(torch.matmul(qh, attn.k_proj.weight.view(heads, d, c)) / (d**0.5), b, t)  # [B, H*T, C]
+    if k_pe is None:
+        scores = _image_product(qk, k)
+    elif k.shape[0] == 1:
+        scores = _image_product(qk, k + k_pe)
+    else:
+        scores = torch.baddbmm(_image_product(qk, k_pe), qk, k.transpose(1, 2))
+    p = torch.softmax(scores, dim=-1)  # [B, H*T, N]
     pooled = _pool_image(p, v)  # [B, H*T, C]
     pooled = pooled.view(b, heads, t, c).transpose(0, 1).reshape(heads, b * t, c)
     out = torch.matmul(pooled, attn.v_proj.weight.view(heads, d, c).transpose(1, 2))  # [H, B*T, d]
@@ -92,15 +105,20 @@ def token_to_image(attn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return attn.out_proj(out.transpose(0, 1).reshape(b, t, heads * d))
 
 
-def image_to_token(attn, q: Tensor, k: Tensor, v: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-    """``attn(q=q, k=k, v=v)`` (plus ``residual``) for a segment-anything ``Attention`` whose queries are image tokens.
+def image_to_token(attn, q: Tensor, k: Tensor, v: Tensor, residual: Optional[Tensor] = None,
+                   q_pe: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
+    """``attn(q=q + q_pe, k=k, v=v)`` (plus ``residual``) for a segment-anything ``Attention`` whose queries are image tokens.
 
     Args:
         attn: ``segment_anything.modeling.transformer.Attention``.
-        q: Tensor[1 or B, N, C] image tokens plus positional encoding.
+        q: Tensor[1 or B, N, C] image tokens (plus positional encoding, unless ``q_pe`` is given).
         k: Tensor[B, T, C] prompt tokens plus their positional encoding.
         v: Tensor[B, T, C] prompt tokens.
         residual: Tensor[1 or B, N, C] added to the result inside the last product (the block's skip connection).
+        q_pe: optional Tensor[1, N, C] positional encoding of the queries, shared by the batch (its share
+            of the scores is one product for the whole batch).
+        inplace: the result may be written into ``residual`` (a per-prompt tensor the caller no longer needs),
+            which saves a copy of B x N x C.
 
     Returns:
         Tensor[B, N, C].
@@ -121,11 +139,18 @@ def image_to_token(attn, q: Tensor, k: Tensor, v: Tensor, residual: Optional[Ten
     # fold W_q into the keys; b_q . k is one bias per (prompt, token, head)
     qk = torch.matmul(kh.transpose(0, 1), attn.q_proj.weight.view(heads, d, c)).transpose(0, 1) * scale  # [B*T, H, C]
     bias = (kh * attn.q_proj.bias.view(1, heads, d)).sum(-1) * scale  # [B*T, H]
+    if q_pe is not None and q.shape[0] == 1:
+        q, q_pe = q + q_pe, None
     if q.shape[0] == 1:
         scores = torch.addmm(bias.reshape(-1), q[0], qk.reshape(b * t * heads, c).t())  # [N, B*T*H]
         p = torch.softmax(scores.view(n, b, t, heads), dim=2).view(n, b, t * heads).transpose(0, 1)  # strided, no copy
     else:
-        scores = torch.baddbmm(bias.view(b, 1, t * heads), q, qk.reshape(b, t * heads, c).transpose(1, 2))
+        if q_pe is None:
+            start = bias.view(b, 1, t * heads)
+        else:  # the shared positional encoding's scores, [N, B*T*H] -> [B, N, T*H], plus the bias
+            pe_scores = torch.addmm(bias.reshape(-1), q_pe[0], qk.reshape(b * t * heads, c).t())
+            start = pe_scores.view(n, b, t * heads).transpose(0, 1)
+        scores = torch.baddbmm(start, q, qk.reshape(b, t * heads, c).transpose(1, 2))
         p = torch.softmax(scores.view(b, n, t, heads), dim=2).view(b, n, t * heads)
     # fold W_o into the values: W_o (concat_h p_h @ v_h) = sum_h p_h @ (v_h W_o,h^T)
     vh = attn.v_proj(v).view(b * t, heads, d)
@@ -133,6 +158,8 @@ def image_to_token(attn, q: Tensor, k: Tensor, v: Tensor, residual: Optional[Ten
     vo = (vo + attn.out_proj.bias / heads).reshape(b, t * heads, c)
     if residual is None:
         return torch.bmm(p, vo)
+    if inplace and residual.shape[0] == b and residual.is_contiguous():
+        return residual.baddbmm_(p, vo)
     return torch.baddbmm(residual, p, vo)
 
 
@@ -155,6 +182,10 @@ def two_way_transformer(transformer, image_embedding: Tensor, image_pe: Tensor,
     """
     keys = image_embedding.flatten(2).transpose(1, 2)  # [1, N, C]
     key_pe = image_pe.flatten(2).transpose(1, 2)
+    # keys made by a layer below (not the caller's tensor) may take the next skip connection in place,
+    # unless autograd or an exporter needs them
+    own = False
+    may_overwrite = not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
     queries, query_pe = point_embedding, point_embedding
     for layer in transformer.layers:
         if layer.skip_first_layer_pe:
@@ -163,14 +194,17 @@ def two_way_transformer(transformer, image_embedding: Tensor, image_pe: Tensor,
             q = queries + query_pe
             queries = queries + layer.self_attn(q=q, k=q, v=queries)
         queries = layer.norm1(queries)
-        k = keys + key_pe
-        queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys))
+        # per-prompt keys: the positional encoding enters the score products instead of a B x N x C sum
+        k, pe = (keys + key_pe, None) if keys.shape[0] == 1 else (keys, key_pe)
+        queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys, pe))
         queries = layer.norm3(queries + layer.mlp(queries))
-        keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys))
+        keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys,
+                                          q_pe=pe, inplace=own and may_overwrite))
+        own = True
     if keys.shape[0] != queries.shape[0]:  # no layers: keys were never made per prompt
         keys = keys.expand(queries.shape[0], -1, -1)
     if out_tokens is not None:
         rows = list(out_tokens)
         queries, query_pe = queries[:, rows], query_pe[:, rows]
-    attn = token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
+    attn = token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys, keys, key_pe)
     return transformer.norm_final_attn(queries + attn), keys
