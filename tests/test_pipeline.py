@@ -189,10 +189,11 @@ def test_trained_nano_matches_reference_at_its_thresholds(shipped_nano, seed):
 
 # (depth, width, heads, mlp): sam_nano's decoder, the official checkpoints' decoder, no layers, only the first layer
 TRANSFORMERS = {"nano": (2, 128, 4, 512), "official": (2, 256, 8, 2048), "depth-0": (0, 64, 4, 128),
-                "depth-1": (1, 64, 4, 128)}
+                "depth-1": (1, 64, 4, 128), "depth-3": (3, 64, 4, 128)}
 
 
-@pytest.mark.parametrize("arch, batch", [("nano", 1), ("nano", 5), ("official", 3), ("depth-0", 4), ("depth-1", 4)])
+@pytest.mark.parametrize("arch, batch", [("nano", 1), ("nano", 5), ("official", 3), ("depth-0", 4), ("depth-1", 4),
+                                         ("depth-3", 4)])
 def test_shared_image_transformer_matches_segment_anything(arch, batch):
     """The folded, image-shared two-way transformer against segment-anything's on the image repeated B times."""
     from segment_anything.modeling import TwoWayTransformer
@@ -212,9 +213,14 @@ def test_shared_image_transformer_matches_segment_anything(arch, batch):
         ref_q, ref_k = transformer(image.repeat(batch, 1, 1, 1), pe.repeat(batch, 1, 1, 1), tokens)
         q, k = two_way_transformer(transformer, image, pe, tokens)
         # a per-prompt image batch (no sharing) takes the same path
-        image_b = image.repeat(batch, 1, 1, 1)
+        # channels-last makes the flattened image tokens a contiguous view of the caller's tensor
+        image_b = image.repeat(batch, 1, 1, 1).contiguous(memory_format=torch.channels_last)
         q2, k2 = two_way_transformer(transformer, image_b, pe, tokens)
         assert torch.equal(image_b, image.repeat(batch, 1, 1, 1))  # the skip connections ran in place, not on inputs
+        # a per-prompt positional encoding (distinct per prompt) is not the shared one
+        pe_b = torch.randn(batch, c, 16, 12)
+        ref_q5, ref_k5 = transformer(image.repeat(batch, 1, 1, 1), pe_b, tokens)
+        q5, k5 = two_way_transformer(transformer, image, pe_b, tokens)
         # only some output tokens (the decoder reads the IoU token and the requested mask tokens)
         q3, k3 = two_way_transformer(transformer, image, pe, tokens, out_tokens=[0, 2, 3, 4])
     q4, k4 = two_way_transformer(transformer, image, pe, tokens)  # autograd on: nothing is overwritten in place
@@ -223,6 +229,23 @@ def test_shared_image_transformer_matches_segment_anything(arch, batch):
     torch.testing.assert_close(k4.detach(), k, atol=1e-6, rtol=1e-6)
     for a, b in ((q, ref_q), (k, ref_k), (q2, ref_q), (k2, ref_k), (q3, ref_q[:, [0, 2, 3, 4]]), (k3, ref_k)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    for a, b in ((q5, ref_q5), (k5, ref_k5)):  # float rounding only (one element of the official width hits 2.3e-5)
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+def test_transformer_under_autocast_runs():
+    """bf16 autocast without autograd: the in-place skip connection must not meet mixed dtypes."""
+    from segment_anything.modeling import TwoWayTransformer
+
+    from samantic.pipeline.transformer import two_way_transformer
+
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=64, num_heads=4, mlp_dim=128)
+    image, pe, tokens = torch.randn(1, 64, 8, 8), torch.randn(1, 64, 8, 8), torch.randn(3, 7, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_q, _ = transformer(image.repeat(3, 1, 1, 1), pe.repeat(3, 1, 1, 1), tokens)
+        q, _ = two_way_transformer(transformer, image, pe, tokens)
+    torch.testing.assert_close(q.float(), ref_q.float(), atol=0.1, rtol=0.05)
 
 
 def test_adaptive_order_goes_coarse_to_fine():

@@ -130,6 +130,8 @@ def test_adaptive_run_says_so_and_matches_the_exact_run(inputs, tmp_path):
     bad = _run([str(inputs / "good.png"), "--out", str(tmp_path / "bad"), "--adaptive", "--adaptive-margin", "-1",
                 "--no-progress"])
     assert bad.returncode == 2 and "adaptive-margin" in bad.stderr
+    alone = _run([str(inputs / "good.png"), "--out", str(tmp_path / "bad"), "--adaptive-margin", "0.2", "--no-progress"])
+    assert alone.returncode == 2 and "only means something with --adaptive" in " ".join(alone.stderr.split())
 
 
 def test_an_empty_result_says_which_filters_to_loosen(inputs, tmp_path):

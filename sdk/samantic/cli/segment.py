@@ -85,7 +85,7 @@ def segment(
     head: Annotated[Optional[Path], typer.Option(help="U-SAM head file (from `samantic train usam`): masks get class names.")] = None,
     score_thresh: Annotated[Optional[float], typer.Option(help="Minimum class probability (default: the head's).")] = None,
     adaptive: Annotated[bool, typer.Option("--adaptive", help="Prompt coarse to fine: refine only around points whose masks came close to --pred-iou-thresh, skip points inside confident masks (faster, not exact).")] = False,
-    adaptive_margin: Annotated[float, typer.Option(min=0.0, help="With --adaptive: how far below --pred-iou-thresh a coarse point's best predicted IoU may lie and still get its neighbours prompted.")] = 0.15,
+    adaptive_margin: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="With --adaptive: how far below --pred-iou-thresh a coarse point's best predicted IoU may lie and still get its neighbours prompted. [default: 0.15]")] = None,
     mask_pngs: Annotated[bool, typer.Option("--mask-pngs", help="Also write NAME.masks/ with one PNG per mask and metadata.csv.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images whose results exist.")] = False,
     device: Annotated[str, typer.Option(help="Where the post-processing kernels run: cpu or cuda[:N].")] = "cpu",
@@ -113,6 +113,8 @@ def segment(
     from samantic.runtime import Segmenter
 
     try:
+        if adaptive_margin is not None and not adaptive:
+            raise typer.BadParameter("only means something with --adaptive", param_hint="--adaptive-margin")
         if classes is not None and head is None and bundle is None:
             raise ValueError("--classes needs --head (a U-SAM head from `samantic train usam`) or a --bundle with a head")
         if classes is not None:
@@ -137,7 +139,7 @@ def segment(
             box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
             crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             min_mask_region_area=min_mask_region_area, output_mode="coco_rle", adaptive=adaptive,
-            adaptive_margin=adaptive_margin, device=device,
+            **({"adaptive_margin": adaptive_margin} if adaptive_margin is not None else {}), device=device,
         )
         if bundle is not None:
             segmenter = Segmenter.from_bundle(bundle_info, backend=backend, precision=precision, classes=classes,
@@ -171,7 +173,7 @@ def segment(
     head_name = head if head is not None else (bundle if names else None)
     console.print(f"model {model} ({escape(str(weights))}), {points_per_side}x{points_per_side} points, "
                   f"pred_iou_thresh {config.pred_iou_thresh}, stability_score_thresh {config.stability_score_thresh}"
-                  + (f", adaptive prompting (margin {adaptive_margin})" if adaptive else "")
+                  + (f", adaptive prompting (margin {config.adaptive_margin})" if adaptive else "")
                   + (f", classes {','.join(names)} ({escape(str(head_name))})" if names else "")
                   + f"; {len(jobs)} image(s) -> {out}")
 
@@ -241,7 +243,9 @@ def segment(
     if done and not n_masks and not names:
         # a silent empty result is the most confusing outcome for a new user: say which filter to loosen
         hint = (" sam_nano's IoU head is under-confident (see its model card): try --pred-iou-thresh 0.25 "
-                "--stability-score-thresh 0.8, as `samantic demo` does." if model == "sam_nano" and not checkpoint else "")
+                "--stability-score-thresh 0.8, as `samantic demo` does."
+                if model == "sam_nano" and not (checkpoint or bundle) and pred_iou_thresh is None
+                and stability_score_thresh is None else "")
         typer.echo(f"note: no masks kept in {done} image(s): the filters (--pred-iou-thresh {config.pred_iou_thresh}, "
                    f"--stability-score-thresh {config.stability_score_thresh}) removed every mask.{hint}",
                    err=True)

@@ -19,6 +19,7 @@ or TensorRT (:mod:`samantic.runtime`).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -246,8 +247,7 @@ class MaskGenerator:
         side = int(round(np.sqrt(len(grid))))
         if side < 1 or side * side != len(grid) or not np.allclose(grid, point_grid(side)):
             return [np.arange(len(grid))], None
-        level = adaptive_levels(side)
-        return [np.nonzero(level == lv)[0] for lv in range(3)], coarse_parents(side)
+        return _lattice(side)
 
     def _covered(self, coverage: np.ndarray, points: np.ndarray, crop_size: Sequence[int]) -> np.ndarray:
         coords = apply_coords(points, crop_size, self.engine.img_size)
@@ -372,6 +372,17 @@ class MaskGenerator:
             records.append(rec)
         return records
 
+
+
+@functools.lru_cache(maxsize=16)
+def _lattice(side: int):
+    """Refinement levels and coarse parents of the ``side x side`` grid (built once per side, read-only)."""
+    level = adaptive_levels(side)
+    levels = [np.nonzero(level == lv)[0] for lv in range(3)]
+    parents = coarse_parents(side)
+    for a in (*levels, parents):
+        a.setflags(write=False)
+    return levels, parents
 
 
 def _promising(parents: np.ndarray, promise: np.ndarray, floor: float) -> np.ndarray:

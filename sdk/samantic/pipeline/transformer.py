@@ -158,7 +158,7 @@ def image_to_token(attn, q: Tensor, k: Tensor, v: Tensor, residual: Optional[Ten
     vo = (vo + attn.out_proj.bias / heads).reshape(b, t * heads, c)
     if residual is None:
         return torch.bmm(p, vo)
-    if inplace and residual.shape[0] == b and residual.is_contiguous():
+    if inplace and residual.shape[0] == b and residual.is_contiguous() and residual.dtype == p.dtype == vo.dtype:
         return residual.baddbmm_(p, vo)
     return torch.baddbmm(residual, p, vo)
 
@@ -185,7 +185,8 @@ def two_way_transformer(transformer, image_embedding: Tensor, image_pe: Tensor,
     # keys made by a layer below (not the caller's tensor) may take the next skip connection in place,
     # unless autograd or an exporter needs them
     own = False
-    may_overwrite = not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+    may_overwrite = not (torch.is_grad_enabled() or torch.is_autocast_enabled() or torch.jit.is_tracing()
+                         or torch.onnx.is_in_onnx_export())
     queries, query_pe = point_embedding, point_embedding
     for layer in transformer.layers:
         if layer.skip_first_layer_pe:
@@ -195,7 +196,8 @@ def two_way_transformer(transformer, image_embedding: Tensor, image_pe: Tensor,
             queries = queries + layer.self_attn(q=q, k=q, v=queries)
         queries = layer.norm1(queries)
         # per-prompt keys: the positional encoding enters the score products instead of a B x N x C sum
-        k, pe = (keys + key_pe, None) if keys.shape[0] == 1 else (keys, key_pe)
+        # (only a batch-1 encoding is shared; a per-prompt one is added as segment-anything does)
+        k, pe = (keys + key_pe, None) if keys.shape[0] == 1 or key_pe.shape[0] != 1 else (keys, key_pe)
         queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys, pe))
         queries = layer.norm3(queries + layer.mlp(queries))
         keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys,
@@ -206,5 +208,8 @@ def two_way_transformer(transformer, image_embedding: Tensor, image_pe: Tensor,
     if out_tokens is not None:
         rows = list(out_tokens)
         queries, query_pe = queries[:, rows], query_pe[:, rows]
-    attn = token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys, keys, key_pe)
+    if key_pe.shape[0] == 1:
+        attn = token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys, keys, key_pe)
+    else:
+        attn = token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
     return transformer.norm_final_attn(queries + attn), keys
