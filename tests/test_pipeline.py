@@ -233,6 +233,26 @@ def test_shared_image_transformer_matches_segment_anything(arch, batch):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
 
 
+def test_transformer_export_layout_matches(monkeypatch):
+    """The softmax layout an ONNX export takes (prompt tokens on the last axis) computes the same function."""
+    from segment_anything.modeling import TwoWayTransformer
+
+    from samantic.pipeline.transformer import two_way_transformer
+
+    torch.manual_seed(3)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=64, num_heads=4, mlp_dim=128)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    image, pe, tokens = torch.randn(1, 64, 8, 6), torch.randn(1, 64, 8, 6), torch.randn(5, 7, 64)
+    with torch.no_grad():
+        ref_q, ref_k = transformer(image.repeat(5, 1, 1, 1), pe.repeat(5, 1, 1, 1), tokens)
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        q, k = two_way_transformer(transformer, image, pe, tokens)
+    torch.testing.assert_close(q, ref_q, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(k, ref_k, atol=2e-5, rtol=1e-4)
+
+
 def test_transformer_under_autocast_runs():
     """bf16 autocast without autograd: the in-place skip connection must not meet mixed dtypes."""
     from segment_anything.modeling import TwoWayTransformer

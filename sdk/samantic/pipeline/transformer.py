@@ -139,23 +139,33 @@ def image_to_token(attn, q: Tensor, k: Tensor, v: Tensor, residual: Optional[Ten
     # fold W_q into the keys; b_q . k is one bias per (prompt, token, head)
     qk = torch.matmul(kh.transpose(0, 1), attn.q_proj.weight.view(heads, d, c)).transpose(0, 1) * scale  # [B*T, H, C]
     bias = (kh * attn.q_proj.bias.view(1, heads, d)).sum(-1) * scale  # [B*T, H]
-    if q_pe is not None and q.shape[0] == 1:
-        q, q_pe = q + q_pe, None
-    if q.shape[0] == 1:
-        scores = torch.addmm(bias.reshape(-1), q[0], qk.reshape(b * t * heads, c).t())  # [N, B*T*H]
-        p = torch.softmax(scores.view(n, b, t, heads), dim=2).view(n, b, t * heads).transpose(0, 1)  # strided, no copy
-    else:
-        if q_pe is None:
-            start = bias.view(b, 1, t * heads)
-        else:  # the shared positional encoding's scores, [N, B*T*H] -> [B, N, T*H], plus the bias
-            pe_scores = torch.addmm(bias.reshape(-1), q_pe[0], qk.reshape(b * t * heads, c).t())
-            start = pe_scores.view(n, b, t * heads).transpose(0, 1)
-        scores = torch.baddbmm(start, q, qk.reshape(b, t * heads, c).transpose(1, 2))
-        p = torch.softmax(scores.view(b, n, t, heads), dim=2).view(b, n, t * heads)
     # fold W_o into the values: W_o (concat_h p_h @ v_h) = sum_h p_h @ (v_h W_o,h^T)
     vh = attn.v_proj(v).view(b * t, heads, d)
     vo = torch.matmul(vh.transpose(0, 1), attn.out_proj.weight.view(c, heads, d).permute(1, 2, 0)).transpose(0, 1)
-    vo = (vo + attn.out_proj.bias / heads).reshape(b, t * heads, c)
+    vo = vo + attn.out_proj.bias / heads  # [B*T, H, C]
+    # the softmax runs over the T prompt tokens; torch is fastest along a strided axis (token-major
+    # rows (t, h)), onnxruntime along the last one (rows (h, t)), so an ONNX export takes that layout
+    last = torch.onnx.is_in_onnx_export()
+    if last:
+        qk = qk.view(b, t, heads, c).transpose(1, 2)
+        bias = bias.view(b, t, heads).transpose(1, 2)
+        vo = vo.view(b, t, heads, c).transpose(1, 2)
+    rows, axis = ((heads, t), 3) if last else ((t, heads), 2)
+    qk = qk.reshape(b * t * heads, c)
+    vo = vo.reshape(b, t * heads, c)
+    if q_pe is not None and q.shape[0] == 1:
+        q, q_pe = q + q_pe, None
+    if q.shape[0] == 1:
+        scores = torch.addmm(bias.reshape(-1), q[0], qk.t())  # [N, B*T*H]
+        p = torch.softmax(scores.view(n, b, *rows), dim=axis).view(n, b, t * heads).transpose(0, 1)  # strided, no copy
+    else:
+        if q_pe is None:
+            start = bias.reshape(b, 1, t * heads)
+        else:  # the shared positional encoding's scores, [N, B*T*H] -> [B, N, T*H], plus the bias
+            pe_scores = torch.addmm(bias.reshape(-1), q_pe[0], qk.t())
+            start = pe_scores.view(n, b, t * heads).transpose(0, 1)
+        scores = torch.baddbmm(start, q, qk.view(b, t * heads, c).transpose(1, 2))
+        p = torch.softmax(scores.view(b, n, *rows), dim=axis).view(b, n, t * heads)
     if residual is None:
         return torch.bmm(p, vo)
     if inplace and residual.shape[0] == b and residual.is_contiguous() and residual.dtype == p.dtype == vo.dtype:
