@@ -41,7 +41,7 @@ def load_image(name: str) -> np.ndarray:
     from samantic.train.data.shapes import render_scene
 
     if name == "scene":
-        return render_scene(11, size=(600, 800)).image
+        name = "scene-11"
     if name.startswith("scene-"):  # a held-out shapes-world scene by seed, e.g. scene-900001
         return render_scene(int(name[len("scene-"):]), size=(600, 800)).image
     if name == "astronaut":

@@ -221,7 +221,7 @@ class MaskGenerator:
                 part, low_res, confident, best_iou = self._process_batch(points[batch_idx], crop_size, input_size,
                                                                          crop_box, orig)
                 promise[batch_idx] = best_iou
-                if cfg.adaptive and confident is not None and confident.any():
+                if confident is not None and confident.any():  # adaptive mode only
                     cov = (low_res[confident] > engine.mask_threshold).any(0)
                     coverage = cov if coverage is None else (coverage | cov)
                 parts.append(part)

@@ -71,6 +71,14 @@ def _pool_image(p: Tensor, img: Tensor) -> Tensor:
     return torch.bmm(p, img)
 
 
+def _apart(x: Tensor, pe: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(x, pe)`` for a product with ``x + pe``: a batch-1 encoding of per-prompt tokens stays apart (its
+    share of the product is one product for the whole batch); otherwise it is added here."""
+    if pe is None or (x.shape[0] > 1 and pe.shape[0] == 1):
+        return x, pe
+    return x + pe, None
+
+
 def token_to_image(attn, q: Tensor, k: Tensor, v: Tensor, k_pe: Optional[Tensor] = None) -> Tensor:
     """``attn(q=q, k=k + k_pe, v=v)`` for a segment-anything ``Attention`` whose keys/values are image tokens.
 
@@ -79,8 +87,9 @@ def token_to_image(attn, q: Tensor, k: Tensor, v: Tensor, k_pe: Optional[Tensor]
         q: Tensor[B, T, C] prompt tokens.
         k: Tensor[1 or B, N, C] image tokens (plus positional encoding, unless ``k_pe`` is given).
         v: Tensor[1 or B, N, C] image tokens.
-        k_pe: optional Tensor[1, N, C] positional encoding of the keys, shared by the batch. Its
-            share of the scores is one product for the whole batch, instead of a B x N x C sum.
+        k_pe: optional Tensor[1 or B, N, C] positional encoding of the keys. A batch-1 encoding of
+            per-prompt keys is shared: its share of the scores is one product for the whole batch,
+            instead of a B x N x C sum.
 
     Returns:
         Tensor[B, T, C].
@@ -91,10 +100,9 @@ def token_to_image(attn, q: Tensor, k: Tensor, v: Tensor, k_pe: Optional[Tensor]
     qh = _heads(attn.q_proj(q), heads)  # [H, B*T, d]
     # fold W_k into the queries; b_k adds a per-row constant, which softmax ignores
     qk = _per_prompt(torch.matmul(qh, attn.k_proj.weight.view(heads, d, c)) / (d**0.5), b, t)  # [B, H*T, C]
+    k, k_pe = _apart(k, k_pe)
     if k_pe is None:
         scores = _image_product(qk, k)
-    elif k.shape[0] == 1:
-        scores = _image_product(qk, k + k_pe)
     else:
         scores = torch.baddbmm(_image_product(qk, k_pe), qk, k.transpose(1, 2))
     p = torch.softmax(scores, dim=-1)  # [B, H*T, N]
@@ -115,8 +123,8 @@ def image_to_token(attn, q: Tensor, k: Tensor, v: Tensor, residual: Optional[Ten
         k: Tensor[B, T, C] prompt tokens plus their positional encoding.
         v: Tensor[B, T, C] prompt tokens.
         residual: Tensor[1 or B, N, C] added to the result inside the last product (the block's skip connection).
-        q_pe: optional Tensor[1, N, C] positional encoding of the queries, shared by the batch (its share
-            of the scores is one product for the whole batch).
+        q_pe: optional Tensor[1 or B, N, C] positional encoding of the queries (shared like
+            ``token_to_image``'s ``k_pe``).
         inplace: the result may be written into ``residual`` (a per-prompt tensor the caller no longer needs),
             which saves a copy of B x N x C.
 
@@ -153,8 +161,7 @@ def image_to_token(attn, q: Tensor, k: Tensor, v: Tensor, residual: Optional[Ten
     rows, axis = ((heads, t), 3) if last else ((t, heads), 2)
     qk = qk.reshape(b * t * heads, c)
     vo = vo.reshape(b, t * heads, c)
-    if q_pe is not None and q.shape[0] == 1:
-        q, q_pe = q + q_pe, None
+    q, q_pe = _apart(q, q_pe)
     if q.shape[0] == 1:
         scores = torch.addmm(bias.reshape(-1), q[0], qk.t())  # [N, B*T*H]
         p = torch.softmax(scores.view(n, b, *rows), dim=axis).view(n, b, t * heads).transpose(0, 1)  # strided, no copy
@@ -205,21 +212,17 @@ def two_way_transformer(transformer, image_embedding: Tensor, image_pe: Tensor,
             q = queries + query_pe
             queries = queries + layer.self_attn(q=q, k=q, v=queries)
         queries = layer.norm1(queries)
-        # per-prompt keys: the positional encoding enters the score products instead of a B x N x C sum
-        # (only a batch-1 encoding is shared; a per-prompt one is added as segment-anything does)
-        k, pe = (keys + key_pe, None) if keys.shape[0] == 1 or key_pe.shape[0] != 1 else (keys, key_pe)
-        queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys, pe))
+        # the keys' positional encoding goes in separately: per-prompt keys never get a B x N x C sum
+        queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + query_pe, keys, keys,
+                                                       key_pe))
         queries = layer.norm3(queries + layer.mlp(queries))
-        keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys,
-                                          q_pe=pe, inplace=own and may_overwrite))
+        keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, keys, queries + query_pe, queries, keys,
+                                          q_pe=key_pe, inplace=own and may_overwrite))
         own = True
     if keys.shape[0] != queries.shape[0]:  # no layers: keys were never made per prompt
         keys = keys.expand(queries.shape[0], -1, -1)
     if out_tokens is not None:
         rows = list(out_tokens)
         queries, query_pe = queries[:, rows], query_pe[:, rows]
-    if key_pe.shape[0] == 1:
-        attn = token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys, keys, key_pe)
-    else:
-        attn = token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
+    attn = token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys, keys, key_pe)
     return transformer.norm_final_attn(queries + attn), keys
