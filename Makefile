@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := requirements/constraints.txt
 CSRC := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all env build test test-all demo bench clean
+.PHONY: all env build test test-all demo bench gpu-check gpu-wheels clean
 
 all: build
 
@@ -37,6 +37,21 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/postprocess.py --out benchmarks/results
+
+# The prepared run for the occasional GPU machine (scripts/gpu_check.sh): its
+# system $(PYTHON), not .venv; builds samantic._C with CUDA for $(CUDA_ARCHS) in
+# /tmp, runs the gpu tests and the GPU benchmarks, writes OUT_DIR (default:
+# $$OUT/gpu-check when OUT is set, else runs/gpu-check). GPU_CHECK_FLAGS=--cpu
+# is a dry run on a machine without a GPU.
+OUT_DIR ?=
+CUDA_ARCHS ?= 90
+GPU_CHECK_FLAGS ?=
+gpu-check:
+	PYTHON=$(PYTHON) CUDA_ARCHS='$(CUDA_ARCHS)' bash scripts/gpu_check.sh $(GPU_CHECK_FLAGS) $(OUT_DIR)
+
+# fills the ignored .whl/ that gpu-check brings along (segment-anything, pycocotools, Python headers)
+gpu-wheels:
+	bash scripts/gpu_check_wheels.sh
 
 clean:
 	rm -rf build runs $(VENV)/.build-stamp

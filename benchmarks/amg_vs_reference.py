@@ -8,6 +8,17 @@ agreement (reference masks matched one-to-one at mask IoU >= 0.99), peak RSS,
 and for samantic's adaptive prompting its recall against samantic's exact mode.
 
     python benchmarks/amg_vs_reference.py --out benchmarks/results
+
+``--device cuda`` (or ``--in-process``) runs both generators in this one process
+instead, model and prompts on that device (samantic's kernels too), with
+``--warmup`` untimed calls per path, then ``--repeats`` timed calls alternating
+between the paths, each ended by ``torch.cuda.synchronize()``; reported: median
+and best seconds, speed ratio of the medians, masks, agreement at mask IoU 0.99,
+0.9 and 0.5, and the peak torch GPU memory of each path. ``--cases`` picks
+model:setting:image triples instead of the cross product:
+
+    python benchmarks/amg_vs_reference.py --device cuda \
+        --cases sam_nano:nano:demo-900001,sam_vit_b:thresholds-0:scene-11 --out runs/gpu-check
 """
 
 from __future__ import annotations
@@ -42,6 +53,13 @@ def load_image(name: str) -> np.ndarray:
 
     if name == "scene":
         name = "scene-11"
+    if name.startswith("demo-"):  # a bundled demo scene, e.g. demo-900001 (800x600 PNG)
+        from samantic.demo import DEMO_DIR
+
+        bgr = cv2.imread(str(DEMO_DIR / f"scene_{name[len('demo-'):]}.png"), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"no demo scene {name!r} in {DEMO_DIR}")
+        return np.ascontiguousarray(bgr[:, :, ::-1])
     if name.startswith("scene-"):  # a held-out shapes-world scene by seed, e.g. scene-900001
         return render_scene(int(name[len("scene-"):]), size=(600, 800)).image
     if name == "astronaut":
@@ -154,6 +172,129 @@ def matched(ref_rles: List[dict], our_rles: List[dict], thr: float) -> int:
     return n
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def in_process(cases, device: str, warmup: int, repeats: int, on_row=None) -> List[Dict[str, Any]]:
+    """Both generators side by side in this process on ``device``; one row per case."""
+    import statistics
+
+    import torch
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from samantic.pipeline import AutomaticMaskGenerator
+
+    torch.set_grad_enabled(False)
+    cuda = device.startswith("cuda")
+    rows = []
+    models: Dict[str, Any] = {}
+    for model_name, setting, image_name in cases:
+        row: Dict[str, Any] = {"model": model_name, "setting": setting, "image": image_name, "device": device}
+        try:
+            if model_name not in models:
+                models.clear()  # one model on the device at a time
+                if cuda:
+                    torch.cuda.empty_cache()
+                models[model_name] = build_model(model_name).to(device).eval()
+            model = models[model_name]
+            image = load_image(image_name)
+            settings = dict(SETTINGS[setting], output_mode="coco_rle")
+            gens = {"reference": SamAutomaticMaskGenerator(model, **settings),
+                    "samantic": AutomaticMaskGenerator(model, **settings, device=device)}
+            times: Dict[str, List[float]] = {k: [] for k in gens}
+            records: Dict[str, Any] = {}
+            peak: Dict[str, float] = {}
+            for path, gen in gens.items():  # warm-up (CUDA context, kernels, allocator) and GPU peak memory
+                if not warmup and repeats:
+                    break
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                for _ in range(max(warmup, 1)):
+                    records[path] = gen.generate(image)
+                _sync(device)
+                if cuda:
+                    peak[path] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            for _ in range(repeats):
+                for path, gen in gens.items():  # alternating, so load from elsewhere hits both alike
+                    _sync(device)
+                    t = time.perf_counter()
+                    records[path] = gen.generate(image)
+                    _sync(device)
+                    times[path].append(time.perf_counter() - t)
+            ref = [r["segmentation"] for r in records["reference"]]
+            ours = [r["segmentation"] for r in records["samantic"]]
+            n_ref = len(ref)
+            med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
+            row.update({
+                "image_hw": list(image.shape[:2]), "warmup": warmup, "repeats": repeats,
+                "reference_s": med["reference"], "samantic_s": med["samantic"],
+                "reference_best_s": min(times["reference"], default=float("nan")),
+                "samantic_best_s": min(times["samantic"], default=float("nan")),
+                "speedup": med["reference"] / med["samantic"] if repeats else float("nan"),
+                "reference_times_s": times["reference"], "samantic_times_s": times["samantic"],
+                "reference_masks": n_ref, "samantic_masks": len(ours),
+                "matched_099": matched(ref, ours, 0.99), "matched_090": matched(ref, ours, 0.9),
+                "matched_050": matched(ref, ours, 0.5),
+                "samantic_stages_s": dict(gens["samantic"].timings), "samantic_stats": dict(gens["samantic"].stats),
+            })
+            for t in ("099", "090", "050"):
+                row[f"agreement_{t}"] = row[f"matched_{t}"] / n_ref if n_ref else (1.0 if not ours else 0.0)
+            if peak:
+                row.update({"reference_gpu_peak_mib": peak["reference"], "samantic_gpu_peak_mib": peak["samantic"]})
+        except Exception as e:  # record and go on with the next case
+            import traceback
+
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc()
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list)) and k != "traceback"}),
+              flush=True)
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
+def _in_process_report(args, argv, rows) -> Path:
+    import torch
+
+    from samantic import __version__
+
+    gpu = None
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(args.device))
+    result = {"benchmark": "amg_vs_reference", "mode": "in-process", "device": args.device, "gpu": gpu,
+              "torch": torch.__version__, "rows": rows, "samantic": __version__, "machine": machine(),
+              "command": "python benchmarks/amg_vs_reference.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    header = ["model", "setting", "image", "reference s (median)", "samantic s (median)", "speed-up", "masks ref/ours",
+              "agreement@0.99 / 0.9 / 0.5", "ref GPU MiB", "samantic GPU MiB"]
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([r["model"], r["setting"], r["image"], "error: " + r["error"].replace("|", "/")[:200]]
+                         + ["-"] * (len(header) - 4))
+            continue
+        table.append([r["model"], r["setting"], r["image"], f"{r['reference_s']:.3f}", f"{r['samantic_s']:.3f}",
+                      f"**{r['speedup']:.2f}x**", f"{r['reference_masks']}/{r['samantic_masks']}",
+                      f"{r['agreement_099']:.3f} / {r['agreement_090']:.3f} / {r['agreement_050']:.3f}",
+                      f"{r['reference_gpu_peak_mib']:.0f}" if "reference_gpu_peak_mib" in r else "-",
+                      f"{r['samantic_gpu_peak_mib']:.0f}" if "samantic_gpu_peak_mib" in r else "-"])
+    pre = (f"Segment everything, segment-anything vs samantic, both in one process on {args.device}"
+           f"{f' ({gpu})' if gpu else ''}, torch {torch.__version__}: {args.warmup} warm-up call(s) per path, then "
+           f"{args.repeats} timed calls alternating between the paths (median"
+           f"{'; torch.cuda.synchronize() before every clock read' if args.device.startswith('cuda') else ''}); agreement = reference masks matched one-to-one by a samantic mask at that mask IoU; GPU MiB "
+           "= peak torch-allocated memory during the warm-up minus before it (samantic's own kernels allocate "
+           "outside torch's allocator). sam_vit_b is random-initialised (seeded), sam_nano has its shipped "
+           f"weights.\n\nCommand: `{result['command']}`")
+    name = "amg_vs_reference" if args.device == "cpu" else "amg_vs_reference_cuda"
+    jp, mp = write_report(args.out, name, result, table, header, pre)
+    return mp
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -170,6 +311,15 @@ def main(argv=None) -> int:
                     help="predicted IoU a kept mask needs to cover later points in adaptive mode (default 0.9)")
     ap.add_argument("--adaptive-stability-thresh", type=float, default=None,
                     help="stability a kept mask needs to cover later points in adaptive mode (default 0.95)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda[:N]: where the model, the prompts and samantic's kernels run; "
+                         "anything but cpu implies --in-process")
+    ap.add_argument("--in-process", action="store_true",
+                    help="both generators in this one process (no adaptive path, no RSS), warm-up then timed calls")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls per path before timing (--in-process)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per path (--in-process)")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated model:setting:image triples instead of the models x settings x images product")
     ap.add_argument("--worker", choices=["reference", "exact", "adaptive"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -181,13 +331,26 @@ def main(argv=None) -> int:
     from samantic import __version__
 
     cases = []
-    for model in args.models.split(","):
-        images = args.vit_b_images.split(",") if model == "sam_vit_b" else args.images.split(",")
-        for setting in args.settings.split(","):
-            for image in images:
-                cases.append((model, setting, image))
+    if args.cases:
+        for spec in args.cases.split(","):
+            parts = spec.split(":")
+            if len(parts) != 3 or parts[1] not in SETTINGS:
+                ap.error(f"--cases wants model:setting:image with a setting in {sorted(SETTINGS)}, got {spec!r}")
+            cases.append(tuple(parts))
+    else:
+        for model in args.models.split(","):
+            images = args.vit_b_images.split(",") if model == "sam_vit_b" else args.images.split(",")
+            for setting in args.settings.split(","):
+                for image in images:
+                    cases.append((model, setting, image))
     if args.big:
         cases.append(("sam_nano", "default", "big"))
+    if args.in_process or args.device != "cpu":
+        rows = in_process(cases, args.device, args.warmup, args.repeats,
+                          on_row=lambda rows: _in_process_report(args, argv, rows))  # partial results survive a kill
+        mp = _in_process_report(args, argv, rows)
+        print(mp.read_text())
+        return 1 if any("error" in r for r in rows) else 0
     knobs = [f"--adaptive-{k}={v}" for k, v in (("margin", args.adaptive_margin), ("iou-thresh", args.adaptive_iou_thresh),
                                                  ("stability-thresh", args.adaptive_stability_thresh)) if v is not None]
     rows = []

@@ -11,6 +11,13 @@ distance to random ellipses, sharp like SAM's decoder outputs) and "noise"
 (a smooth random field with many regions: the kernel's worst case).
 
     python benchmarks/postprocess.py --out benchmarks/results
+    python benchmarks/postprocess.py --device cuda --sizes 1024x768,1920x1080 --out runs/gpu-check
+
+With ``--device cuda`` the reference runs on CUDA tensors (the logits start on
+the GPU, as the decoder leaves them) and samantic runs its CUDA kernels (the
+logits start on the host, as the op takes them: the upload is timed); every
+timed call ends with ``torch.cuda.synchronize()``, and one untimed warm-up call
+per path comes first (CUDA context, kernel loading).
 """
 
 from __future__ import annotations
@@ -63,7 +70,14 @@ def make_logits(kind: str, n: int, input_size: tuple, seed: int) -> np.ndarray:
     return out
 
 
-def reference(logits_t, input_size, original_size, mask_threshold=0.0, offset=1.0) -> Dict[str, Any]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def reference(logits_t, input_size, original_size, mask_threshold=0.0, offset=1.0, device="cpu") -> Dict[str, Any]:
     import time
 
     import torch
@@ -74,21 +88,26 @@ def reference(logits_t, input_size, original_size, mask_threshold=0.0, offset=1.
     with torch.inference_mode():
         t = time.perf_counter()
         masks = sam.postprocess_masks(logits_t[:, None], input_size, original_size)[:, 0]
+        _sync(device)
         times["upsample"] = time.perf_counter() - t
         t = time.perf_counter()
         stability = calculate_stability_score(masks, mask_threshold, offset)
+        _sync(device)
         times["stability"] = time.perf_counter() - t
         t = time.perf_counter()
         binary = masks > mask_threshold
         del masks
+        _sync(device)
         times["threshold"] = time.perf_counter() - t
         t = time.perf_counter()
         boxes = batched_mask_to_box(binary)
+        _sync(device)
         times["box"] = time.perf_counter() - t
         t = time.perf_counter()
-        rles = mask_to_rle_pytorch(binary)
+        rles = mask_to_rle_pytorch(binary)  # ends on the host (it copies the change indices to the CPU)
+        _sync(device)
         times["rle"] = time.perf_counter() - t
-    return {"stability": stability.numpy(), "boxes": boxes.numpy(), "rles": rles, "times": times}
+    return {"stability": stability.cpu().numpy(), "boxes": boxes.cpu().numpy(), "rles": rles, "times": times}
 
 
 _MODEL = None
@@ -114,37 +133,50 @@ def ours(logits, input_size, original_size, device="cpu"):
                              device=device)
 
 
-def _worker(path: str, h: int, w: int, kind: str, n_masks: int, repeats: int, seed: int, out: str) -> None:
+def _worker(path: str, h: int, w: int, kind: str, n_masks: int, repeats: int, seed: int, out: str,
+            device: str = "cpu") -> None:
     """Runs one path in this (fresh) process and saves its timing, memory and results."""
     import torch
 
     input_size = preprocess_shape(h, w)
     logits = make_logits(kind, n_masks, input_size, seed)
+    cuda = device.startswith("cuda")
+    gpu_peak = None
     if path == "reference":
-        logits_t = torch.from_numpy(logits)
+        logits_t = torch.from_numpy(logits).to(device)
         _reference_model()
-        res, seconds, peak = measure(lambda: reference(logits_t, input_size, (h, w)), repeats)
+        if cuda:  # warm-up: CUDA context and kernels
+            reference(logits_t, input_size, (h, w), device=device)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        res, seconds, peak = measure(lambda: reference(logits_t, input_size, (h, w), device=device), repeats)
+        if cuda:
+            gpu_peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         rles = [np.asarray(r["counts"], np.uint32) for r in res["rles"]]
         stages = res["times"]
         stability, boxes = res["stability"], res["boxes"]
     else:
-        # no warm-up: the first (cold) call's fresh allocations are what the peak should see;
-        # the time is the best of at least 3 calls
-        res, seconds, peak = measure(lambda: ours(logits, input_size, (h, w)), max(repeats, 3))
+        # on the CPU no warm-up: the first (cold) call's fresh allocations are what the peak should see;
+        # the time is the best of at least 3 calls. On CUDA one warm-up call (context, module loading).
+        if cuda:
+            ours(logits, input_size, (h, w), device=device)
+        res, seconds, peak = measure(lambda: ours(logits, input_size, (h, w), device=device), max(repeats, 3))
         rles = [res.rles.counts_of(i) for i in range(len(res))]
         stages = {}
         stability, boxes = res.stability_score, res.boxes
     np.savez(out, seconds=seconds, peak=peak, stability=stability, boxes=boxes,
              counts=np.concatenate(rles) if rles else np.zeros(0, np.uint32),
-             lengths=np.array([len(r) for r in rles]), stages=json.dumps(stages))
+             lengths=np.array([len(r) for r in rles]), stages=json.dumps(stages),
+             gpu_peak=np.nan if gpu_peak is None else gpu_peak)
 
 
-def _spawn(path: str, h: int, w: int, kind: str, n_masks: int, repeats: int, seed: int, tmp: Path) -> Dict[str, Any]:
+def _spawn(path: str, h: int, w: int, kind: str, n_masks: int, repeats: int, seed: int, tmp: Path,
+           device: str = "cpu") -> Dict[str, Any]:
     import subprocess
 
     out = tmp / f"{path}.npz"
     cmd = [sys.executable, __file__, "--worker", path, "--sizes", f"{w}x{h}", "--kinds", kind, "--masks", str(n_masks),
-           "--repeats", str(repeats), "--seed", str(seed), "--worker-out", str(out)]
+           "--repeats", str(repeats), "--seed", str(seed), "--worker-out", str(out), "--device", device]
     subprocess.run(cmd, check=True)
     z = np.load(out)
     counts = z["counts"]
@@ -152,7 +184,7 @@ def _spawn(path: str, h: int, w: int, kind: str, n_masks: int, repeats: int, see
     return {
         "seconds": float(z["seconds"]), "peak": float(z["peak"]), "stability": z["stability"], "boxes": z["boxes"],
         "rles": [counts[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)], "stages": json.loads(str(z["stages"])),
-        "size": (h, w),
+        "size": (h, w), "gpu_peak": float(z["gpu_peak"]) if "gpu_peak" in z.files else float("nan"),
     }
 
 
@@ -168,7 +200,8 @@ def _mask_ious(a: Dict[str, Any], b: Dict[str, Any]) -> np.ndarray:
     return np.array([rle_iou(ba.select([i]), bb.select([i]))[0, 0] for i in range(len(ba))])
 
 
-def run(sizes: List[tuple], kinds: List[str], n_masks: int, repeats: int, seed: int) -> Dict[str, Any]:
+def run(sizes: List[tuple], kinds: List[str], n_masks: int, repeats: int, seed: int,
+        device: str = "cpu") -> Dict[str, Any]:
     import tempfile
 
     rows = []
@@ -176,8 +209,8 @@ def run(sizes: List[tuple], kinds: List[str], n_masks: int, repeats: int, seed: 
         for (h, w) in sizes:
             for kind in kinds:
                 ref_repeats = repeats if h * w <= 2_000_000 else 1
-                ref = _spawn("reference", h, w, kind, n_masks, ref_repeats, seed, Path(tmp))
-                res = _spawn("samantic", h, w, kind, n_masks, repeats, seed, Path(tmp))
+                ref = _spawn("reference", h, w, kind, n_masks, ref_repeats, seed, Path(tmp), device)
+                res = _spawn("samantic", h, w, kind, n_masks, repeats, seed, Path(tmp), device)
                 same = sum(np.array_equal(a, b) for a, b in zip(res["rles"], ref["rles"]))
                 ious = _mask_ious(res, ref)
                 stab_diff = float(np.nanmax(np.abs(res["stability"] - ref["stability"]))) if n_masks else 0.0
@@ -196,7 +229,10 @@ def run(sizes: List[tuple], kinds: List[str], n_masks: int, repeats: int, seed: 
                     "min_mask_iou": float(ious.min()) if len(ious) else 1.0,
                     "max_stability_diff": stab_diff,
                     "boxes_equal": bool((res["boxes"] == ref["boxes"]).all()),
+                    "device": device,
                 })
+                if device != "cpu":
+                    rows[-1]["reference_gpu_peak_mib"] = ref["gpu_peak"]
                 r = rows[-1]
                 print(f"{w}x{h} {kind}: reference {r['reference_s']:.3f}s / {r['reference_peak_mib']:.0f} MiB, "
                       f"samantic {r['samantic_s']:.4f}s / {r['samantic_peak_mib']:.1f} MiB -> {r['speedup']:.1f}x faster, "
@@ -213,12 +249,13 @@ def main(argv=None) -> int:
     ap.add_argument("--masks", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both paths run")
     ap.add_argument("--worker", choices=["reference", "samantic"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         w, h = (int(v) for v in args.sizes.lower().split("x"))
-        _worker(args.worker, h, w, args.kinds, args.masks, args.repeats, args.seed, args.worker_out)
+        _worker(args.worker, h, w, args.kinds, args.masks, args.repeats, args.seed, args.worker_out, args.device)
         return 0
 
     import torch
@@ -229,7 +266,7 @@ def main(argv=None) -> int:
     for s in args.sizes.split(","):
         w, h = (int(v) for v in s.lower().split("x"))
         sizes.append((h, w))
-    result = run(sizes, args.kinds.split(","), args.masks, args.repeats, args.seed)
+    result = run(sizes, args.kinds.split(","), args.masks, args.repeats, args.seed, args.device)
     result.update({
         "benchmark": "postprocess",
         "command": "python benchmarks/postprocess.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -238,20 +275,28 @@ def main(argv=None) -> int:
         "torch_threads": torch.get_num_threads(),
         "samantic_threads": _C.build_info()["cpu_threads"],
         "machine": machine(),
+        "device": args.device,
     })
+    if args.device != "cpu":
+        result["gpu"] = torch.cuda.get_device_name(torch.device(args.device)) if torch.cuda.is_available() else None
     table = [[r["size"], r["logits"], str(r["masks"]), f"{r['reference_s']:.3f}", f"{r['samantic_s']:.4f}",
               f"**{r['speedup']:.1f}x**", f"{r['reference_peak_mib']:.0f}", f"{r['samantic_peak_mib']:.1f}",
               f"**{r['memory_ratio']:.0f}x**", r["identical_rles"], f"{r['min_mask_iou']:.5f}",
               f"{r['max_stability_diff']:.1e}"] for r in result["rows"]]
     header = ["image", "logits", "masks", "reference s", "samantic s", "speed-up", "reference peak MiB",
               "samantic peak MiB", "memory ratio", "identical RLEs", "min mask IoU", "max stability diff"]
-    pre = (f"Mask post-processing, segment-anything vs samantic.ops.postprocess_masks (CPU, "
-           f"{result['machine']['cpus']} cores, best of {args.repeats}; 4000x3000 reference timed once). Each path runs in "
+    where = (f"CPU, {result['machine']['cpus']} cores" if args.device == "cpu" else
+             f"{args.device} ({result.get('gpu')}), both paths on the GPU after one warm-up call, torch.cuda.synchronize() "
+             "before every clock read; peak MiB is still host RSS (GPU memory of the reference: "
+             "reference_gpu_peak_mib in the JSON)")
+    pre = (f"Mask post-processing, segment-anything vs samantic.ops.postprocess_masks ({where}, "
+           f"best of {args.repeats}; images over 2 Mpx: reference timed once). Each path runs in "
            "its own fresh process; peak MiB = resident-memory high-water mark during the call minus resident memory "
            "before it. Logits: `blobs` = signed distance to 1-2 random ellipses x 4 (+ N(0, 0.05)), sharp like SAM's "
            "decoder outputs; `noise` = a smooth random field with many regions (the kernel's worst case).\n\n"
            f"Command: `{result['command']}`")
-    jp, mp = write_report(args.out, "postprocess", result, table, header, pre)
+    name = "postprocess" if args.device == "cpu" else "postprocess_cuda"
+    jp, mp = write_report(args.out, name, result, table, header, pre)
     print(mp.read_text())
     print(f"wrote {jp} and {mp}")
     return 0

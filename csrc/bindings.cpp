@@ -73,4 +73,28 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return d;
   }, "Whether CUDA kernels are compiled in and how many devices are usable now.");
+
+  m.def("cuda_probe", []() {
+    py::list devices;
+#ifdef SAMANTIC_WITH_CUDA
+    std::vector<samantic::CudaDeviceProbe> probes;
+    {
+      py::gil_scoped_release release;
+      probes = samantic::cuda_probe();
+    }
+    for (const auto& p : probes) {
+      py::dict d;
+      d["index"] = p.index;
+      d["name"] = p.name;
+      d["capability"] = py::make_tuple(p.major, p.minor);
+      d["kernels_load"] = p.kernels_load;
+      d["binary_version"] = p.binary_version;
+      d["ptx_version"] = p.ptx_version;
+      d["error"] = p.error;
+      devices.append(d);
+    }
+#endif
+    return devices;
+  }, "Per visible CUDA device: name, compute capability and whether this build's kernels load there "
+     "(creates a CUDA context on each device; empty without CUDA or devices).");
 }

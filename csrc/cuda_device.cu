@@ -19,4 +19,45 @@ CudaStatus cuda_status() {
   return s;
 }
 
+namespace {
+__global__ void probe_kernel(int* out) {
+  if (out) *out = 1;
+}
+}  // namespace
+
+std::vector<CudaDeviceProbe> cuda_probe() {
+  std::vector<CudaDeviceProbe> out;
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return out;
+  }
+  int previous = 0;
+  const bool restore = cudaGetDevice(&previous) == cudaSuccess;
+  for (int i = 0; i < count; ++i) {
+    CudaDeviceProbe p;
+    p.index = i;
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, i) == cudaSuccess) {
+      p.name = prop.name;
+      p.major = prop.major;
+      p.minor = prop.minor;
+    }
+    cudaError_t err = cudaSetDevice(i);
+    cudaFuncAttributes attr;
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, probe_kernel);
+    if (err == cudaSuccess) {
+      p.kernels_load = true;
+      p.binary_version = attr.binaryVersion;
+      p.ptx_version = attr.ptxVersion;
+    } else {
+      p.error = cudaGetErrorString(err);
+      cudaGetLastError();
+    }
+    out.push_back(p);
+  }
+  if (restore) cudaSetDevice(previous);
+  return out;
+}
+
 }  // namespace samantic

@@ -21,9 +21,13 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kThreadsPerBlock), kMaxBlocks)));
 }
 
-// Device failures are runtime errors, not input errors.
+// Device failures are runtime errors, not input errors. The error is also
+// cleared from the runtime's per-thread "last error", or a recoverable one
+// (e.g. a bad device index) would be reported again by the next call's
+// check_last_launch.
 inline void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
+    cudaGetLastError();
     throw std::runtime_error(str_cat(what, ": ", cudaGetErrorString(err)));
   }
 }

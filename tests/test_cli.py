@@ -33,7 +33,12 @@ def test_doctor_json_reports_backends():
 
     # the report agrees with the compiled module itself
     assert kernels["compiled"] == list(_C.build_info()["compiled_backends"])
-    assert kernels["usable"]["cuda"]["usable"] == (_C.cuda_status()["device_count"] > 0)
+    # CUDA is usable where a device is visible and this build's kernels load on it
+    n = _C.cuda_status()["device_count"]
+    assert kernels["usable"]["cuda"]["usable"] == (n > 0 and all(p["kernels_load"] for p in _C.cuda_probe()))
+    if "cuda" in kernels["compiled"]:  # the compiled archs: machine code (SASS) and PTX
+        archs = kernels["cuda_archs"]
+        assert set(archs) == {"sass", "ptx"} and (archs["sass"] or archs["ptx"])
     names = {p["package"] for p in report["packages"]}
     assert {"numpy", "torch", "segment-anything", "onnxruntime", "tensorrt"} <= names
 

@@ -52,7 +52,8 @@ def nano_pth(nano, tmp_path):
 
 
 def test_registered_names():
-    assert list_models() == ["sam_nano", "sam_vit_b", "sam_vit_h", "sam_vit_l"]
+    assert list_models() == ["sam_nano", "sam_nano_conv", "sam_nano_conv512", "sam_nano_conv_s8",
+                             "sam_vit_b", "sam_vit_h", "sam_vit_l"]
     assert list_models("sam_vit_*") == ["sam_vit_b", "sam_vit_h", "sam_vit_l"]
     assert list_models("nothing*") == []
 

@@ -150,7 +150,6 @@ def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]]
     import torch
     from segment_anything import SamPredictor
 
-    from samantic.pipeline import AutomaticMaskGenerator
     from samantic.train.data.shapes import render_scene
 
     seeds = list(seeds)
@@ -158,6 +157,8 @@ def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]]
     for s in seeds + amg_seeds:
         if s >= TRAIN_SEED_START:
             raise ValueError(f"seed {s} is a training seed (>= {TRAIN_SEED_START}); evaluate on held-out seeds")
+    if amg_seeds:
+        from samantic.pipeline import AutomaticMaskGenerator
     model.eval()
     predictor = SamPredictor(model)
     t0 = time.perf_counter()
@@ -192,7 +193,7 @@ def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]]
                     cur, logits = masks[0], low[0][None]
                 three.append(mask_iou(cur, gt))
             advance()
-        generator = AutomaticMaskGenerator(model, output_mode="binary_mask", **(amg_kwargs or {}))
+        generator = AutomaticMaskGenerator(model, output_mode="binary_mask", **(amg_kwargs or {})) if amg_seeds else None
         hits = {0.5: 0, 0.75: 0}
         n_gt = 0
         for seed in amg_seeds:

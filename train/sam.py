@@ -59,6 +59,9 @@ class SamTrainConfig:
         checkpoint_every: steps between resumable checkpoints.
         log_every: steps between loss-log lines.
         seed: seeds prompt sampling, data order and augmentation.
+        time_budget: seconds of training (0: no limit); the cosine decay then follows the
+            larger of step progress and time progress, and training stops when it is spent
+            (equal-wall-clock comparisons, runs on a lent GPU).
     """
 
     steps: int = 1000
@@ -82,6 +85,7 @@ class SamTrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
+    time_budget: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "images_per_step", "masks_per_image", "iterations", "checkpoint_every", "log_every"):
@@ -90,6 +94,8 @@ class SamTrainConfig:
         unknown = [p for p in self.trainable if p not in PARTS]
         if unknown or not self.trainable:
             raise ValueError(f"trainable must be a non-empty subset of {PARTS}, got {self.trainable!r}")
+        if self.time_budget < 0:
+            raise ValueError(f"time_budget must be >= 0 seconds, got {self.time_budget}")
         if not 0.0 <= self.box_prob <= 1.0:
             raise ValueError(f"box_prob must lie in [0, 1], got {self.box_prob}")
 
@@ -178,7 +184,7 @@ class PointSampler:
 
     def first_points(self, gt: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         """One positive point per mask. gt: bool[M, H, W] -> coords float[M, 1, 2] (x, y), labels int[M, 1]."""
-        return self._sample(gt, torch.ones(len(gt), dtype=torch.int), gen)
+        return self._sample(gt, torch.ones(len(gt), dtype=torch.int, device=gt.device), gen)
 
     def next_points(self, gt: torch.Tensor, pred: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         """One point per mask from the error region of ``pred`` (bool[M, H, W])."""
@@ -228,6 +234,190 @@ class MaskLoss:
         return self.focal_weight * focal + self.dice_weight * dice
 
 
+# ---------------------------------------------------------------- data preparation (in worker processes)
+
+
+@dataclass
+class Prepared:
+    """One training image ready for the model.
+
+    Attributes:
+        image: uint8 [h, w, 3], resized so that its longest side is the model's input size (not padded).
+        soft: float16 [M, L, L], the instance masks at the decoder's low-res size L (area-averaged, padded).
+        boxes: float32 [M, 4], jittered XYXY boxes of the instances in input pixels.
+    """
+
+    image: np.ndarray
+    soft: np.ndarray
+    boxes: np.ndarray
+
+
+class Preparer:
+    """Augments a :class:`Sample` and brings it to the model's input frame (numpy only, runs in workers)."""
+
+    def __init__(self, img_size: int, low_res: int, config: SamTrainConfig) -> None:
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.img_size = img_size
+        self.low_res = low_res
+        self.config = config
+        self.transform = ResizeLongestSide(img_size)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator, step: int) -> Optional[Prepared]:
+        import cv2
+
+        c = self.config
+        image, masks = sample.image, sample.masks
+        if masks.shape[0] == 0:
+            return None
+        if rng.random() < 0.5:  # horizontal flip
+            image = image[:, ::-1]
+            masks = masks[:, :, ::-1]
+        if rng.random() < c.zoom_prob:
+            image, masks = self._zoom(image, masks, rng)
+            if masks.shape[0] == 0:
+                return None
+        if c.flat_steps and rng.random() < 1.0 - step / c.flat_steps:
+            image = self._flat(masks, image.shape, rng)
+        keep = rng.permutation(masks.shape[0])[: c.masks_per_image]
+        masks = masks[keep]
+        resized = self.transform.apply_image(np.ascontiguousarray(image))
+        h, w = resized.shape[:2]
+        s, lr = self.img_size, self.low_res
+        full = np.zeros((len(masks), s, s), np.float32)
+        for i, mk in enumerate(masks):
+            full[i, :h, :w] = cv2.resize(mk.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        ok = full.reshape(len(full), -1).any(1)
+        if not ok.any():
+            return None
+        full = full[ok]
+        f = s // lr
+        soft = full.reshape(len(full), lr, f, lr, f).mean((2, 4))
+        boxes = np.empty((len(full), 4), np.float32)
+        for i, mk in enumerate(full):
+            ys = np.flatnonzero(mk.any(1))
+            xs = np.flatnonzero(mk.any(0))
+            x0, x1, y0, y1 = xs[0], xs[-1], ys[0], ys[-1]
+            bw, bh = x1 - x0 + 1, y1 - y0 + 1
+            noise = np.clip(rng.normal(0, 0.1, 4) * np.array([bw, bh, bw, bh]), -20, 20)
+            boxes[i] = [x0 + noise[0], y0 + noise[1], x1 + noise[2], y1 + noise[3]]
+        np.clip(boxes, 0, s - 1, out=boxes)
+        return Prepared(np.ascontiguousarray(resized), soft.astype(np.float16), boxes)
+
+    @staticmethod
+    def _flat(masks: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
+        """The instances painted in random flat colours (back to front) on a flat background."""
+        image = np.empty(shape, np.uint8)
+        image[:] = rng.integers(0, 256, 3)
+        for m in masks:
+            image[m] = rng.integers(0, 256, 3)
+        return image
+
+    @staticmethod
+    def _zoom(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+        """A square crop around one random instance, 1.5-4x its size (clipped to the image)."""
+        h, w = image.shape[:2]
+        k = int(rng.integers(len(masks)))
+        ys, xs = np.nonzero(masks[k])
+        if len(xs) == 0:
+            return image, masks
+        side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) * rng.uniform(1.5, 4.0)
+        side = int(min(max(side, 32), h, w))
+        cx = (xs.min() + xs.max()) / 2 + rng.uniform(-0.25, 0.25) * side
+        cy = (ys.min() + ys.max()) / 2 + rng.uniform(-0.25, 0.25) * side
+        x0 = int(np.clip(cx - side / 2, 0, w - side))
+        y0 = int(np.clip(cy - side / 2, 0, h - side))
+        crop = masks[:, y0 : y0 + side, x0 : x0 + side]
+        keep = crop.reshape(len(crop), -1).sum(1) >= 16
+        return image[y0 : y0 + side, x0 : x0 + side], crop[keep]
+
+
+class PreparedStream(torch.utils.data.IterableDataset):
+    """Endless prepared images drawn at random from ``data``; each DataLoader worker draws its own.
+
+    ``step`` is a shared counter (``multiprocessing.Value``) so that step-dependent
+    augmentation (the flat-colour curriculum) follows the trainer across processes.
+    """
+
+    def __init__(self, data, preparer: Preparer, seed: int, start_step: int, step) -> None:
+        self.data = data
+        self.preparer = preparer
+        self.seed = seed
+        self.start_step = start_step
+        self.step = step
+
+    def __iter__(self) -> Iterator[Prepared]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng([self.seed, self.start_step, worker])
+        order = random.Random(self.seed * 7919 + self.start_step * 31 + worker)
+        n = len(self.data)
+        while True:
+            item = self.preparer(self.data[order.randrange(n)], rng, self.step.value)
+            if item is not None:
+                yield item
+
+
+def _quiet_worker(_: int) -> None:
+    """One thread per data worker: the workers are the parallelism."""
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+
+
+def collate(items: Sequence[Prepared]) -> Dict[str, torch.Tensor]:
+    """Images padded to one square batch (uint8 NHWC) with their sizes; instances concatenated with image indexes."""
+    side = max(max(it.image.shape[:2]) for it in items)
+    images = np.zeros((len(items), side, side, 3), np.uint8)
+    sizes = np.zeros((len(items), 2), np.int64)
+    for i, it in enumerate(items):
+        h, w = it.image.shape[:2]
+        images[i, :h, :w] = it.image
+        sizes[i] = (h, w)
+    return {
+        "images": torch.from_numpy(images),
+        "sizes": torch.from_numpy(sizes),
+        "soft": torch.from_numpy(np.concatenate([it.soft for it in items])),
+        "boxes": torch.from_numpy(np.concatenate([it.boxes for it in items])),
+        "image_index": torch.from_numpy(np.concatenate([np.full(len(it.soft), i) for i, it in enumerate(items)])),
+    }
+
+
+# ---------------------------------------------------------------- batched decoding
+
+
+def decode_prompts(mask_decoder, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                   dense: torch.Tensor, multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """segment-anything's ``MaskDecoder.forward`` with one image embedding per prompt.
+
+    ``MaskDecoder`` repeats a single image's embedding for every prompt; training
+    decodes the prompts of many images in one call, so ``src`` is already per
+    prompt ([P, C, h, w]: ``embeddings[image_index]``). Same modules and math
+    (tested against ``MaskDecoder`` for a single image).
+    """
+    dec = mask_decoder
+    output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
+    tokens = torch.cat((output_tokens, sparse), dim=1)
+    src = src + dense
+    b, c, h, w = src.shape
+    hs, src = dec.transformer(src, image_pe, tokens)  # a [1, C, h, w] positional encoding broadcasts
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : (1 + dec.num_mask_tokens), :]
+    src = src.transpose(1, 2).reshape(b, c, h, w)
+    upscaled = dec.output_upscaling(src)
+    hyper_in = torch.stack([dec.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
+                            for i in range(dec.num_mask_tokens)], dim=1)
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    iou_pred = dec.iou_prediction_head(iou_token_out)
+    sel = slice(1, None) if multimask else slice(0, 1)
+    return masks[:, sel], iou_pred[:, sel]
+
+
 # ---------------------------------------------------------------- trainer
 
 
@@ -244,6 +434,11 @@ class TrainResult:
 class SamTrainer:
     """Trains a segment-anything ``Sam`` with the interactive recipe.
 
+    Every step encodes ``images_per_step`` images in one batch and decodes the
+    prompts of all their instances in one batched decoder call per round.
+    Data is rendered and augmented by ``workers`` DataLoader processes (0: in
+    this process), so the model never waits for the CPU-side preparation.
+
     Args:
         model: the ``Sam`` to train (e.g. ``create_model("sam_nano", pretrained=False)``).
         config: a :class:`SamTrainConfig`.
@@ -252,137 +447,99 @@ class SamTrainer:
         loss: per-mask loss (default :class:`MaskLoss`).
         prompt_hook: ``f(sparse, dense) -> (sparse, dense)`` applied to the prompt embeddings
             (e.g. adding a task embedding).
+        device: where the model trains (``"cpu"``, ``"cuda"``, ...).
+        workers: data-preparation processes (0 = in the training process).
+        amp: bfloat16 autocast for the forward pass (default: on for CUDA).
     """
 
     def __init__(self, model, config: SamTrainConfig, data, sampler: Optional[PointSampler] = None,
-                 loss: Optional[MaskLoss] = None, prompt_hook: Optional[Callable] = None) -> None:
-        from segment_anything.utils.transforms import ResizeLongestSide
-
-        self.model = model
+                 loss: Optional[MaskLoss] = None, prompt_hook: Optional[Callable] = None,
+                 device: str = "cpu", workers: int = 0, amp: Optional[bool] = None) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.config = config
         self.data = data
         self.sampler = sampler or PointSampler()
         self.loss = loss or MaskLoss(config.focal_weight, config.dice_weight, alpha=config.focal_alpha, gamma=config.focal_gamma)
         self.prompt_hook = prompt_hook
+        self.workers = workers
+        self.amp = (self.device.type == "cuda") if amp is None else amp
         self.img_size = model.image_encoder.img_size
-        self.transform = ResizeLongestSide(self.img_size)
+        self.low_res = model.prompt_encoder.mask_input_size[0]
         for name in PARTS:
             getattr(model, name).requires_grad_(name in config.trainable)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
-        self.gen = torch.Generator().manual_seed(config.seed)
+        self.elapsed = 0.0  # training seconds before this run (resumed runs)
+        self.gen = torch.Generator(device=self.device).manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, elapsed: float = 0.0) -> float:
+        """Linear warm-up, then cosine decay over the steps or, with ``time_budget``, over the time budget."""
         c = self.config
         if step < c.warmup_steps:
             return c.lr * (step + 1) / c.warmup_steps
         t = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+        if c.time_budget > 0:
+            t = max(t, elapsed / c.time_budget)
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
     # -- data
 
-    def _prepare(self, sample: Sample) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """Resized, normalised, padded image [3, S, S] and padded masks [N, S, S] (at most masks_per_image)."""
-        import cv2
+    def _loader(self, step_value) -> Iterator[Dict[str, torch.Tensor]]:
+        stream = PreparedStream(self.data, Preparer(self.img_size, self.low_res, self.config), self.config.seed,
+                                self.step, step_value)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=self.config.images_per_step, collate_fn=collate, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
+            persistent_workers=False, worker_init_fn=_quiet_worker,
+        )
+        return iter(loader)
 
-        image, masks = sample.image, sample.masks
-        if masks.shape[0] == 0:
-            return None
-        if self.rng.random() < 0.5:  # horizontal flip
-            image = image[:, ::-1]
-            masks = masks[:, :, ::-1]
-        if self.rng.random() < self.config.zoom_prob:
-            image, masks = self._zoom(image, masks)
-            if masks.shape[0] == 0:
-                return None
-        if self.config.flat_steps and self.rng.random() < 1.0 - self.step / self.config.flat_steps:
-            image = self._flat(masks, image.shape)
-        keep = self.rng.permutation(masks.shape[0])[: self.config.masks_per_image]
-        masks = masks[keep]
-        resized = self.transform.apply_image(np.ascontiguousarray(image))
-        h, w = resized.shape[:2]
-        x = torch.as_tensor(resized).permute(2, 0, 1).float()
-        x = self.model.preprocess(x[None])[0]
-        m = np.stack([cv2.resize(mk.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) for mk in masks])
-        gt = torch.zeros((len(m), self.img_size, self.img_size), dtype=torch.bool)
-        gt[:, :h, :w] = torch.from_numpy(m.astype(bool))
-        ok = gt.flatten(1).any(1)
-        if not ok.any():
-            return None
-        return x, gt[ok]
+    def _images(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised, zero-padded encoder input [B, 3, S, S] (``Sam.preprocess`` on the device)."""
+        x = batch["images"].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = (x - self.model.pixel_mean) / self.model.pixel_std
+        s = x.shape[-1]
+        sizes = batch["sizes"].to(self.device)
+        r = torch.arange(s, device=self.device)
+        inside = (r[None, :, None] < sizes[:, 0, None, None]) & (r[None, None, :] < sizes[:, 1, None, None])
+        x = x * inside[:, None]
+        if s < self.img_size:
+            x = F.pad(x, (0, self.img_size - s, 0, self.img_size - s))
+        return x
 
-    def _flat(self, masks: np.ndarray, shape) -> np.ndarray:
-        """The instances painted in random flat colours (back to front) on a flat background."""
-        image = np.empty(shape, np.uint8)
-        image[:] = self.rng.integers(0, 256, 3)
-        for m in masks:
-            image[m] = self.rng.integers(0, 256, 3)
-        return image
+    # -- one step
 
-    def _zoom(self, image: np.ndarray, masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """A square crop around one random instance, 1.5-4x its size (clipped to the image)."""
-        h, w = image.shape[:2]
-        k = int(self.rng.integers(len(masks)))
-        ys, xs = np.nonzero(masks[k])
-        if len(xs) == 0:
-            return image, masks
-        side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) * self.rng.uniform(1.5, 4.0)
-        side = int(min(max(side, 32), h, w))
-        cx = (xs.min() + xs.max()) / 2 + self.rng.uniform(-0.25, 0.25) * side
-        cy = (ys.min() + ys.max()) / 2 + self.rng.uniform(-0.25, 0.25) * side
-        x0 = int(np.clip(cx - side / 2, 0, w - side))
-        y0 = int(np.clip(cy - side / 2, 0, h - side))
-        crop = masks[:, y0 : y0 + side, x0 : x0 + side]
-        keep = crop.reshape(len(crop), -1).sum(1) >= 16
-        return image[y0 : y0 + side, x0 : x0 + side], crop[keep]
-
-    def _batches(self) -> Iterator[List[Tuple[torch.Tensor, torch.Tensor]]]:
-        n = len(self.data)
-        order_rng = random.Random(self.config.seed * 7919 + self.step)
-        while True:
-            batch = []
-            while len(batch) < self.config.images_per_step:
-                item = self._prepare(self.data[order_rng.randrange(n)])
-                if item is not None:
-                    batch.append(item)
-            yield batch
-
-    # -- one image
-
-    def _decode(self, emb, coords, labels, boxes, mask_input, multimask):
+    def _decode(self, emb, index, coords, labels, boxes, mask_input, multimask):
         sparse, dense = self.model.prompt_encoder(
             points=(coords, labels) if coords is not None else None, boxes=boxes, masks=mask_input
         )
         if self.prompt_hook is not None:
             sparse, dense = self.prompt_hook(sparse, dense)
-        return self.model.mask_decoder(
-            image_embeddings=emb, image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
-        )
+        return decode_prompts(self.model.mask_decoder, emb[index], self.model.prompt_encoder.get_dense_pe(),
+                              sparse, dense, multimask)
 
-    def _image_loss(self, emb: torch.Tensor, gt: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """Loss of one image's prompted instances; gt: bool[M, S, S] at the padded input size.
+    def _batch_loss(self, emb: torch.Tensor, index: torch.Tensor, soft: torch.Tensor,
+                    box_prompts: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Loss of all prompted instances of a batch; soft: [P, L, L] ground truth at the low-res size.
 
         Losses, IoU targets and error regions live at the decoder's low-res
         mask size (S / 4), against area-averaged (soft) ground truth: 16x
         fewer pixels than full size, for the same gradients in expectation.
         """
         c = self.config
-        lr = self.model.prompt_encoder.mask_input_size[0]
-        scale = self.img_size / lr
-        soft = F.adaptive_avg_pool2d(gt.float()[:, None], lr)[:, 0]  # [M, lr, lr] in [0, 1]
+        scale = self.img_size / self.low_res
         hard = soft > 0.5
         hard = torch.where(hard.flatten(1).any(1)[:, None, None], hard, soft > 0)  # tiny objects
-        use_box = bool(self.rng.random() < c.box_prob)
-        coords = labels = boxes = mask_input = None
-        total = emb.new_zeros(())
+        coords = labels = mask_input = None
+        boxes = box_prompts
+        total = emb.new_zeros((), dtype=torch.float32)
         stats: Dict[str, float] = {}
         prev_pred = None
         for it in range(c.iterations):
-            if it == 0 and use_box:
-                boxes = self._jittered_boxes(gt)
+            if it == 0 and boxes is not None:
                 multimask = False
             elif it == 0:
                 coords, labels = self.sampler.first_points(hard, self.gen)
@@ -394,7 +551,9 @@ class SamTrainer:
                 coords = nc if coords is None else torch.cat([coords, nc], 1)
                 labels = nl if labels is None else torch.cat([labels, nl], 1)
                 multimask = False
-            low_res, iou_pred = self._decode(emb, coords, labels, boxes, mask_input, multimask)  # [M, K, lr, lr]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                low_res, iou_pred = self._decode(emb, index, coords, labels, boxes, mask_input, multimask)
+            low_res, iou_pred = low_res.float(), iou_pred.float()  # [P, K, L, L], [P, K]
             m, k = low_res.shape[:2]
             per = self.loss(low_res.flatten(0, 1), soft.repeat_interleave(k, 0)).view(m, k)
             best = per.argmin(1)
@@ -406,31 +565,42 @@ class SamTrainer:
                 true_iou = inter / union.clamp(min=1)
             iou_loss = F.mse_loss(iou_pred, true_iou)
             total = total + mask_loss + c.iou_weight * iou_loss
-            sel = torch.arange(m)
+            sel = torch.arange(m, device=low_res.device)
             prev_pred = pred[sel, best]
             mask_input = low_res[sel, best][:, None].detach()
-            stats[f"iou_{it}"] = float(true_iou[sel, best].mean())
+            stats[f"iou_{it}"] = true_iou[sel, best].mean().detach()
             if it == 0:
-                stats["mask_loss_0"] = float(mask_loss.detach())
+                stats["mask_loss_0"] = mask_loss.detach()
             # a box prompt stays; later rounds add points and the previous mask on top of it
         return total / c.iterations, stats
 
-    def _jittered_boxes(self, gt: torch.Tensor) -> torch.Tensor:
-        boxes = []
-        for mk in gt:
-            ys, xs = torch.nonzero(mk, as_tuple=True)
-            x0, x1, y0, y1 = xs.min().item(), xs.max().item(), ys.min().item(), ys.max().item()
-            bw, bh = x1 - x0 + 1, y1 - y0 + 1
-            noise = self.rng.normal(0, 0.1, 4) * np.array([bw, bh, bw, bh])
-            noise = np.clip(noise, -20, 20)
-            boxes.append([x0 + noise[0], y0 + noise[1], x1 + noise[2], y1 + noise[3]])
-        return torch.tensor(boxes, dtype=torch.float32).clamp(0, self.img_size - 1)
+    def train_step(self, batch: Dict[str, torch.Tensor]) -> Tuple[float, Dict[str, float]]:
+        """One optimizer step on a collated batch; returns the loss and the step's statistics."""
+        c = self.config
+        x = self._images(batch)
+        soft = batch["soft"].to(self.device, non_blocking=True).float()
+        index = batch["image_index"].to(self.device, non_blocking=True)
+        boxes = batch["boxes"].to(self.device, non_blocking=True) if self.rng.random() < c.box_prob else None
+        with torch.set_grad_enabled("image_encoder" in c.trainable), \
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            emb = self.model.image_encoder(x)
+        loss, stats = self._batch_loss(emb, index, soft, boxes)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach()), {k: float(v) for k, v in stats.items()}
 
     # -- loop
 
     def train(self, out: Path, resume: bool = False, progress: bool = True,
               on_log: Optional[Callable[[Dict[str, float]], None]] = None) -> TrainResult:
-        """Trains up to ``config.steps`` steps; writes ``out`` (safetensors), ``out.ckpt`` and ``out.log.jsonl``."""
+        """Trains up to ``config.steps`` steps (or ``config.time_budget`` seconds);
+        writes ``out`` (safetensors), ``out.ckpt`` and ``out.log.jsonl``."""
+        import multiprocessing
+
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         from samantic.models import save_checkpoint
@@ -438,6 +608,7 @@ class SamTrainer:
         out = Path(out)
         if out.suffix != ".safetensors":
             raise ValueError(f"--out must end in .safetensors, got {out}")
+        out.parent.mkdir(parents=True, exist_ok=True)
         ckpt = out.with_name(out.name + ".ckpt")
         log_path = out.with_name(out.name + ".log.jsonl")
         if resume and ckpt.exists():
@@ -446,43 +617,36 @@ class SamTrainer:
             log_path.unlink()
         c = self.config
         self.model.train()
-        batches = self._batches()
+        step_value = multiprocessing.Value("i", self.step)
+        batches = self._loader(step_value)
         history: List[Dict[str, float]] = []
         t_start = time.perf_counter()
+        elapsed0 = self.elapsed
         last = float("nan")
         window: List[float] = []
         window_stats: Dict[str, List[float]] = {}
+
+        def out_of_time() -> bool:
+            return c.time_budget > 0 and self.elapsed >= c.time_budget
+
         columns = [TextColumn("train sam"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, disable=not progress, transient=False) as bar:
             task = bar.add_task("train", total=c.steps, completed=self.step, loss="-")
-            while self.step < c.steps:
+            while self.step < c.steps and not out_of_time():
                 for g in self.optimizer.param_groups:
-                    g["lr"] = self.lr_at(self.step)
+                    g["lr"] = self.lr_at(self.step, self.elapsed)
                 batch = next(batches)
-                x = torch.stack([b[0] for b in batch])
-                with torch.set_grad_enabled("image_encoder" in c.trainable):
-                    emb = self.model.image_encoder(x)
-                loss = x.new_zeros(())
-                stats: Dict[str, float] = {}
-                for i, (_, gt) in enumerate(batch):
-                    li, si = self._image_loss(emb[i : i + 1], gt)
-                    loss = loss + li / len(batch)
-                    for k, v in si.items():
-                        stats[k] = stats.get(k, 0.0) + v / len(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if c.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
-                self.optimizer.step()
-                self.step += 1
-                last = float(loss.detach())
+                last, stats = self.train_step(batch)
+                step_value.value = self.step
+                self.elapsed = elapsed0 + time.perf_counter() - t_start
                 window.append(last)
                 for k, v in stats.items():
                     window_stats.setdefault(k, []).append(v)
-                if self.step % c.log_every == 0 or self.step == c.steps:
-                    rec = {"step": self.step, "loss": sum(window) / len(window), "lr": self.lr_at(self.step - 1),
-                           "seconds": time.perf_counter() - t_start,
+                done = self.step == c.steps or out_of_time()
+                if self.step % c.log_every == 0 or done:
+                    rec = {"step": self.step, "loss": sum(window) / len(window),
+                           "lr": self.lr_at(self.step - 1, self.elapsed), "seconds": self.elapsed,
                            **{k: sum(v) / len(v) for k, v in window_stats.items()}}
                     window = []
                     window_stats = {}
@@ -492,11 +656,13 @@ class SamTrainer:
                     if on_log:
                         on_log(rec)
                     bar.update(task, loss=f"{rec['loss']:.3f}")
-                if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                if self.step % c.checkpoint_every == 0 or done:
                     self.save_state(ckpt)
                 bar.update(task, completed=self.step)
+        del batches
         self.model.eval()
-        meta = {"training": asdict(c), "steps_done": self.step, "data": getattr(self.data, "root", repr(self.data))}
+        meta = {"training": asdict(c), "steps_done": self.step, "seconds": round(self.elapsed, 1),
+                "data": getattr(self.data, "root", repr(self.data))}
         meta["training"]["trainable"] = list(c.trainable)
         save_checkpoint(self.model, out, metadata={"training": json.dumps(meta, default=str)})
         return TrainResult(out, self.step, time.perf_counter() - t_start, last, log_path, history)
@@ -508,6 +674,7 @@ class SamTrainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
+            "elapsed": self.elapsed,
             "torch_rng": self.gen.get_state(),
             "numpy_rng": json.dumps(self.rng.bit_generator.state),
             "config": json.dumps(asdict(self.config)),
@@ -517,11 +684,15 @@ class SamTrainer:
         tmp.replace(path)
 
     def load_state(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
-        self.gen.set_state(state["torch_rng"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        try:
+            self.gen.set_state(state["torch_rng"].cpu())
+        except RuntimeError:  # saved on another device type: a fresh stream, seeded by the step
+            self.gen.manual_seed(self.config.seed * 1000003 + self.step)
         self.rng.bit_generator.state = json.loads(state["numpy_rng"])
 
 

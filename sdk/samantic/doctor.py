@@ -50,6 +50,33 @@ def _packages() -> List[Dict[str, Any]]:
     return rows
 
 
+def cuda_archs(spec: str) -> Dict[str, List[int]]:
+    """The CUDA code a build embeds, from its CMAKE_CUDA_ARCHITECTURES (commas for semicolons).
+
+    ``"75-real,86-real,90"`` -> ``{"sass": [75, 86, 90], "ptx": [90]}``: ``NN-real`` is machine code
+    (SASS) for sm_NN only, ``NN-virtual`` PTX only, a plain ``NN`` both; PTX is JIT-compiled by
+    the driver for GPUs newer than any SASS.
+    """
+    sass: List[int] = []
+    ptx: List[int] = []
+    for item in filter(None, (a.strip() for a in spec.replace(";", ",").split(","))):
+        arch, _, kind = item.partition("-")
+        digits = "".join(c for c in arch if c.isdigit())
+        if not digits:
+            continue
+        if kind in ("", "real"):
+            sass.append(int(digits))
+        if kind in ("", "virtual"):
+            ptx.append(int(digits))
+    return {"sass": sorted(set(sass)), "ptx": sorted(set(ptx))}
+
+
+def format_cuda_archs(archs: Dict[str, List[int]]) -> str:
+    sass = ", ".join(f"sm_{a}" for a in archs["sass"]) or "none"
+    ptx = ", ".join(f"compute_{a}" for a in archs["ptx"]) or "none"
+    return f"SASS {sass}; PTX {ptx}"
+
+
 def _kernels() -> Dict[str, Any]:
     try:
         from samantic import _C
@@ -58,13 +85,30 @@ def _kernels() -> Dict[str, Any]:
     info = _C.build_info()
     cuda = _C.cuda_status()
     usable = {"cpu": {"usable": True, "detail": f"{info['cpu_threads']} threads"}}
+    out: Dict[str, Any] = {"compiled": list(info["compiled_backends"]), "build": dict(info), "cuda_status": dict(cuda)}
     if cuda["compiled"]:
+        out["cuda_archs"] = cuda_archs(str(info.get("cuda_architectures", "")))
         n = int(cuda["device_count"])
-        detail = f"{n} device(s)" if n else f"no device: {cuda['error']}"
-        usable["cuda"] = {"usable": n > 0, "detail": detail}
+        if n and hasattr(_C, "cuda_probe"):
+            # only with a device: the probe creates a CUDA context on each one
+            devices = [dict(d, capability=list(d["capability"])) for d in _C.cuda_probe()]
+            out["cuda_devices"] = devices
+            parts = []
+            for d in devices:
+                sm = f"sm_{d['capability'][0]}{d['capability'][1]}"
+                state = (f"kernels load (code sm_{d['binary_version']}" + (", from PTX)" if d["binary_version"] not in
+                                                                          out["cuda_archs"]["sass"] else ")")
+                         if d["kernels_load"] else f"kernels do not load: {d['error']}")
+                parts.append(f"{d['index']}: {d['name']} ({sm}), {state}")
+            ok = bool(devices) and all(d["kernels_load"] for d in devices)
+            usable["cuda"] = {"usable": ok, "detail": f"{n} device(s): " + "; ".join(parts)}
+        else:
+            detail = f"{n} device(s)" if n else f"no device: {cuda['error']}"
+            usable["cuda"] = {"usable": n > 0, "detail": detail}
     else:
         usable["cuda"] = {"usable": False, "detail": "not compiled (no nvcc at build time)"}
-    return {"compiled": list(info["compiled_backends"]), "build": dict(info), "cuda_status": dict(cuda), "usable": usable}
+    out["usable"] = usable
+    return out
 
 
 def _torch() -> Dict[str, Any]:

@@ -30,6 +30,8 @@ def doctor(
 
 
 def _print(r: dict) -> None:
+    from samantic.doctor import cuda_archs, format_cuda_archs
+
     console = Console()
     console.print(f"samantic {r['samantic']}  ·  Python {r['python']}  ·  {r['platform']}")
 
@@ -45,7 +47,8 @@ def _print(r: dict) -> None:
             u = k["usable"][backend]
             detail = u["detail"]
             if backend == "cuda" and backend in k["compiled"]:
-                detail += f"; nvcc {build.get('cuda_compiler_version')}, sm {build.get('cuda_architectures')}"
+                archs = k.get("cuda_archs") or cuda_archs(str(build.get("cuda_architectures", "")))
+                detail += f"; nvcc {build.get('cuda_compiler_version')}, {format_cuda_archs(archs)}"
             if backend == "cpu":
                 detail += f"; {build.get('cxx_compiler')}"
             kt.add_row(backend, _yes(backend in k["compiled"]), _yes(u["usable"]), escape(detail))

@@ -38,9 +38,14 @@ def train_sam(
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 50,
     log_every: Annotated[int, typer.Option(min=1)] = 10,
     seed: Annotated[int, typer.Option()] = 0,
+    time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
+    device: Annotated[str, typer.Option(help="Where to train: cpu, cuda, cuda:1, ...")] = "cpu",
+    workers: Annotated[int, typer.Option(min=0, help="Data-preparation processes (0: in the training process).")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
+    import torch
+
     from samantic.models import create_model
     from samantic.train.sam import SamTrainConfig, SamTrainer, open_dataset
 
@@ -50,16 +55,23 @@ def train_sam(
             lr=lr, warmup_steps=warmup_steps, trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
             checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, box_prob=box_prob, zoom_prob=zoom_prob,
             flat_steps=flat_steps, focal_weight=focal_weight, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
-            dice_weight=dice_weight,
+            dice_weight=dice_weight, time_budget=time_budget * 60,
         )
         dataset = open_dataset(data)
+        torch_device = torch.device(device)
+        if torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device")
         sam = create_model(model, checkpoint=checkpoint, pretrained=False if checkpoint is None else None)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(f"training {model} on {data} for {steps} steps ({images_per_step} images x {masks_per_image} masks x "
                f"{iterations} rounds per step); trainable: {', '.join(config.trainable)}")
-    result = SamTrainer(sam, config, dataset).train(out, resume=resume, progress=progress)
+    if torch_device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    trainer = SamTrainer(sam, config, dataset, device=device, workers=workers)
+    result = trainer.train(out, resume=resume, progress=progress)
     typer.echo(f"saved: {result.output} (steps {result.steps}, last loss {result.last_loss:.4f}, "
                f"{result.seconds / 60:.1f} min); log: {result.log}")
 

@@ -54,6 +54,13 @@ class SamConfig:
         mask_in_chans: Hidden channels of the prompt encoder's mask downscaler.
         pixel_mean: Per-channel RGB mean (0..255) subtracted before the encoder.
         pixel_std: Per-channel RGB std (0..255) the input is divided by.
+        encoder_type: ``"vit"`` (segment-anything's ``ImageEncoderViT``) or ``"conv"``
+            (:class:`samantic.models.encoders.ConvImageEncoder`: a convolutional pyramid
+            with ``encoder_depth`` global-attention blocks of ``encoder_num_heads`` heads
+            at stride 32, its output stride being ``patch_size``; ``encoder_embed_dim``
+            and the window/rel-pos fields are then unused).
+        encoder_widths: channels of the conv encoder at strides 4, 8, 16, 32.
+        encoder_blocks: blocks of the conv encoder at strides 4, 8, 16, 32.
     """
 
     encoder_embed_dim: int
@@ -78,11 +85,14 @@ class SamConfig:
     mask_in_chans: int = 16
     pixel_mean: Tuple[float, float, float] = _IMAGENET_MEAN
     pixel_std: Tuple[float, float, float] = _IMAGENET_STD
+    encoder_type: str = "vit"
+    encoder_widths: Tuple[int, ...] = ()
+    encoder_blocks: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Lists arrive from JSON and from user overrides; store tuples so the
         # config stays hashable and truly immutable.
-        for name in ("encoder_global_attn_indexes", "pixel_mean", "pixel_std"):
+        for name in ("encoder_global_attn_indexes", "pixel_mean", "pixel_std", "encoder_widths", "encoder_blocks"):
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 try:
@@ -124,7 +134,28 @@ class SamConfig:
                 f"img_size must be a multiple of patch_size, got img_size={self.img_size} "
                 f"and patch_size={self.patch_size}"
             )
-        _check_divides("encoder_num_heads", self.encoder_num_heads, "encoder_embed_dim", self.encoder_embed_dim)
+        if self.encoder_type not in ("vit", "conv"):
+            raise ValueError(f"encoder_type must be 'vit' or 'conv', got {self.encoder_type!r}")
+        if self.encoder_type == "conv":
+            if len(self.encoder_widths) != 4 or len(self.encoder_blocks) != 4:
+                raise ValueError(
+                    "a conv encoder needs 4 encoder_widths and 4 encoder_blocks (strides 4, 8, 16, 32), "
+                    f"got {self.encoder_widths} and {self.encoder_blocks}"
+                )
+            if any(not isinstance(v, int) or v <= 0 for v in self.encoder_widths) or any(
+                not isinstance(v, int) or v < 0 for v in self.encoder_blocks
+            ):
+                raise ValueError(f"encoder_widths must be positive and encoder_blocks >= 0, got "
+                                 f"{self.encoder_widths} and {self.encoder_blocks}")
+            if self.patch_size not in (8, 16):
+                raise ValueError(f"a conv encoder's patch_size (output stride) must be 8 or 16, got {self.patch_size}")
+            if self.img_size % 32:
+                raise ValueError(f"a conv encoder's img_size must be a multiple of 32, got {self.img_size}")
+            _check_divides("encoder_num_heads", self.encoder_num_heads, "encoder_widths[3]", self.encoder_widths[3])
+        elif self.encoder_widths or self.encoder_blocks:
+            raise ValueError("encoder_widths and encoder_blocks apply to encoder_type='conv' only")
+        else:
+            _check_divides("encoder_num_heads", self.encoder_num_heads, "encoder_embed_dim", self.encoder_embed_dim)
         _check_divides("decoder_num_heads", self.decoder_num_heads, "prompt_embed_dim", self.prompt_embed_dim)
         # The decoder upscales to prompt_embed_dim // 8 channels and the
         # positional encoding splits the width in two sin/cos halves.

@@ -145,21 +145,16 @@ def build_sam(config: SamConfig) -> "Sam":
         ImportError: If torch or segment-anything is missing.
     """
     torch, modeling = _import_torch_sam()
-    image_encoder = modeling.ImageEncoderViT(
-        img_size=config.img_size,
-        patch_size=config.patch_size,
-        in_chans=len(config.pixel_mean),
-        embed_dim=config.encoder_embed_dim,
-        depth=config.encoder_depth,
-        num_heads=config.encoder_num_heads,
-        mlp_ratio=config.encoder_mlp_ratio,
-        out_chans=config.prompt_embed_dim,
-        qkv_bias=config.encoder_qkv_bias,
-        norm_layer=partial(torch.nn.LayerNorm, eps=config.encoder_norm_eps),
-        use_rel_pos=config.encoder_use_rel_pos,
-        window_size=config.encoder_window_size,
-        global_attn_indexes=config.encoder_global_attn_indexes,
-    )
+    if config.encoder_type == "conv":
+        from samantic.models.encoders import ConvImageEncoder
+
+        image_encoder = ConvImageEncoder(
+            img_size=config.img_size, out_stride=config.patch_size, widths=config.encoder_widths,
+            blocks=config.encoder_blocks, attn_depth=config.encoder_depth, num_heads=config.encoder_num_heads,
+            out_chans=config.prompt_embed_dim,
+        )
+    else:
+        image_encoder = _vit_encoder(torch, modeling, config)
     embedding = (config.image_embedding_size, config.image_embedding_size)
     prompt_encoder = modeling.PromptEncoder(
         embed_dim=config.prompt_embed_dim,
@@ -188,6 +183,24 @@ def build_sam(config: SamConfig) -> "Sam":
         pixel_std=list(config.pixel_std),
     )
     return sam.eval()
+
+
+def _vit_encoder(torch, modeling, config: SamConfig):
+    return modeling.ImageEncoderViT(
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        in_chans=len(config.pixel_mean),
+        embed_dim=config.encoder_embed_dim,
+        depth=config.encoder_depth,
+        num_heads=config.encoder_num_heads,
+        mlp_ratio=config.encoder_mlp_ratio,
+        out_chans=config.prompt_embed_dim,
+        qkv_bias=config.encoder_qkv_bias,
+        norm_layer=partial(torch.nn.LayerNorm, eps=config.encoder_norm_eps),
+        use_rel_pos=config.encoder_use_rel_pos,
+        window_size=config.encoder_window_size,
+        global_attn_indexes=config.encoder_global_attn_indexes,
+    )
 
 
 def create_model(
@@ -318,3 +331,36 @@ def sam_nano() -> SamConfig:
         decoder_num_heads=4,
         iou_head_hidden_dim=128,
     )
+
+
+# Candidates for sam_nano v5 (encoder A/B of the v5 issue; benchmarks/results/nano_ab.md).
+# Same prompt encoder and mask decoder as sam_nano; a convolutional encoder instead of the ViT.
+def _nano_conv(img_size: int, stride: int) -> SamConfig:
+    return sam_nano().replace(
+        encoder_type="conv",
+        encoder_widths=(32, 64, 128, 256),
+        encoder_blocks=(1, 2, 4, 2),
+        encoder_depth=2,
+        encoder_num_heads=8,
+        encoder_global_attn_indexes=(),
+        img_size=img_size,
+        patch_size=stride,
+    )
+
+
+@register_model
+def sam_nano_conv() -> SamConfig:
+    """sam_nano with a convolutional pyramid encoder (384 px, stride 16); v5 candidate, no shipped weights."""
+    return _nano_conv(384, 16)
+
+
+@register_model
+def sam_nano_conv512() -> SamConfig:
+    """sam_nano with a convolutional pyramid encoder at 512 px (stride 16); v5 candidate, no shipped weights."""
+    return _nano_conv(512, 16)
+
+
+@register_model
+def sam_nano_conv_s8() -> SamConfig:
+    """sam_nano with a convolutional pyramid encoder at stride 8 (384 px, 192 x 192 low-res masks); v5 candidate."""
+    return _nano_conv(384, 8)

@@ -1,0 +1,132 @@
+"""Convolutional image encoders (sam_nano v5 candidates) and the trainer's batched decoding."""
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+from samantic.models import create_model, get_config, save_checkpoint
+from samantic.models.configs import SamConfig
+
+CONV = ["sam_nano_conv", "sam_nano_conv512", "sam_nano_conv_s8"]
+
+
+@pytest.mark.parametrize("name", CONV)
+def test_conv_candidates_are_sams_with_the_right_embedding(name):
+    config = get_config(name)
+    torch.manual_seed(0)
+    model = create_model(name, pretrained=False)
+    side = config.img_size // config.patch_size
+    with torch.no_grad():
+        emb = model.image_encoder(torch.randn(2, 3, config.img_size, config.img_size))
+    assert emb.shape == (2, config.prompt_embed_dim, side, side)
+    assert torch.isfinite(emb).all()
+    # the decoder and prompt encoder are sam_nano's, so shapes of everything but the encoder agree
+    nano = create_model("sam_nano", pretrained=False).state_dict()
+    ours = model.state_dict()
+    for k, v in ours.items():
+        if not k.startswith("image_encoder."):
+            assert nano[k].shape == v.shape, k
+
+
+def test_conv_model_runs_in_segment_anythings_tools(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("sam_nano_conv", pretrained=False)
+    image = np.random.default_rng(0).integers(0, 256, size=(90, 130, 3), dtype=np.uint8)
+    predictor = SamPredictor(model)
+    predictor.set_image(image)
+    masks, scores, low = predictor.predict(point_coords=np.array([[60.0, 40.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 90, 130) and low.shape == (3, 96, 96)
+    records = SamAutomaticMaskGenerator(model, points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0).generate(image)
+    assert records and records[0]["segmentation"].shape == (90, 130)
+    # saved and loaded through the registry, strictly, with the same outputs
+    path = save_checkpoint(model, tmp_path / "conv.safetensors")
+    again = create_model("sam_nano_conv", checkpoint=path)
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(again.image_encoder(x), model.image_encoder(x))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"encoder_type": "cnn"}, "encoder_type must be"),
+        ({"encoder_widths": (32, 64)}, "4 encoder_widths"),
+        ({"patch_size": 32, "img_size": 384}, "must be 8 or 16"),
+        ({"img_size": 400}, "multiple of"),
+        ({"encoder_num_heads": 3}, "divisible by encoder_num_heads"),
+    ],
+)
+def test_invalid_conv_configs(change, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("sam_nano_conv", **change)
+
+
+def test_vit_config_refuses_conv_fields_and_old_json_still_loads():
+    with pytest.raises(ValueError, match="encoder_type='conv' only"):
+        get_config("sam_nano", encoder_widths=(1, 2, 3, 4))
+    old = {k: v for k, v in get_config("sam_nano").to_dict().items()
+           if k not in ("encoder_type", "encoder_widths", "encoder_blocks")}
+    assert SamConfig.from_dict(old) == get_config("sam_nano")  # checkpoints written before the conv fields
+    conv = get_config("sam_nano_conv")
+    assert SamConfig.from_json(conv.to_json()) == conv
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_batched_decoding_matches_segment_anythings_decoder(multimask):
+    """decode_prompts (one embedding per prompt, many images) == MaskDecoder image by image."""
+    from samantic.train.sam import decode_prompts
+
+    torch.manual_seed(0)
+    model = create_model("sam_nano", pretrained=False)
+    emb = torch.randn(2, 128, 24, 24)
+    index = torch.tensor([0, 0, 1, 1, 1])
+    coords = torch.rand(5, 2, 2) * 384
+    labels = torch.tensor([[1, 0], [1, 1], [1, 0], [0, 1], [1, 1]])
+    masks_in = torch.randn(5, 1, 96, 96)
+    pe = model.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=masks_in)
+        got_masks, got_iou = decode_prompts(model.mask_decoder, emb[index], pe, sparse, dense, multimask)
+        for img in (0, 1):
+            sel = index == img
+            ref_masks, ref_iou = model.mask_decoder(image_embeddings=emb[img : img + 1], image_pe=pe,
+                                                    sparse_prompt_embeddings=sparse[sel],
+                                                    dense_prompt_embeddings=dense[sel], multimask_output=multimask)
+            torch.testing.assert_close(got_masks[sel], ref_masks, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got_iou[sel], ref_iou, rtol=1e-4, atol=1e-4)
+
+
+def test_preparer_gives_low_res_soft_masks_and_boxes():
+    from samantic.train.sam import Preparer, Sample, SamTrainConfig
+
+    image = np.zeros((200, 100, 3), np.uint8)
+    masks = np.zeros((2, 200, 100), bool)
+    masks[0, 20:60, 10:50] = True
+    masks[1, 100:180, 40:90] = True
+    prep = Preparer(384, 96, SamTrainConfig(zoom_prob=0.0, masks_per_image=8))
+    item = prep(Sample(image, masks), np.random.default_rng(0), 0)
+    assert item.image.shape == (384, 192, 3)
+    assert item.soft.shape == (2, 96, 96) and item.soft.dtype == np.float16
+    # areas survive the resize (x1.92) and the 4x4 area-average
+    areas = sorted(float(s.astype(np.float32).sum()) * 16 for s in item.soft)
+    assert areas == pytest.approx(sorted([40 * 40 * 1.92 ** 2, 80 * 50 * 1.92 ** 2]), rel=0.08)
+    assert (item.soft[:, :, 48:] == 0).all()  # the padding holds nothing
+    assert item.boxes.shape == (2, 4) and (item.boxes[:, 2] > item.boxes[:, 0]).all()
+
+
+def test_time_budget_stops_training_and_decays_the_rate(tmp_path):
+    from conftest import DiskWorld
+
+    from samantic.train.sam import SamTrainConfig, SamTrainer
+
+    cfg = SamTrainConfig(steps=10_000, images_per_step=1, masks_per_image=1, iterations=1, warmup_steps=0,
+                         time_budget=3.0, log_every=1, checkpoint_every=1000)
+    trainer = SamTrainer(create_model("sam_nano_conv", pretrained=False), cfg, DiskWorld(disks=1, n=4))
+    assert trainer.lr_at(5, 0.0) == pytest.approx(cfg.lr, rel=1e-3)
+    assert trainer.lr_at(5, 3.0) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    result = trainer.train(tmp_path / "m.safetensors", progress=False)
+    assert 0 < result.steps < 10_000
+    assert result.history[-1]["seconds"] >= 3.0
+    with pytest.raises(ValueError, match="time_budget"):
+        SamTrainConfig(time_budget=-1)
