@@ -194,6 +194,7 @@ def in_process(cases, device: str, warmup: int, repeats: int, on_row=None) -> Li
     models: Dict[str, Any] = {}
     for model_name, setting, image_name in cases:
         row: Dict[str, Any] = {"model": model_name, "setting": setting, "image": image_name, "device": device}
+        t_case = time.perf_counter()
         try:
             if model_name not in models:
                 models.clear()  # one model on the device at a time
@@ -251,6 +252,7 @@ def in_process(cases, device: str, warmup: int, repeats: int, on_row=None) -> Li
 
             row["error"] = f"{type(e).__name__}: {e}"
             row["traceback"] = traceback.format_exc()
+        row["case_s"] = time.perf_counter() - t_case  # all of it: model, warm-up, timed calls, matching
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list)) and k != "traceback"}),
               flush=True)

@@ -1,4 +1,5 @@
-// Per-pair math of box NMS, shared by the CPU loop and the CUDA kernel.
+// Per-pair math of box NMS, shared by the CPU loop and the CUDA kernel (built
+// without FMA contraction on both, see CMakeLists.txt).
 #pragma once
 
 #include "common.h"

@@ -14,6 +14,11 @@
 // the footprint bound every output value in the block, so a block entirely
 // above or below all three thresholds (t - offset, t, t + offset) is emitted
 // as one run without evaluating a single pixel.
+//
+// Both backends must round every a * b + c twice (product, then sum): a fused
+// multiply-add moves values at a threshold to its other side (exact ties,
+// stability counts). CMakeLists.txt turns contraction off for both compilers
+// (-ffp-contract=off, nvcc --fmad=false).
 #pragma once
 
 #include <cmath>
