@@ -142,6 +142,9 @@ def export_bundle(
     defaults = AmgConfig()
     thr = {k: getattr(defaults, k) for k in ("points_per_side", "points_per_batch", "pred_iou_thresh",
                                               "stability_score_thresh", "stability_score_offset", "box_nms_thresh")}
+    from samantic.models import recommended_thresholds
+
+    thr.update(recommended_thresholds(sam))  # the model's own (sam_nano's shipped weights), else segment-anything's
     thr.update(thresholds or {})
     pe = sam.prompt_encoder
     manifest = {

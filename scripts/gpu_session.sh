@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should do in one call (device time is scarce: one start, one run):
-# `make gpu-check` and the sam_nano training (scripts/gpu_train_nano.py) side by side, then the
-# results packed into at most 8 files under $OUT (the device tool's limit):
-#   $OUT/*.safetensors      the A/B candidates' weights and final.safetensors (the winner trained on)
+# `make gpu-check` and sam_nano training (scripts/gpu_train_nano.py) side by side, then the results
+# packed into at most 8 files under $OUT (the device tool's limit):
+#   $OUT/*.safetensors      trained weights (fp32)
 #   $OUT/results.tar.gz     gpu-check/ (logs, JSON, markdown) and nano/ (training logs, eval.json, summary.md)
 #
-#   scripts/gpu_session.sh [AB_MINUTES] [FINAL_MINUTES]     (defaults 3.0 and 3.0; about 9 min in all)
+#   scripts/gpu_session.sh continue [MINUTES]          (default) sam_nano trained on from its shipped weights
+#                                                      (6 min; warm restart at lr 5e-4), then evaluated
+#   scripts/gpu_session.sh ab [AB_MINUTES] [FINAL]     the v5 encoder A/B (sam_nano_vit, sam_nano_conv,
+#                                                      sam_nano_conv512, sam_nano from scratch, 3 min each in
+#                                                      parallel), then the winner trained on (3 min)
+# About 9 minutes in all; run with timeout_s 590 and `carry: [".whl"]` (scripts/gpu_check_wheels.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-AB=${1:-3.0}
-FINAL=${2:-3.0}
+MODE=${1:-continue}
+case "$MODE" in
+    continue) MINUTES=${2:-6.0} ;;
+    ab) AB=${2:-3.0}; FINAL=${3:-3.0} ;;
+    *) echo "usage: gpu_session.sh continue [MINUTES] | ab [AB_MINUTES] [FINAL_MINUTES]" >&2; exit 2 ;;
+esac
 DEST=${OUT:-runs/gpu-session}
 mkdir -p "$DEST"
 WORK=/tmp/gpu-session
@@ -17,11 +26,19 @@ rm -rf "$WORK" && mkdir -p "$WORK/nano" "$WORK/gpu-check"
 export PYTHONUNBUFFERED=1
 nvidia-smi -L || true
 
-python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$AB" --final-minutes "$FINAL" \
-    --models sam_nano,sam_nano_conv,sam_nano_conv512,sam_nano_conv_s8 -- \
-    --data shapes:1000000 --steps 1000000 --images-per-step 32 --masks-per-image 6 --iterations 2 \
-    --lr 1e-3 --warmup-steps 150 --focal-weight 2 --focal-alpha 0.5 --focal-gamma 0 --flat-steps 200 \
-    --checkpoint-every 100 --log-every 20 > "$WORK/nano/train.log" 2>&1 &
+RECIPE=(--data shapes:1000000 --steps 1000000 --images-per-step 32 --masks-per-image 6 --iterations 2
+        --focal-weight 2 --focal-alpha 0.5 --focal-gamma 0 --checkpoint-every 100 --log-every 20)
+if [ "$MODE" = ab ]; then
+    python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$AB" --final-minutes "$FINAL" \
+        --models sam_nano_vit,sam_nano_conv,sam_nano_conv512,sam_nano -- \
+        "${RECIPE[@]}" --lr 1e-3 --warmup-steps 150 --flat-steps 200 > "$WORK/nano/train.log" 2>&1 &
+else
+    # a fresh data seed each session (scenes never repeat across sessions); eval seeds stay below 1,000,000
+    SEED=$(( 3000000 + $(date +%s) % 1000000 * 100 ))
+    python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$MINUTES" --final-minutes 0 \
+        --models sam_nano -- "${RECIPE[@]/shapes:1000000/shapes:$SEED}" --checkpoint pkg:assets/sam_nano.safetensors \
+        --lr 5e-4 --warmup-steps 50 > "$WORK/nano/train.log" 2>&1 &
+fi
 TRAIN=$!
 
 # if the call is cut short, $OUT still holds the last weights and logs written (packed every 30 s)

@@ -1,7 +1,7 @@
 """sam_nano training on a lent GPU machine: an equal-wall-clock encoder A/B, then the winner trained on.
 
     python3 scripts/gpu_train_nano.py --out DIR --ab-minutes 3.5 --final-minutes 3 \
-        --models sam_nano,sam_nano_conv,sam_nano_conv512,sam_nano_conv_s8 -- [samantic train sam options]
+        --models sam_nano_vit,sam_nano_conv,sam_nano_conv512,sam_nano -- [samantic train sam options]
 
 Meant for the occasional GPU machine of ../shared/DESIGN.md ("GPUs"): its system
 python3 has torch but not segment-anything, which comes as a wheel in the ignored
@@ -119,7 +119,7 @@ def last_log(path: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--models", default="sam_nano,sam_nano_conv,sam_nano_conv512,sam_nano_conv_s8")
+    ap.add_argument("--models", default="sam_nano_vit,sam_nano_conv,sam_nano_conv512,sam_nano")
     ap.add_argument("--ab-minutes", type=float, default=3.5)
     ap.add_argument("--final-minutes", type=float, default=3.0)
     ap.add_argument("--device", default="cuda")

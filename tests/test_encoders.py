@@ -8,7 +8,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from samantic.models import create_model, get_config, save_checkpoint
 from samantic.models.configs import SamConfig
 
-CONV = ["sam_nano_conv", "sam_nano_conv512", "sam_nano_conv_s8"]
+CONV = ["sam_nano", "sam_nano_conv", "sam_nano_conv512"]
 
 
 @pytest.mark.parametrize("name", CONV)
@@ -22,7 +22,7 @@ def test_conv_candidates_are_sams_with_the_right_embedding(name):
     assert emb.shape == (2, config.prompt_embed_dim, side, side)
     assert torch.isfinite(emb).all()
     # the decoder and prompt encoder are sam_nano's, so shapes of everything but the encoder agree
-    nano = create_model("sam_nano", pretrained=False).state_dict()
+    nano = create_model("sam_nano_vit").state_dict()
     ours = model.state_dict()
     for k, v in ours.items():
         if not k.startswith("image_encoder."):
@@ -64,10 +64,10 @@ def test_invalid_conv_configs(change, message):
 
 def test_vit_config_refuses_conv_fields_and_old_json_still_loads():
     with pytest.raises(ValueError, match="encoder_type='conv' only"):
-        get_config("sam_nano", encoder_widths=(1, 2, 3, 4))
-    old = {k: v for k, v in get_config("sam_nano").to_dict().items()
+        get_config("sam_nano_vit", encoder_widths=(1, 2, 3, 4))
+    old = {k: v for k, v in get_config("sam_nano_vit").to_dict().items()
            if k not in ("encoder_type", "encoder_widths", "encoder_blocks")}
-    assert SamConfig.from_dict(old) == get_config("sam_nano")  # checkpoints written before the conv fields
+    assert SamConfig.from_dict(old) == get_config("sam_nano_vit")  # checkpoints written before the conv fields
     conv = get_config("sam_nano_conv")
     assert SamConfig.from_json(conv.to_json()) == conv
 
@@ -78,7 +78,7 @@ def test_batched_decoding_matches_segment_anythings_decoder(multimask):
     from samantic.train.sam import decode_prompts
 
     torch.manual_seed(0)
-    model = create_model("sam_nano", pretrained=False)
+    model = create_model("sam_nano_vit")
     emb = torch.randn(2, 128, 24, 24)
     index = torch.tensor([0, 0, 1, 1, 1])
     coords = torch.rand(5, 2, 2) * 384
@@ -130,3 +130,50 @@ def test_time_budget_stops_training_and_decays_the_rate(tmp_path):
     assert result.history[-1]["seconds"] >= 3.0
     with pytest.raises(ValueError, match="time_budget"):
         SamTrainConfig(time_budget=-1)
+
+
+def test_shipped_nano_carries_recommended_thresholds_and_other_weights_do_not(tmp_path):
+    from samantic.models import get_model_entry, recommended_thresholds
+    from samantic.models.registry import SAM_THRESHOLDS
+    from samantic.runtime import Segmenter
+
+    entry = get_model_entry("sam_nano")
+    assert set(entry.thresholds) == {"pred_iou_thresh", "stability_score_thresh"}
+    shipped = create_model("sam_nano")
+    assert recommended_thresholds(shipped) == entry.thresholds
+    seg = Segmenter(shipped)
+    assert (seg.config.pred_iou_thresh, seg.config.stability_score_thresh) == (
+        entry.thresholds["pred_iou_thresh"], entry.thresholds["stability_score_thresh"])
+    assert Segmenter(shipped, pred_iou_thresh=0.7).config.pred_iou_thresh == 0.7  # the user's word wins
+    # weights other than the shipped ones, and models without a recommendation: segment-anything's
+    path = save_checkpoint(shipped, tmp_path / "mine.safetensors")
+    assert recommended_thresholds(create_model("sam_nano", checkpoint=path)) == SAM_THRESHOLDS
+    assert recommended_thresholds(create_model("sam_nano", pretrained=False)) == SAM_THRESHOLDS
+    with torch.device("meta"):
+        assert recommended_thresholds(create_model("sam_vit_b")) == SAM_THRESHOLDS
+
+
+def test_register_model_refuses_bad_thresholds():
+    from samantic.models import register_model
+
+    with pytest.raises(ValueError, match="thresholds take"):
+        register_model(thresholds={"pred_iou": 0.5})
+    with pytest.raises(ValueError, match="thresholds take"):
+        register_model(thresholds={"pred_iou_thresh": 1.5})
+
+
+def test_threshold_calibration_on_two_scenes():
+    from samantic.train.metrics import calibrate_thresholds
+
+    r = calibrate_thresholds(create_model("sam_nano"), range(500, 502), (0.3, 0.9), (0.8,), points_per_side=8,
+                             progress=False)
+    assert len(r.rows) == 2 and r.n_images == 2 and r.n_objects > 0 and r.n_candidates > 0
+    loose, strict = r.rows
+    assert loose["masks_per_image"] >= strict["masks_per_image"]  # a higher bar keeps no more masks
+    assert loose["recall_50"] >= strict["recall_50"] >= 0
+    for row in r.rows:
+        assert 0 <= row["precision_50"] <= 1 and row["recall_75"] <= row["recall_50"]
+    assert r.best in r.rows and -1 <= r.iou_correlation <= 1
+    assert "(chosen)" in r.markdown()
+    with pytest.raises(ValueError, match="training seed"):
+        calibrate_thresholds(create_model("sam_nano"), [2_000_000], progress=False)

@@ -27,8 +27,10 @@ PARITY_KW = dict(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=
 
 
 @pytest.fixture(scope="module")
-def nano(structured_nano):
-    return structured_nano
+def nano():
+    from samantic.models import create_model
+
+    return create_model("sam_nano")  # the shipped weights: the conv encoder at stride 8 through every graph
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def test_graphs_match_torch_decoder(nano, bundle_dir, head, tmp_path):
     (low,) = sess["upscale"].run(None, {"src": src, "mask_tokens": tok, "rows": rows.astype(np.int32),
                                         "token_index": (p * 3 + m).astype(np.int32), "mask_index": m.astype(np.int32),
                                         "row_of": row_of.astype(np.int32)})
-    assert low.shape == (6, 96, 96)
+    assert low.shape == (6, 192, 192)
     assert np.abs(low - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
     # the head rides in the prompt graph
     path = export_graph(nano, "prompts", tmp_path / "p.onnx", head=head)
@@ -616,7 +618,7 @@ def test_trt11_fp16_graph_keeps_float32_io(bundle_dir, tmp_path):
     onnx.checker.check_model(str(out), full_check=True)  # includes node order, which TensorRT's parser needs
     import onnxruntime as ort
 
-    feeds = {"image_embeddings": np.random.default_rng(0).standard_normal((1, 128, 24, 24)).astype(np.float32),
+    feeds = {"image_embeddings": np.random.default_rng(0).standard_normal((1, 128, 48, 48)).astype(np.float32),
              "point_coords": np.full((3, 2, 2), 100.0, np.float32), "point_labels": np.tile(np.float32([[1, -1]]), (3, 1))}
     half = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
     full = ort.InferenceSession(str(bundle.graph("prompts")), providers=["CPUExecutionProvider"]).run(None, feeds)

@@ -96,3 +96,12 @@ def test_read_image_refuses_huge_headers_before_decoding(tmp_path, size):
     if size[0] * size[1] < 200_000_000:
         with pytest.raises(ImageReadError, match="bomb.png: not a readable image"):
             read_image(p, max_pixels=size[0] * size[1])
+
+
+def test_overlay_of_no_masks_is_the_image():
+    """An image where nothing was kept still gets its overlay file (the image itself), not a crash."""
+    from samantic.io import overlay_masks
+
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    out = overlay_masks(image, np.zeros((0, 20, 30), bool))
+    assert np.array_equal(out, image) and out is not image

@@ -135,8 +135,25 @@ def test_adaptive_run_says_so_and_matches_the_exact_run(inputs, tmp_path):
 
 
 def test_an_empty_result_says_which_filters_to_loosen(inputs, tmp_path):
-    r = _run([str(inputs / "good.png"), "--out", str(tmp_path / "o"), *FAST])  # segment-anything's 0.88 / 0.95
+    r = _run([str(inputs / "good.png"), "--out", str(tmp_path / "o"), *FAST, "--pred-iou-thresh", "0.999"])
     assert r.returncode == 0
     assert json.loads((tmp_path / "o" / "good.png.json").read_text())["annotations"] == []
-    assert "note: no masks kept in 1 image(s)" in r.stderr and "--pred-iou-thresh 0.88" in r.stderr
-    assert "try --pred-iou-thresh 0.25" in r.stderr
+    assert "note: no masks kept in 1 image(s)" in r.stderr and "--pred-iou-thresh 0.999" in r.stderr
+    assert "--stability-score-thresh 0.95" in r.stderr  # sam_nano's own, since the flag was not given
+
+
+def test_shipped_nano_segments_with_its_own_thresholds(tmp_path):
+    """No threshold flags: sam_nano's calibrated defaults, and masks on a held-out scene."""
+    from samantic.io import atomic_write_image
+    from samantic.models import get_model_entry
+    from samantic.train.data.shapes import render_scene
+
+    scene = render_scene(900002, size=(240, 320))
+    atomic_write_image(tmp_path / "scene.png", scene.image)
+    r = _run([str(tmp_path / "scene.png"), "--out", str(tmp_path / "o"), "--points-per-side", "16", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    t = get_model_entry("sam_nano").thresholds
+    assert f"pred_iou_thresh {t['pred_iou_thresh']}, stability_score_thresh {t['stability_score_thresh']}" in \
+        " ".join(r.stdout.split())
+    anns = json.loads((tmp_path / "o" / "scene.png.json").read_text())["annotations"]
+    assert len(anns) >= 1 and "no masks kept" not in r.stderr

@@ -17,7 +17,7 @@ Prompting goes through segment-anything's own ``SamPredictor``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -363,3 +363,115 @@ def evaluate_usam(segmenter, seeds: Iterable[int], level: str = "class", *, prog
     elif gt_anns:
         ap50 = {n: 0.0 for n in names}
     return UsamEvalResult(names, level, iou, ap50, len(seeds), len(gt_anns), time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- segment-everything thresholds
+
+
+@dataclass
+class ThresholdCalibration:
+    """Segment-everything quality per (pred_iou_thresh, stability_score_thresh) on held-out scenes.
+
+    Attributes:
+        rows: one dict per grid point: thresholds, recall at IoU 0.5 / 0.75, masks per image,
+            precision (kept masks that match a distinct object at IoU 0.5) and F1 at 0.5.
+        best: the row with the highest F1 at IoU 0.5 (ties: higher recall at 0.75).
+        iou_correlation: Pearson correlation of predicted and true IoU over every candidate mask
+            (true IoU: the best IoU with any ground-truth instance).
+        n_images, n_objects, n_candidates: what was measured.
+    """
+
+    rows: List[Dict[str, float]]
+    best: Dict[str, float]
+    iou_correlation: float
+    n_images: int
+    n_objects: int
+    n_candidates: int
+    seconds: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        lines = [f"{self.n_images} scenes, {self.n_objects} objects, {self.n_candidates} candidate masks; "
+                 f"correlation of predicted and true IoU: {self.iou_correlation:.3f}", "",
+                 "| pred_iou_thresh | stability_score_thresh | recall@0.5 | recall@0.75 | masks / image | precision@0.5 | F1@0.5 |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            mark = " **(chosen)**" if r is self.best or r == self.best else ""
+            lines.append(f"| {r['pred_iou_thresh']:.2f} | {r['stability_score_thresh']:.2f} | {r['recall_50']:.3f} | "
+                         f"{r['recall_75']:.3f} | {r['masks_per_image']:.1f} | {r['precision_50']:.3f} | "
+                         f"{r['f1_50']:.3f}{mark} |")
+        return "\n".join(lines)
+
+
+def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88),
+                         stability_grid: Sequence[float] = (0.7, 0.8, 0.9, 0.95), *, points_per_side: int = 32,
+                         box_nms_thresh: float = 0.7, progress: bool = True) -> ThresholdCalibration:
+    """Measures segment-everything on held-out scenes for every pair of thresholds, and picks one.
+
+    Each scene is segmented once with the loosest thresholds of the grid and no NMS; each
+    grid point then filters those candidates and runs the generator's box NMS (the same
+    kept set as running the generator at that grid point, since filtering comes before NMS
+    there too).
+    """
+    from samantic.ops import nms, rle_encode, rle_iou
+    from samantic.pipeline import AutomaticMaskGenerator
+    from samantic.train.data.shapes import render_scene
+
+    seeds = list(seeds)
+    for s in seeds:
+        if s >= TRAIN_SEED_START:
+            raise ValueError(f"seed {s} is a training seed (>= {TRAIN_SEED_START}); calibrate on held-out seeds")
+    t0 = time.perf_counter()
+    generator = AutomaticMaskGenerator(model, points_per_side=points_per_side, pred_iou_thresh=min(pred_iou_grid) - 1e-6,
+                                       stability_score_thresh=min(stability_grid), box_nms_thresh=1.0)
+    per_image = []
+    pred_all, true_all = [], []
+    with _progress(progress, len(seeds)) as advance:
+        for seed in seeds:
+            scene = render_scene(seed)
+            found = generator.generate_masks(scene.image)
+            if len(found) and len(scene.masks):
+                iou = rle_iou(found.rles, rle_encode(scene.masks))  # [P, G]
+            else:
+                iou = np.zeros((len(found), len(scene.masks)))
+            per_image.append((np.asarray(found.boxes, np.float32), np.asarray(found.iou_preds, np.float32),
+                              np.asarray(found.stability_score, np.float32), iou))
+            pred_all.append(np.asarray(found.iou_preds, np.float32))
+            true_all.append(iou.max(1) if iou.shape[1] else np.zeros(len(found)))
+            advance()
+    p = np.concatenate(pred_all) if pred_all else np.zeros(0)
+    t = np.concatenate(true_all) if true_all else np.zeros(0)
+    corr = float(np.corrcoef(p, t)[0, 1]) if len(p) > 2 and p.std() > 0 and t.std() > 0 else float("nan")
+    n_obj = sum(it[3].shape[1] for it in per_image)
+    rows = []
+    for pi in pred_iou_grid:
+        for st in stability_grid:
+            hit50 = hit75 = kept = true_pos = 0
+            for boxes, ious, stab, iou in per_image:
+                sel = np.nonzero((ious > pi) & (stab >= st))[0]
+                if len(sel):
+                    sel = sel[nms(boxes[sel], ious[sel], box_nms_thresh)]
+                kept += len(sel)
+                if iou.shape[1] == 0 or len(sel) == 0:
+                    continue
+                m = iou[sel]
+                hit50 += int((m.max(0) >= 0.5).sum())
+                hit75 += int((m.max(0) >= 0.75).sum())
+                # precision: each object matched by at most one kept mask (greedy by IoU)
+                free = np.ones(m.shape[1], bool)
+                for i in np.argsort(-m.max(1)):
+                    row = np.where(free, m[i], -1.0)
+                    g = int(np.argmax(row))
+                    if row[g] >= 0.5:
+                        free[g] = False
+                        true_pos += 1
+            recall50 = hit50 / n_obj if n_obj else float("nan")
+            precision = true_pos / kept if kept else 0.0
+            f1 = 2 * precision * recall50 / (precision + recall50) if precision + recall50 > 0 else 0.0
+            rows.append({"pred_iou_thresh": float(pi), "stability_score_thresh": float(st), "recall_50": recall50,
+                         "recall_75": hit75 / n_obj if n_obj else float("nan"),
+                         "masks_per_image": kept / max(1, len(per_image)), "precision_50": precision, "f1_50": f1})
+    best = max(rows, key=lambda r: (round(r["f1_50"], 3), r["recall_75"]))
+    return ThresholdCalibration(rows, best, corr, len(per_image), n_obj, int(len(p)), time.perf_counter() - t0)

@@ -17,10 +17,8 @@ DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 DEMO_SEEDS = (900001, 900004, 900008)
 DEMO_SIZE = (384, 512)
 DEMO_MODEL = "sam_nano"
-# sam_nano's IoU head is under-confident (v2 on scenes: median predicted IoU 0.13, 99th percentile 0.69,
-# so segment-anything's 0.88 default keeps almost nothing; see assets/sam_nano.md), so the demo keeps
-# masks from 0.25 predicted IoU.
-DEMO_THRESHOLDS = ("--pred-iou-thresh", "0.25", "--stability-score-thresh", "0.8")
+# No threshold flags: `samantic segment` uses sam_nano's calibrated thresholds (its registry entry; model card).
+DEMO_THRESHOLDS: tuple = ()
 
 
 def demo_images() -> List[Path]:

@@ -27,7 +27,6 @@ def parse_seeds(spec: str) -> range:
     return range(a, b)
 
 
-SAM_AMG_DEFAULTS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
 
 
 @app.command("sam")
@@ -37,8 +36,8 @@ def eval_sam(
     seeds: Annotated[str, typer.Option(help="Held-out scene seeds for point prompts, START:STOP.")] = "0:100",
     amg_seeds: Annotated[str, typer.Option(help="Held-out scene seeds for segment-everything recall, START:STOP.")] = "0:50",
     out: Annotated[Path, typer.Option(help="Directory for eval_sam.json and eval_sam.md.")] = Path("runs/eval"),
-    pred_iou_thresh: Annotated[float, typer.Option(help="Segment-everything setting for the recall (segment-anything's default).")] = 0.88,
-    stability_score_thresh: Annotated[float, typer.Option(help="Segment-everything setting for the recall (segment-anything's default).")] = 0.95,
+    pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall [default: the model's recommended, else segment-anything's 0.88].")] = None,
+    stability_score_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall [default: the model's recommended, else segment-anything's 0.95].")] = None,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Also report the resolution ceiling: the mIoU of ideal low-res logits after the model's post-processing.")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
@@ -46,19 +45,23 @@ def eval_sam(
     from samantic.models import create_model
     from samantic.train.metrics import evaluate_sam
 
-    amg = {"pred_iou_thresh": pred_iou_thresh, "stability_score_thresh": stability_score_thresh}
-
     point_seeds, recall_seeds = parse_seeds(seeds), parse_seeds(amg_seeds)
     try:
+        from samantic.models import recommended_thresholds
+
         sam = create_model(model, checkpoint=checkpoint)
+        amg = recommended_thresholds(sam)  # the model's own defaults, as `samantic segment` uses them
+        if pred_iou_thresh is not None:
+            amg["pred_iou_thresh"] = pred_iou_thresh
+        if stability_score_thresh is not None:
+            amg["stability_score_thresh"] = stability_score_thresh
         result = evaluate_sam(sam, point_seeds, recall_seeds, progress=progress, amg_kwargs=amg, ceiling=ceiling)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     command = f"samantic eval sam --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "") + \
         f" --seeds {seeds} --amg-seeds {amg_seeds}"
-    if amg != SAM_AMG_DEFAULTS:
-        command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in amg.items())
+    command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in amg.items())
     payload = {"model": model, "checkpoint": checkpoint, "seeds": seeds, "amg_seeds": amg_seeds, "command": command,
                "segment_everything": amg, **result.to_dict()}
     atomic_write_json(out / "eval_sam.json", payload, indent=2)
@@ -66,6 +69,51 @@ def eval_sam(
     atomic_write_bytes(out / "eval_sam.md", md.encode())
     typer.echo(md)
     typer.echo(f"saved: {out / 'eval_sam.json'} and {out / 'eval_sam.md'} ({result.seconds:.0f} s)")
+
+
+@app.command("thresholds")
+def eval_thresholds(
+    model: Annotated[str, typer.Option(help="Registered model.")] = "sam_nano",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Weights to calibrate (default: the model's shipped weights).")] = None,
+    seeds: Annotated[str, typer.Option(help="Held-out scene seeds, START:STOP (keep them apart from the seeds you report on).")] = "500:560",
+    pred_iou: Annotated[str, typer.Option(help="Comma-separated pred_iou_thresh values to try.")] = "0.3,0.4,0.5,0.6,0.7,0.8,0.88",
+    stability: Annotated[str, typer.Option(help="Comma-separated stability_score_thresh values to try.")] = "0.7,0.8,0.9,0.95",
+    points_per_side: Annotated[int, typer.Option(min=1)] = 32,
+    out: Annotated[Path, typer.Option(help="Directory for eval_thresholds.json and eval_thresholds.md.")] = Path("runs/eval"),
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Segment-everything recall, precision and masks per image for a grid of thresholds; the best F1 is the
+    model's recommended default (what a registry entry's ``thresholds`` should say)."""
+    from samantic.io import atomic_write_bytes, atomic_write_json
+    from samantic.models import create_model
+    from samantic.train.metrics import calibrate_thresholds
+
+    try:
+        grid_iou = [float(v) for v in pred_iou.split(",") if v.strip()]
+        grid_stab = [float(v) for v in stability.split(",") if v.strip()]
+    except ValueError:
+        typer.echo("error: --pred-iou and --stability take comma-separated numbers", err=True)
+        raise typer.Exit(1)
+    if not grid_iou or not grid_stab or not all(0 <= v <= 1 for v in grid_iou + grid_stab):
+        typer.echo("error: --pred-iou and --stability need values in [0, 1]", err=True)
+        raise typer.Exit(1)
+    try:
+        sam = create_model(model, checkpoint=checkpoint)
+        result = calibrate_thresholds(sam, parse_seeds(seeds), grid_iou, grid_stab, points_per_side=points_per_side,
+                                      progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    command = f"samantic eval thresholds --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "") + \
+        f" --seeds {seeds} --pred-iou {pred_iou} --stability {stability} --points-per-side {points_per_side}"
+    atomic_write_json(out / "eval_thresholds.json", {"model": model, "checkpoint": checkpoint, "seeds": seeds,
+                                                      "command": command, **result.to_dict()}, indent=2)
+    md = f"`{command}`\n\n{result.markdown()}\n"
+    atomic_write_bytes(out / "eval_thresholds.md", md.encode())
+    typer.echo(md)
+    b = result.best
+    typer.echo(f"recommended: pred_iou_thresh {b['pred_iou_thresh']}, stability_score_thresh "
+               f"{b['stability_score_thresh']} (F1@0.5 {b['f1_50']:.3f}); saved {out / 'eval_thresholds.md'}")
 
 
 @app.command("usam")

@@ -72,8 +72,8 @@ def segment(
     precision: Annotated[str, typer.Option(help="With --bundle: fp32, int8 (onnxruntime dynamic INT8 / TensorRT) or fp16 (TensorRT).")] = "fp32",
     points_per_side: Annotated[int, typer.Option(min=1)] = 32,
     points_per_batch: Annotated[int, typer.Option(min=1)] = 64,
-    pred_iou_thresh: Annotated[Optional[float], typer.Option(help="[default: 0.88, or the bundle's]")] = None,
-    stability_score_thresh: Annotated[Optional[float], typer.Option(help="[default: 0.95, or the bundle's]")] = None,
+    pred_iou_thresh: Annotated[Optional[float], typer.Option(help="[default: the model's recommended (sam_nano: 0.6), the bundle's, or segment-anything's 0.88]")] = None,
+    stability_score_thresh: Annotated[Optional[float], typer.Option(help="[default: the model's recommended (sam_nano: 0.95), the bundle's, or segment-anything's 0.95]")] = None,
     stability_score_offset: Annotated[float, typer.Option(min=0.0)] = 1.0,
     box_nms_thresh: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.7,
     crop_n_layers: Annotated[int, typer.Option(min=0)] = 0,
@@ -121,7 +121,11 @@ def segment(
             from samantic.pipeline.scoring import check_class_names
 
             check_class_names(classes, what="--classes list")
-        thresholds = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
+        from samantic.models.registry import SAM_THRESHOLDS, get_model_entry
+
+        thresholds = dict(SAM_THRESHOLDS)
+        if bundle is None and checkpoint is None and get_model_entry(model).thresholds:
+            thresholds.update(get_model_entry(model).thresholds)  # the shipped weights' calibrated defaults
         if bundle is not None:
             from samantic.runtime import Bundle
 
@@ -242,13 +246,9 @@ def segment(
                       + ("; NAME.semantic.png: label map, 0 = background, k = category k)" if names else ")"))
     if done and not n_masks and not names:
         # a silent empty result is the most confusing outcome for a new user: say which filter to loosen
-        hint = (" sam_nano's IoU head is under-confident (see its model card): try --pred-iou-thresh 0.25 "
-                "--stability-score-thresh 0.8, as `samantic demo` does."
-                if model == "sam_nano" and not (checkpoint or bundle) and pred_iou_thresh is None
-                and stability_score_thresh is None else "")
         typer.echo(f"note: no masks kept in {done} image(s): the filters (--pred-iou-thresh {config.pred_iou_thresh}, "
-                   f"--stability-score-thresh {config.stability_score_thresh}) removed every mask.{hint}",
-                   err=True)
+                   f"--stability-score-thresh {config.stability_score_thresh}) removed every mask; lower them to "
+                   "keep less confident masks.", err=True)
     # one unwrapped line per file, so scripts can grep them
     for path, note in warnings:
         typer.echo(f"note: {path}: {note}", err=True)

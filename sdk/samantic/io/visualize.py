@@ -64,6 +64,8 @@ def overlay_masks(
     masks = np.asarray(masks).astype(bool)
     if masks.ndim != 3 or masks.shape[1:] != image.shape[:2]:
         raise ValueError(f"masks must be [N, {image.shape[0]}, {image.shape[1]}], got {masks.shape}")
+    if len(masks) == 0:
+        return image.copy()
     out = image.astype(np.float32)
     colours = palette(len(masks))
     order = np.argsort(-masks.reshape(len(masks), -1).sum(1), kind="stable")

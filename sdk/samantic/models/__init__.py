@@ -24,6 +24,7 @@ from samantic.models.registry import (
     get_config,
     get_model_entry,
     list_models,
+    recommended_thresholds,
     register_model,
 )
 from samantic.models.weights import (
@@ -52,6 +53,7 @@ __all__ = [
     "load_checkpoint",
     "read_metadata",
     "read_state_dict",
+    "recommended_thresholds",
     "register_model",
     "resolve_checkpoint",
     "save_checkpoint",

@@ -13,7 +13,7 @@ import fnmatch
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Union, overload
 
 from samantic.models.configs import SamConfig
 
@@ -27,6 +27,7 @@ __all__ = [
     "get_config",
     "get_model_entry",
     "list_models",
+    "recommended_thresholds",
     "register_model",
 ]
 
@@ -46,12 +47,16 @@ class ModelEntry:
             ``None`` when the model has no weights that come without asking
             (the official models need a download, see ``pretrained=True``).
         description: First line of the function's docstring.
+        thresholds: Segment-everything thresholds recommended for the default weights
+            (``pred_iou_thresh``, ``stability_score_thresh``), chosen on held-out data;
+            ``None``: segment-anything's defaults (0.88 / 0.95) apply.
     """
 
     name: str
     config_fn: ConfigFn
     default_weights: Optional[str] = None
     description: str = ""
+    thresholds: Optional[Mapping[str, float]] = None
 
 
 _MODELS: Dict[str, ModelEntry] = {}
@@ -62,10 +67,17 @@ def register_model(fn: ConfigFn) -> ConfigFn: ...
 
 
 @overload
-def register_model(*, default_weights: Optional[str] = None) -> Callable[[ConfigFn], ConfigFn]: ...
+def register_model(*, default_weights: Optional[str] = None,
+                   thresholds: Optional[Mapping[str, float]] = None) -> Callable[[ConfigFn], ConfigFn]: ...
 
 
-def register_model(fn: Optional[ConfigFn] = None, *, default_weights: Optional[str] = None):
+THRESHOLD_NAMES = ("pred_iou_thresh", "stability_score_thresh")
+SAM_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}  # segment-anything's defaults
+PRED_IOU_V5, STABILITY_V5 = 0.6, 0.95  # sam_nano v5: best F1 at IoU 0.5 on seeds 500-559 (model card)
+
+
+def register_model(fn: Optional[ConfigFn] = None, *, default_weights: Optional[str] = None,
+                   thresholds: Optional[Mapping[str, float]] = None):
     """Registers a function returning a :class:`SamConfig` under its own name.
 
     Usable bare (``@register_model``) or with arguments
@@ -74,17 +86,24 @@ def register_model(fn: Optional[ConfigFn] = None, *, default_weights: Optional[s
     Args:
         fn: The config function.
         default_weights: See :attr:`ModelEntry.default_weights`.
+        thresholds: See :attr:`ModelEntry.thresholds`.
 
     Raises:
-        ValueError: If the name is already registered.
+        ValueError: If the name is already registered, or thresholds name unknown keys
+            or values outside [0, 1].
     """
+    if thresholds is not None:
+        bad = [k for k in thresholds if k not in THRESHOLD_NAMES]
+        if bad or not all(0.0 <= float(v) <= 1.0 for v in thresholds.values()):
+            raise ValueError(f"thresholds take {THRESHOLD_NAMES} in [0, 1], got {dict(thresholds)}")
+        thresholds = dict(thresholds)
 
     def decorate(f: ConfigFn) -> ConfigFn:
         name = f.__name__
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
         doc = (f.__doc__ or "").strip().splitlines()
-        _MODELS[name] = ModelEntry(name, f, default_weights, doc[0] if doc else "")
+        _MODELS[name] = ModelEntry(name, f, default_weights, doc[0] if doc else "", thresholds)
         return f
 
     return decorate(fn) if fn is not None else decorate
@@ -260,9 +279,18 @@ def create_model(
     model = build_sam(config)
     model.samantic_name = name
     model.samantic_config = config
+    # the recommended thresholds belong to the default weights (other weights: segment-anything's)
+    shipped = checkpoint is not None and checkpoint == entry.default_weights
+    model.samantic_thresholds = dict(entry.thresholds) if shipped and entry.thresholds else None
     if checkpoint is not None:
         loading.load_checkpoint(model, checkpoint, model_name=name, progress=progress)
     return model.eval()
+
+
+def recommended_thresholds(model) -> Dict[str, float]:
+    """Segment-everything thresholds for a model built by :func:`create_model`: its registry entry's
+    recommendation when it carries the default weights, else segment-anything's 0.88 / 0.95."""
+    return dict(getattr(model, "samantic_thresholds", None) or SAM_THRESHOLDS)
 
 
 def _import_torch_sam():
@@ -315,9 +343,15 @@ def sam_vit_b() -> SamConfig:
 
 
 # Trained by `samantic train sam` on the shapes world; see assets/sam_nano.md (the model card).
-@register_model(default_weights="pkg:assets/sam_nano.safetensors")
+# Thresholds: `samantic eval thresholds` on held-out seeds 500-559 (best F1 at IoU 0.5).
+@register_model(default_weights="pkg:assets/sam_nano.safetensors",
+                thresholds={"pred_iou_thresh": PRED_IOU_V5, "stability_score_thresh": STABILITY_V5})
 def sam_nano() -> SamConfig:
-    """Small SAM for CPUs and tests: 384 px input, 3.9M parameters, trained by samantic on the shapes world."""
+    """Small SAM for CPUs and tests: 384 px input, conv encoder at stride 8, 3.0M parameters, trained by samantic."""
+    return _nano_conv(384, 8)
+
+
+def _nano_vit() -> SamConfig:
     return SamConfig(
         encoder_embed_dim=192,
         encoder_depth=6,
@@ -333,10 +367,8 @@ def sam_nano() -> SamConfig:
     )
 
 
-# Candidates for sam_nano v5 (encoder A/B of the v5 issue; benchmarks/results/nano_ab.md).
-# Same prompt encoder and mask decoder as sam_nano; a convolutional encoder instead of the ViT.
 def _nano_conv(img_size: int, stride: int) -> SamConfig:
-    return sam_nano().replace(
+    return _nano_vit().replace(
         encoder_type="conv",
         encoder_widths=(32, 64, 128, 256),
         encoder_blocks=(1, 2, 4, 2),
@@ -348,19 +380,21 @@ def _nano_conv(img_size: int, stride: int) -> SamConfig:
     )
 
 
+# The other candidates of the v5 encoder A/B (benchmarks/results/nano_ab/); same prompt encoder and
+# mask decoder as sam_nano, no shipped weights.
+@register_model
+def sam_nano_vit() -> SamConfig:
+    """sam_nano v1-v4's architecture: ViT encoder (384 px, patch 16, width 192, depth 6); no shipped weights."""
+    return _nano_vit()
+
+
 @register_model
 def sam_nano_conv() -> SamConfig:
-    """sam_nano with a convolutional pyramid encoder (384 px, stride 16); v5 candidate, no shipped weights."""
+    """sam_nano with its conv encoder at stride 16 (384 px, 96 x 96 low-res masks); v5 candidate, no shipped weights."""
     return _nano_conv(384, 16)
 
 
 @register_model
 def sam_nano_conv512() -> SamConfig:
-    """sam_nano with a convolutional pyramid encoder at 512 px (stride 16); v5 candidate, no shipped weights."""
+    """sam_nano with its conv encoder at stride 16 and 512 px input; v5 candidate, no shipped weights."""
     return _nano_conv(512, 16)
-
-
-@register_model
-def sam_nano_conv_s8() -> SamConfig:
-    """sam_nano with a convolutional pyramid encoder at stride 8 (384 px, 192 x 192 low-res masks); v5 candidate."""
-    return _nano_conv(384, 8)

@@ -134,7 +134,8 @@ class Segmenter:
             ``classes``/``groups``/``score_thresh``) or a head file; torch backend.
         classes: requested names (head classes and/or groups; None: all classes).
         score_thresh: class threshold (None: the head's).
-        config: generator options; defaults to :class:`AmgConfig` with ``output_mode="coco_rle"``.
+        config: generator options; defaults to :class:`AmgConfig` with ``output_mode="coco_rle"`` and the
+            model's recommended thresholds (:func:`samantic.models.recommended_thresholds`).
         mask_scorer: an extra scoring hook on the mask tokens (see :class:`MaskGenerator`).
         engine: an already built :class:`~samantic.pipeline.engine.Engine` (instead of ``model``).
         head_info: ``{"classes", "groups", "score_thresh"}`` of a head the engine runs.
@@ -159,7 +160,14 @@ class Segmenter:
                 head_info = _head_info(head)
         elif head is not None:
             raise ValueError("head= is for the torch backend; an engine runs its own head (pass head_info=)")
-        config = config or AmgConfig(output_mode="coco_rle")
+        if config is None:
+            # a model's own recommended thresholds (sam_nano's shipped weights), else segment-anything's
+            thresholds = {}
+            if model is not None:
+                from samantic.models import recommended_thresholds
+
+                thresholds = recommended_thresholds(model)
+            config = AmgConfig(output_mode="coco_rle", **thresholds)
         if options:
             config = config.replace(**options)
         scorer = None
