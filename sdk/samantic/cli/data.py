@@ -30,6 +30,7 @@ DEFAULT_SEED = 0
 class Kind(str, Enum):
     single = "single"
     scenes = "scenes"
+    panoptic = "panoptic"
 
 
 @app.callback()
@@ -51,11 +52,15 @@ def shapes_cmd(
         typer.Option(
             "--kind",
             help="single: one object per image (U-SAM training data); scenes: 0-8 overlapping objects "
-            "with distractor blobs. Default: scenes.",
+            "with distractor blobs; panoptic: v2 scenes with stuff regions, composite things with parts and "
+            "one salient thing (COCO panoptic + instance, part, entity and salient masks). Default: scenes.",
         ),
     ] = None,
     classes: Annotated[
-        Optional[str], typer.Option("--classes", help='Comma-separated class names, e.g. "circle,ring". Default: all.')
+        Optional[str],
+        typer.Option(
+            "--classes", help='Comma-separated class names, e.g. "circle,ring" (single, scenes). Default: all.'
+        ),
     ] = None,
     n: Annotated[Optional[int], typer.Option("--n", help=f"Number of images in total. Default: {DEFAULT_N}.")] = None,
     seed: Annotated[
@@ -63,11 +68,13 @@ def shapes_cmd(
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
-    """Render shapes-world images and write them as a COCO dataset (RLE masks, semantic PNGs)."""
+    """Render shapes-world images and write them as a COCO dataset (RLE masks; semantic or panoptic PNGs)."""
     if n is not None and n < 1:
         raise typer.BadParameter(f"must be at least 1, got {n}", param_hint="--n")
     if seed is not None and seed < 0:
         raise typer.BadParameter(f"must be non-negative, got {seed}", param_hint="--seed")
+    if kind is Kind.panoptic and classes is not None:
+        raise typer.BadParameter("panoptic scenes always use all classes; drop --classes", param_hint="--classes")
     from samantic.train.data import shapes as sdk
 
     defaults = []
@@ -80,6 +87,9 @@ def shapes_cmd(
     if seed is None:
         seed = DEFAULT_SEED
         defaults.append(f"--seed {seed}")
+    if kind is Kind.panoptic:
+        _panoptic(out, n, seed, progress, defaults)
+        return
     try:
         if classes is None:
             names = sdk.CLASSES
@@ -118,6 +128,51 @@ def _summary(path: Path, kind: str, seed: int, seconds: float) -> None:
     )
     _out.print(
         f"saved: {path} (COCO, RLE masks) with images/, semantic/ and superclass/ beside it",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _panoptic(out: Path, n: int, seed: int, progress: bool, defaults: list) -> None:
+    from samantic.train.data import panoptic as sdk
+
+    if defaults:
+        _err.print("defaults used: " + "  ".join(defaults), highlight=False, soft_wrap=True)
+    try:
+        start = time.perf_counter()
+        path = sdk.make_panoptic_dataset(out, n, seed, progress=progress)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    seconds = time.perf_counter() - start
+    dataset = json.loads(path.read_text())
+    images = dataset["images"]
+    per_category = Counter(s["category_id"] for a in dataset["annotations"] for s in a["segments_info"])
+    parts = json.loads((path.parent / "parts.json").read_text())["annotations"]
+    per_part = Counter(p["category_id"] for p in parts)
+    table = Table(title="shapes dataset (panoptic)")
+    table.add_column("id", justify="right")
+    table.add_column("category")
+    table.add_column("supercategory")
+    table.add_column("segments", justify="right")
+    for category in dataset["categories"]:
+        count = per_category[category["id"]]
+        table.add_row(str(category["id"]), category["name"], category["supercategory"], str(count))
+    for category in sdk.PART_CATEGORIES:
+        count = per_part[category["id"]]
+        table.add_row(f"part {category['id']}", category["name"], category["supercategory"], str(count))
+    table.add_row("", "[bold]total[/bold]", "", f"[bold]{sum(per_category.values())}[/bold]")
+    _out.print(table)
+    things = sum(v for k, v in per_category.items() if k <= len(sdk.THING_CLASSES))
+    _out.print(
+        f"{len(images)} images, {things} things ({len(images)} salient), "
+        f"{sum(per_category.values()) - things} stuff regions, {len(parts)} parts, "
+        f"seeds {seed}-{seed + len(images) - 1}, {seconds:.1f} s ({seconds / len(images) * 1000:.0f} ms/image)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    _out.print(
+        f"saved: {path} (COCO panoptic, PNGs in panoptic/) with instances.json, parts.json, entities.json, "
+        "salient.json (RLE masks) and images/ beside it",
         highlight=False,
         soft_wrap=True,
     )
