@@ -1,4 +1,4 @@
-"""``samantic data``: procedural datasets (the shapes world), written as COCO."""
+"""``samantic data``: procedural datasets (the shapes world), written as COCO; SAM-CP's patch cache."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(
-    help="Procedural datasets: the shapes world.",
+    help="Procedural datasets (the shapes world) and SAM-CP's patch cache.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -35,7 +35,7 @@ class Kind(str, Enum):
 
 @app.callback()
 def data() -> None:
-    """Procedural datasets: the shapes world."""
+    """Procedural datasets (the shapes world) and SAM-CP's patch cache."""
     # A callback keeps ``shapes`` a sub-command even while it is the group's only one.
 
 
@@ -176,3 +176,102 @@ def _panoptic(out: Path, n: int, seed: int, progress: bool, defaults: list) -> N
         highlight=False,
         soft_wrap=True,
     )
+
+
+@app.command("patches")
+def patches_cmd(
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="Panoptic dataset DIR (from `samantic data shapes --kind panoptic`) or shapes-panoptic:SEED[:N] "
+            "to render N v2 scenes on the fly (default N 100).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Cache root; entries go to OUT/<model key>/<image sha256>.npz.")],
+    model: Annotated[Optional[str], typer.Option("--model", help="Registered SAM. Default: sam_nano.")] = None,
+    checkpoint: Annotated[
+        Optional[str], typer.Option("--checkpoint", help="Weights file or tag (default: the model's shipped weights).")
+    ] = None,
+    points_per_side: Annotated[
+        Optional[int], typer.Option("--points-per-side", help="Prompt grid side. Default: 32.")
+    ] = None,
+    pred_iou_thresh: Annotated[
+        Optional[float],
+        typer.Option("--pred-iou-thresh", help="Keep patches with predicted IoU at least this. Default: the model's."),
+    ] = None,
+    stability_score_thresh: Annotated[
+        Optional[float],
+        typer.Option(
+            "--stability-score-thresh", help="Keep patches with stability at least this. Default: the model's."
+        ),
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Cache SAM's grid-prompted patches of a panoptic dataset and their overlaps with its segments (SAM-CP)."""
+    if points_per_side is not None and points_per_side < 1:
+        raise typer.BadParameter(f"must be at least 1, got {points_per_side}", param_hint="--points-per-side")
+    for value, hint in ((pred_iou_thresh, "--pred-iou-thresh"), (stability_score_thresh, "--stability-score-thresh")):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise typer.BadParameter(f"must be in [0, 1], got {value}", param_hint=hint)
+    from samantic.models import create_model
+    from samantic.train import samcp_cache as sdk
+
+    defaults = []
+    if model is None:
+        model = "sam_nano"
+        defaults.append(f"--model {model}")
+    if points_per_side is None:
+        points_per_side = 32
+        defaults.append(f"--points-per-side {points_per_side}")
+    try:
+        dataset = sdk.open_panoptic(data)
+        sam = create_model(model, checkpoint=checkpoint)
+        cache = sdk.PatchCache(out, sam, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                               stability_score_thresh=stability_score_thresh, checkpoint=checkpoint)
+    except (ValueError, OSError, ImportError) as e:
+        _fail(e)
+    meta = cache.metadata
+    if pred_iou_thresh is None:
+        defaults.append(f"--pred-iou-thresh {meta['pred_iou_thresh']:g} (the model's)")
+    if stability_score_thresh is None:
+        defaults.append(f"--stability-score-thresh {meta['stability_score_thresh']:g} (the model's)")
+    if data.startswith(sdk.STREAM_PREFIX) and data.count(":") == 1:
+        defaults.append(f"N {len(dataset)}")
+    _err.print("defaults used: " + "  ".join(defaults), highlight=False, soft_wrap=True)
+
+    def report_error(source: str, reason: str) -> None:
+        _err.print(f"[red]error:[/red] skipped {source}: {reason}", highlight=False, soft_wrap=True)
+
+    try:
+        report = sdk.build_patch_cache(
+            sam, dataset, out, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh, checkpoint=checkpoint, progress=progress,
+            on_error=report_error,
+        )
+    except (ValueError, OSError) as e:
+        _fail(e)
+    done = report.computed + report.reused
+    table = Table(title=f"SAM-CP patch cache ({report.key})")
+    table.add_column("images", justify="right")
+    table.add_column("computed", justify="right")
+    table.add_column("reused", justify="right")
+    table.add_column("failed", justify="right")
+    table.add_column("patches", justify="right")
+    table.add_column("per image", justify="right")
+    table.add_row(str(len(dataset)), str(report.computed), str(report.reused), str(len(report.failed)),
+                  str(report.patches), f"{report.patches / max(done, 1):.1f}")
+    _out.print(table)
+    _out.print(
+        f"model {meta['model']} (weights sha256 {meta['weights_sha256'][:16]}), grid {meta['grid']}, "
+        f"pred_iou_thresh {meta['pred_iou_thresh']:g}, stability_score_thresh {meta['stability_score_thresh']:g}, "
+        f"{report.seconds:.1f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
+    entries = "entry" if done == 1 else "entries"
+    _out.print(f"saved: {report.dir} ({done} {entries}, metadata in meta.json)", highlight=False, soft_wrap=True)
+    if report.failed:
+        _err.print(f"[red]error:[/red] {len(report.failed)} of {len(dataset)} images failed: "
+                   + ", ".join(source for source, _ in report.failed), highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
