@@ -20,6 +20,9 @@ void register_ops(py::module_& m);
 namespace regions {
 void register_ops(py::module_& m);
 }
+namespace merge_patches {
+void register_ops(py::module_& m);
+}
 }  // namespace samantic
 
 #ifndef SAMANTIC_CUDA_ARCHITECTURES
@@ -35,6 +38,7 @@ PYBIND11_MODULE(_C, m) {
   samantic::nms::register_ops(m);
   samantic::rle::register_ops(m);
   samantic::regions::register_ops(m);
+  samantic::merge_patches::register_ops(m);
 
   m.def("build_info", []() {
     py::dict d;

@@ -3,7 +3,8 @@
 The CUDA backend shares the per-element math with the CPU loop
 (``csrc/ops/*_utils.h``), so nothing may differ: RLE counts and offsets, areas,
 boxes and stability scores (bit for bit, NaN where NaN) of
-``postprocess_masks``, kept indices of ``nms``. The tests marked ``gpu`` run
+``postprocess_masks``, kept indices of ``nms``, RLEs, areas and boxes of
+``merge_patches``. The tests marked ``gpu`` run
 only where a CUDA device is visible (``make gpu-check``); the build and doctor
 checks at the end run everywhere.
 """
@@ -130,11 +131,59 @@ def test_nms_cuda_identical_to_cpu(device, thr, n, n_cat, seed):
     assert cuda.tobytes() == cpu.tobytes()
 
 
+def _patches(n, h, w, seed):
+    """Rectangles, discs and noise: runs that overlap, touch, nest and wrap across columns."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    out = np.zeros((n, h, w), bool)
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            y0, x0 = rng.integers(0, h), rng.integers(0, w)
+            out[i, y0 : y0 + rng.integers(1, h + 1), x0 : x0 + rng.integers(1, w + 1)] = True
+        elif kind == 1:
+            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(1, max(h, w) / 3)
+            out[i] = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+        elif kind == 2:
+            out[i] = rng.random((h, w)) < 0.1
+        # kind 3: empty
+    out[-1] = True  # one full mask
+    return ops.rle_encode(out)
+
+
+# (patches, h, w, queries, seed)
+MERGE_CASES = [(24, 120, 97, 50, 0), (300, 480, 640, 400, 1), (8, 1, 97, 30, 2), (8, 83, 1, 30, 3),
+               (4, 1, 1, 10, 4), (64, 37, 53, 2000, 5)]
+
+
+@pytest.mark.parametrize("n, h, w, n_queries, seed", MERGE_CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}-q{c[3]}" for c in MERGE_CASES])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_merge_patches_cuda_byte_identical_to_cpu(device, n, h, w, n_queries, seed):
+    patches = _patches(n, h, w, seed)
+    rng = np.random.default_rng(seed)
+    groups = [[], list(range(n)), [n - 1, 0, n - 1]] + [
+        rng.choice(n, size=int(rng.integers(1, min(n, 40) + 1)), replace=bool(rng.random() < 0.3)).tolist()
+        for _ in range(n_queries)]
+    cuda = ops.merge_patches(patches, groups, device=device)
+    cpu = ops.merge_patches(patches, groups, device="cpu")
+    for name in ("counts", "offsets"):
+        a, b = getattr(cuda.rles, name), getattr(cpu.rles, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, a.shape, b.dtype, b.shape)
+        assert a.tobytes() == b.tobytes(), f"RLE {name} differ"
+    assert cuda.area.tobytes() == cpu.area.tobytes() and cuda.boxes.tobytes() == cpu.boxes.tobytes()
+    assert cpu.area.sum() > 0
+    empty = ops.merge_patches(patches, [], device=device)
+    assert len(empty.rles) == 0 and empty.boxes.shape == (0, 4)
+
+
 @pytest.mark.parametrize("device", [pytest.param("cuda:99", marks=gpu)])
 def test_cuda_bad_device_index_is_a_runtime_error(device):
     boxes, scores = _boxes(10, 0)
     with pytest.raises(RuntimeError):
         ops.nms(boxes, scores, 0.5, device=device)
+    with pytest.raises(RuntimeError):
+        ops.merge_patches(_patches(4, 10, 10, 0), [[0, 1]], device=device)
     with pytest.raises(RuntimeError):
         _postprocess(_field(np.random.default_rng(0), 2, 256, 256, "noise"), (48, 64), device)
 

@@ -7,6 +7,7 @@ a list of ints (uncompressed, like segment-anything's ``mask_to_rle_pytorch``)
 or a compressed ``str``/``bytes`` (like ``pycocotools.mask.encode``).
 """
 
+from samantic.ops.merge import MergedPatches, PatchGroups, merge_patches
 from samantic.ops.nms import mask_nms, nms
 from samantic.ops.postprocess import PostprocessResult, postprocess_masks
 from samantic.ops.regions import remove_small_regions
@@ -23,9 +24,12 @@ from samantic.ops.rle import (
 )
 
 __all__ = [
+    "MergedPatches",
+    "PatchGroups",
     "PostprocessResult",
     "RleBatch",
     "mask_nms",
+    "merge_patches",
     "nms",
     "postprocess_masks",
     "remove_small_regions",
