@@ -124,8 +124,8 @@ def eval_usam(
     classes: Annotated[Optional[str], typer.Option(help="Names to segment (default: the head's classes); superclass names use the head's groups.")] = None,
     seeds: Annotated[str, typer.Option(help="Held-out scene seeds, START:STOP.")] = "0:100",
     points_per_side: Annotated[int, typer.Option(min=1)] = 32,
-    pred_iou_thresh: Annotated[float, typer.Option()] = 0.88,
-    stability_score_thresh: Annotated[float, typer.Option()] = 0.95,
+    pred_iou_thresh: Annotated[Optional[float], typer.Option(help="[default: the model's recommended, else 0.88]")] = None,
+    stability_score_thresh: Annotated[Optional[float], typer.Option(help="[default: the model's recommended, else 0.95]")] = None,
     score_thresh: Annotated[Optional[float], typer.Option(help="Class-probability threshold (default: the head's).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for eval_usam.json and eval_usam.md.")] = Path("runs/eval"),
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -141,7 +141,13 @@ def eval_usam(
     scene_seeds = parse_seeds(seeds)
     rows = []
     try:
+        from samantic.models import recommended_thresholds
+
         sam = create_model(model, checkpoint=checkpoint)
+        thresholds = recommended_thresholds(sam)
+        pred_iou_thresh = thresholds["pred_iou_thresh"] if pred_iou_thresh is None else pred_iou_thresh
+        if stability_score_thresh is None:
+            stability_score_thresh = thresholds["stability_score_thresh"]
         for path in head:
             h = load_head(path)
             h.check_model(sam, model, path)
