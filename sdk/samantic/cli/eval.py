@@ -29,6 +29,18 @@ def parse_seeds(spec: str) -> range:
 
 
 
+def _thresholds(sam, pred_iou_thresh: Optional[float], stability_score_thresh: Optional[float]) -> dict:
+    """The model's recommended segment-everything thresholds (as `samantic segment` uses them), with the user's on top."""
+    from samantic.models import recommended_thresholds
+
+    amg = recommended_thresholds(sam)
+    if pred_iou_thresh is not None:
+        amg["pred_iou_thresh"] = pred_iou_thresh
+    if stability_score_thresh is not None:
+        amg["stability_score_thresh"] = stability_score_thresh
+    return amg
+
+
 @app.command("sam")
 def eval_sam(
     model: Annotated[str, typer.Option(help="Registered model.")] = "sam_nano",
@@ -47,14 +59,8 @@ def eval_sam(
 
     point_seeds, recall_seeds = parse_seeds(seeds), parse_seeds(amg_seeds)
     try:
-        from samantic.models import recommended_thresholds
-
         sam = create_model(model, checkpoint=checkpoint)
-        amg = recommended_thresholds(sam)  # the model's own defaults, as `samantic segment` uses them
-        if pred_iou_thresh is not None:
-            amg["pred_iou_thresh"] = pred_iou_thresh
-        if stability_score_thresh is not None:
-            amg["stability_score_thresh"] = stability_score_thresh
+        amg = _thresholds(sam, pred_iou_thresh, stability_score_thresh)
         result = evaluate_sam(sam, point_seeds, recall_seeds, progress=progress, amg_kwargs=amg, ceiling=ceiling)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -141,13 +147,9 @@ def eval_usam(
     scene_seeds = parse_seeds(seeds)
     rows = []
     try:
-        from samantic.models import recommended_thresholds
-
         sam = create_model(model, checkpoint=checkpoint)
-        thresholds = recommended_thresholds(sam)
-        pred_iou_thresh = thresholds["pred_iou_thresh"] if pred_iou_thresh is None else pred_iou_thresh
-        if stability_score_thresh is None:
-            stability_score_thresh = thresholds["stability_score_thresh"]
+        thresholds = _thresholds(sam, pred_iou_thresh, stability_score_thresh)
+        pred_iou_thresh, stability_score_thresh = thresholds["pred_iou_thresh"], thresholds["stability_score_thresh"]
         for path in head:
             h = load_head(path)
             h.check_model(sam, model, path)

@@ -701,18 +701,9 @@ def load_samcp(path: Union[str, Path], map_location: str = "cpu", backbone: Opti
         backbone: the (untrained or pretrained) module for a ``"custom:NAME"`` backbone; its
             weights are then replaced by the file's.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from samantic.heads._files import read_head_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such SAM-CP head file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path), device=map_location)
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    path, meta, state = read_head_file(path, "SAM-CP head", map_location)
     info = SamcpInfo.from_metadata(meta, str(path))
     if info.backbone != SMALL_FPN and backbone is None:
         raise ValueError(f"{path}: the head uses backbone {info.backbone!r}; pass that module as backbone=...")

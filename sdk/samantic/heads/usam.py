@@ -115,18 +115,9 @@ class UsamHead(nn.Module):
 
 def load_head(path: Union[str, Path], map_location: str = "cpu") -> UsamHead:
     """Reads a head file written by :meth:`UsamHead.save` (errors name the file and the problem)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from samantic.heads._files import read_head_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such head file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path), device=map_location)
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    path, meta, state = read_head_file(path, "head", map_location)
     head = UsamHead(HeadInfo.from_metadata(meta, str(path)))
     missing, unexpected = head.load_state_dict(state, strict=False)
     if missing or unexpected:
