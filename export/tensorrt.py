@@ -13,6 +13,15 @@ TensorRT 10 (JetPack 6) vs 11:
   precision builder flags (networks are strongly typed), so the graph itself is
   converted to fp16 (``onnxruntime.transformers.float16``, float32 inputs and
   outputs kept) and parsed into a ``STRONGLY_TYPED`` network.
+- fp16 engines keep LayerNorm and softmax (and the reductions that compute a
+  normalization's statistics, as in SAM's decomposed ``LayerNorm2d``) in FP32: other
+  SAM deployments found that a full-fp16 ViT encoder silently gives wrong masks.
+  :func:`fp32_nodes` picks the
+  ONNX nodes and :func:`fp32_layer_reason` the TensorRT layers, both pure functions.
+  TensorRT 10 sets them per layer (``layer.precision``, ``set_output_type`` and
+  ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS``); TensorRT 11, which removed those
+  flags, gets them as FP32 islands in the fp16 graph (the converter's
+  ``node_block_list`` puts casts around them).
 - int8: TensorRT 10 calibrates the image encoder (``IInt8EntropyCalibrator2``) on
   sample images (preprocessed like the runtime does); the prompt and upscale
   engines are built fp16, whose inputs are not images. TensorRT 11 removed implicit
@@ -20,17 +29,24 @@ TensorRT 10 (JetPack 6) vs 11:
   ModelOpt); a bundle may carry them as an ``int8-qdq`` version of a graph, which is
   then parsed as is. Without one, the build stops with that explanation.
 
-Only :func:`check_trt` and the missing-TensorRT / missing-GPU errors run on a
-machine without a GPU; the build paths are written against the documented API.
+:func:`check_trt` also says what it found: the prompts graph's dynamic prompt axis
+(declared on the point inputs, not baked into the outputs by the graph, with its
+optimization profile), which graph inputs are shape tensors (TensorRT needs INT32
+there), and which ops stay FP32 in fp16 engines.
+
+Only :func:`check_trt`, the FP32-layer selection and the missing-TensorRT /
+missing-GPU errors run on a machine without a GPU; the build paths are written
+against the documented API and have not run here.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -69,12 +85,28 @@ SHAPE_OPERANDS = {("Reshape", 1), ("Expand", 1), ("Tile", 1), ("ConstantOfShape"
                   ("Range", 2), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4), ("Resize", 3), ("OneHot", 1)}
 
 
+# the prompts graph's inputs whose axis 0 is the prompt count (one grid batch per engine call)
+PROMPT_INPUTS = ("point_coords", "point_labels")
+
+# ONNX ops an fp16 engine runs in FP32, by what they are
+FP32_OPS = {"LayerNormalization": "LayerNorm", "GroupNormalization": "GroupNorm",
+            "InstanceNormalization": "InstanceNorm", "Softmax": "softmax", "LogSoftmax": "softmax"}
+REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2",
+                        "ReduceLogSum", "ReduceLogSumExp", "ReduceProd"})
+# element-wise and data-movement ops between a reduction and the normalization it feeds
+PASS_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Exp", "Neg", "Abs", "Max", "Min",
+                      "Clip", "Cast", "Identity", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten"})
+# TensorRT layer types (``trt.LayerType`` names) that compute in floating point; shape, constant and
+# data-movement layers are left to the builder
+FLOAT_LAYER_TYPES = frozenset({"NORMALIZATION", "SOFTMAX", "REDUCE", "ELEMENTWISE", "UNARY", "SCALE", "ACTIVATION"})
+
+
 @dataclass
 class Finding:
-    """One TensorRT blocker (or warning) in a graph."""
+    """One TensorRT blocker (or warning) in a graph, or (severity ``"info"``) something the check found."""
 
     graph: str
-    kind: str  # "unsupported-op", "io-type", "shape-tensor", "dynamic-dim"
+    kind: str  # "unsupported-op", "io-type", "shape-tensor", "dynamic-dim", "prompt-axis", "fp16-fp32"
     message: str
     severity: str = "error"
 
@@ -146,8 +178,122 @@ def _all_nodes(graph) -> Iterable[Any]:
                 yield from _all_nodes(sub)
 
 
+def shape_tensor_inputs(model) -> Dict[str, List[str]]:
+    """Graph inputs that TensorRT treats as shape tensors, with the ``"<op> input <i>"`` uses that make them so."""
+    g = model.graph
+    names = {i.name for i in g.input} - {i.name for i in g.initializer}
+    uses: Dict[str, List[str]] = {}
+    for node in _all_nodes(g):
+        for idx, tensor in enumerate(node.input):
+            if (node.op_type, idx) in SHAPE_OPERANDS and tensor in names:
+                uses.setdefault(tensor, []).append(f"{node.op_type} input {idx}")
+    return uses
+
+
+def _first_dims_inferred(model) -> Dict[str, Any]:
+    """Axis 0 of every output as ONNX shape inference derives it from the inputs (declared output shapes dropped):
+    an int where the graph fixes it, a name or None where it stays free."""
+    import onnx
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for o in probe.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    dims: Dict[str, Any] = {}
+    for o in inferred.graph.output:
+        t = o.type.tensor_type
+        d = t.shape.dim[0] if t.HasField("shape") and len(t.shape.dim) else None
+        dims[o.name] = None if d is None else d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+    return dims
+
+
+def check_prompt_axis(model, name: str, profiles: Dict[str, Any]) -> List[Finding]:
+    """The prompts graph's prompt axis: dynamic on the point inputs, free in the outputs, with a profile.
+
+    A decoder exported with a fixed prompt count builds, but its engine takes only
+    that count; one whose graph bakes the export's sample batch into a reshape
+    fails (or silently misreads) at any other count. Both are errors here.
+    """
+    g = model.graph
+    inputs = {i.name: i for i in g.input}
+    present = [n for n in PROMPT_INPUTS if n in inputs]
+    if not present:
+        return [Finding(name, "prompt-axis", f"no {' or '.join(PROMPT_INPUTS)} input: not a prompts graph")]
+    first = {}
+    for n in present:
+        dims = inputs[n].type.tensor_type.shape.dim
+        if not len(dims):
+            return [Finding(name, "prompt-axis", f"input {n!r} has no shape; TensorRT needs its rank")]
+        first[n] = dims[0]
+    fixed = {n: d.dim_value for n, d in first.items() if d.HasField("dim_value")}
+    if fixed:
+        sizes = ", ".join(f"{n} axis 0 = {v}" for n, v in fixed.items())
+        return [Finding(name, "prompt-axis", f"the prompt count is fixed ({sizes}): the engine would take only "
+                                             "that many prompts; export with a dynamic prompt axis "
+                                             "(samantic export bundle)")]
+    axes = {d.dim_param for d in first.values()}
+    if len(axes) != 1 or "" in axes:
+        return [Finding(name, "prompt-axis", f"{', '.join(present)} do not share one named prompt axis "
+                                             f"(got {sorted(axes)}); TensorRT needs one profile entry for it")]
+    axis = axes.pop()
+    findings: List[Finding] = []
+    try:
+        outs = _first_dims_inferred(model)
+    except Exception as e:  # onnx's inference has gaps; the declared axes were checked above
+        outs = {}
+        findings.append(Finding(name, "prompt-axis", f"shape inference failed, outputs not checked ({e})", "warning"))
+    baked = {o: v for o, v in outs.items() if isinstance(v, int)}
+    if baked:
+        sizes = ", ".join(f"{o} = {v}" for o, v in baked.items())
+        findings.append(Finding(name, "prompt-axis", f"inputs have a dynamic prompt axis {axis!r} but the graph fixes "
+                                                     f"axis 0 of its outputs ({sizes}): a reshape or constant bakes in "
+                                                     "the export's sample batch"))
+        return findings
+    profile = profiles.get(axis)
+    if profile is not None and profile["min"] == profile["max"]:
+        findings.append(Finding(name, "prompt-axis", f"the profile of {axis!r} allows {profile['min']} prompts only",
+                                "warning"))
+    where = f"; profile min {profile['min']}, opt {profile['opt']}, max {profile['max']}" if profile else ""
+    follow = f" -> {', '.join(outs)} axis 0" if outs else ""
+    findings.append(Finding(name, "prompt-axis", f"prompt axis {axis!r} is dynamic: {', '.join(present)} axis 0"
+                                                 f"{follow}{where}", "info"))
+    return findings
+
+
+def _shape_tensor_note(model, name: str) -> Finding:
+    import onnx
+
+    types = {i.name: onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type) for i in model.graph.input}
+    uses = shape_tensor_inputs(model)
+    if not uses:
+        text = "no graph input is a shape tensor (shapes are computed inside the engine)"
+    else:
+        text = "; ".join(f"{n} ({types.get(n, '?')}) feeds {', '.join(u)}" for n, u in uses.items())
+        text = f"shape-tensor inputs: {text}; TensorRT needs them INT32"
+    return Finding(name, "shape-tensor", text, "info")
+
+
+def _fp16_note(model, name: str) -> Finding:
+    keep = fp32_nodes(model.graph)
+    if not keep:
+        return Finding(name, "fp16-fp32", "no LayerNorm, softmax or normalization statistics: every layer may run "
+                                          "in fp16", "info")
+    ops: Dict[str, int] = {}
+    for node in model.graph.node:
+        if _node_name(node) in keep:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    counts = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+    return Finding(name, "fp16-fp32", f"fp16 engines keep {len(keep)} ops in FP32: {counts}", "info")
+
+
 def check_trt(bundle: Union[str, Path, Bundle], precisions: Sequence[str] = ("fp32",)) -> List[Finding]:
-    """Inspects a bundle's ONNX graphs (those TensorRT builds from) for TensorRT blockers, on the CPU."""
+    """Inspects a bundle's ONNX graphs (those TensorRT builds from) for TensorRT blockers, on the CPU.
+
+    Besides blockers (errors, warnings) the result holds what was found, with
+    severity ``"info"``: the prompts graph's prompt axis, the shape-tensor inputs
+    of the dynamic graphs and the ops that fp16 engines keep in FP32.
+    """
     import onnx
 
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
@@ -159,7 +305,146 @@ def check_trt(bundle: Union[str, Path, Bundle], precisions: Sequence[str] = ("fp
             label = g if precision == "fp32" else f"{g} ({precision})"
             model = onnx.load(str(bundle.graph(g, precision)), load_external_data=False)
             findings.extend(check_graph(model, label, bundle.profiles))
+            if precision != "fp32":
+                continue
+            if g == "prompts":
+                findings.extend(check_prompt_axis(model, label, bundle.profiles))
+            if any(not d.HasField("dim_value") for i in model.graph.input for d in i.type.tensor_type.shape.dim):
+                findings.append(_shape_tensor_note(model, label))
+            findings.append(_fp16_note(model, label))
     return findings
+
+
+# --- fp16: the layers kept in FP32 ----------------------------------------------------------------
+
+
+def _node_name(node) -> str:
+    """The node's name, or the one TensorRT's ONNX parser gives an unnamed node."""
+    return node.name or f"node_of_{node.output[0]}"
+
+
+def fp32_nodes(graph) -> Dict[str, str]:
+    """The ONNX nodes an fp16 engine keeps in FP32, by name, with the reason.
+
+    LayerNorm, GroupNorm, InstanceNorm and softmax nodes; reductions that feed one
+    through element-wise ops; and decomposed normalizations, where a reduction of
+    ``x`` comes back to an element-wise op on ``x`` (SAM's ``LayerNorm2d``:
+    ``(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)``, a hand-written softmax's
+    max and sum), with the element-wise ops in between.
+
+    Args:
+        graph: an ``onnx.GraphProto`` (its top level).
+
+    Returns:
+        ``{node name: reason}``; unnamed nodes are keyed as TensorRT's parser names them.
+    """
+    nodes = list(graph.node)
+    producer = {t: n for n in nodes for t in n.output}
+    consumers: Dict[str, List[Any]] = {}
+    for n in nodes:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    constants = {i.name for i in graph.initializer} | {t for n in nodes if n.op_type == "Constant" for t in n.output}
+    keep: Dict[str, str] = {_node_name(n): FP32_OPS[n.op_type] for n in nodes if n.op_type in FP32_OPS}
+
+    def near_ancestors(tensor: str, hops: int = 2) -> set:
+        """``tensor`` and what it was computed from element-wise, constants aside."""
+        found, frontier = {tensor}, [tensor]
+        for _ in range(hops):
+            nxt = []
+            for t in frontier:
+                p = producer.get(t)
+                if p is not None and p.op_type in PASS_OPS:
+                    nxt.extend(i for i in p.input if i and i not in found and i not in constants)
+            found.update(nxt)
+            frontier = nxt
+        return found
+
+    for r in nodes:
+        if r.op_type not in REDUCE_OPS or not r.input:
+            continue
+        source = near_ancestors(r.input[0])
+        # forward through element-wise ops, remembering the path, to the op that uses the statistic
+        parent: Dict[str, Any] = {_node_name(r): None}
+        frontier = [(r, 0)]
+        while frontier:
+            node, depth = frontier.pop()
+            for c in (c for t in node.output for c in consumers.get(t, [])):
+                cname = _node_name(c)
+                if cname in parent or depth >= 8:
+                    continue
+                parent[cname] = node
+                on_path = set(node.output)
+                target = None
+                if c.op_type in FP32_OPS:
+                    target = f"{r.op_type} feeding {FP32_OPS[c.op_type]}"
+                elif c.op_type in ("Sub", "Div", "Mul") and any(i in source for i in c.input if i not in on_path):
+                    target = f"{r.op_type} of a normalization"
+                if target is not None:
+                    step: Any = c
+                    while step is not None:
+                        keep.setdefault(_node_name(step), target)
+                        step = parent[_node_name(step)]
+                elif c.op_type in PASS_OPS:
+                    frontier.append((c, depth + 1))
+    # element-wise ops between two kept nodes (the square before a variance, the exp of a softmax)
+    changed = True
+    while changed:
+        changed = False
+        for n in nodes:
+            name = _node_name(n)
+            if name in keep or n.op_type not in PASS_OPS:
+                continue
+            fed = [producer[i] for i in n.input if i in producer and i not in constants]
+            if fed and all(_node_name(p) in keep for p in fed) and \
+                    any(_node_name(c) in keep for t in n.output for c in consumers.get(t, [])):
+                keep[name] = keep[_node_name(fed[0])]
+                changed = True
+    return keep
+
+
+def onnx_nodes_of_layer(layer_name: str, metadata: str = "") -> List[str]:
+    """The ONNX nodes a TensorRT layer came from: its ``[ONNX Layer: ...]`` metadata, else its name."""
+    return re.findall(r"\[ONNX Layer: ([^\]\x1e\x1f]+)\]", metadata or "") or [layer_name]
+
+
+def fp32_layer_reason(layer_name: str, layer_type: str, fp32_ops: Mapping[str, str],
+                      metadata: str = "") -> Optional[str]:
+    """Why an fp16 engine keeps this TensorRT layer in FP32, or None.
+
+    Args:
+        layer_name: ``layer.name`` (the parser names a node's main layer after the node).
+        layer_type: ``str(layer.type)``: ``"LayerType.SOFTMAX"`` or ``"SOFTMAX"``.
+        fp32_ops: :func:`fp32_nodes` of the graph the network was parsed from.
+        metadata: ``layer.metadata`` (``"[ONNX Layer: <node>]"``, TensorRT >= 10).
+    """
+    kind = layer_type.rsplit(".", 1)[-1].upper()
+    if kind not in FLOAT_LAYER_TYPES:
+        return None
+    if kind == "NORMALIZATION":
+        return "normalization layer"
+    if kind == "SOFTMAX":
+        return "softmax layer"
+    for node in onnx_nodes_of_layer(layer_name, metadata):
+        if node in fp32_ops:
+            return fp32_ops[node]
+    return None
+
+
+def _keep_fp32_layers(trt, network, fp32_ops: Mapping[str, str]) -> int:
+    """TensorRT 10 (weakly typed): FP32 precision and outputs on the chosen layers; the caller sets
+    ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS`` so the builder may not override them."""
+    kept = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if fp32_layer_reason(layer.name, str(layer.type), fp32_ops, getattr(layer, "metadata", "")) is None:
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype in (trt.float32, trt.float16):
+                layer.set_output_type(j, trt.float32)
+        kept += 1
+    return kept
 
 
 # --- building -------------------------------------------------------------------------------------
@@ -170,11 +455,16 @@ def trt_major(trt) -> int:
 
 
 def _fp16_graph(src: Path, dst: Path) -> Path:
-    """The graph in fp16 with float32 inputs/outputs (TensorRT 11: precision lives in the graph)."""
+    """The graph in fp16 with float32 inputs/outputs (TensorRT 11: precision lives in the graph), except
+    :func:`fp32_nodes`, which stay FP32 behind casts."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    model = onnx.load(str(src))
+    for node in model.graph.node:
+        node.name = _node_name(node)  # the converter's block list goes by name
+    keep = sorted(fp32_nodes(model.graph))
+    model = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
     _topological_sort(model.graph)  # the converter appends its input casts last; parsers need producer order
     onnx.save(model, str(dst))
     return dst
@@ -292,6 +582,7 @@ def build_engines(
     logger = trt.Logger(trt.Logger.WARNING)
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
     files: Dict[str, str] = {}
+    fp32_layers: Dict[str, int] = {}  # TensorRT 10: layers constrained to FP32, per graph
     cudart = import_cudart() if precision == "int8" and major < 11 else None
     with tempfile.TemporaryDirectory() as tmp:
         for g in GRAPHS:
@@ -323,6 +614,11 @@ def build_engines(
             config.set_timing_cache(cache, ignore_mismatch=False)
             if major < 11 and precision in ("fp16", "int8"):
                 config.set_flag(trt.BuilderFlag.FP16)  # int8: decoder graphs run fp16, the encoder INT8 + fp16 fallback
+                import onnx
+
+                keep = fp32_nodes(onnx.load(str(src), load_external_data=False).graph)
+                fp32_layers[g] = _keep_fp32_layers(trt, network, keep)
+                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
             if major < 11 and precision == "int8" and g == "encoder":
                 config.set_flag(trt.BuilderFlag.INT8)
                 batches = calibration_batches(bundle, calib_images)
@@ -348,10 +644,13 @@ def build_engines(
         atomic_write_bytes(Path(timing_cache), cache_bytes)
     entry = {"gpu": gpu["name"], "sm": gpu["sm"], "tensorrt": str(trt.__version__), "precision": precision,
              "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "files": files}
+    if fp32_layers:
+        entry["fp32_layers"] = fp32_layers
     manifest = dict(bundle.manifest)
     manifest["engines"] = {**manifest.get("engines", {}), key: entry}
     write_manifest(bundle.root, manifest)
     return {"key": key, **entry}
 
 
-__all__ = ["Finding", "build_engines", "check_graph", "check_trt"]
+__all__ = ["Finding", "build_engines", "check_graph", "check_prompt_axis", "check_trt", "fp32_layer_reason",
+           "fp32_nodes", "onnx_nodes_of_layer", "shape_tensor_inputs"]

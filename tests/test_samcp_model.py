@@ -26,7 +26,7 @@ def one_thread():
 
 def tiny_info(**kw) -> SamcpInfo:
     cfg = dict(classes=CLASSES, stuff=STUFF, d_model=32, layers=2, heads=4, encoder_layers=1, ffn_dim=64,
-               roi_channels=8, backbone_channels=(8, 16, 16, 32), canonical_box=32.0)
+               roi_channels=8, backbone_channels=(8, 16, 16, 32), canonical_box=32.0, input_size=0)
     cfg.update(kw)
     return SamcpInfo(**cfg)
 
@@ -358,3 +358,23 @@ def test_tiny_overfit_separates_instances():
     assert float(p_inst[~same.bool()].max()) < 0.5, p_inst
     assert torch.equal(out.semantic_affinity()[0].argmax(0), cls)
     assert torch.equal(out.class_logits[-1][0, :, :C].argmax(-1), cls)
+
+
+def test_input_size_resizes_images_and_boxes_together():
+    torch.manual_seed(0)
+    head = SamcpHead(tiny_info(input_size=96)).eval()
+    images, boxes, masks = batch((3,), size=64)
+    resized, scaled = head.resize_input(images, boxes)
+    assert resized.shape[-2:] == (96, 96)
+    assert torch.allclose(scaled[0], boxes[0] * 1.5)
+    # the head on 64 px input equals the head told to take the 96 px version as it is
+    same = SamcpHead(tiny_info(input_size=0)).eval()
+    same.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        a = head(images, boxes, masks)
+        b = same(resized, scaled, masks)
+    for x, y in zip(a.affinity, b.affinity):
+        assert torch.allclose(x, y, atol=1e-5)
+    # already at the size: untouched
+    same_images, same_boxes = head.resize_input(resized, scaled)
+    assert same_images is resized and torch.equal(same_boxes[0], scaled[0])

@@ -50,9 +50,9 @@ def inputs(tmp_path_factory):
     return root
 
 
-BAD = {"deep.png": "uint16", "empty.jpg": "0 bytes", "notes.png": "not a readable image",
+BAD = {"empty.jpg": "0 bytes", "notes.png": "not a readable image",
        "truncated.png": "truncated", "huge.png": "more than the limit"}
-CONVERTED = {"gray.png": "grayscale", "rgba.png": "alpha", "cmyk.jpg": "CMYK"}
+CONVERTED = {"deep.png": "16-bit", "gray.png": "grayscale", "rgba.png": "alpha", "cmyk.jpg": "CMYK"}
 
 
 def test_folder_run_reports_bad_files_and_continues(inputs, tmp_path):

@@ -70,3 +70,25 @@ def test_point_sampler_and_loss():
     good = loss(torch.where(gt, 10.0, -10.0), gt)
     bad = loss(torch.where(gt, -10.0, 10.0), gt)
     assert (good < 0.01).all() and (bad > 1.0).all()
+
+
+def test_open_dataset_streams_v1_v2_and_mixed():
+    from samantic.train.data.panoptic import render_panoptic
+    from samantic.train.data.shapes import render_scene
+    from samantic.train.sam import MixedStream, PanopticShapesStream, ShapesStream, open_dataset
+
+    v2 = open_dataset("shapes-panoptic:5")
+    assert isinstance(v2, PanopticShapesStream)
+    scene = render_panoptic(7)
+    s = v2[2]
+    assert (s.image == scene.image).all()
+    # every entity (things whole, stuff regions) and every part of a composite thing
+    assert len(s.masks) == len(scene.masks) + len(scene.stuff_masks) + len(scene.part_masks)
+    mix = open_dataset("shapes-mix:10")
+    assert isinstance(mix, MixedStream) and isinstance(open_dataset("shapes:3"), ShapesStream)
+    assert (mix[0].image == render_scene(10).image).all()
+    assert (mix[1].image == render_panoptic(10).image).all()
+    assert (mix[3].image == render_panoptic(11).image).all()
+    for bad in ("shapes-panoptic:x", "shapes-mix:-1", "shapes:"):
+        with pytest.raises(ValueError, match="data spec"):
+            open_dataset(bad)

@@ -165,14 +165,58 @@ class ShapesStream:
         return Sample(scene.image, scene.masks)
 
 
+class PanopticShapesStream(ShapesStream):
+    """Endless v2 (panoptic) scenes rendered on the fly; the masks are every entity (things whole,
+    stuff regions) and the parts of the composite things, so SAM learns every granularity SAM-CP
+    and SUM ask of it."""
+
+    def __repr__(self) -> str:
+        return f"shapes-panoptic:{self.seed}"
+
+    def __getitem__(self, i: int) -> Sample:
+        from samantic.train.data.panoptic import render_panoptic
+
+        scene = render_panoptic(self.seed + i, size=self.size)
+        return Sample(scene.image, np.concatenate([scene.entity_masks, scene.part_masks]))
+
+
+class MixedStream:
+    """Interleaves endless streams: item ``i`` is item ``i // k`` of stream ``i % k``."""
+
+    def __init__(self, streams: Sequence[Any]) -> None:
+        if not streams:
+            raise ValueError("MixedStream needs at least one stream")
+        self.streams = list(streams)
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __repr__(self) -> str:
+        return "+".join(repr(s) for s in self.streams)
+
+    def __getitem__(self, i: int) -> Sample:
+        k = len(self.streams)
+        return self.streams[i % k][i // k]
+
+
+_STREAMS = {"shapes": ShapesStream, "shapes-panoptic": PanopticShapesStream}
+
+
 def open_dataset(spec: str):
-    """``DIR`` (a COCO dataset) or ``shapes:SEED`` (scenes rendered on the fly)."""
-    if spec.startswith("shapes:"):
+    """``DIR`` (a COCO dataset), ``shapes:SEED`` (v1 scenes rendered on the fly),
+    ``shapes-panoptic:SEED`` (v2 scenes: entities and parts) or ``shapes-mix:SEED`` (v1 and v2 alternating)."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in (*_STREAMS, "shapes-mix"):
         try:
-            seed = int(spec.split(":", 1)[1])
+            seed = int(rest)
+            if seed < 0:
+                raise ValueError
         except ValueError:
-            raise ValueError(f"data spec must be DIR or shapes:SEED, got {spec!r}") from None
-        return ShapesStream(seed)
+            raise ValueError(f"data spec must be DIR, shapes:SEED, shapes-panoptic:SEED or shapes-mix:SEED "
+                             f"(SEED >= 0), got {spec!r}") from None
+        if kind == "shapes-mix":
+            return MixedStream([ShapesStream(seed), PanopticShapesStream(seed)])
+        return _STREAMS[kind](seed)
     return CocoInstances(Path(spec))
 
 

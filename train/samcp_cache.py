@@ -155,7 +155,8 @@ class PanopticFolder:
             data = json.loads(path.read_text())
             self.images = list(data["images"])
             self.annotations = {a["image_id"]: a for a in data["annotations"]}
-            self.things = {int(c["id"]) for c in data["categories"] if c.get("isthing", 1)}
+            self.categories = [dict(c) for c in data["categories"]]
+            self.things = {int(c["id"]) for c in self.categories if c.get("isthing", 1)}
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a COCO panoptic file ({e})") from None
 
@@ -202,6 +203,13 @@ class PanopticStream:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed, self.n, self.size = int(seed), int(n), size
+
+    @property
+    def categories(self) -> List[dict]:
+        """The v2 world's COCO categories (``id``, ``name``, ``isthing``, ``supercategory``)."""
+        from samantic.train.data.panoptic import CATEGORIES
+
+        return [dict(c) for c in CATEGORIES]
 
     def __len__(self) -> int:
         return self.n

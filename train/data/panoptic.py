@@ -615,11 +615,6 @@ def _ground_truth(
 # COCO output
 
 
-def _id_to_rgb(panoptic: np.ndarray) -> np.ndarray:
-    ids = panoptic.astype(np.uint32)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
-
-
 def _segments_info(scene: PanopticScene) -> List[dict]:
     info = []
     for segment_id, category_id in scene.segments:
@@ -693,6 +688,7 @@ def write_panoptic(
         Path of ``panoptic.json``.
     """
     from samantic.io import atomic_write_image, atomic_write_json
+    from samantic.io.panoptic import id_to_rgb
 
     if total is None and hasattr(scenes, "__len__"):
         total = len(scenes)
@@ -708,7 +704,7 @@ def write_panoptic(
             image_id = index + 1
             file_name = f"{image_id:06d}.png"
             atomic_write_image(out / "images" / file_name, scene.image)
-            atomic_write_image(out / "panoptic" / file_name, _id_to_rgb(scene.panoptic))
+            atomic_write_image(out / "panoptic" / file_name, id_to_rgb(scene.panoptic))
             h, w = scene.size
             images.append({"id": image_id, "file_name": file_name, "height": h, "width": w, "seed": int(scene.seed)})
             panoptic.append({"image_id": image_id, "file_name": file_name, "segments_info": _segments_info(scene)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -223,3 +223,109 @@ def eval_probe(
     atomic_write_bytes(out / "eval_probe.md", md.encode())
     typer.echo(md)
     typer.echo(f"saved: {out / 'eval_probe.json'} and {out / 'eval_probe.md'}")
+
+
+@app.command("samcp")
+def eval_samcp(
+    samcp: Annotated[List[Path], typer.Option(help="SAM-CP head file(s) (repeatable: rows side by side, e.g. ablations).")],
+    model: Annotated[str, typer.Option(help="Registered SAM whose patches the heads label.")] = "sam_nano",
+    checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights (default: the model's shipped weights).")] = None,
+    seeds: Annotated[str, typer.Option(help="Held-out v2 (panoptic) scene seeds, START:STOP.")] = "0:60",
+    v1_seeds: Annotated[Optional[str], typer.Option(help="Held-out v1 scene seeds for things by class name, START:STOP ('' to skip).")] = "0:60",
+    usam: Annotated[Optional[Path], typer.Option(help="A U-SAM head to score on the same v1 scenes, side by side.")] = None,
+    cache: Annotated[Path, typer.Option(help="Patch cache root (shared with `samantic train samcp`).")] = Path("runs/cache/samcp"),
+    score_thresh: Annotated[Optional[float], typer.Option(help="Segment score threshold (default 0.3).")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for eval_samcp.json and eval_samcp.md.")] = Path("runs/eval"),
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """PQ / SQ / RQ, mask AP and semantic mIoU of SAM-CP heads on held-out scenes (same patches for every head)."""
+    from samantic.heads.samcp import load_samcp
+    from samantic.io import atomic_write_bytes, atomic_write_json
+    from samantic.models import create_model
+    from samantic.pipeline.panoptic import SamcpPredictor
+    from samantic.train.data.shapes import CLASSES
+    from samantic.train.samcp_eval import evaluate_samcp
+
+    v2_range = parse_seeds(seeds)
+    v1_range = parse_seeds(v1_seeds) if v1_seeds else None
+    rows = []
+    opts = {} if score_thresh is None else {"score_thresh": score_thresh}
+    try:
+        sam = create_model(model, checkpoint=checkpoint)
+        patch_opts = None
+        for path in samcp:
+            head = load_samcp(path)
+            head.check_model(model, path)
+            pred = SamcpPredictor(head, **opts)
+            po = pred.patch_options()
+            if patch_opts is None:
+                patch_opts = po
+            elif po != patch_opts:
+                raise ValueError(f"{path}: trained on other patches ({po}) than {samcp[0]} ({patch_opts}); "
+                                 "side-by-side rows need the same patches")
+            v2 = evaluate_samcp(pred, sam, v2_range, cache, kind="v2", progress=progress, **po)
+            v1 = None
+            if v1_range is not None:
+                wanted = [n for n in head.info.classes if n in CLASSES]
+                v1 = evaluate_samcp(SamcpPredictor(head, classes=wanted, **opts), sam, v1_range, cache, kind="v1",
+                                    progress=progress, **po) if wanted else None
+            rows.append((path, head, v2, v1))
+        usam_row = None
+        if usam is not None and v1_range is not None:
+            from samantic.heads.usam import load_head
+            from samantic.runtime import Segmenter
+            from samantic.train.metrics import evaluate_usam
+
+            h = load_head(usam)
+            h.check_model(sam, model, usam)
+            thresholds = _thresholds(sam, None, None)
+            seg = Segmenter(sam, h, **thresholds)
+            usam_row = evaluate_usam(seg, v1_range, "class", progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    command = (f"samantic eval samcp --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "")
+               + "".join(f" --samcp {p}" for p in samcp) + f" --seeds {seeds}"
+               + (f" --v1-seeds {v1_seeds}" if v1_seeds else " --v1-seeds ''") + (f" --usam {usam}" if usam else "")
+               + (f" --score-thresh {score_thresh}" if score_thresh is not None else ""))
+
+    def ablation(head) -> str:
+        i = head.info
+        parts = [f"{i.layers} layer{'s' if i.layers > 1 else ''}", "mask RoI" if i.mask_roi else "box RoI",
+                 "affinity residual" if i.affinity_residual else "no residual"]
+        return ", ".join(parts)
+
+    payload = {"model": model, "checkpoint": checkpoint, "seeds": seeds, "v1_seeds": v1_seeds, "command": command,
+               "patches": patch_opts,
+               "heads": [{"head": str(p), "setting": ablation(h), "v2": v2.to_dict(), "v1": v1.to_dict() if v1 else None}
+                         for p, h, v2, v1 in rows],
+               "usam": usam_row.to_dict() if usam_row is not None else None}
+    atomic_write_json(out / "eval_samcp.json", payload, indent=2)
+    f = lambda v: f"{v:.3f}" if v == v else "-"  # noqa: E731
+    md = [f"`{command}`", "", f"Patches: {patch_opts or 'the model defaults'}; v2 scenes {seeds}, v1 scenes {v1_seeds or '-'}.", "",
+          "| head | setting | PQ | SQ | RQ | PQ things | PQ stuff | AP | AP50 | mIoU | v1 mIoU | v1 AP50 | patches / img | head s / img |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p, h, v2, v1 in rows:
+        a, t, s = v2.pq.get("all", {}), v2.pq.get("things", {}), v2.pq.get("stuff", {})
+        md.append(f"| {p.name} | {ablation(h)} | {f(a.get('pq', float('nan')))} | {f(a.get('sq', float('nan')))} | "
+                  f"{f(a.get('rq', float('nan')))} | {f(t.get('pq', float('nan')))} | {f(s.get('pq', float('nan')))} | "
+                  f"{f(v2.ap)} | {f(v2.ap50)} | {f(v2.miou)} | {f(v1.miou) if v1 else '-'} | "
+                  f"{f(v1.ap50) if v1 else '-'} | {v2.patches_per_image:.1f} | {v2.head_seconds_per_image:.3f} |")
+    if usam_row is not None:
+        md.append(f"| {usam.name} (U-SAM) | classifier on mask tokens | - | - | - | - | - | - | - | - | "
+                  f"{f(usam_row.miou)} | {f(usam_row.map50)} | - | - |")
+    md.append("")
+    for p, h, v2, v1 in rows:
+        md += [f"**{p.name}** per class (v2): PQ / SQ / RQ, IoU, AP50", "", "| class | PQ | SQ | RQ | IoU | AP50 |",
+               "|---|---|---|---|---|---|"]
+        for name, r in v2.pq.get("per_class", {}).items():
+            if r.get("tp", 0) + r.get("fp", 0) + r.get("fn", 0) == 0:
+                continue
+            md.append(f"| {name} | {f(r['pq'])} | {f(r['sq'])} | {f(r['rq'])} | "
+                      f"{f(v2.semantic.get('per_class', {}).get(name, float('nan')))} | "
+                      f"{f(v2.ap50_per_class.get(name, float('nan')))} |")
+        md.append("")
+    text = "\n".join(md)
+    atomic_write_bytes(out / "eval_samcp.md", text.encode())
+    typer.echo(text)
+    typer.echo(f"saved: {out / 'eval_samcp.json'} and {out / 'eval_samcp.md'}")

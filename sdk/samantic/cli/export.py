@@ -109,7 +109,13 @@ def check_trt(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     include_int8: Annotated[bool, typer.Option("--include-int8", help="Also check the onnxruntime INT8 graphs.")] = False,
 ) -> None:
-    """Inspect the bundle's ONNX graphs on the CPU for TensorRT blockers; exit 1 if any error is found."""
+    """Inspect the bundle's ONNX graphs on the CPU for TensorRT blockers; exit 1 if any error is found.
+
+    Also says what it found: the prompts graph's dynamic prompt axis, shape-tensor
+    inputs (TensorRT needs INT32) and the ops that fp16 engines keep in FP32.
+    """
+    from rich.markup import escape
+
     from samantic.export.tensorrt import check_trt as run_check
     from samantic.runtime.bundle import BundleError
 
@@ -117,16 +123,22 @@ def check_trt(
         findings = run_check(bundle, ("fp32", "int8") if include_int8 else ("fp32",))
     except (BundleError, ImportError, OSError) as e:
         _fail(e)
-    errors = [f for f in findings if f.severity == "error"]
-    if not findings:
+    found = [f for f in findings if f.severity == "info"]
+    problems = [f for f in findings if f.severity != "info"]
+    errors = [f for f in problems if f.severity == "error"]
+    if found:
+        _out.print(f"TensorRT check of {bundle}:", soft_wrap=True)
+        for f in found:
+            _out.print(escape(f"  {f.graph}: {f.message}"), soft_wrap=True, highlight=False)
+    if not problems:
         _out.print(f"{bundle}: no TensorRT blockers found", soft_wrap=True)
         return
-    table = Table(title=f"TensorRT check of {bundle}")
+    table = Table(title=f"TensorRT blockers in {bundle}")
     for col in ("severity", "graph", "kind", "problem"):
         table.add_column(col)
-    for f in findings:
-        table.add_row(f.severity, f.graph, f.kind, f.message)
+    for f in problems:
+        table.add_row(f.severity, f.graph, f.kind, escape(f.message))
     _out.print(table)
-    _out.print(f"{len(errors)} error(s), {len(findings) - len(errors)} warning(s)")
+    _out.print(f"{len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
     if errors:
         raise typer.Exit(1)

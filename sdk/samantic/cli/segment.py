@@ -64,13 +64,13 @@ def collect_inputs(paths: List[str]) -> Tuple[List[Job], List[Tuple[str, str]]]:
 
 def segment(
     paths: Annotated[List[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
-    out: Annotated[Path, typer.Option(help="Output folder: NAME.json (COCO results, RLE) and NAME.overlay.png per image; with --head also NAME.semantic.png.")],
+    out: Annotated[Path, typer.Option(help="Output folder: NAME.json (COCO results, RLE) and NAME.overlay.png per image; with --head also NAME.semantic.png; with --samcp also NAME.semantic.png, NAME.panoptic.png and NAME.panoptic.json (COCO panoptic).")],
     model: Annotated[str, typer.Option(help="Registered model (see `samantic weights list`).")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Weights file or tag (default: the model's shipped weights).")] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Run an exported bundle (`samantic export bundle`) instead of --model: no torch needed with the onnxruntime backend.")] = None,
     backend: Annotated[str, typer.Option(help="With --bundle: auto, onnxruntime, tensorrt or torch.")] = "auto",
     precision: Annotated[str, typer.Option(help="With --bundle: fp32, int8 (onnxruntime dynamic INT8 / TensorRT) or fp16 (TensorRT).")] = "fp32",
-    points_per_side: Annotated[int, typer.Option(min=1)] = 32,
+    points_per_side: Annotated[Optional[int], typer.Option(min=1, help="[default: 32, or the grid a --samcp head was trained with]")] = None,
     points_per_batch: Annotated[int, typer.Option(min=1)] = 64,
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="[default: the model's recommended (sam_nano: 0.6), the bundle's, or segment-anything's 0.88]")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="[default: the model's recommended (sam_nano: 0.95), the bundle's, or segment-anything's 0.95]")] = None,
@@ -81,9 +81,10 @@ def segment(
     crop_overlap_ratio: Annotated[float, typer.Option(min=0.0)] = 512 / 1500,
     crop_n_points_downscale_factor: Annotated[int, typer.Option(min=1)] = 1,
     min_mask_region_area: Annotated[int, typer.Option(min=0)] = 0,
-    classes: Annotated[Optional[str], typer.Option(help="Segment only these class names (needs --head), e.g. 'circle,star'; group names of the head work too.")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Segment only these class names (needs --head or --samcp), e.g. 'circle,star'; group names of a U-SAM head work too.")] = None,
     head: Annotated[Optional[Path], typer.Option(help="U-SAM head file (from `samantic train usam`): masks get class names.")] = None,
-    score_thresh: Annotated[Optional[float], typer.Option(help="Minimum class probability (default: the head's).")] = None,
+    score_thresh: Annotated[Optional[float], typer.Option(help="Minimum class probability (default: the head's; with --samcp 0.3).")] = None,
+    samcp: Annotated[Optional[Path], typer.Option(help="SAM-CP head file (from `samantic train samcp`): SAM's patches labelled and merged into named instances, stuff regions and a panoptic map.")] = None,
     adaptive: Annotated[bool, typer.Option("--adaptive", help="Prompt coarse to fine: refine only around points whose masks came close to --pred-iou-thresh, skip points inside confident masks (faster, not exact).")] = False,
     adaptive_margin: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="With --adaptive: how far below --pred-iou-thresh a coarse point's best predicted IoU may lie and still get its neighbours prompted. [default: 0.15]")] = None,
     mask_pngs: Annotated[bool, typer.Option("--mask-pngs", help="Also write NAME.masks/ with one PNG per mask and metadata.csv.")] = False,
@@ -115,8 +116,20 @@ def segment(
     try:
         if adaptive_margin is not None and not adaptive:
             raise typer.BadParameter("only means something with --adaptive", param_hint="--adaptive-margin")
-        if classes is not None and head is None and bundle is None:
-            raise ValueError("--classes needs --head (a U-SAM head from `samantic train usam`) or a --bundle with a head")
+        if classes is not None and head is None and bundle is None and samcp is None:
+            raise ValueError("--classes needs --head (a U-SAM head from `samantic train usam`), --samcp (a SAM-CP head "
+                             "from `samantic train samcp`) or a --bundle with a head")
+        if samcp is not None and (head is not None or bundle is not None):
+            raise ValueError("--samcp runs on --model (torch); leave out --head and --bundle")
+        samcp_head = None
+        if samcp is not None:
+            from samantic.heads.samcp import load_samcp
+            from samantic.pipeline.panoptic import SamcpPredictor
+
+            samcp_head = load_samcp(samcp)
+            samcp_head.check_model(model, samcp)
+            if classes is not None:
+                samcp_head.check_classes([n.strip() for n in classes.split(",") if n.strip()])
         if classes is not None:
             from samantic.pipeline.scoring import check_class_names
 
@@ -133,6 +146,12 @@ def segment(
                 raise ValueError("--bundle brings its own weights and head; leave out --head/--checkpoint")
             bundle_info = Bundle.load(bundle, verify=False)  # verified once, by from_bundle
             thresholds.update({k: v for k, v in bundle_info.thresholds.items() if k in thresholds})
+        trained = {}
+        if samcp_head is not None:  # the patches the head was trained on: its grid and thresholds
+            trained = SamcpPredictor(samcp_head).patch_options()
+            thresholds.update({k: v for k, v in trained.items() if k in thresholds})
+        if points_per_side is None:
+            points_per_side = int(trained.get("points_per_side", 32))
         if pred_iou_thresh is not None:
             thresholds["pred_iou_thresh"] = pred_iou_thresh
         if stability_score_thresh is not None:
@@ -161,7 +180,12 @@ def segment(
             sam = create_model(model, checkpoint=checkpoint)
             if head_module is not None:
                 head_module.check_model(sam, model, head)
-            segmenter = Segmenter(sam, head_module, classes=classes, score_thresh=score_thresh, config=config)
+            if samcp_head is not None:
+                wanted = [n.strip() for n in classes.split(",") if n.strip()] if classes is not None else None
+                segmenter = Segmenter(sam, samcp=samcp_head, classes=wanted, config=config,
+                                      samcp_options={} if score_thresh is None else {"score_thresh": score_thresh})
+            else:
+                segmenter = Segmenter(sam, head_module, classes=classes, score_thresh=score_thresh, config=config)
             if checkpoint:
                 weights = checkpoint
             elif get_model_entry(model).default_weights:
@@ -174,7 +198,7 @@ def segment(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     names = segmenter.names
-    head_name = head if head is not None else (bundle if names else None)
+    head_name = samcp if samcp is not None else (head if head is not None else (bundle if names else None))
     console.print(f"model {model} ({escape(str(weights))}), {points_per_side}x{points_per_side} points, "
                   f"pred_iou_thresh {config.pred_iou_thresh}, stability_score_thresh {config.stability_score_thresh}"
                   + (f", adaptive prompting (margin {config.adaptive_margin})" if adaptive else "")
@@ -209,6 +233,12 @@ def segment(
                 records = result.instances
                 seconds += time.perf_counter() - t0
                 h, w = image.shape[:2]
+                if samcp_head is not None:
+                    write_samcp_outputs(out, job, image, result, model, checkpoint, samcp, config)
+                    done += 1
+                    n_masks += len(records)
+                    bar.advance(task)
+                    continue
                 # step: overlay and mask PNGs first, the results JSON last (it marks the image as done)
                 masks = rle_decode(result.masks.rles) if records else None  # the batch, not the records' strings
                 labels = [r["category"] for r in records] if names else None
@@ -236,14 +266,19 @@ def segment(
         raise typer.Exit(130)
 
     table = Table(title="samantic segment")
-    for col in ("images", "segmented", "skipped (done before)", "failed", "masks", "s / image"):
+    for col in ("images", "segmented", "skipped (done before)", "failed", "segments" if samcp else "masks", "s / image"):
         table.add_column(col)
     table.add_row(str(len(jobs) + len(missing)), str(done), str(skipped), str(len(failures)), str(n_masks),
                   f"{seconds / done:.2f}" if done else "-")
     console.print(table)
     if done or skipped:
-        console.print(f"results in {out}/ (NAME.json: COCO results with RLE masks; NAME.overlay.png"
-                      + ("; NAME.semantic.png: label map, 0 = background, k = category k)" if names else ")"))
+        if samcp is not None:
+            console.print(f"results in {out}/ (NAME.json: COCO results with category names and RLE masks; "
+                          "NAME.semantic.png: VOC-palette label map, 0 = unlabelled, k = category k; NAME.panoptic.png + "
+                          "NAME.panoptic.json: COCO panoptic; NAME.overlay.png)")
+        else:
+            console.print(f"results in {out}/ (NAME.json: COCO results with RLE masks; NAME.overlay.png"
+                          + ("; NAME.semantic.png: label map, 0 = background, k = category k)" if names else ")"))
     if done and not n_masks and not names:
         # a silent empty result is the most confusing outcome for a new user: say which filter to loosen
         typer.echo(f"note: no masks kept in {done} image(s): the filters (--pred-iou-thresh {config.pred_iou_thresh}, "
@@ -256,3 +291,24 @@ def segment(
         typer.echo(f"failed: {path}: {reason}", err=True)
     if failures:
         raise typer.Exit(1)
+
+
+def write_samcp_outputs(out: Path, job: Job, image, result, model: str, checkpoint: Optional[str], samcp: Path,
+                        config) -> None:
+    """A SAM-CP result's files; the results JSON is written last (it marks the image as done)."""
+    from samantic.io import atomic_write_image
+    from samantic.io.panoptic import write_panoptic, write_semantic_png
+    from samantic.io.writers import write_results_json
+
+    h, w = image.shape[:2]
+    things = result.output.things
+    categories = [{"id": i + 1, "name": n, "isthing": int(i < things), "supercategory": "thing" if i < things else "stuff"}
+                  for i, n in enumerate(result.names)]
+    atomic_write_image(out / f"{job.name}.overlay.png", result.overlay())
+    write_semantic_png(out / f"{job.name}.semantic.png", result.semantic_map)
+    png = out / f"{job.name}.panoptic.png"
+    write_panoptic(png, out / f"{job.name}.panoptic.json", result.panoptic_map, result.segments_info,
+                   {"id": 1, "file_name": str(job.source), "height": h, "width": w}, categories)
+    write_results_json(out / f"{job.name}.json", {"file_name": str(job.source), "height": h, "width": w},
+                       result.to_coco(), model=model, checkpoint=checkpoint, samcp=str(samcp), categories=categories,
+                       settings={k: v for k, v in vars(config).items() if k != "point_grids"})

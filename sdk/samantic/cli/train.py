@@ -17,7 +17,7 @@ def _group() -> None:
 
 @app.command("sam")
 def train_sam(
-    data: Annotated[str, typer.Option(help="COCO dataset DIR (from `samantic data shapes`) or shapes:SEED to render scenes on the fly.")],
+    data: Annotated[str, typer.Option(help="COCO dataset DIR (from `samantic data shapes`) or scenes rendered on the fly: shapes:SEED (v1), shapes-panoptic:SEED (v2: entities and parts), shapes-mix:SEED (both alternating).")],
     out: Annotated[Path, typer.Option(help="Output weights (.safetensors); OUT.ckpt and OUT.log.jsonl go beside it.")],
     model: Annotated[str, typer.Option(help="Registered model to train.")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Start from these weights (fine-tuning).")] = None,
@@ -148,3 +148,92 @@ def train_usam(
     last = result.history[-1]
     typer.echo(f"saved: {out} (classes {','.join(names)}, {config.method}, {config.epochs} epochs, "
                f"loss {last['loss']:.4f}, {result.seconds:.1f} s); log: {log}")
+
+
+@app.command("samcp")
+def train_samcp(
+    data: Annotated[str, typer.Option(help="Panoptic dataset DIR (from `samantic data shapes --kind panoptic`) or shapes-panoptic:SEED[:N] (N v2 scenes rendered on the fly).")],
+    out: Annotated[Path, typer.Option(help="Output head (.safetensors); OUT.ckpt and OUT.log.jsonl go beside it.")],
+    classes: Annotated[Optional[str], typer.Option(help="Comma-separated thing classes (default: every thing category of the dataset).")] = None,
+    stuff: Annotated[Optional[str], typer.Option(help="Comma-separated stuff classes (default: every stuff category of the dataset; '' for none).")] = None,
+    model: Annotated[str, typer.Option(help="Registered SAM whose patches the head labels and merges.")] = "sam_nano",
+    checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights (default: the model's shipped weights).")] = None,
+    cache: Annotated[Path, typer.Option(help="Patch cache root (reused across runs; keyed by model, weights and thresholds).")] = Path("runs/cache/samcp"),
+    points_per_side: Annotated[int, typer.Option(min=1, help="Prompt grid side of segment-everything (the paper: 48).")] = 32,
+    pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Patches kept at this predicted IoU (default: the model's calibrated one).")] = None,
+    stability_score_thresh: Annotated[Optional[float], typer.Option(help="Patches kept at this stability (default: the model's).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 3000,
+    images_per_step: Annotated[int, typer.Option(min=1)] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-4,
+    warmup_steps: Annotated[int, typer.Option(min=0)] = 100,
+    layers: Annotated[int, typer.Option(min=1, help="Affinity decoder layers.")] = 3,
+    mask_roi: Annotated[bool, typer.Option("--mask-roi/--box-roi", help="Multiply RoI features by the patch mask (--box-roi: the ablation).")] = True,
+    affinity_residual: Annotated[bool, typer.Option("--affinity-residual/--no-affinity-residual", help="Add each layer's affinities to the previous layer's.")] = True,
+    time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Train a SAM-CP head (labels and merges SAM's patches) on a panoptic dataset."""
+    import json
+
+    import torch
+
+    from samantic.heads.samcp import SamcpHead, SamcpInfo
+    from samantic.models import create_model
+    from samantic.train.samcp import SamcpTrainConfig, SamcpTrainer, load_examples
+    from samantic.train.samcp_cache import open_panoptic
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    failures = []
+    try:
+        if out.suffix != ".safetensors":
+            raise ValueError(f"--out must end in .safetensors, got {out}")
+        dataset = open_panoptic(data)
+        cats = dataset.categories
+        things_all = [c["name"] for c in cats if c.get("isthing", 1)]
+        stuff_all = [c["name"] for c in cats if not c.get("isthing", 1)]
+        thing_names = things_all if classes is None else [n.strip() for n in classes.split(",") if n.strip()]
+        stuff_names = stuff_all if stuff is None else [n.strip() for n in stuff.split(",") if n.strip()]
+        for given, known, what in ((thing_names, things_all, "thing"), (stuff_names, stuff_all, "stuff")):
+            bad = [n for n in given if n not in known]
+            if bad:
+                raise ValueError(f"unknown {what} class(es) {bad}; {data} has: {', '.join(known) or '(none)'}")
+        config = SamcpTrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, warmup_steps=warmup_steps,
+                                  seed=seed, time_budget=time_budget * 60)
+        sam = create_model(model, checkpoint=checkpoint)
+        info = SamcpInfo(classes=thing_names, stuff=stuff_names, layers=layers, mask_roi=mask_roi,
+                         affinity_residual=affinity_residual, model=model)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"patches of {model} for {data} (cache {cache}) ...")
+    examples, report = load_examples(sam, dataset, cache, info.names, roi_size=info.roi_size,
+                                     points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                                     stability_score_thresh=stability_score_thresh, progress=progress,
+                                     on_error=lambda key, reason: failures.append((key, reason)))
+    for key, reason in failures:
+        typer.echo(f"skipped {key}: {reason}", err=True)
+    meta = report.metadata
+    typer.echo(f"{len(examples)} images, {report.patches} patches ({report.computed} computed, {report.reused} "
+               f"reused; grid {meta['grid']}, pred_iou_thresh {meta['pred_iou_thresh']}, stability_score_thresh "
+               f"{meta['stability_score_thresh']})")
+    head = SamcpHead(info)
+    extra = {"data": data, "checkpoint": checkpoint or "", "patch_cache_key": report.key,
+             "patches": json.dumps({k: meta[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh")}),
+             "images": str(len(examples))}
+    try:
+        trainer = SamcpTrainer(head, config, examples, device=device, metadata=extra)
+        result = trainer.train(out, resume=resume, progress=progress)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"saved: {result.output} ({len(info.classes)} thing + {len(info.stuff)} stuff classes, steps "
+               f"{result.steps}, last loss {result.last_loss:.4f}, {result.seconds / 60:.1f} min); log: {result.log}")
+    if failures:
+        typer.echo(f"{len(failures)} image(s) could not be used (listed above)", err=True)
+        raise typer.Exit(2)

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,7 +67,7 @@ SMALL_FPN = "small_fpn"
 
 __all__ = [
     "SAMCP_FORMAT", "Backbone", "SmallCnn", "FpnBackbone", "small_fpn_backbone", "SamcpInfo", "SamcpOutput",
-    "SamcpHead", "mask_to_roi", "save_samcp", "load_samcp", "affinity_attention_mask",
+    "SamcpHead", "mask_to_roi", "patch_inputs", "save_samcp", "load_samcp", "affinity_attention_mask",
 ]
 
 
@@ -101,6 +102,9 @@ class SamcpInfo:
         attn_mask_thresh: cross-attention of a query skips patches whose previous
             affinity (sigmoid) is below this; a row never loses all its patches.
         pixel_mean / pixel_std: image normalisation (images enter in [0, 1]).
+        input_size: the backbone sees images resized so their longer side is this (boxes
+            are scaled with them; 0 keeps the given size). Patch masks are relative to their
+            boxes, so they need no change.
         model: the SAM whose patches the head was trained on (informational, checked by check_model).
         extra: further header entries (thresholds, training recipe), kept on save/load.
     """
@@ -123,6 +127,7 @@ class SamcpInfo:
     attn_mask_thresh: float = 0.5
     pixel_mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     pixel_std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    input_size: int = 384
     model: str = ""
     extra: Dict[str, str] = field(default_factory=dict)
 
@@ -318,6 +323,17 @@ def mask_to_roi(masks: Any, boxes: torch.Tensor, size: int = 7, image_size: Opti
     rois = torch.cat([torch.arange(p, dtype=torch.float32, device=masks.device)[:, None], scaled], 1)
     out = roi_align(masks[:, None].float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     return out[:, 0].clamp_(0.0, 1.0)
+
+
+def patch_inputs(rles: Sequence[dict], boxes_xyxy_inclusive: np.ndarray, size: Tuple[int, int], roi_size: int = 7
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """The head's inputs for patches: boxes ``[P, 4]`` xyxy (max exclusive) and ``[P, r, r]`` mask-RoI weights."""
+    boxes = np.asarray(boxes_xyxy_inclusive, np.float32).reshape(-1, 4).copy()
+    boxes[:, 2:] += 1.0
+    if not len(rles):
+        return boxes, np.zeros((0, roi_size, roi_size), np.float32)
+    roi = mask_to_roi(list(rles), torch.from_numpy(boxes), size=roi_size, image_size=tuple(size))
+    return boxes, roi.numpy().astype(np.float32)
 
 
 def _sine_box_encoding(boxes01: torch.Tensor, num_feats: int, max_cycles: float = 32.0) -> torch.Tensor:
@@ -556,6 +572,20 @@ class SamcpHead(nn.Module):
 
     # -- steps --------------------------------------------------------------
 
+    def resize_input(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]
+                     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Resizes images (bilinear, antialiased) so the longer side is ``info.input_size``, and the boxes with them."""
+        size = int(self.info.input_size)
+        h, w = images.shape[-2:]
+        if size <= 0 or max(h, w) == size:
+            return images, list(boxes)
+        scale = size / float(max(h, w))
+        hw = (max(1, round(h * scale)), max(1, round(w * scale)))
+        images = F.interpolate(images.float(), size=hw, mode="bilinear", align_corners=False, antialias=scale < 1)
+        sx, sy = hw[1] / float(w), hw[0] / float(h)
+        factor = torch.tensor([sx, sy, sx, sy])
+        return images, [b.float() * factor.to(b.device) for b in boxes]
+
     def features(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Images float ``[B, 3, H, W]`` in [0, 1] -> FPN maps (one per backbone stride)."""
         if images.ndim != 4 or images.shape[1] != 3:
@@ -657,6 +687,7 @@ class SamcpHead(nn.Module):
         Returns:
             A :class:`SamcpOutput` with ``info.layers + 1`` stages.
         """
+        images, boxes = self.resize_input(images, boxes)
         feats = self.features(images)
         tokens, pos, valid = self.encode_patches(feats, boxes, patch_masks, tuple(images.shape[-2:]))
         return self.decode(tokens, pos, valid, class_embeddings)

@@ -4,20 +4,40 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Tuple, Union
 
 import numpy as np
 
 PathLike = Union[str, os.PathLike]
 
 
+def _create_temp(path: Path) -> Tuple[int, str]:
+    """A new, empty file beside ``path``, opened for writing.
+
+    Unlike ``tempfile.mkstemp`` (mode 0600), the file is created with mode 0666
+    less the process umask, so the result has the permissions of any file the
+    user creates (0644 under umask 022) and a teammate or web server can read it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Writes ``data`` to a temporary file beside ``path``, fsyncs it and renames it into place."""
+    """Writes ``data`` to a temporary file beside ``path``, fsyncs it and renames it into place.
+
+    The file gets the permissions the umask gives a new file (0644 under umask 022).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

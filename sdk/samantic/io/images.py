@@ -27,14 +27,26 @@ def _truncated(data: bytes) -> bool:
 
 
 def _png_bit_depth(data: bytes) -> int:
-    """Bits per sample from a PNG's IHDR chunk (0 if not a PNG): Pillow reads 16-bit RGB as 8-bit silently."""
+    """Bits per sample from a PNG's IHDR chunk (0 if not a PNG)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[12:16] == b"IHDR":
         return data[24]
     return 0
 
 
-# Pillow modes with more than 8 bits per sample, by the numpy dtype they stand for
-_DEEP_MODES = {"I;16": "uint16", "I;16L": "uint16", "I;16B": "uint16", "I;16N": "uint16", "I": "int32", "F": "float32"}
+def _bit_depth(im, data: bytes) -> int:
+    """Bits per sample of the file (PNG header or TIFF BitsPerSample), 8 when neither says."""
+    depth = _png_bit_depth(data)
+    if not depth and hasattr(im, "tag_v2"):
+        bits = im.tag_v2.get(258)  # TIFF BitsPerSample: an int or one per sample
+        depth = max(bits) if isinstance(bits, tuple) and bits else int(bits or 0)
+    return depth or 8
+
+
+# 16-bit grayscale as Pillow holds it; 16-bit RGB(A) it decodes to 8 bits itself, keeping each sample's
+# high byte, which is OpenCV's colour read of a 16-bit PNG (value >> 8)
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# deeper modes that are refused, by the numpy dtype they stand for
+_DEEP_MODES = {"I": "int32", "F": "float32"}
 
 
 def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
@@ -42,13 +54,17 @@ def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
     """Reads an image file as uint8 RGB ``[H, W, 3]``, with its EXIF orientation applied.
 
     Grayscale is expanded to three channels, an alpha channel dropped and CMYK
-    JPEGs converted; 16-bit images are rejected rather than silently rescaled.
-    Decoding is Pillow's, so reading needs neither OpenCV nor torch.
+    JPEGs converted. 16-bit PNG and TIFF (RGB, RGBA, grayscale) are scaled to 8 bits
+    by keeping each sample's high byte (``value >> 8``), as OpenCV's colour read
+    ``cv2.imread(path, cv2.IMREAD_COLOR)`` does for PNG and grayscale TIFF (for
+    16-bit colour TIFF OpenCV goes through libtiff's RGBA reader, which rounds
+    ``value / 257``: at most one level apart). Decoding is Pillow's, so reading
+    needs neither OpenCV nor torch.
 
     Args:
         path: the image file.
         max_pixels: larger images are refused.
-        notes: if given, a conversion that happened (grayscale, alpha, CMYK) is appended as text.
+        notes: if given, a conversion that happened (16-bit, grayscale, alpha, CMYK) is appended as text.
 
     Raises:
         ImageReadError: missing, empty, truncated, undecodable, too large or unsupported file.
@@ -76,9 +92,8 @@ def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
                     raise ImageReadError(f"{p}: " + too_large.format(im.width, im.height, max_pixels))
                 if _truncated(data):
                     raise ImageReadError(truncated)
-                if _png_bit_depth(data) == 16:
-                    raise ImageReadError(f"{p}: uint16 pixels are not supported; convert it to 8-bit")
                 im.load()
+                depth = _bit_depth(im, data)
                 im = ImageOps.exif_transpose(im)
     except ImageReadError:
         raise
@@ -91,8 +106,17 @@ def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"{p}: not a readable image ({e})") from None
     mode = im.mode
+    if mode == "I" and _png_bit_depth(data) == 16:  # 16-bit grayscale PNG as older Pillow holds it (int32)
+        mode = "I;16"
     if mode in _DEEP_MODES:
         raise ImageReadError(f"{p}: {_DEEP_MODES[mode]} pixels are not supported; convert it to 8-bit")
+    if depth == 16 and notes is not None:
+        notes.append("16-bit samples scaled to 8 bits")
+    if mode in _UINT16_MODES:
+        gray = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)  # astype: native order of I;16B
+        if notes is not None:
+            notes.append("grayscale expanded to RGB")
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
     note = None
     if mode in ("1", "L"):
         note = "grayscale expanded to RGB"

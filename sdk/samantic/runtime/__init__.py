@@ -5,6 +5,6 @@ OpenCV, Pillow) a bundle runs without torch, the trainers or the exporters.
 """
 
 from samantic.runtime.bundle import Bundle, BundleError
-from samantic.runtime.segmenter import BACKENDS, Result, Segmenter
+from samantic.runtime.segmenter import BACKENDS, PanopticResult, Result, Segmenter
 
-__all__ = ["BACKENDS", "Bundle", "BundleError", "Result", "Segmenter"]
+__all__ = ["BACKENDS", "Bundle", "BundleError", "PanopticResult", "Result", "Segmenter"]

@@ -115,6 +115,72 @@ class Result:
         return overlay_masks(image, masks, labels, alpha=alpha)
 
 
+class PanopticResult(Result):
+    """A SAM-CP result: named instances and stuff regions merged from SAM's patches.
+
+    Attributes:
+        masks: the patches (the generator's :class:`~samantic.pipeline.generator.MaskSet`).
+        instances: one record per panoptic segment (``id``, ``category_id``, ``category``,
+            ``isthing``, ``score``, ``segmentation`` (compressed RLE of the fused segment),
+            ``area``, ``bbox`` XYWH, ``patches``).
+        panoptic_map: int32 ``[H, W]`` segment id per pixel (0: unlabelled).
+        segments_info: COCO panoptic ``segments_info`` of ``panoptic_map`` (with ``score`` and ``category_name``).
+        semantic_map: category id per pixel (0: unlabelled), from the same fusion.
+        detections: the thing candidates before fusion (COCO results for detection AP).
+        names: the vocabulary (``category_id`` ``k`` is ``names[k - 1]``).
+    """
+
+    def __init__(self, masks: MaskSet, output: Any, image: Optional[np.ndarray] = None) -> None:
+        from samantic.ops import rle_encode
+
+        self.output = output
+        self.panoptic_map = output.panoptic
+        self.segments_info = [{k: v for k, v in s.items() if k != "patches"} for s in output.segments_info]
+        ids = np.array([s["id"] for s in output.segments_info], np.int32)
+        rles = rle_encode(output.panoptic[None] == ids[:, None, None]).to_dicts(compressed=True) if len(ids) else []
+        instances = []
+        for s, rle in zip(output.segments_info, rles):
+            instances.append({"id": s["id"], "category_id": s["category_id"], "category": s["category_name"],
+                              "isthing": s["isthing"], "score": s["score"], "segmentation": rle, "area": s["area"],
+                              "bbox": s["bbox"], "patches": s["patches"]})
+        super().__init__(masks, instances, output.names, image)
+        self._semantic = output.semantic
+        self.detections = output.instances
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __repr__(self) -> str:
+        return (f"PanopticResult({len(self)} segments from {len(self.masks)} patches, image "
+                f"{self.image_size[0]}x{self.image_size[1]})")
+
+    @property
+    def semantic_map(self) -> np.ndarray:
+        return self._semantic
+
+    def to_coco(self, image_id: int = 1, category_ids: Optional[Mapping[str, int]] = None) -> List[Dict[str, Any]]:
+        """COCO results of the panoptic segments (fused, non-overlapping)."""
+        out = []
+        for i, r in enumerate(self.instances):
+            cat = int(r["category_id"]) if category_ids is None else int(category_ids[r["category"]])
+            out.append({"id": i + 1, "image_id": image_id, "category_id": cat, "category_name": r["category"],
+                        "segmentation": r["segmentation"], "area": r["area"], "bbox": r["bbox"],
+                        "score": r["score"], "iscrowd": 0})
+        return out
+
+    def overlay(self, image: Optional[np.ndarray] = None, alpha: float = 0.5) -> np.ndarray:
+        """The panoptic segments drawn on the image, each labelled once with its class name."""
+        from samantic.io.visualize import overlay_masks
+
+        image = self._image if image is None else image
+        if image is None:
+            raise ValueError("overlay() needs the image: pass overlay(image)")
+        masks = (self.panoptic_map[None] == np.array([r["id"] for r in self.instances])[:, None, None]
+                 if self.instances else np.zeros((0, *image.shape[:2]), bool))
+        labels = [r["category"] for r in self.instances]
+        return overlay_masks(image, masks, labels or None, alpha=alpha)
+
+
 def _head_info(head: Any) -> Dict[str, Any]:
     """classes / groups / score_thresh of a head module (``head.info`` like U-SAM's, or attributes)."""
     info = getattr(head, "info", head)
@@ -139,15 +205,37 @@ class Segmenter:
         mask_scorer: an extra scoring hook on the mask tokens (see :class:`MaskGenerator`).
         engine: an already built :class:`~samantic.pipeline.engine.Engine` (instead of ``model``).
         head_info: ``{"classes", "groups", "score_thresh"}`` of a head the engine runs.
+        samcp: a SAM-CP head (:class:`~samantic.heads.samcp.SamcpHead` or its file): the patches
+            are then labelled and merged into a :class:`PanopticResult`; segment-everything uses
+            the grid and thresholds the head was trained with (``config`` / ``options`` override).
+        samcp_options: :class:`~samantic.pipeline.panoptic.SamcpPredictor` options
+            (``score_thresh``, ``affinity_thresh``, ``overlap_thresh``, ``top_k``, ``min_area``).
         **options: :class:`AmgConfig` fields overriding ``config``.
     """
 
     def __init__(self, model: Any = None, head: Any = None, *, classes: Optional[Union[str, Sequence[str]]] = None,
                  score_thresh: Optional[float] = None, config: Optional[AmgConfig] = None,
                  mask_scorer: Optional[MaskScorer] = None, engine: Optional[Engine] = None,
-                 head_info: Optional[Mapping[str, Any]] = None, **options: Any) -> None:
+                 head_info: Optional[Mapping[str, Any]] = None, samcp: Any = None,
+                 samcp_options: Optional[Mapping[str, Any]] = None, **options: Any) -> None:
         if (model is None) == (engine is None):
             raise ValueError("give exactly one of model (a Sam, torch backend) and engine")
+        self.samcp = None
+        if samcp is not None:
+            if head is not None or head_info is not None:
+                raise ValueError("give either a U-SAM head (head=) or a SAM-CP head (samcp=), not both")
+            if model is None:
+                raise ValueError("samcp= runs on the torch backend: pass model=")
+            from samantic.pipeline.panoptic import SamcpPredictor
+
+            self.samcp = SamcpPredictor(samcp, classes=[classes] if isinstance(classes, str) else classes,
+                                        **dict(samcp_options or {}))
+            name = getattr(model, "samantic_name", None)
+            if name:
+                self.samcp.head.check_model(name, str(samcp) if isinstance(samcp, (str, Path)) else "SAM-CP head")
+            if config is None:
+                config = AmgConfig(output_mode="coco_rle", **self.samcp.patch_options())
+            classes = None
         if engine is None:
             from samantic.pipeline.amg import TorchEngine
 
@@ -188,6 +276,8 @@ class Segmenter:
     @property
     def names(self) -> tuple:
         """The requested class names (empty without a head)."""
+        if self.samcp is not None:
+            return self.samcp.names
         return tuple(self.class_scorer.names) if self.class_scorer is not None else ()
 
     @property
@@ -204,6 +294,11 @@ class Segmenter:
         import time
 
         masks = self.generator.generate_masks(image)
+        if self.samcp is not None:
+            t = time.perf_counter()
+            output = self.samcp(image, masks.rles, masks.boxes)
+            self.generator.timings["samcp"] = time.perf_counter() - t
+            return PanopticResult(masks, output, image)
         t = time.perf_counter()
         records = self.generator.to_records(masks)
         if self.names:

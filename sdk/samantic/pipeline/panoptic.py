@@ -1,0 +1,274 @@
+"""SAM-CP inference: SAM's patches -> named instances, stuff regions, a panoptic and a semantic map.
+
+Data flow (one image)::
+
+    patches (RLEs + XYXY boxes from segment-everything)
+        -> SamcpHead: affinities [C + P, P] and class scores of the last decoder layer
+        -> candidates: Type-II queries (one per patch) scored by their best thing class, the
+           top-k kept; Type-I queries of the stuff classes scored by presence
+        -> each candidate's patches: its affinities (sigmoid) divided by their maximum, at least
+           ``affinity_thresh``; score = class score x mean affinity of the chosen patches
+        -> samantic.ops.merge_patches: the union of each candidate's patch RLEs (area, box)
+        -> panoptic fusion: per pixel the highest-scoring candidate wins; a candidate that keeps
+           less than ``overlap_thresh`` of its mask is dropped (its pixels go to the next one)
+        -> panoptic map + segments_info, semantic map (same pass), instance list (things, unfused,
+           for COCO detection results)
+
+Category ids are 1-based positions in the head's vocabulary (``classes + stuff``), 0 = unlabelled;
+for the shapes world v2 they are its COCO category ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = ["PanopticOutput", "SamcpPredictor", "panoptic_fusion"]
+
+
+@dataclass
+class PanopticOutput:
+    """What :class:`SamcpPredictor` gives for one image.
+
+    Attributes:
+        panoptic: int32 ``[H, W]`` segment id per pixel (0: unlabelled).
+        segments_info: per segment ``id``, ``category_id``, ``category_name``, ``isthing``,
+            ``score``, ``area``, ``bbox`` (XYWH), ``patches`` (indices of the patches it merged).
+        semantic: uint8 ``[H, W]`` category id per pixel (0: unlabelled).
+        instances: thing candidates before fusion, best first (``category_id``,
+            ``category_name``, ``score``, ``segmentation`` (compressed COCO RLE), ``area``, ``bbox`` XYWH).
+        names: the vocabulary (``category_id`` ``k`` is ``names[k - 1]``).
+        things: how many of ``names`` are thing classes (the first ones).
+    """
+
+    panoptic: np.ndarray
+    segments_info: List[Dict[str, Any]]
+    semantic: np.ndarray
+    instances: List[Dict[str, Any]]
+    names: Tuple[str, ...]
+    things: int
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def panoptic_fusion(masks: np.ndarray, scores: np.ndarray, overlap_thresh: float = 0.5, min_area: int = 0
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+    """Per pixel the highest-scoring mask wins; masks left with less than ``overlap_thresh`` of their
+    area (or under ``min_area`` pixels) are dropped and their pixels go to the others.
+
+    Args:
+        masks: bool ``[N, H, W]``.
+        scores: ``[N]``.
+
+    Returns:
+        (int32 ``[H, W]`` map of mask index + 1 (0: no mask), bool ``[N]`` kept).
+    """
+    masks = np.asarray(masks, bool)
+    n = masks.shape[0]
+    kept = np.ones(n, bool)
+    areas = masks.sum(axis=(1, 2)) if masks.ndim == 3 else np.zeros(0, np.int64)
+    kept &= areas > max(min_area, 0)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    while True:
+        out = np.zeros(masks.shape[1:], np.int32)
+        dropped = False
+        for i in order:
+            if not kept[i]:
+                continue
+            free = masks[i] & (out == 0)
+            got = int(free.sum())
+            if got < overlap_thresh * areas[i] or got <= min_area:
+                kept[i] = False
+                dropped = True
+                break  # re-run: the dropped mask's pixels may go to a lower-scoring one
+            out[free] = i + 1
+        if not dropped:
+            return out, kept
+
+
+class SamcpPredictor:
+    """Runs a SAM-CP head on the patches of an image and fuses the result.
+
+    Args:
+        head: a :class:`~samantic.heads.samcp.SamcpHead` (or a head file).
+        classes: names to keep (None: the whole vocabulary); unknown names raise ``ValueError``.
+        score_thresh: minimum segment score (class score x mean affinity).
+        affinity_thresh: a candidate takes the patches whose normalised affinity reaches it.
+        overlap_thresh: fusion drops segments that keep less than this fraction of their mask.
+        top_k: Type-II queries kept by class score before merging.
+        min_area: segments smaller than this (pixels, after fusion) are dropped.
+        instance_thresh: minimum score of the unfused thing candidates in ``instances``.
+        device: where the head runs.
+    """
+
+    def __init__(self, head: Any, *, classes: Optional[Sequence[str]] = None, score_thresh: float = 0.3,
+                 affinity_thresh: float = 0.5, overlap_thresh: float = 0.5, top_k: int = 100, min_area: int = 16,
+                 instance_thresh: float = 0.05, device: str = "cpu") -> None:
+        import torch
+
+        from samantic.heads.samcp import SamcpHead, load_samcp
+
+        if not isinstance(head, SamcpHead):
+            head = load_samcp(head, map_location=device)
+        self.head = head.eval().to(device)
+        self.device = torch.device(device)
+        info = head.info
+        self.names = tuple(info.names)
+        self.things = len(info.classes)
+        wanted = self.names if classes is None else head.check_classes(list(classes))
+        self.wanted = np.array([n in wanted for n in self.names], bool)
+        for name, v in (("score_thresh", score_thresh), ("affinity_thresh", affinity_thresh),
+                        ("overlap_thresh", overlap_thresh), ("instance_thresh", instance_thresh)):
+            if not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.score_thresh, self.affinity_thresh = float(score_thresh), float(affinity_thresh)
+        self.overlap_thresh, self.top_k, self.min_area = float(overlap_thresh), int(top_k), int(min_area)
+        self.instance_thresh = float(instance_thresh)
+
+    def patch_options(self) -> Dict[str, Any]:
+        """The segment-everything options the head was trained with (grid, thresholds), from its file's
+        metadata; empty for a head without them (then the model's own defaults apply)."""
+        import json
+
+        raw = self.head.info.extra.get("patches")
+        if not raw:
+            return {}
+        try:
+            got = json.loads(raw)
+        except ValueError:
+            return {}
+        return {k: got[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh") if k in got}
+
+    # -- steps ----------------------------------------------------------------
+
+    def scores(self, image: np.ndarray, patch_rles: Any, patch_boxes: np.ndarray):
+        """The head's last-layer outputs for one image: (affinity sigmoid ``[C + P, P]``,
+        thing class probabilities ``[P, C]``, presence ``[C]``) as numpy."""
+        import torch
+
+        from samantic.heads.samcp import patch_inputs
+
+        rles = _dicts(patch_rles)
+        h, w = image.shape[:2]
+        boxes, roi = patch_inputs(rles, patch_boxes, (h, w), self.head.info.roi_size)
+        im = torch.from_numpy(np.array(image, np.float32)).permute(2, 0, 1).div_(255.0)[None]
+        with torch.inference_mode():
+            out = self.head(im.to(self.device), [torch.from_numpy(boxes).to(self.device)],
+                            [torch.from_numpy(roi).to(self.device)])
+        p = len(rles)
+        c = out.num_classes
+        aff = out.affinity[-1][0, : c + p, :p].float().sigmoid().cpu().numpy()
+        cls = out.class_logits[-1][0, :p, :c].float().sigmoid().cpu().numpy()
+        presence = out.presence_logits[-1][0].float().sigmoid().cpu().numpy()
+        return aff, cls, presence
+
+    def candidates(self, aff: np.ndarray, cls: np.ndarray, presence: np.ndarray
+                   ) -> List[Tuple[int, float, np.ndarray]]:
+        """(vocabulary index, score, bool patch selection) of each candidate, best first."""
+        c = len(self.names)
+        p = cls.shape[0]
+        out = []
+        if p == 0:
+            return out
+
+        def select(row: np.ndarray) -> Tuple[np.ndarray, float]:
+            top = float(row.max())
+            if top <= 0:
+                return np.zeros_like(row, bool), 0.0
+            sel = row / top >= self.affinity_thresh
+            return sel, float(row[sel].mean())
+
+        # Type-II: one per patch, scored by its best wanted thing class
+        thing_prob = cls[:, : self.things] * self.wanted[None, : self.things]
+        if self.things:
+            best = thing_prob.argmax(1)
+            best_p = thing_prob[np.arange(p), best]
+            for q in np.argsort(-best_p, kind="stable")[: self.top_k]:
+                if best_p[q] < min(self.instance_thresh, self.score_thresh):
+                    break
+                sel, quality = select(aff[c + q])
+                if sel.any():
+                    out.append((int(best[q]), float(best_p[q]) * quality, sel))
+        # Type-I: the stuff classes
+        for k in range(self.things, c):
+            if not self.wanted[k]:
+                continue
+            sel, quality = select(aff[k])
+            if sel.any():
+                out.append((k, float(presence[k]) * quality, sel))
+        out.sort(key=lambda t: -t[1])
+        return out
+
+    def __call__(self, image: np.ndarray, patch_rles: Any, patch_boxes: np.ndarray) -> PanopticOutput:
+        """Panoptic segmentation of ``image`` (uint8 RGB ``[H, W, 3]``) from its patches (RLEs, XYXY inclusive boxes)."""
+        import time
+
+        from samantic.ops import RleBatch, merge_patches, rle_decode
+        from samantic.ops.rle import _batch
+
+        t0 = time.perf_counter()
+        h, w = image.shape[:2]
+        batch = patch_rles if isinstance(patch_rles, RleBatch) else (
+            _batch(patch_rles, "patch_rles") if len(patch_rles) else RleBatch(np.zeros(0, np.uint32),
+                                                                               np.zeros(1, np.int64), (h, w)))
+        if tuple(batch.size) != (h, w):
+            raise ValueError(f"patches are {batch.size[1]}x{batch.size[0]}, the image {w}x{h}")
+        aff, cls, presence = self.scores(image, batch, patch_boxes)
+        t1 = time.perf_counter()
+        cands = self.candidates(aff, cls, presence)
+        # identical patch sets of one class: keep the best
+        seen, unique = set(), []
+        for k, s, sel in cands:
+            key = (k, sel.tobytes())
+            if key not in seen:
+                seen.add(key)
+                unique.append((k, s, sel))
+        groups = np.stack([sel for _, _, sel in unique]) if unique else np.zeros((0, len(batch)), bool)
+        merged = merge_patches(batch, groups)
+        t2 = time.perf_counter()
+        dicts = merged.rles.to_dicts(compressed=True) if len(unique) else []
+        instances = []
+        for (k, s, sel), rle, area, box in zip(unique, dicts, merged.area, merged.boxes):
+            if k < self.things and s >= self.instance_thresh and area > 0:
+                instances.append({"category_id": k + 1, "category_name": self.names[k], "score": float(s),
+                                  "segmentation": rle, "area": int(area), "bbox": _xywh(box)})
+        keep = [i for i, (k, s, _) in enumerate(unique) if s >= self.score_thresh and merged.area[i] > 0]
+        masks = rle_decode(merged.rles.select(keep)).astype(bool) if keep else np.zeros((0, h, w), bool)
+        fused, kept = panoptic_fusion(masks, np.array([unique[i][1] for i in keep]), self.overlap_thresh,
+                                      self.min_area)
+        panoptic = np.zeros((h, w), np.int32)
+        semantic = np.zeros((h, w), np.uint8 if len(self.names) < 256 else np.uint16)
+        segments = []
+        for j, i in enumerate(keep):
+            if not kept[j]:
+                continue
+            k, s, sel = unique[i]
+            region = fused == j + 1
+            sid = len(segments) + 1
+            panoptic[region] = sid
+            semantic[region] = k + 1
+            ys, xs = np.nonzero(region)
+            segments.append({"id": sid, "category_id": k + 1, "category_name": self.names[k],
+                             "isthing": bool(k < self.things), "score": float(s), "area": int(region.sum()),
+                             "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                      int(ys.max() - ys.min() + 1)],
+                             "patches": np.flatnonzero(sel).tolist()})
+        t3 = time.perf_counter()
+        return PanopticOutput(panoptic, segments, semantic, instances, self.names, self.things,
+                              {"head": t1 - t0, "merge": t2 - t1, "fusion": t3 - t2})
+
+
+def _xywh(box: np.ndarray) -> List[int]:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
+
+
+def _dicts(rles: Any) -> List[dict]:
+    from samantic.ops import RleBatch
+
+    if isinstance(rles, RleBatch):
+        return rles.to_dicts(compressed=True) if len(rles) else []
+    return list(rles)

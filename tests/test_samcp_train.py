@@ -1,0 +1,444 @@
+"""SAM-CP training, inference and evaluation (samantic.train.samcp, samantic.pipeline.panoptic,
+samantic.train.samcp_eval) and the commands ``train samcp``, ``segment --samcp``, ``eval samcp``.
+
+Segment-everything costs seconds per image on this CPU whatever the size, so the tests share
+one small patch cache (three 96x128 v2 scenes, an 8x8 grid, loose thresholds) and a head
+trained for a few steps; what they check does not depend on the head being good.
+"""
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from samantic.heads.samcp import SamcpHead, SamcpInfo, load_samcp
+from samantic.pipeline.panoptic import PanopticOutput, SamcpPredictor, panoptic_fusion
+from samantic.train.data.panoptic import CATEGORIES, STUFF_CLASSES, THING_CLASSES, render_panoptic
+from samantic.train.samcp import (
+    SamcpTrainConfig,
+    SamcpTrainer,
+    assign_patches,
+    class_membership,
+    hungarian_match,
+    load_examples,
+    samcp_losses,
+)
+from samantic.train.samcp_cache import PanopticStream
+
+SIZE = (96, 128)
+GRID = 8
+LOW = {"pred_iou_thresh": 0.3, "stability_score_thresh": 0.5}
+SMALL = dict(d_model=32, heads=2, layers=2, encoder_layers=1, ffn_dim=64, roi_channels=8,
+             backbone_channels=(8, 16, 16, 32), input_size=128)
+
+
+def small_info(**kw) -> SamcpInfo:
+    return SamcpInfo(classes=THING_CLASSES, stuff=STUFF_CLASSES, model="sam_nano", **{**SMALL, **kw})
+
+
+@pytest.fixture(scope="module")
+def nano():
+    from samantic.models import create_model
+
+    return create_model("sam_nano")
+
+
+@pytest.fixture(scope="module")
+def examples(nano, tmp_path_factory):
+    torch.set_num_threads(1)
+    cache = tmp_path_factory.mktemp("samcp_cache")
+    ex, report = load_examples(nano, PanopticStream(1_000_000, 3, size=SIZE), cache, small_info().names,
+                               points_per_side=GRID, progress=False, **LOW)
+    assert report.computed == 3 and len(ex) == 3
+    return ex, cache
+
+
+# ---------------------------------------------------------------- assignment
+
+
+def test_assign_patches_thresholds_ignore_band_and_fallback():
+    iop = np.array([[0.9, 0.0, 0.0],    # member of 0
+                    [0.6, 0.3, 0.0],    # ignored for 0 (0.5 <= iop < 0.8), negative for 1
+                    [0.85, 0.0, 0.0],   # mask inside 0 but its box is not: ignored
+                    [0.0, 0.3, 0.2]])   # nothing reaches 0.8: the fallback for 1 (best IoU)
+    box = np.array([[0.95, 0, 0], [0.7, 0.4, 0], [0.6, 0, 0], [0, 0.5, 0.3]])
+    iou = np.array([[0.7, 0, 0], [0.4, 0.1, 0], [0.5, 0, 0], [0, 0.25, 0.1]])
+    m = assign_patches(iop, box, iou, 0.8, 0.5)
+    assert m[0].tolist() == [1, 0, 0]
+    assert m[1, 0] == -1 and m[1, 1] == 0
+    assert m[2, 0] == -1
+    # GT 1 gets patch 3 (its best by IoU); GT 2's best patch is taken already, so it has none
+    assert m[3].tolist() == [0, 1, 0]
+    assert (m[:, 2] == 1).sum() == 0
+
+
+def test_class_membership_sums_instances_of_a_class():
+    # patch 0 lies half in each of two instances of class 2: a member of class 2, of no instance
+    iop = np.array([[0.45, 0.45, 0.0], [0.0, 0.0, 0.95]])
+    cls = class_membership(iop, np.array([2, 2, 0]), 3, 0.8, 0.5)
+    assert cls[:, 0].tolist() == [0, 0, 1]
+    assert cls[:, 1].tolist() == [1, 0, 0]
+    assert (cls[1] == 0).all()  # an absent class: every patch negative
+
+
+def test_hungarian_match_minimises_total_cost():
+    torch.manual_seed(0)
+    cfg = SamcpTrainConfig()
+    for trial in range(5):
+        q, p, g = 4, 4, 3
+        logits = torch.randn(q, 6)
+        aff = torch.randn(q, p) * 3
+        member = torch.from_numpy(np.random.default_rng(trial).integers(-1, 2, (p, g)).astype(np.int8))
+        classes = torch.tensor([0, 2, 4])
+        qi, gi = hungarian_match(logits, aff, member, classes, cfg)
+        assert len(qi) == g and len(set(qi.tolist())) == g
+
+        # the same cost, computed element by element, minimised by brute force
+        def cost(a, b):
+            t = (member[:, b] == 1).float()
+            w = (member[:, b] >= 0).float()
+            prob = logits[a, classes[b]].sigmoid()
+            c_cls = 0.25 * (1 - prob) ** 2 * -(prob + 1e-8).log() - 0.75 * prob ** 2 * -(1 - prob + 1e-8).log()
+            pr = aff[a].sigmoid()
+            from samantic.train.samcp import _focal
+
+            focal = (_focal(aff[a], t) * w).sum() / w.sum().clamp(min=1)
+            dice = 1 - (2 * (pr * t * w).sum() + 1) / ((pr * w).sum() + (t * w).sum() + 1)
+            local = float(member[a, b] != 1)
+            return float(cfg.class_weight * c_cls + cfg.focal_weight * focal + cfg.dice_weight * dice
+                         + cfg.locality_weight * local)
+
+        got = sum(cost(a, b) for a, b in zip(qi, gi))
+        best = min(sum(cost(a, b) for a, b in zip(perm, range(g))) for perm in itertools.permutations(range(q), g))
+        assert got == pytest.approx(best, rel=1e-5, abs=1e-5)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_examples_from_the_cache(examples):
+    ex, _ = examples
+    names = small_info().names
+    for e in ex:
+        p = e.boxes.shape[0]
+        assert e.roi_masks.shape == (p, 7, 7) and e.membership.shape[0] == p
+        assert e.class_targets.shape == (len(names), p)
+        assert ((e.membership == 1).sum(1) <= 1).all()  # a patch belongs to at most one segment
+        assert (e.boxes[:, 2:] > e.boxes[:, :2]).all()
+        # segments map onto the vocabulary by name
+        for c in e.gt_classes:
+            assert c >= 0
+    assert sum(e.boxes.shape[0] for e in ex) > 0
+
+
+def test_losses_fall_when_fitting_a_few_scenes(examples):
+    ex, _ = examples
+    ex = [e for e in ex if e.boxes.shape[0]]
+    torch.manual_seed(0)
+    head = SamcpHead(small_info())
+    cfg = SamcpTrainConfig(steps=100, images_per_step=len(ex), lr=2e-3, warmup_steps=1, flip_prob=0.0)
+    trainer = SamcpTrainer(head, cfg, ex)
+    first = trainer.train_step(ex)[0]
+    for _ in range(59):
+        last, parts = trainer.train_step(ex)
+    assert last < 0.6 * first, (first, last)
+    assert set(parts) == {"class", "focal", "dice", "sem_focal", "sem_dice", "presence"}
+
+
+def test_loss_reaches_every_stage_and_the_backbone(examples):
+    ex, _ = examples
+    torch.manual_seed(0)
+    head = SamcpHead(small_info())
+    from samantic.train.samcp import collate_examples
+
+    images, boxes, masks = collate_examples(ex, torch.device("cpu"))
+    out = head(images, boxes, masks)
+    loss, _ = samcp_losses(out, ex, SamcpTrainConfig())
+    loss.backward()
+    assert head.backbone.body.stem[0][0].weight.grad.abs().sum() > 0
+    for aff in head.affinity:  # the head MLP's last layer starts at 0, so its gradient is where a stage learns first
+        assert aff.head_mlp[-1].weight.grad is not None and aff.head_mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_resume_gives_the_same_weights(examples, tmp_path):
+    ex, _ = examples
+    cfg = SamcpTrainConfig(steps=4, images_per_step=2, lr=1e-3, warmup_steps=1, checkpoint_every=2, log_every=1)
+
+    class Interrupted(SamcpTrainer):
+        def train_step(self, batch):
+            if self.step == 3:
+                raise KeyboardInterrupt
+            return super().train_step(batch)
+
+    def trainer(cls):
+        torch.manual_seed(0)
+        return cls(SamcpHead(small_info()), cfg, ex)
+
+    trainer(SamcpTrainer).train(tmp_path / "a.safetensors", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer(Interrupted).train(tmp_path / "b.safetensors", progress=False)  # checkpoint at step 2
+    trainer(SamcpTrainer).train(tmp_path / "b.safetensors", resume=True, progress=False)
+    straight, resumed = load_samcp(tmp_path / "a.safetensors"), load_samcp(tmp_path / "b.safetensors")
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    meta = resumed.info.extra
+    assert meta["steps_done"] == "4" and json.loads(meta["train_config"])["steps"] == 4
+    # steps 1-2 of the interrupted run, then 3-4 after the resume
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b.safetensors.log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- inference
+
+
+def test_panoptic_fusion_highest_score_wins_and_small_leftovers_drop():
+    m = np.zeros((3, 4, 6), bool)
+    m[0, :, :4] = True       # score 0.9
+    m[1, :, 2:] = True       # score 0.5: keeps 8 of 16 pixels = 0.5 -> kept at 0.5
+    m[2, :, 1:4] = True      # score 0.7: inside mask 0 -> keeps nothing -> dropped
+    out, kept = panoptic_fusion(m, np.array([0.9, 0.5, 0.7]), overlap_thresh=0.5)
+    assert kept.tolist() == [True, True, False]
+    assert (out[:, :4] == 1).all() and (out[:, 4:] == 2).all()
+    out, kept = panoptic_fusion(m, np.array([0.9, 0.5, 0.7]), overlap_thresh=0.6)
+    assert kept.tolist() == [True, False, False] and (out[:, 4:] == 0).all()
+
+
+class _FixedScores(SamcpPredictor):
+    """A predictor whose head outputs are given (to test the merge and fusion)."""
+
+    def __init__(self, head, aff, cls, presence, **kw):
+        super().__init__(head, **kw)
+        self.fixed = (aff, cls, presence)
+
+    def scores(self, image, patch_rles, patch_boxes):
+        return self.fixed
+
+
+def test_predictor_merges_patches_like_pycocotools_and_fuses():
+    h, w = 40, 50
+    rng = np.random.default_rng(0)
+    patches = np.zeros((4, h, w), np.uint8)
+    patches[0, 5:20, 5:20] = 1
+    patches[1, 15:30, 10:25] = 1     # overlaps patch 0: one instance with it
+    patches[2, 30:38, 30:48] = 1     # another instance
+    patches[3, :5, :] = 1            # stuff (wall)
+    rles = mask_utils.encode(np.asfortranarray(patches.transpose(1, 2, 0)))
+    for r in rles:
+        r["counts"] = r["counts"].decode()
+    boxes = np.array([[x, y, x + bw - 1, y + bh - 1] for x, y, bw, bh in mask_utils.toBbox(rles).astype(int)])
+    info = small_info()
+    c, p = info.num_classes, 4
+    aff = np.full((c + p, p), 0.01)
+    aff[c + 0, [0, 1]] = 0.9          # query of patch 0: patches 0 and 1
+    aff[c + 1, [0, 1]] = 0.8          # the same set, a lower score: deduplicated
+    aff[c + 2, 2] = 0.95
+    wall = info.names.index("wall")
+    aff[wall, 3] = 0.9
+    cls = np.full((p, c), 0.01)
+    cls[0, info.names.index("star")] = 0.9
+    cls[1, info.names.index("star")] = 0.6
+    cls[2, info.names.index("ring")] = 0.8
+    presence = np.full(c, 0.01)
+    presence[wall] = 0.95
+    pred = _FixedScores(SamcpHead(info), aff, cls, presence, score_thresh=0.3, min_area=0)
+    image = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    out = pred(image, rles, boxes)
+    names = {s["category_name"] for s in out.segments_info}
+    assert names == {"star", "ring", "wall"}
+    star = next(s for s in out.segments_info if s["category_name"] == "star")
+    union = mask_utils.decode(mask_utils.merge([rles[0], rles[1]], intersect=False)).astype(bool)
+    assert ((out.panoptic == star["id"]) == union).all()
+    assert star["patches"] == [0, 1]
+    # semantic map from the same pass; segments_info agrees with the map
+    for s in out.segments_info:
+        region = out.panoptic == s["id"]
+        assert s["area"] == region.sum()
+        assert (out.semantic[region] == s["category_id"]).all()
+        assert info.names[s["category_id"] - 1] == s["category_name"]
+    assert (out.semantic[out.panoptic == 0] == 0).all()
+    # the unfused instances: one per distinct patch set of a thing class, best first
+    assert [d["category_name"] for d in out.instances] == ["ring", "star"] or \
+        [d["category_name"] for d in out.instances] == ["star", "ring"]
+    # a class filter keeps only the wanted names
+    only = _FixedScores(SamcpHead(info), aff, cls, presence, classes=["ring"], min_area=0)(image, rles, boxes)
+    assert {s["category_name"] for s in only.segments_info} == {"ring"}
+    with pytest.raises(ValueError, match="knows: circle"):
+        SamcpPredictor(SamcpHead(info), classes=["blob"])
+
+
+def test_segmenter_with_samcp_returns_a_panoptic_result(nano, examples, tmp_path):
+    from samantic.runtime import PanopticResult, Segmenter
+
+    torch.manual_seed(0)
+    head = SamcpHead(small_info())
+    head.info.extra["patches"] = json.dumps({"points_per_side": GRID, **LOW})
+    seg = Segmenter(nano, samcp=head, samcp_options={"score_thresh": 0.0, "min_area": 0})
+    assert seg.config.points_per_side == GRID and seg.config.pred_iou_thresh == LOW["pred_iou_thresh"]
+    image = render_panoptic(11, size=SIZE).image
+    res = seg(image)
+    assert isinstance(res, PanopticResult)
+    assert res.panoptic_map.shape == SIZE and res.semantic_map.shape == SIZE
+    assert len(res) == len(res.segments_info) == len(res.instances)
+    for s, inst in zip(res.segments_info, res.instances):
+        m = mask_utils.decode(inst["segmentation"]).astype(bool)
+        assert (m == (res.panoptic_map == s["id"])).all()
+    assert res.overlay().shape == image.shape
+    assert "samcp" in seg.timings
+    with pytest.raises(ValueError, match="trained on patches of sam_nano"):
+        head.check_model("sam_vit_b")
+    with pytest.raises(ValueError, match="either a U-SAM head"):
+        Segmenter(nano, head=object(), samcp=head)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class _Oracle:
+    """Returns the ground truth of the v2 scene whose image it is given (scores every metric 1)."""
+
+    def __init__(self, seeds, kind="v2"):
+        self.names = tuple(THING_CLASSES) + tuple(STUFF_CLASSES)
+        self.kind = kind
+        from samantic.train.data.shapes import render_scene
+        self.scenes = {}
+        for s in seeds:
+            sc = render_panoptic(s) if kind == "v2" else render_scene(s)
+            self.scenes[sc.image.tobytes()[:4096] + bytes(str(sc.image.shape), "ascii")] = sc
+
+    def __call__(self, image, rles, boxes):
+        sc = self.scenes[image.tobytes()[:4096] + bytes(str(image.shape), "ascii")]
+        if self.kind == "v2":
+            panoptic = sc.panoptic.astype(np.int32)
+            segs = [{"id": int(i), "category_id": int(c), "category_name": self.names[c - 1]} for i, c in sc.segments]
+            masks, labels = sc.masks, np.asarray(sc.labels)
+        else:
+            masks, labels = sc.masks.astype(bool), np.asarray(sc.labels)
+            panoptic = np.zeros(masks.shape[1:], np.int32)
+            for i, m in enumerate(masks):
+                panoptic[m] = i + 1
+            segs = [{"id": i + 1, "category_id": int(l) + 1, "category_name": self.names[l]} for i, l in enumerate(labels)]
+        semantic = np.zeros(panoptic.shape, np.uint8)
+        for s in segs:
+            semantic[panoptic == s["id"]] = s["category_id"]
+        inst = []
+        for m, l in zip(masks, labels):
+            r = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            r["counts"] = r["counts"].decode()
+            inst.append({"category_id": int(l) + 1, "category_name": self.names[l], "score": 1.0, "segmentation": r})
+        return PanopticOutput(panoptic, segs, semantic, inst, self.names, len(THING_CLASSES))
+
+
+def test_evaluate_samcp_scores_the_ground_truth_as_perfect(nano, tmp_path, monkeypatch):
+    from samantic.train import samcp_cache
+    from samantic.train.samcp_eval import evaluate_samcp
+
+    # no segment-everything needed: the oracle ignores the patches
+    monkeypatch.setattr(samcp_cache.PatchCache, "compute", lambda self, sample: _EmptyPatches(sample.image))
+    monkeypatch.setattr(samcp_cache.PatchCache, "get", lambda self, image: None)
+    r = evaluate_samcp(_Oracle([0, 1]), nano, [0, 1], tmp_path, kind="v2", progress=False)
+    assert r.pq["all"]["pq"] == pytest.approx(1.0) and r.pq["things"]["rq"] == pytest.approx(1.0)
+    assert r.miou == pytest.approx(1.0) and r.ap50 == pytest.approx(1.0) and r.ap == pytest.approx(1.0)
+    from samantic.train.data.shapes import render_scene
+
+    v1 = [s for s in range(2, 20) if len(render_scene(s).labels) >= 2][:2]  # some v1 scenes have no object
+    r1 = evaluate_samcp(_Oracle(v1, kind="v1"), nano, v1, tmp_path, kind="v1", progress=False)
+    assert r1.miou == pytest.approx(1.0) and r1.ap50 == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="training seed"):
+        evaluate_samcp(_Oracle([]), nano, [1_000_000], tmp_path, progress=False)
+
+
+class _EmptyPatches:
+    def __init__(self, image):
+        from samantic.ops import RleBatch
+
+        self.size = image.shape[:2]
+        self.patch_boxes = np.zeros((0, 4), np.int64)
+        self._b = RleBatch(np.zeros(0, np.uint32), np.zeros(1, np.int64), self.size)
+
+    def __len__(self):
+        return 0
+
+    def patch_batch(self):
+        return self._b
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _samantic(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "samantic.cli.main", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def trained(examples, tmp_path_factory):
+    """`samantic train samcp` on the cached scenes (the cache is reused, nothing recomputed)."""
+    _, cache = examples
+    out = tmp_path_factory.mktemp("head") / "samcp.safetensors"
+    data = tmp_path_factory.mktemp("pdata")
+    from samantic.train.data.panoptic import write_panoptic
+
+    write_panoptic(data, [render_panoptic(1_000_000 + i, size=SIZE) for i in range(3)], progress=False)
+    r = _samantic("train", "samcp", "--data", str(data), "--out", str(out), "--cache", str(cache), "--points-per-side",
+                  str(GRID), "--pred-iou-thresh", str(LOW["pred_iou_thresh"]), "--stability-score-thresh",
+                  str(LOW["stability_score_thresh"]), "--steps", "3", "--images-per-step", "2", "--layers", "1",
+                  "--threads", "1", "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 computed, 3 reused" in r.stdout
+    return out
+
+
+def test_train_samcp_writes_a_head_with_its_vocabulary_and_patches(trained):
+    head = load_samcp(trained)
+    assert head.info.classes == THING_CLASSES and head.info.stuff == STUFF_CLASSES
+    assert head.info.layers == 1 and head.info.model == "sam_nano"
+    assert json.loads(head.info.extra["patches"]) == {"points_per_side": GRID, **LOW}
+    assert head.info.extra["steps_done"] == "3"
+
+
+def test_train_samcp_rejects_unknown_classes(tmp_path):
+    r = _samantic("train", "samcp", "--data", "shapes-panoptic:1000000:1", "--out", str(tmp_path / "h.safetensors"),
+                  "--classes", "circle,blob", "--no-progress")
+    assert r.returncode == 1 and "blob" in r.stderr and "house" in r.stderr
+
+
+def test_segment_with_samcp_writes_coco_semantic_and_panoptic_files(trained, tmp_path):
+    from PIL import Image
+
+    from samantic.io.panoptic import read_panoptic
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(render_panoptic(21, size=SIZE).image).save(src / "a.png")
+    (src / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    r = _samantic("segment", str(src), "--out", str(out), "--samcp", str(trained), "--score-thresh", "0",
+                  "--no-progress")
+    assert r.returncode == 1, r.stdout + r.stderr  # the broken file failed, the good one was done
+    assert "broken.png" in r.stderr
+    for suffix in (".json", ".semantic.png", ".panoptic.png", ".panoptic.json", ".overlay.png"):
+        assert (out / f"a.png{suffix}").is_file(), suffix
+    res = json.loads((out / "a.png.json").read_text())
+    names = {c["id"]: c["name"] for c in res["categories"]}
+    assert [names[i] for i in sorted(names)] == list(THING_CLASSES + STUFF_CLASSES)
+    for ann in res["annotations"]:
+        assert ann["category_name"] == names[ann["category_id"]] and 0 <= ann["score"] <= 1
+        assert mask_utils.area(ann["segmentation"]) == ann["area"]
+    ids, segs = read_panoptic(out / "a.png.panoptic.png", out / "a.png.panoptic.json")
+    assert len(segs) == len(res["annotations"])
+    sem = np.asarray(Image.open(out / "a.png.semantic.png"))
+    assert Image.open(out / "a.png.semantic.png").mode == "P"
+    for s in segs:
+        assert (sem[ids == s["id"]] == s["category_id"]).all()
+    assert (sem[ids == 0] == 0).all()
+    # the same settings the head was trained with
+    assert res["settings"]["points_per_side"] == GRID
+    r = _samantic("segment", str(src / "a.png"), "--out", str(tmp_path / "o2"), "--samcp", str(trained),
+                  "--classes", "circle,blob", "--no-progress")
+    assert r.returncode == 1 and "blob" in r.stderr and "lollipop" in r.stderr

@@ -1,0 +1,534 @@
+"""Training SAM-CP: patch-to-segment assignment from the patch cache, Hungarian matching, losses, the loop.
+
+Data flow (one image)::
+
+    patch cache entry (samantic.train.samcp_cache): patches (RLE, box) + overlaps with the GT
+        -> membership [P, G] in {1 positive, 0 negative, -1 ignored}   (assign_patches)
+        -> class membership [C, P] of the Type-I queries                (class_membership)
+    image + patch boxes + 7x7 patch masks -> SamcpHead -> affinities and class logits per stage
+        -> Type-II queries matched one-to-one to GT things (Hungarian; class, affinity focal,
+           affinity dice and a locality cost)
+        -> losses on every stage: sigmoid focal classification, focal + dice on the affinity rows
+           of matched Type-II queries and of the Type-I (class) queries, presence of each class.
+
+A patch is a positive member of a GT segment when at least ``pos_thresh`` (0.8) of the patch
+lies inside the segment, for its mask and for its box; a negative one when less than
+``neg_thresh`` (0.5) of its mask does; in between it is ignored (no loss). A segment that
+no patch joins gets its best patch by IoU as a positive (if that patch is not already a
+member of another segment), so every GT has a patch whenever SAM found anything of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "SamcpTrainConfig",
+    "SamcpExample",
+    "SamcpTrainer",
+    "assign_patches",
+    "class_membership",
+    "example_from_patches",
+    "hungarian_match",
+    "load_examples",
+    "samcp_losses",
+]
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class SamcpTrainConfig:
+    """Options of :class:`SamcpTrainer`.
+
+    Attributes:
+        steps: optimizer steps in total (a resumed run continues up to this).
+        images_per_step: images per optimizer step.
+        lr, weight_decay, warmup_steps, min_lr_ratio: AdamW, linear warm-up, cosine decay.
+        grad_clip: max gradient norm (0 disables).
+        pos_thresh, neg_thresh: patch membership thresholds (intersection over patch).
+        class_weight, focal_weight, dice_weight, presence_weight: loss weights (Mask2Former's 2 / 5 / 5).
+        locality_weight: matching cost added when a Type-II query's own patch is not a positive
+            member of the GT (a query stands for the instance of its patch).
+        flip_prob: probability of a horizontal flip of an image with its patches.
+        checkpoint_every, log_every: steps between resumable checkpoints / log lines.
+        seed: data order, augmentation and initialisation.
+        time_budget: seconds of training (0: no limit); the cosine decay then follows time.
+    """
+
+    steps: int = 3000
+    images_per_step: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    pos_thresh: float = 0.8
+    neg_thresh: float = 0.5
+    class_weight: float = 2.0
+    focal_weight: float = 5.0
+    dice_weight: float = 5.0
+    presence_weight: float = 1.0
+    locality_weight: float = 2.0
+    flip_prob: float = 0.5
+    checkpoint_every: int = 200
+    log_every: int = 20
+    seed: int = 0
+    time_budget: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "images_per_step", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.neg_thresh <= self.pos_thresh <= 1.0:
+            raise ValueError(f"need 0 <= neg_thresh <= pos_thresh <= 1, got {self.neg_thresh}, {self.pos_thresh}")
+        if self.time_budget < 0:
+            raise ValueError(f"time_budget must be >= 0 seconds, got {self.time_budget}")
+
+
+# ---------------------------------------------------------------- assignment
+
+
+def assign_patches(iop: np.ndarray, box_iop: np.ndarray, iou: np.ndarray, pos_thresh: float = 0.8,
+                   neg_thresh: float = 0.5) -> np.ndarray:
+    """Patch-to-segment membership from the cached overlaps.
+
+    Args:
+        iop, box_iop, iou: ``[P, G]`` intersection over patch (mask, box) and IoU.
+        pos_thresh: a patch is a member when ``iop`` and ``box_iop`` reach it.
+        neg_thresh: a patch is not a member when ``iop`` is below it.
+
+    Returns:
+        int8 ``[P, G]``: 1 member, 0 not a member, -1 ignored. Every segment with any
+        overlap gets at least one member (its best patch by IoU, if that patch is a member
+        of no other segment).
+    """
+    iop = np.asarray(iop, np.float32)
+    p, g = iop.shape
+    out = np.full((p, g), -1, np.int8)
+    out[iop < neg_thresh] = 0
+    out[(iop >= pos_thresh) & (np.asarray(box_iop) >= pos_thresh)] = 1
+    if p and g:
+        iou = np.asarray(iou, np.float32)
+        taken = (out == 1).any(1)
+        for j in np.flatnonzero(~(out == 1).any(0)):
+            order = np.argsort(-iou[:, j], kind="stable")
+            for i in order:
+                if iou[i, j] <= 0:
+                    break
+                if not taken[i]:
+                    out[i, :] = np.where(out[i, :] == 1, 1, 0)
+                    out[i, j] = 1
+                    taken[i] = True
+                    break
+    return out
+
+
+def class_membership(iop: np.ndarray, gt_classes: np.ndarray, num_classes: int, pos_thresh: float = 0.8,
+                     neg_thresh: float = 0.5, membership: Optional[np.ndarray] = None) -> np.ndarray:
+    """Type-I targets: int8 ``[C, P]`` (1 the patch is of class c, 0 not, -1 ignored).
+
+    The fraction of a patch inside class ``c`` is the sum of its intersections over patch with the
+    segments of class ``c`` (segments are disjoint). Patches that ``membership`` makes members of a
+    segment (the fallback included) count as members of its class.
+    """
+    iop = np.asarray(iop, np.float32)
+    p = iop.shape[0]
+    out = np.zeros((num_classes, p), np.int8)
+    for c in range(num_classes):
+        sel = np.asarray(gt_classes) == c
+        if not sel.any():
+            continue
+        frac = iop[:, sel].sum(1)
+        row = np.full(p, -1, np.int8)
+        row[frac < neg_thresh] = 0
+        row[frac >= pos_thresh] = 1
+        if membership is not None:
+            row[(membership[:, sel] == 1).any(1)] = 1
+        out[c] = row
+    return out
+
+
+# ---------------------------------------------------------------- examples
+
+
+@dataclass
+class SamcpExample:
+    """One training image with its patches and targets (numpy, CPU)."""
+
+    key: str
+    image: np.ndarray            # uint8 [H, W, 3]
+    boxes: np.ndarray            # float32 [P, 4] xyxy (max exclusive)
+    roi_masks: np.ndarray        # float32 [P, r, r]
+    membership: np.ndarray       # int8 [P, G]
+    gt_classes: np.ndarray       # int64 [G], index into the head's vocabulary (-1: not in it)
+    gt_isthing: np.ndarray       # bool [G]
+    class_targets: np.ndarray    # int8 [C, P]
+
+    def flipped(self) -> "SamcpExample":
+        w = self.image.shape[1]
+        boxes = self.boxes.copy()
+        boxes[:, 0], boxes[:, 2] = w - self.boxes[:, 2], w - self.boxes[:, 0]
+        return SamcpExample(self.key, np.ascontiguousarray(self.image[:, ::-1]), boxes,
+                            np.ascontiguousarray(self.roi_masks[:, :, ::-1]), self.membership, self.gt_classes,
+                            self.gt_isthing, self.class_targets)
+
+
+def example_from_patches(key: str, image: np.ndarray, entry: Any, vocabulary: Sequence[str],
+                         categories: Sequence[dict], roi_size: int = 7, pos_thresh: float = 0.8,
+                         neg_thresh: float = 0.5) -> SamcpExample:
+    """A training example from an image and its patch cache entry (:class:`~samantic.train.samcp_cache.Patches`).
+
+    ``vocabulary`` is the head's ``classes + stuff``; ``categories`` the dataset's COCO categories,
+    whose names map the entry's ``gt_categories`` onto it (segments of other categories get -1:
+    their patches are negatives of every class).
+    """
+    names = {int(c["id"]): c["name"] for c in categories}
+    index = {n: i for i, n in enumerate(vocabulary)}
+    gt_classes = np.array([index.get(names.get(int(c), ""), -1) for c in entry.gt_categories], np.int64)
+    from samantic.heads.samcp import patch_inputs
+
+    membership = assign_patches(entry.iop, entry.box_iop, entry.iou, pos_thresh, neg_thresh)
+    boxes, roi = patch_inputs(entry.patch_rles, entry.patch_boxes, entry.size, roi_size)
+    class_targets = class_membership(entry.iop, gt_classes, len(vocabulary), pos_thresh, neg_thresh, membership)
+    return SamcpExample(key, image, boxes, roi, membership, gt_classes, np.asarray(entry.gt_isthing, bool),
+                        class_targets)
+
+
+def load_examples(model, dataset, cache_dir, vocabulary: Sequence[str], *, roi_size: int = 7,
+                  points_per_side: int = 32, pred_iou_thresh: Optional[float] = None,
+                  stability_score_thresh: Optional[float] = None, pos_thresh: float = 0.8, neg_thresh: float = 0.5,
+                  progress: bool = True, on_error=None) -> Tuple[List[SamcpExample], Any]:
+    """Builds (or reuses) the patch cache of ``dataset`` and turns every entry into an example.
+
+    Returns:
+        (examples, the cache's :class:`~samantic.train.samcp_cache.CacheReport`).
+    """
+    from samantic.train.samcp_cache import Patches, build_patch_cache, open_panoptic
+
+    data = open_panoptic(dataset)
+    report = build_patch_cache(model, data, cache_dir, points_per_side=points_per_side,
+                               pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+                               progress=progress, on_error=on_error)
+    categories = data.categories
+    by_key = dict(report.entries)
+    examples = []
+    for i in range(len(data)):
+        key = data.key(i)
+        if key not in by_key:
+            continue  # a bad file, already reported
+        sample = data.load(i)
+        entry = Patches.from_file(by_key[key])
+        examples.append(example_from_patches(key, sample.image, entry, vocabulary, categories, roi_size,
+                                             pos_thresh, neg_thresh))
+    return examples, report
+
+
+# ---------------------------------------------------------------- matching and losses
+
+
+def _focal(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Elementwise sigmoid focal loss."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    pt = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - pt) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+def _dice(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Dice loss per row over the weighted (non-ignored) entries: ``[..., P] -> [...]``."""
+    p = logits.sigmoid() * weight
+    t = targets * weight
+    return 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
+
+
+def _pair_costs(aff: torch.Tensor, member: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Focal and dice costs ``[Q, G]`` between affinity rows ``[Q, P]`` and membership columns ``[P, G]``."""
+    t = (member == 1).float().t()                 # [G, P]
+    w = (member >= 0).float().t()                 # [G, P]
+    pos = _focal(aff, torch.ones_like(aff))       # [Q, P]
+    neg = _focal(aff, torch.zeros_like(aff))
+    focal = (pos @ (t * w).t() + neg @ ((1 - t) * w).t()) / w.sum(1).clamp(min=1)[None]
+    p = aff.sigmoid()
+    num = 2 * (p @ (t * w).t()) + 1
+    den = (p @ w.t()) + (t * w).sum(1)[None] + 1
+    return focal, 1 - num / den
+
+
+def hungarian_match(class_logits: torch.Tensor, aff: torch.Tensor, member: torch.Tensor, gt_classes: torch.Tensor,
+                    config: SamcpTrainConfig) -> Tuple[np.ndarray, np.ndarray]:
+    """One-to-one matching of Type-II queries to GT things.
+
+    Args:
+        class_logits: ``[Q, C + 1]``; aff: ``[Q, P]`` affinity logits (query q is patch q);
+        member: int8 ``[P, G]`` membership of the things; gt_classes: ``[G]``.
+
+    Returns:
+        (query indices, GT indices), as ``scipy.optimize.linear_sum_assignment`` gives them.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if member.shape[1] == 0 or aff.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    with torch.no_grad():
+        prob = class_logits.float().sigmoid()[:, gt_classes]                  # [Q, G]
+        alpha, gamma = 0.25, 2.0
+        pos = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+        neg = (1 - alpha) * prob ** gamma * -(1 - prob + 1e-8).log()
+        cost_class = pos - neg
+        focal, dice = _pair_costs(aff.float(), member)
+        q = aff.shape[0]
+        local = (member[:q] != 1).float()                                    # [Q, G]
+        cost = (config.class_weight * cost_class + config.focal_weight * focal + config.dice_weight * dice
+                + config.locality_weight * local)
+    qi, gi = linear_sum_assignment(cost.cpu().numpy())
+    return qi.astype(np.int64), gi.astype(np.int64)
+
+
+def samcp_losses(out, batch: Sequence[SamcpExample], config: SamcpTrainConfig) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Total loss over every decoder stage and image, and its parts (for the log)."""
+    c = out.num_classes
+    totals = {"class": 0.0, "focal": 0.0, "dice": 0.0, "sem_focal": 0.0, "sem_dice": 0.0, "presence": 0.0}
+    loss = out.affinity[0].new_zeros(())
+    stages = len(out.affinity)
+    for b, ex in enumerate(batch):
+        p = ex.boxes.shape[0]
+        if p == 0:
+            continue
+        device = out.affinity[0].device
+        things = np.flatnonzero(ex.gt_isthing & (ex.gt_classes >= 0))
+        member = torch.from_numpy(ex.membership[:, things]).to(device)                    # [P, G]
+        gt_cls = torch.from_numpy(ex.gt_classes[things]).to(device)
+        sem = torch.from_numpy(ex.class_targets).to(device)                               # [C, P]
+        sem_t, sem_w = (sem == 1).float(), (sem >= 0).float()
+        present = (sem == 1).any(1).float()
+        for l in range(stages):
+            aff = out.affinity[l][b, :, :p]
+            inst_aff = aff[c:c + p]                                                     # [P, P]
+            logits = out.class_logits[l][b, :p]                                        # [P, C + 1]
+            qi, gi = hungarian_match(logits, inst_aff, member, gt_cls, config)
+            target = torch.zeros_like(logits)
+            target[:, c] = 1.0
+            n = max(len(gi), 1)
+            if len(qi):
+                qt = torch.from_numpy(qi).to(device)
+                gt = torch.from_numpy(gi).to(device)
+                target[qt, c] = 0.0
+                target[qt, gt_cls[gt]] = 1.0
+                rows = inst_aff[qt]                                                     # [M, P]
+                col = member[:, gt].t()                                                  # [M, P]
+                t, w = (col == 1).float(), (col >= 0).float()
+                focal = (_focal(rows, t) * w).sum(-1) / w.sum(-1).clamp(min=1)
+                dice = _dice(rows, t, w)
+                lf, ld = focal.sum() / n, dice.sum() / n
+            else:
+                lf = ld = aff.new_zeros(())
+            lc = _focal(logits, target).sum() / n
+            # Type-I queries: every class row; dice only where the class has members
+            srows = aff[:c]
+            sf = ((_focal(srows, sem_t) * sem_w).sum(-1) / sem_w.sum(-1).clamp(min=1)).mean()
+            sd = (_dice(srows, sem_t, sem_w) * present).sum() / present.sum().clamp(min=1)
+            lp = F.binary_cross_entropy_with_logits(out.presence_logits[l][b], present)
+            part = (config.class_weight * lc + config.focal_weight * (lf + sf) + config.dice_weight * (ld + sd)
+                    + config.presence_weight * lp)
+            loss = loss + part
+            for k, v in (("class", lc), ("focal", lf), ("dice", ld), ("sem_focal", sf), ("sem_dice", sd),
+                         ("presence", lp)):
+                totals[k] += float(v.detach()) / stages
+    nb = max(len(batch), 1)
+    return loss / (nb * stages), {k: v / nb for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------- batches
+
+
+def collate_examples(batch: Sequence[SamcpExample], device: torch.device) -> Tuple[torch.Tensor, List[torch.Tensor],
+                                                                                     List[torch.Tensor]]:
+    """Images padded (bottom/right) to one size in [0, 1], boxes and roi masks per image."""
+    h = max(ex.image.shape[0] for ex in batch)
+    w = max(ex.image.shape[1] for ex in batch)
+    images = torch.zeros(len(batch), 3, h, w)
+    for i, ex in enumerate(batch):
+        im = torch.from_numpy(np.ascontiguousarray(ex.image)).permute(2, 0, 1).float() / 255.0
+        images[i, :, : im.shape[1], : im.shape[2]] = im
+    boxes = [torch.from_numpy(ex.boxes).to(device) for ex in batch]
+    masks = [torch.from_numpy(ex.roi_masks).to(device) for ex in batch]
+    return images.to(device), boxes, masks
+
+
+# ---------------------------------------------------------------- trainer
+
+
+@dataclass
+class SamcpTrainResult:
+    output: Path
+    steps: int
+    last_loss: float
+    seconds: float
+    log: Path
+
+
+class SamcpTrainer:
+    """Trains a :class:`~samantic.heads.samcp.SamcpHead` on examples (:func:`load_examples`).
+
+    Checkpoints (``OUT.ckpt``, head + optimizer + step + RNG) are written atomically every
+    ``checkpoint_every`` steps and at the end; ``train(resume=True)`` continues from one.
+    The log (``OUT.log.jsonl``) gets one line per ``log_every`` steps.
+    """
+
+    def __init__(self, head, config: SamcpTrainConfig, examples: Sequence[SamcpExample], device: str = "cpu",
+                 metadata: Optional[Dict[str, Any]] = None) -> None:
+        usable = [ex for ex in examples if ex.boxes.shape[0] > 0]
+        if not usable:
+            raise ValueError("no training image has any patch: nothing to learn from")
+        self.head = head.to(device)
+        self.config = config
+        self.examples = list(usable)
+        self.device = torch.device(device)
+        self.metadata = dict(metadata or {})
+        decay = [p for n, p in head.named_parameters() if p.ndim > 1 and "embed" not in n]
+        rest = [p for n, p in head.named_parameters() if not (p.ndim > 1 and "embed" not in n)]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": rest, "weight_decay": 0.0}], lr=config.lr)
+        self.step = 0
+        self.elapsed = 0.0
+        self._perms: Dict[int, List[int]] = {}
+
+    def lr_at(self, step: int, elapsed: float = 0.0) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        progress = (step - c.warmup_steps) / max(c.steps - c.warmup_steps, 1)
+        if c.time_budget > 0:
+            progress = max(progress, elapsed / c.time_budget)
+        progress = min(progress, 1.0)
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def batch_at(self, step: int) -> List[SamcpExample]:
+        """The images of ``step``: epochs of seeded permutations, flips seeded by step (so a resumed
+        run sees exactly the batches an uninterrupted one would)."""
+        n, k = len(self.examples), self.config.images_per_step
+        idx = []
+        for j in range(step * k, (step + 1) * k):
+            epoch, pos = divmod(j, n)
+            if epoch not in self._perms:
+                perm = list(range(n))
+                random.Random(self.config.seed * 1_000_003 + epoch).shuffle(perm)
+                self._perms = {epoch: perm}
+            idx.append(self._perms[epoch][pos])
+        rng = random.Random(self.config.seed * 7_919 + step)
+        return [self.examples[i].flipped() if rng.random() < self.config.flip_prob else self.examples[i] for i in idx]
+
+    def train_step(self, batch: Sequence[SamcpExample]) -> Tuple[float, Dict[str, float]]:
+        self.head.train()
+        images, boxes, masks = collate_examples(batch, self.device)
+        out = self.head(images, boxes, masks)
+        loss, parts = samcp_losses(out, batch, self.config)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return loss.item(), parts
+
+    def train(self, out: Path, resume: bool = False, progress: bool = True) -> SamcpTrainResult:
+        from samantic.heads.samcp import save_samcp
+
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ckpt, log = out.with_suffix(out.suffix + ".ckpt"), out.with_suffix(out.suffix + ".log.jsonl")
+        if resume and ckpt.is_file():
+            self.load_state(ckpt)
+            if log.is_file():  # lines past the checkpoint are done again: keep the log one line per step
+                kept = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.step]
+                log.write_text("".join(l + "\n" for l in kept))
+        elif log.exists() and not resume:
+            log.unlink()
+        start, last = time.perf_counter() - self.elapsed, float("nan")
+        with _progress(progress, self.config.steps, self.step) as advance, open(log, "a") as logf:
+            window: List[float] = []
+            while self.step < self.config.steps:
+                elapsed = time.perf_counter() - start
+                if self.config.time_budget > 0 and elapsed >= self.config.time_budget:
+                    break
+                for g in self.optimizer.param_groups:
+                    g["lr"] = self.lr_at(self.step, elapsed)
+                last, parts = self.train_step(self.batch_at(self.step))
+                window.append(last)
+                self.step += 1
+                self.elapsed = time.perf_counter() - start
+                advance(last)
+                if self.step % self.config.log_every == 0:
+                    logf.write(json.dumps({"step": self.step, "loss": float(np.mean(window)),
+                                           "lr": self.optimizer.param_groups[0]["lr"], "seconds": self.elapsed,
+                                           **parts}) + "\n")
+                    logf.flush()
+                    window = []
+                if self.step % self.config.checkpoint_every == 0:
+                    self.save_state(ckpt)
+        self.elapsed = time.perf_counter() - start
+        self.save_state(ckpt)
+        meta = {**self.metadata, "steps_done": str(self.step),
+                "train_config": json.dumps(asdict(self.config), sort_keys=True)}
+        save_samcp(self.head.eval(), out, metadata=meta)
+        return SamcpTrainResult(out, self.step, last, self.elapsed, log)
+
+    def save_state(self, path: Path) -> None:
+        import io
+
+        from samantic.io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save({"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                    "elapsed": self.elapsed, "torch_rng": torch.get_rng_state()}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    def load_state(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            self.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint names its file
+            raise ValueError(f"{path}: cannot resume from this checkpoint ({e})") from None
+        self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        torch.set_rng_state(state["torch_rng"])
+
+
+class _progress:
+    """A rich progress bar on stderr (only on a terminal) that shows the loss."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.done = enabled and sys.stderr.isatty(), total, done
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda loss: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("samcp"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
+                            console=Console(stderr=True))
+        self.bar.__enter__()
+        task = self.bar.add_task("samcp", total=self.total, completed=self.done, loss=float("nan"))
+        return lambda loss: self.bar.update(task, advance=1, loss=loss)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)

@@ -1,0 +1,195 @@
+"""Evaluation of SAM-CP heads on held-out shapes-world scenes: PQ / SQ / RQ, mask AP, semantic mIoU.
+
+Every head is scored on the same patches: segment-everything runs once per scene, through the
+patch cache (:class:`~samantic.train.samcp_cache.PatchCache`), so side-by-side rows (a head and
+its ablations) differ only in the head.
+
+* v2 (panoptic) scenes: PQ, SQ, RQ for things, stuff and all (:class:`PanopticQuality`,
+  panopticapi's definition, checked against torchmetrics in the tests); mask AP and AP50 of
+  the things through pycocotools ``COCOeval(iouType="segm")`` on the unfused thing candidates;
+  semantic mIoU over things and stuff from the fused map.
+* v1 scenes by class name (things only, the seven v1 classes): semantic mIoU and mask AP50.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from samantic.train.metrics import TRAIN_SEED_START
+
+__all__ = ["SamcpEvalResult", "evaluate_samcp", "coco_mask_ap"]
+
+
+@dataclass
+class SamcpEvalResult:
+    """Scores of one head on one scene kind."""
+
+    kind: str                       # "v2" or "v1"
+    names: Sequence[str]
+    pq: Dict[str, Any] = field(default_factory=dict)       # PanopticQuality.compute() (v2)
+    semantic: Dict[str, Any] = field(default_factory=dict)  # SemanticConfusion.compute()
+    ap: float = float("nan")
+    ap50: float = float("nan")
+    ap50_per_class: Dict[str, float] = field(default_factory=dict)
+    scenes: int = 0
+    patches_per_image: float = 0.0
+    head_seconds_per_image: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def miou(self) -> float:
+        return float(self.semantic.get("miou", float("nan")))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "names": list(self.names), "pq": self.pq, "semantic": self.semantic,
+                "ap": self.ap, "ap50": self.ap50, "ap50_per_class": self.ap50_per_class, "scenes": self.scenes,
+                "patches_per_image": self.patches_per_image, "head_seconds_per_image": self.head_seconds_per_image,
+                "seconds": self.seconds}
+
+
+def coco_mask_ap(images: List[dict], gt_anns: List[dict], dt_anns: List[dict], categories: List[dict]):
+    """(AP@[.5:.95], AP50, AP50 per category name) from pycocotools ``COCOeval(iouType="segm")``."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    per: Dict[str, float] = {c["name"]: float("nan") for c in categories}
+    if not gt_anns:
+        return float("nan"), float("nan"), per
+    if not dt_anns:
+        present = {a["category_id"] for a in gt_anns}
+        return 0.0, 0.0, {c["name"]: (0.0 if c["id"] in present else float("nan")) for c in categories}
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": gt_anns, "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt.createIndex()
+        dt = gt.loadRes([dict(d, id=i + 1) for i, d in enumerate(dt_anns)])
+        ev = COCOeval(gt, dt, iouType="segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    prec = ev.eval["precision"][0, :, :, 0, -1]  # IoU 0.5, recall, category, area all, maxDets 100
+    names = {c["id"]: c["name"] for c in categories}
+    for ci, cat in enumerate(ev.params.catIds):
+        p = prec[:, ci]
+        per[names[cat]] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+    return float(ev.stats[0]), float(ev.stats[1]), per
+
+
+def _gt_v1(seed: int):
+    from samantic.ops import rle_encode
+    from samantic.train.data.shapes import render_scene
+    from samantic.train.samcp_cache import GroundTruth, PanopticSample
+
+    scene = render_scene(seed)
+    n = len(scene.labels)
+    gt = GroundTruth(rle_encode(scene.masks.astype(bool)), np.arange(1, n + 1, dtype=np.int32),
+                     (np.asarray(scene.labels) + 1).astype(np.int32), np.ones(n, bool))
+    return scene, PanopticSample(f"shapes:{seed}", scene.image, gt)
+
+
+def evaluate_samcp(predictor, model, seeds: Iterable[int], cache_dir, *, kind: str = "v2", points_per_side: int = 32,
+                   pred_iou_thresh: Optional[float] = None, stability_score_thresh: Optional[float] = None,
+                   progress: bool = True) -> SamcpEvalResult:
+    """Scores a :class:`~samantic.pipeline.panoptic.SamcpPredictor` on held-out scenes.
+
+    Args:
+        predictor: the head and its inference settings (for ``kind="v1"`` give one whose
+            ``classes`` are the v1 names it should segment).
+        model: the SAM whose patches the head labels (patches come from the cache in ``cache_dir``).
+        seeds: held-out scene seeds (below the training range).
+        kind: ``"v2"`` (panoptic scenes, every metric) or ``"v1"`` (v1 scenes, things by class name).
+        points_per_side, pred_iou_thresh, stability_score_thresh: the patches (as the head was trained).
+    """
+    from samantic.ops import rle_encode
+    from samantic.train.data.panoptic import CATEGORIES, render_panoptic
+    from samantic.train.data.shapes import CLASSES
+    from samantic.train.metrics import _progress
+    from samantic.train.panoptic_metrics import PanopticQuality, SemanticConfusion
+    from samantic.train.samcp_cache import PanopticStream, PatchCache
+
+    if kind not in ("v1", "v2"):
+        raise ValueError(f"kind must be 'v1' or 'v2', got {kind!r}")
+    seeds = list(seeds)
+    for s in seeds:
+        if s >= TRAIN_SEED_START:
+            raise ValueError(f"seed {s} is a training seed (>= {TRAIN_SEED_START}); evaluate on held-out seeds")
+    cache = PatchCache(cache_dir, model, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                       stability_score_thresh=stability_score_thresh)
+    # the dataset's categories; a predicted name maps onto them (the head's vocabulary may be ordered otherwise)
+    if kind == "v2":
+        categories = [dict(c) for c in CATEGORIES]
+    else:
+        categories = [{"id": i + 1, "name": n, "isthing": 1} for i, n in enumerate(CLASSES)]
+    cat_of = {c["name"]: int(c["id"]) for c in categories}
+    unknown = [n for n in predictor.names if n not in cat_of and kind == "v2"]
+    if unknown:
+        raise ValueError(f"the head's classes {unknown} are not shapes-world v2 categories")
+    lut = np.zeros(len(predictor.names) + 1, np.int64)
+    for i, n in enumerate(predictor.names):
+        lut[i + 1] = cat_of.get(n, 0)
+    pq = PanopticQuality(categories) if kind == "v2" else None
+    sem = SemanticConfusion(max(cat_of.values()), [c["name"] for c in sorted(categories, key=lambda c: c["id"])])
+    things = [c for c in categories if c.get("isthing", 1)]
+    images, gt_anns, dt_anns = [], [], []
+    n_patches, head_s = 0, 0.0
+    t0 = time.perf_counter()
+    with _progress(progress, len(seeds)) as advance:
+        for k, seed in enumerate(seeds):
+            if kind == "v2":
+                scene = render_panoptic(seed)
+                sample = PanopticStream(seed, 1).load(0)
+                gt_map = scene.panoptic
+                gt_segments = [{"id": int(i), "category_id": int(c)} for i, c in scene.segments]
+                seg_cat = dict((int(i), int(c)) for i, c in scene.segments)
+                gt_sem = np.zeros(gt_map.shape, np.int64)
+                for i, c in seg_cat.items():
+                    gt_sem[gt_map == i] = c
+                inst_masks, inst_cats = scene.masks, np.asarray(scene.labels) + 1
+            else:
+                scene, sample = _gt_v1(seed)
+                gt_sem = np.asarray(scene.semantic, np.int64)
+                inst_masks, inst_cats = scene.masks, np.asarray(scene.labels) + 1
+            entry = cache.get(sample.image)
+            if entry is None:
+                entry = cache.compute(sample)
+            n_patches += len(entry)
+            t = time.perf_counter()
+            out = predictor(sample.image, entry.patch_batch(), entry.patch_boxes)
+            head_s += time.perf_counter() - t
+            # panoptic and semantic, with dataset category ids
+            pred_sem = lut[out.semantic.astype(np.int64)]
+            sem.update(pred_sem, gt_sem)
+            if pq is not None:
+                segs = [{"id": s["id"], "category_id": int(lut[s["category_id"]])} for s in out.segments_info]
+                pq.update(out.panoptic, segs, gt_map, gt_segments)
+            # instances (things) for COCO AP
+            image_id = k + 1
+            h, w = sample.image.shape[:2]
+            images.append({"id": image_id, "width": w, "height": h})
+            if len(inst_cats):
+                rles = rle_encode(np.asarray(inst_masks, bool)).to_dicts(compressed=True)
+                from pycocotools import mask as mask_utils
+
+                for rle, cat in zip(rles, inst_cats):
+                    area = float(mask_utils.area(rle))
+                    if area <= 0:
+                        continue
+                    gt_anns.append({"id": len(gt_anns) + 1, "image_id": image_id, "category_id": int(cat),
+                                    "segmentation": rle, "area": area, "iscrowd": 0,
+                                    "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
+            for d in out.instances:
+                cat = int(lut[d["category_id"]])
+                if cat:
+                    dt_anns.append({"image_id": image_id, "category_id": cat, "segmentation": d["segmentation"],
+                                    "score": d["score"]})
+            advance()
+    ap, ap50, per = coco_mask_ap(images, gt_anns, dt_anns, [{"id": c["id"], "name": c["name"]} for c in things])
+    n = max(len(seeds), 1)
+    return SamcpEvalResult(kind, tuple(predictor.names), pq.compute() if pq is not None else {}, sem.compute(), ap,
+                           ap50, per, len(seeds), n_patches / n, head_s / n, time.perf_counter() - t0)
