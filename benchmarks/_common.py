@@ -69,3 +69,8 @@ def write_report(out_dir: Path, name: str, payload: Dict[str, Any], table: List[
         lines.append("| " + " | ".join(row) + " |")
     mp.write_text("\n".join(lines) + "\n")
     return jp, mp
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now, in MiB (Linux)."""
+    return _status_kb("VmRSS") / 1024.0

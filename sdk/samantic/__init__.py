@@ -16,6 +16,7 @@ _LAZY = {
     "list_models": "samantic.models",
     "Segmenter": "samantic.runtime",
     "Result": "samantic.runtime",
+    "PanopticResult": "samantic.runtime",
     "Bundle": "samantic.runtime",
     "BundleError": "samantic.runtime",
     "read_image": "samantic.io",

@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("doctor", help="Versions, compiled kernel backends and what is usable now.")(_doctor.doctor)
-app.command("segment", help="Segment everything in images, folders or globs.")(_segment.segment)
+app.command("segment", help="Segment everything in images, folders or globs, or in a video file, camera or stream.")(_segment.segment)
 app.command("demo", help="Run the embedded default on the bundled demo image.")(_demo.demo)
 app.add_typer(_data.app, name="data", help="Datasets: the procedural shapes world.")
 app.add_typer(_eval.app, name="eval", help="Evaluate models on held-out scenes.")

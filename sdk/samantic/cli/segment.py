@@ -63,8 +63,8 @@ def collect_inputs(paths: List[str]) -> Tuple[List[Job], List[Tuple[str, str]]]:
 
 
 def segment(
-    paths: Annotated[List[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
-    out: Annotated[Path, typer.Option(help="Output folder: NAME.json (COCO results, RLE) and NAME.overlay.png per image; with --head also NAME.semantic.png; with --samcp also NAME.semantic.png, NAME.panoptic.png and NAME.panoptic.json (COCO panoptic).")],
+    paths: Annotated[Optional[List[str]], typer.Argument(help="Image files, folders (searched recursively) or glob patterns; or one video file (.mp4, .avi, .mov, .mkv, .webm, ...) or stream URL (rtsp://, http(s)://...m3u8, ...).", show_default=False)] = None,
+    out: Annotated[Path, typer.Option(help="Output folder: NAME.json (COCO results, RLE) and NAME.overlay.png per image; with --head also NAME.semantic.png; with --samcp also NAME.semantic.png, NAME.panoptic.png and NAME.panoptic.json (COCO panoptic). For a video, camera or stream: NAME.jsonl (a line per frame) and NAME.summary.json.")] = ...,
     model: Annotated[str, typer.Option(help="Registered model (see `samantic weights list`).")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Weights file or tag (default: the model's shipped weights).")] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Run an exported bundle (`samantic export bundle`) instead of --model: no torch needed with the onnxruntime backend.")] = None,
@@ -91,6 +91,11 @@ def segment(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images whose results exist.")] = False,
     device: Annotated[str, typer.Option(help="Where the post-processing kernels run: cpu or cuda[:N].")] = "cpu",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    camera: Annotated[Optional[int], typer.Option(help="Segment a camera (OpenCV index) instead of files.", show_default=False)] = None,
+    overlay_video: Annotated[bool, typer.Option("--overlay-video", help="Video, camera or stream: also write NAME.overlay.mp4.")] = False,
+    max_frames: Annotated[Optional[int], typer.Option(min=1, help="Video, camera or stream: stop after reading this many frames.", show_default=False)] = None,
+    queue_size: Annotated[int, typer.Option(min=1, help="Video, camera or stream: frames queued between reading and segmenting.")] = 2,
+    live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="Drop the oldest queued frame when the source is faster than the model, rather than waiting. [default: live for cameras and stream URLs, not for video files]", show_default=False)] = None,
 ) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -99,9 +104,14 @@ def segment(
 
     err = Console(stderr=True)
     console = Console()
-    jobs, missing = collect_inputs(paths)
+    from samantic.cli.stream import prepare_stream
+
+    # a video file, camera or stream URL (opened now, before the model loads) takes the video path below
+    stream, capture = prepare_stream(paths, camera, out, live=live, overwrite=overwrite, mask_pngs=mask_pngs,
+                                     overlay_video=overlay_video, max_frames=max_frames, queue_size=queue_size)
+    jobs, missing = collect_inputs(paths) if stream is None else ([], [])
     failures: List[Tuple[str, str]] = list(missing)
-    if not jobs:
+    if not jobs and stream is None:
         for path, reason in failures:
             typer.echo(f"error: {path}: {reason}", err=True)
         typer.echo("error: no images to segment", err=True)
@@ -203,7 +213,17 @@ def segment(
                   f"pred_iou_thresh {config.pred_iou_thresh}, stability_score_thresh {config.stability_score_thresh}"
                   + (f", adaptive prompting (margin {config.adaptive_margin})" if adaptive else "")
                   + (f", classes {','.join(names)} ({escape(str(head_name))})" if names else "")
-                  + f"; {len(jobs)} image(s) -> {out}")
+                  + (f"; {escape(stream.label)} -> {out}" if stream is not None else f"; {len(jobs)} image(s) -> {out}"))
+    if stream is not None:
+        from samantic.cli.stream import run_stream
+
+        info = {"model": model, "checkpoint": checkpoint, "weights": str(weights),
+                "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
+                "settings": {k: v for k, v in vars(config).items() if k != "point_grids"}}
+        if head_name is not None:
+            info["head"] = str(head_name)
+        raise typer.Exit(run_stream(stream, capture, segmenter, out, overlay_video=overlay_video,
+                                    queue_size=queue_size, max_frames=max_frames, progress=progress, info=info))
 
     done = skipped = n_masks = 0
     seconds = 0.0

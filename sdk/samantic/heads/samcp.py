@@ -561,6 +561,10 @@ class SamcpHead(nn.Module):
             for l in range(info.layers + 1)])
         # Type-II classifier: dot product with the class embeddings (so text embeddings work) + "no object"
         self.cls_proj = nn.Linear(d, d)
+        # a cosine classifier with a learned temperature (CLIP-style, so text embeddings fit): a
+        # scaled dot product (1 / sqrt(D)) left the class scores undecided between classes after
+        # 1200 steps on 300 scenes
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.cls_bias = nn.Parameter(torch.full((), _PRIOR_LOGIT))
         self.no_object = nn.Linear(d, 1)
         self.presence = nn.Linear(d, 1)
@@ -648,7 +652,8 @@ class SamcpHead(nn.Module):
         if prev is not None and self.info.affinity_residual:
             aff = aff + prev
         inst = x[:, c:]
-        logits = self.cls_proj(inst) @ cls.t() / math.sqrt(x.shape[-1]) + self.cls_bias
+        logits = (F.normalize(self.cls_proj(inst), dim=-1) @ F.normalize(cls, dim=-1).t() * self.logit_scale.exp()
+                  + self.cls_bias)
         logits = torch.cat([logits, self.no_object(inst)], -1)
         presence = self.presence(x[:, :c]).squeeze(-1)
         return aff, logits, presence

@@ -8,7 +8,8 @@ Data flow (one image)::
            top-k kept; Type-I queries of the stuff classes scored by presence
         -> each candidate's patches: its affinities (sigmoid) divided by their maximum, at least
            ``affinity_thresh``; score = class score x mean affinity of the chosen patches
-        -> samantic.ops.merge_patches: the union of each candidate's patch RLEs (area, box)
+        -> samantic.ops.merge_patches: the union of each candidate's patch RLEs (area, box);
+           thing candidates of one class overlapping a better one (mask IoU > nms_thresh) dropped
         -> panoptic fusion: per pixel the highest-scoring candidate wins; a candidate that keeps
            less than ``overlap_thresh`` of its mask is dropped (its pixels go to the next one)
         -> panoptic map + segments_info, semantic map (same pass), instance list (things, unfused,
@@ -99,12 +100,14 @@ class SamcpPredictor:
         top_k: Type-II queries kept by class score before merging.
         min_area: segments smaller than this (pixels, after fusion) are dropped.
         instance_thresh: minimum score of the unfused thing candidates in ``instances``.
+        nms_thresh: a thing candidate overlapping a better one of its class at mask IoU above
+            this is dropped (1 keeps all).
         device: where the head runs.
     """
 
     def __init__(self, head: Any, *, classes: Optional[Sequence[str]] = None, score_thresh: float = 0.3,
                  affinity_thresh: float = 0.5, overlap_thresh: float = 0.5, top_k: int = 100, min_area: int = 16,
-                 instance_thresh: float = 0.05, device: str = "cpu") -> None:
+                 instance_thresh: float = 0.05, nms_thresh: float = 0.5, device: str = "cpu") -> None:
         import torch
 
         from samantic.heads.samcp import SamcpHead, load_samcp
@@ -127,6 +130,9 @@ class SamcpPredictor:
         self.score_thresh, self.affinity_thresh = float(score_thresh), float(affinity_thresh)
         self.overlap_thresh, self.top_k, self.min_area = float(overlap_thresh), int(top_k), int(min_area)
         self.instance_thresh = float(instance_thresh)
+        if not 0.0 <= float(nms_thresh) <= 1.0:
+            raise ValueError(f"nms_thresh must be in [0, 1], got {nms_thresh!r}")
+        self.nms_thresh = float(nms_thresh)
 
     def patch_options(self) -> Dict[str, Any]:
         """The segment-everything options the head was trained with (grid, thresholds), from its file's
@@ -202,6 +208,23 @@ class SamcpPredictor:
         out.sort(key=lambda t: -t[1])
         return out
 
+    def _nms(self, cands: List[Tuple[int, float, np.ndarray]], rles: Any) -> np.ndarray:
+        """Keeps (best first) candidates without a better one of the same class at mask IoU above ``nms_thresh``."""
+        from samantic.ops import rle_iou
+
+        n = len(cands)
+        alive = np.ones(n, bool)
+        if n < 2 or self.nms_thresh >= 1.0:
+            return alive
+        iou = np.asarray(rle_iou(rles, rles))
+        cls = np.array([k for k, _, _ in cands])
+        for i in range(n):  # cands are sorted by score
+            if alive[i]:
+                dup = (cls == cls[i]) & (iou[i] > self.nms_thresh)
+                dup[: i + 1] = False
+                alive &= ~dup
+        return alive
+
     def __call__(self, image: np.ndarray, patch_rles: Any, patch_boxes: np.ndarray) -> PanopticOutput:
         """Panoptic segmentation of ``image`` (uint8 RGB ``[H, W, 3]``) from its patches (RLEs, XYXY inclusive boxes)."""
         import time
@@ -229,6 +252,12 @@ class SamcpPredictor:
         groups = np.stack([sel for _, _, sel in unique]) if unique else np.zeros((0, len(batch)), bool)
         merged = merge_patches(batch, groups)
         t2 = time.perf_counter()
+        # duplicates: thing candidates of one class whose masks overlap (several patch queries of
+        # one instance) keep the best
+        alive = self._nms(unique, merged.rles)
+        unique = [u for u, a in zip(unique, alive) if a]
+        index = np.flatnonzero(alive)
+        merged = type(merged)(merged.rles.select(index), merged.area[index], merged.boxes[index])
         dicts = merged.rles.to_dicts(compressed=True) if len(unique) else []
         instances = []
         for (k, s, sel), rle, area, box in zip(unique, dicts, merged.area, merged.boxes):

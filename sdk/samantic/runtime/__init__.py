@@ -6,5 +6,7 @@ OpenCV, Pillow) a bundle runs without torch, the trainers or the exporters.
 
 from samantic.runtime.bundle import Bundle, BundleError
 from samantic.runtime.segmenter import BACKENDS, PanopticResult, Result, Segmenter
+from samantic.runtime.stream import FrameStream, StreamFrame, StreamSummary
 
-__all__ = ["BACKENDS", "Bundle", "BundleError", "PanopticResult", "Result", "Segmenter"]
+__all__ = ["BACKENDS", "Bundle", "BundleError", "FrameStream", "PanopticResult", "Result", "Segmenter", "StreamFrame",
+           "StreamSummary"]

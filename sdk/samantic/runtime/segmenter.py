@@ -14,7 +14,7 @@ torch nor onnxruntime; each backend imports what it needs when chosen.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from samantic.pipeline.engine import Engine
 from samantic.pipeline.generator import MaskGenerator, MaskSet
 from samantic.pipeline.scoring import ClassLogitScorer, MaskScorer
 from samantic.runtime.bundle import Bundle, BundleError
+
+if TYPE_CHECKING:
+    from samantic.runtime.stream import FrameStream
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
@@ -306,6 +309,35 @@ class Segmenter:
                 r["category"] = self.names[int(r["category_id"]) - 1]
         self.generator.timings["output"] += time.perf_counter() - t
         return Result(masks, records, self.names, image)
+
+    def stream(self, frames: Iterable[Any], *, live: bool = False, queue_size: int = 2,
+               drop: str = "oldest") -> "FrameStream":
+        """Segments a stream of frames; a reader thread fills a bounded queue, this thread segments.
+
+        Args:
+            frames: any iterable of uint8 RGB ``[H, W, 3]`` arrays, or of ``(timestamp, frame)``
+                pairs (timestamp in seconds; without one, a frame's timestamp is when it was read,
+                in seconds since the stream started).
+            live: the source runs at its own pace (a camera): when the queue is full a frame is
+                dropped (and counted) instead of making the source wait. Default False: a list or a
+                video file is never dropped; every frame is segmented.
+            queue_size: frames held between the reader and the Segmenter.
+            drop: with ``live``, which frame goes when the queue is full: ``"oldest"`` (queued
+                longest; results stay fresh) or ``"newest"`` (the one just read).
+
+        Returns:
+            A :class:`~samantic.runtime.stream.FrameStream`: iterate it for
+            :class:`~samantic.runtime.stream.StreamFrame` (``index``, ``timestamp``, ``result``,
+            ``latency``, ...); ``.summary`` gives frames read, segmented, dropped, latency p50/p99
+            and fps. Use it in a ``with`` block (or call ``close()``) to stop the reader when
+            leaving early.
+
+        Raises:
+            ValueError: bad ``queue_size`` or ``drop``; while iterating, a frame that is not uint8 RGB.
+        """
+        from samantic.runtime.stream import FrameStream
+
+        return FrameStream(self, frames, live=live, queue_size=queue_size, drop=drop)
 
     @staticmethod
     def from_bundle(path: Union[str, Path, Bundle], backend: str = "auto", device: str = "auto", *,
