@@ -126,7 +126,8 @@ def test_affinity_starts_at_one_percent_on_every_layer():
         assert abs(float(s.mean()) - 0.01) < 1e-3, l
         assert float(s.max()) < 0.02, l
     probs = out.class_logits[-1][..., :-1].sigmoid()
-    assert abs(float(probs.mean()) - 0.01) < 1e-2 and float(probs.median()) < 0.03  # cosine x 10 around the prior
+    # cosine x 10 spreads the logits around the prior (the bias): the median stays at about 0.01
+    assert abs(float(probs.median()) - 0.01) < 5e-3 and float(probs.mean()) < 0.05
 
 
 def test_affinity_residual_across_layers(head):
