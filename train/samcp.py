@@ -324,24 +324,26 @@ def samcp_losses(out, batch: Sequence[SamcpExample], config: SamcpTrainConfig) -
         sem = torch.from_numpy(ex.class_targets).to(device)                               # [C, P]
         sem_t, sem_w = (sem == 1).float(), (sem >= 0).float()
         present = (sem == 1).any(1).float()
+        # the same for every stage: the thing each query's own patch belongs to (one_to_many), and
+        # queries whose patch lies half in a thing
+        own_thing = np.full(p, -1, np.int64)
+        half_in = (ex.membership[:, things] == -1).any(1)
+        if config.one_to_many and len(things):
+            own = ex.membership[:, things] == 1
+            has = own.any(1)
+            own_thing[has] = own[has].argmax(1)
         for l in range(stages):
             aff = out.affinity[l][b, :, :p]
             inst_aff = aff[c:c + p]                                                     # [P, P]
             logits = out.class_logits[l][b, :p]                                        # [P, C + 1]
             qi, gi = hungarian_match(logits, inst_aff, member, gt_cls, config)
-            assigned = np.full(p, -1, np.int64)
-            if config.one_to_many and member.shape[1]:
-                # every query whose own patch lies in a thing stands for that thing too
-                own = ex.membership[:, things] == 1
-                has = own.any(1)
-                assigned[has] = own[has].argmax(1)
+            assigned = own_thing.copy()
             assigned[qi] = gi
             sel = np.flatnonzero(assigned >= 0)
             cls_w = torch.ones(p, 1, device=device)
             if config.one_to_many and member.shape[1]:
                 # a patch half in a thing is neither that thing nor "no object": no class loss
-                unsure = (assigned < 0) & (ex.membership[:, things] == -1).any(1)
-                cls_w[torch.from_numpy(unsure).to(device)] = 0.0
+                cls_w[torch.from_numpy((assigned < 0) & half_in).to(device)] = 0.0
             target = torch.zeros_like(logits)
             target[:, c] = 1.0
             n = max(len(sel), 1)

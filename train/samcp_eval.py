@@ -111,7 +111,7 @@ def evaluate_samcp(predictor, model, seeds: Iterable[int], cache_dir, *, kind: s
     from samantic.train.data.shapes import CLASSES
     from samantic.train.metrics import _progress
     from samantic.train.panoptic_metrics import PanopticQuality, SemanticConfusion
-    from samantic.train.samcp_cache import PanopticStream, PatchCache
+    from samantic.train.samcp_cache import STREAM_PREFIX, GroundTruth, PanopticSample, PatchCache
 
     if kind not in ("v1", "v2"):
         raise ValueError(f"kind must be 'v1' or 'v2', got {kind!r}")
@@ -136,14 +136,16 @@ def evaluate_samcp(predictor, model, seeds: Iterable[int], cache_dir, *, kind: s
     pq = PanopticQuality(categories) if kind == "v2" else None
     sem = SemanticConfusion(max(cat_of.values()), [c["name"] for c in sorted(categories, key=lambda c: c["id"])])
     things = [c for c in categories if c.get("isthing", 1)]
+    things_ids = {int(c["id"]) for c in things}
     images, gt_anns, dt_anns = [], [], []
     n_patches, head_s = 0, 0.0
     t0 = time.perf_counter()
     with _progress(progress, len(seeds)) as advance:
         for k, seed in enumerate(seeds):
             if kind == "v2":
-                scene = render_panoptic(seed)
-                sample = PanopticStream(seed, 1).load(0)
+                scene = render_panoptic(seed)  # rendered once: the image, its cache key and the GT
+                gt = GroundTruth.from_panoptic(scene.panoptic, scene.segments, things_ids)
+                sample = PanopticSample(f"{STREAM_PREFIX}{seed}", scene.image, gt)
                 gt_map = scene.panoptic
                 gt_segments = [{"id": int(i), "category_id": int(c)} for i, c in scene.segments]
                 seg_cat = dict((int(i), int(c)) for i, c in scene.segments)

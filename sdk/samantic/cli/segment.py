@@ -134,7 +134,7 @@ def segment(
         samcp_head = None
         if samcp is not None:
             from samantic.heads.samcp import load_samcp
-            from samantic.pipeline.panoptic import SamcpPredictor
+            from samantic.pipeline.panoptic import patch_options
 
             samcp_head = load_samcp(samcp)
             samcp_head.check_model(model, samcp)
@@ -158,7 +158,7 @@ def segment(
             thresholds.update({k: v for k, v in bundle_info.thresholds.items() if k in thresholds})
         trained = {}
         if samcp_head is not None:  # the patches the head was trained on: its grid and thresholds
-            trained = SamcpPredictor(samcp_head).patch_options()
+            trained = patch_options(samcp_head.info)
             thresholds.update({k: v for k, v in trained.items() if k in thresholds})
         if points_per_side is None:
             points_per_side = int(trained.get("points_per_side", 32))

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["PanopticOutput", "SamcpPredictor", "panoptic_fusion"]
+__all__ = ["PanopticOutput", "SamcpPredictor", "panoptic_fusion", "patch_options"]
 
 
 @dataclass
@@ -88,6 +88,21 @@ def panoptic_fusion(masks: np.ndarray, scores: np.ndarray, overlap_thresh: float
             return out, kept
 
 
+def patch_options(info: Any) -> Dict[str, Any]:
+    """The segment-everything options (grid, thresholds) a SAM-CP head was trained with, from its
+    :class:`~samantic.heads.samcp.SamcpInfo` metadata; empty for a head without them."""
+    import json
+
+    raw = info.extra.get("patches")
+    if not raw:
+        return {}
+    try:
+        got = json.loads(raw)
+    except ValueError:
+        return {}
+    return {k: got[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh") if k in got}
+
+
 class SamcpPredictor:
     """Runs a SAM-CP head on the patches of an image and fuses the result.
 
@@ -135,18 +150,8 @@ class SamcpPredictor:
         self.nms_thresh = float(nms_thresh)
 
     def patch_options(self) -> Dict[str, Any]:
-        """The segment-everything options the head was trained with (grid, thresholds), from its file's
-        metadata; empty for a head without them (then the model's own defaults apply)."""
-        import json
-
-        raw = self.head.info.extra.get("patches")
-        if not raw:
-            return {}
-        try:
-            got = json.loads(raw)
-        except ValueError:
-            return {}
-        return {k: got[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh") if k in got}
+        """The segment-everything options the head was trained with (see :func:`patch_options`)."""
+        return patch_options(self.head.info)
 
     # -- steps ----------------------------------------------------------------
 
