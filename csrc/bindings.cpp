@@ -23,6 +23,9 @@ void register_ops(py::module_& m);
 namespace merge_patches {
 void register_ops(py::module_& m);
 }
+namespace panoptic_fusion {
+void register_ops(py::module_& m);
+}
 }  // namespace samantic
 
 #ifndef SAMANTIC_CUDA_ARCHITECTURES
@@ -39,6 +42,7 @@ PYBIND11_MODULE(_C, m) {
   samantic::rle::register_ops(m);
   samantic::regions::register_ops(m);
   samantic::merge_patches::register_ops(m);
+  samantic::panoptic_fusion::register_ops(m);
 
   m.def("build_info", []() {
     py::dict d;

@@ -50,6 +50,9 @@ struct DeviceBuffer {
   void upload(const T* host, size_t n, cudaStream_t stream) {
     if (n) check(cudaMemcpyAsync(ptr, host, n * sizeof(T), cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync H2D");
   }
+  void zero(cudaStream_t stream) {
+    if (count) check(cudaMemsetAsync(ptr, 0, count * sizeof(T), stream), "cudaMemsetAsync");
+  }
   void download(T* host, size_t n, cudaStream_t stream) const {
     if (n) check(cudaMemcpyAsync(host, ptr, n * sizeof(T), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync D2H");
   }

@@ -24,6 +24,26 @@ def default_profiles(max_prompts: int = DEFAULT_MAX_PROMPTS, multimask: int = 3)
     }
 
 
+def samcp_profiles(head: Any, max_patches: int = 512) -> Dict[str, Dict[str, int]]:
+    """Profiles of a SAM-CP head's dynamic dims: image side (H, W) up to its input size, the feature
+    maps of each FPN level (H0..W3), patches (P) and classes (C)."""
+    size = int(head.info.input_size) or 1024
+    low = 32
+
+    def level(n: int, i: int) -> int:  # two stride-2 stem convs, then a stride-2 conv per stage
+        for _ in range(i + 2):
+            n = (n - 1) // 2 + 1
+        return n
+
+    c = int(head.info.num_classes)
+    out = {"H": {"min": low, "opt": size * 3 // 4, "max": size}, "W": {"min": low, "opt": size, "max": size},
+           "P": {"min": 1, "opt": 64, "max": max_patches}, "C": {"min": 1, "opt": c, "max": max(c, 256)}}
+    for i in range(4):
+        for ax in ("H", "W"):
+            out[f"{ax}{i}"] = {k: level(v, i) for k, v in out[ax].items()}
+    return out
+
+
 def file_entry(path: Path) -> Dict[str, Any]:
     from samantic.models.weights import file_sha256
 
@@ -66,6 +86,7 @@ def export_bundle(
     thresholds: Optional[Mapping[str, Any]] = None,
     max_prompts: int = DEFAULT_MAX_PROMPTS,
     overwrite: bool = False,
+    samcp: Union[str, Path, Any, None] = None,
 ) -> Path:
     """Exports a model (and semantic head) into a bundle directory.
 
@@ -79,6 +100,9 @@ def export_bundle(
         thresholds: generator defaults recorded in the manifest (``pred_iou_thresh``, ...).
         max_prompts: largest prompt batch of the TensorRT profiles.
         overwrite: replace an existing bundle in ``out``.
+        samcp: a SAM-CP head (file or :class:`~samantic.heads.samcp.SamcpHead`): its backbone,
+            patch-encoder and decoder graphs, class queries, vocabulary and the patch grid and
+            thresholds it was trained with (which become the bundle's segment-everything defaults).
 
     Returns:
         The bundle directory.
@@ -109,6 +133,17 @@ def export_bundle(
         sam = model
         model_id = getattr(sam, "samantic_name", type(sam).__name__)
     head_mod = _head_module(head)
+    samcp_mod = None
+    if samcp is not None:
+        if head_mod is not None:
+            raise ValueError("a bundle takes a U-SAM head (head=) or a SAM-CP head (samcp=), not both")
+        from samantic.heads.samcp import SamcpHead, load_samcp
+
+        samcp_mod = samcp if isinstance(samcp, SamcpHead) else load_samcp(samcp)
+        trained_on = samcp_mod.info.model
+        if trained_on and trained_on != model_id:
+            raise ValueError(f"{samcp if isinstance(samcp, (str, Path)) else 'the SAM-CP head'}: trained on patches of "
+                             f"{trained_on}, not {model_id}")
     token_dim = int(sam.mask_decoder.transformer_dim)
     if head_mod is not None and getattr(head_mod.info, "token_dim", token_dim) != token_dim:
         raise ValueError(f"the head reads {head_mod.info.token_dim}-d tokens, {model_id} makes {token_dim}-d tokens")
@@ -132,6 +167,18 @@ def export_bundle(
             shutil.copyfile(head, out / "head.safetensors")
         else:
             head_mod.save(out / "head.safetensors")
+    samcp_entry = None
+    if samcp_mod is not None:
+        from samantic.export.samcp import export_samcp, samcp_manifest_entry
+
+        for g, path in export_samcp(samcp_mod, out).items():
+            if g != "queries":
+                graphs[g] = {"fp32": path.name}
+        if isinstance(samcp, (str, Path)):
+            shutil.copyfile(samcp, out / "samcp.safetensors")
+        else:
+            samcp_mod.save(out / "samcp.safetensors")
+        samcp_entry = samcp_manifest_entry(samcp_mod, "samcp.safetensors", "samcp_queries.safetensors")
     weights_entry = None
     if torch_weights:
         from samantic.models import save_checkpoint
@@ -145,6 +192,8 @@ def export_bundle(
     from samantic.models import recommended_thresholds
 
     thr.update(recommended_thresholds(sam))  # the model's own (sam_nano's shipped weights), else segment-anything's
+    if samcp_entry is not None:
+        thr.update(samcp_entry["patches"])  # the patches the SAM-CP head was trained on
     thr.update(thresholds or {})
     pe = sam.prompt_encoder
     manifest = {
@@ -165,10 +214,12 @@ def export_bundle(
         },
         "thresholds": thr,
         "head": head_entry,
+        "samcp": samcp_entry,
         "torch_weights": weights_entry,
         "onnx": {"opset": OPSET},
         "graphs": graphs,
-        "profiles": default_profiles(max_prompts, MULTIMASK),
+        "profiles": {**default_profiles(max_prompts, MULTIMASK),
+                     **(samcp_profiles(samcp_mod) if samcp_mod is not None else {})},
         "engines": {},
     }
     write_manifest(out, manifest)

@@ -74,3 +74,14 @@ def _devices():
 
 
 DEVICES = _devices()  # kernels' device parametrisation: the CUDA case runs only where a GPU is
+
+
+# sitecustomize.py for a subprocess in which torch, torchvision, segment_anything and cv2 cannot be imported
+BLOCK_TORCH = '''
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch.") or name in ("torchvision", "segment_anything", "cv2"):
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, _NoTorch())
+'''

@@ -21,7 +21,7 @@ from samantic.export.bundle import export_bundle
 from samantic.export.onnx import GRAPHS, OPSET
 from samantic.runtime import Bundle, BundleError, Segmenter
 
-from conftest import disk_image
+from conftest import BLOCK_TORCH, disk_image
 
 PARITY_KW = dict(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.6)
 
@@ -228,15 +228,6 @@ def test_torch_backend_from_bundle(nano, bundle_dir):
     assert seg.engine.name == "torch"
     assert matched_fraction(ref.masks, seg(image).masks) == 1.0
 
-
-BLOCK_TORCH = '''
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch.") or name in ("torchvision", "segment_anything", "cv2"):
-            raise ImportError(f"{name} is blocked in this test")
-sys.meta_path.insert(0, _NoTorch())
-'''
 
 RUN_BUNDLE = '''
 import json, sys

@@ -44,6 +44,10 @@ def bundle(
     out: Annotated[Path, typer.Option(help="Bundle directory to write.")] = Path("bundle"),
     checkpoint: Annotated[Optional[str], typer.Option(help="Weights file or tag (default: the model's shipped weights).")] = None,
     head: Annotated[Optional[Path], typer.Option(help="Semantic head (.safetensors) to put into the prompt graph.")] = None,
+    samcp: Annotated[Optional[Path], typer.Option(help="SAM-CP head (.safetensors from `samantic train samcp`): adds "
+                                                       "its backbone, patch-encoder and decoder graphs, class "
+                                                       "queries and vocabulary; segment-everything defaults to the "
+                                                       "patches it was trained on.")] = None,
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Also write onnxruntime dynamic-INT8 graphs.")] = True,
     torch_weights: Annotated[bool, typer.Option("--torch-weights", help="Also store the SAM weights (backend='torch').")] = False,
     max_prompts: Annotated[int, typer.Option(min=1, help="Largest prompt batch of the TensorRT profiles.")] = 128,
@@ -55,9 +59,13 @@ def bundle(
 
     if head is not None and not head.is_file():
         raise typer.BadParameter(f"{head}: no such head file", param_hint="--head")
+    if samcp is not None and not samcp.is_file():
+        raise typer.BadParameter(f"{samcp}: no such SAM-CP head file", param_hint="--samcp")
+    if head is not None and samcp is not None:
+        raise typer.BadParameter("give --head (U-SAM) or --samcp (SAM-CP), not both", param_hint="--samcp")
     try:
         path = export_bundle(model, out, checkpoint=checkpoint, head=head, int8=int8, torch_weights=torch_weights,
-                             max_prompts=max_prompts, overwrite=overwrite)
+                             max_prompts=max_prompts, overwrite=overwrite, samcp=samcp)
         loaded = Bundle.load(path)
     except (ValueError, FileNotFoundError, ImportError, BundleError, OSError) as e:
         _fail(e)
@@ -70,6 +78,10 @@ def bundle(
         table.add_row(rel, _human(entry["size"]), entry["sha256"][:16] + "…")
     _out.print(table)
     head_txt = f", head classes {', '.join(loaded.head['classes'])}" if loaded.head else ""
+    if loaded.samcp:
+        sc = loaded.samcp
+        head_txt = (f", SAM-CP things {', '.join(sc['classes'])}" + (f"; stuff {', '.join(sc['stuff'])}" if sc['stuff']
+                                                                     else ""))
     _out.print(f"model {model}, input {loaded.img_size}px, opset {loaded.manifest['onnx']['opset']}{head_txt}; "
                f"saved to {path}", soft_wrap=True)
 

@@ -130,7 +130,8 @@ def segment(
             raise ValueError("--classes needs --head (a U-SAM head from `samantic train usam`), --samcp (a SAM-CP head "
                              "from `samantic train samcp`) or a --bundle with a head")
         if samcp is not None and (head is not None or bundle is not None):
-            raise ValueError("--samcp runs on --model (torch); leave out --head and --bundle")
+            raise ValueError("--samcp runs on --model (torch); leave out --head and --bundle (a bundle exported with "
+                             "--samcp brings its SAM-CP head)")
         samcp_head = None
         if samcp is not None:
             from samantic.heads.samcp import load_samcp
@@ -156,10 +157,18 @@ def segment(
                 raise ValueError("--bundle brings its own weights and head; leave out --head/--checkpoint")
             bundle_info = Bundle.load(bundle, verify=False)  # verified once, by from_bundle
             thresholds.update({k: v for k, v in bundle_info.thresholds.items() if k in thresholds})
+            if classes is not None and bundle_info.samcp:
+                from samantic.pipeline.panoptic import check_names
+
+                sc = bundle_info.samcp
+                check_names(list(sc["classes"]) + list(sc["stuff"]), [n.strip() for n in classes.split(",") if n.strip()],
+                            f"the SAM-CP head of {bundle}")
         trained = {}
         if samcp_head is not None:  # the patches the head was trained on: its grid and thresholds
             trained = patch_options(samcp_head.info)
-            thresholds.update({k: v for k, v in trained.items() if k in thresholds})
+        elif bundle is not None and bundle_info.samcp:
+            trained = dict(bundle_info.samcp.get("patches") or {})
+        thresholds.update({k: v for k, v in trained.items() if k in thresholds})
         if points_per_side is None:
             points_per_side = int(trained.get("points_per_side", 32))
         if pred_iou_thresh is not None:
@@ -175,7 +184,10 @@ def segment(
             **({"adaptive_margin": adaptive_margin} if adaptive_margin is not None else {}), device=device,
         )
         if bundle is not None:
-            segmenter = Segmenter.from_bundle(bundle_info, backend=backend, precision=precision, classes=classes,
+            wanted = classes
+            if bundle_info.samcp and classes is not None:
+                wanted = [n.strip() for n in classes.split(",") if n.strip()]
+            segmenter = Segmenter.from_bundle(bundle_info, backend=backend, precision=precision, classes=wanted,
                                               score_thresh=score_thresh, config=config)
             model = bundle_info.model_id
             weights = f"bundle {bundle}, {segmenter.engine.name} {precision}"
@@ -209,6 +221,8 @@ def segment(
         raise typer.Exit(1)
     names = segmenter.names
     head_name = samcp if samcp is not None else (head if head is not None else (bundle if names else None))
+    panoptic = segmenter.samcp is not None
+    run_extra = {"bundle": str(bundle), "backend": segmenter.engine.name} if bundle is not None else {}
     console.print(f"model {model} ({escape(str(weights))}), {points_per_side}x{points_per_side} points, "
                   f"pred_iou_thresh {config.pred_iou_thresh}, stability_score_thresh {config.stability_score_thresh}"
                   + (f", adaptive prompting (margin {config.adaptive_margin})" if adaptive else "")
@@ -253,8 +267,8 @@ def segment(
                 records = result.instances
                 seconds += time.perf_counter() - t0
                 h, w = image.shape[:2]
-                if samcp_head is not None:
-                    write_samcp_outputs(out, job, image, result, model, checkpoint, samcp, config)
+                if panoptic:
+                    write_samcp_outputs(out, job, image, result, model, checkpoint, head_name, config, extra=run_extra)
                     done += 1
                     n_masks += len(records)
                     bar.advance(task)
@@ -286,13 +300,13 @@ def segment(
         raise typer.Exit(130)
 
     table = Table(title="samantic segment")
-    for col in ("images", "segmented", "skipped (done before)", "failed", "segments" if samcp else "masks", "s / image"):
+    for col in ("images", "segmented", "skipped (done before)", "failed", "segments" if panoptic else "masks", "s / image"):
         table.add_column(col)
     table.add_row(str(len(jobs) + len(missing)), str(done), str(skipped), str(len(failures)), str(n_masks),
                   f"{seconds / done:.2f}" if done else "-")
     console.print(table)
     if done or skipped:
-        if samcp is not None:
+        if panoptic:
             console.print(f"results in {out}/ (NAME.json: COCO results with category names and RLE masks; "
                           "NAME.semantic.png: VOC-palette label map, 0 = unlabelled, k = category k; NAME.panoptic.png + "
                           "NAME.panoptic.json: COCO panoptic; NAME.overlay.png)")
@@ -314,7 +328,7 @@ def segment(
 
 
 def write_samcp_outputs(out: Path, job: Job, image, result, model: str, checkpoint: Optional[str], samcp: Path,
-                        config) -> None:
+                        config, extra: Optional[dict] = None) -> None:
     """A SAM-CP result's files; the results JSON is written last (it marks the image as done)."""
     from samantic.io import atomic_write_image
     from samantic.io.panoptic import write_panoptic, write_semantic_png
@@ -331,4 +345,4 @@ def write_samcp_outputs(out: Path, job: Job, image, result, model: str, checkpoi
                    {"id": 1, "file_name": str(job.source), "height": h, "width": w}, categories)
     write_results_json(out / f"{job.name}.json", {"file_name": str(job.source), "height": h, "width": w},
                        result.to_coco(), model=model, checkpoint=checkpoint, samcp=str(samcp), categories=categories,
-                       settings={k: v for k, v in vars(config).items() if k != "point_grids"})
+                       settings={k: v for k, v in vars(config).items() if k != "point_grids"}, **(extra or {}))

@@ -7,6 +7,7 @@ a list of ints (uncompressed, like segment-anything's ``mask_to_rle_pytorch``)
 or a compressed ``str``/``bytes`` (like ``pycocotools.mask.encode``).
 """
 
+from samantic.ops.fusion import FusionResult, panoptic_fusion
 from samantic.ops.merge import MergedPatches, PatchGroups, merge_patches
 from samantic.ops.nms import mask_nms, nms
 from samantic.ops.postprocess import PostprocessResult, postprocess_masks
@@ -24,6 +25,7 @@ from samantic.ops.rle import (
 )
 
 __all__ = [
+    "FusionResult",
     "MergedPatches",
     "PatchGroups",
     "PostprocessResult",
@@ -31,6 +33,7 @@ __all__ = [
     "mask_nms",
     "merge_patches",
     "nms",
+    "panoptic_fusion",
     "postprocess_masks",
     "remove_small_regions",
     "rle_area",

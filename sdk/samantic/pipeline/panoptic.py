@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["PanopticOutput", "SamcpPredictor", "panoptic_fusion", "patch_options"]
+__all__ = ["PanopticOutput", "SamcpPredictor", "TorchSamcpScorer", "check_names", "panoptic_fusion", "patch_options"]
 
 
 @dataclass
@@ -103,26 +103,17 @@ def patch_options(info: Any) -> Dict[str, Any]:
     return {k: got[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh") if k in got}
 
 
-class SamcpPredictor:
-    """Runs a SAM-CP head on the patches of an image and fuses the result.
+class TorchSamcpScorer:
+    """A SAM-CP head on torch: the affinity and class scores of one image's patches.
 
     Args:
-        head: a :class:`~samantic.heads.samcp.SamcpHead` (or a head file).
-        classes: names to keep (None: the whole vocabulary); unknown names raise ``ValueError``.
-        score_thresh: minimum segment score (class score x mean affinity).
-        affinity_thresh: a candidate takes the patches whose normalised affinity reaches it.
-        overlap_thresh: fusion drops segments that keep less than this fraction of their mask.
-        top_k: Type-II queries kept by class score before merging.
-        min_area: segments smaller than this (pixels, after fusion) are dropped.
-        instance_thresh: minimum score of the unfused thing candidates in ``instances``.
-        nms_thresh: a thing candidate overlapping a better one of its class at mask IoU above
-            this is dropped (1 keeps all).
+        head: a :class:`~samantic.heads.samcp.SamcpHead` or a head file.
         device: where the head runs.
     """
 
-    def __init__(self, head: Any, *, classes: Optional[Sequence[str]] = None, score_thresh: float = 0.3,
-                 affinity_thresh: float = 0.5, overlap_thresh: float = 0.5, top_k: int = 100, min_area: int = 16,
-                 instance_thresh: float = 0.05, nms_thresh: float = 0.5, device: str = "cpu") -> None:
+    backend = "torch"
+
+    def __init__(self, head: Any, device: str = "cpu") -> None:
         import torch
 
         from samantic.heads.samcp import SamcpHead, load_samcp
@@ -131,33 +122,18 @@ class SamcpPredictor:
             head = load_samcp(head, map_location=device)
         self.head = head.eval().to(device)
         self.device = torch.device(device)
-        info = head.info
-        self.names = tuple(info.names)
-        self.things = len(info.classes)
-        wanted = self.names if classes is None else head.check_classes(list(classes))
-        self.wanted = np.array([n in wanted for n in self.names], bool)
-        for name, v in (("score_thresh", score_thresh), ("affinity_thresh", affinity_thresh),
-                        ("overlap_thresh", overlap_thresh), ("instance_thresh", instance_thresh)):
-            if not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.score_thresh, self.affinity_thresh = float(score_thresh), float(affinity_thresh)
-        self.overlap_thresh, self.top_k, self.min_area = float(overlap_thresh), int(top_k), int(min_area)
-        self.instance_thresh = float(instance_thresh)
-        if not 0.0 <= float(nms_thresh) <= 1.0:
-            raise ValueError(f"nms_thresh must be in [0, 1], got {nms_thresh!r}")
-        self.nms_thresh = float(nms_thresh)
+        self.names = tuple(head.info.names)
+        self.things = len(head.info.classes)
+        self.model = head.info.model
 
     def patch_options(self) -> Dict[str, Any]:
-        """The segment-everything options the head was trained with (see :func:`patch_options`)."""
         return patch_options(self.head.info)
 
-    # -- steps ----------------------------------------------------------------
+    def check_classes(self, names: Sequence[str]) -> Tuple[str, ...]:
+        return self.head.check_classes(names)
 
     def scores(self, image: np.ndarray, patch_rles: Any, patch_boxes: np.ndarray):
-        """The head's last-layer outputs for one image: (affinity sigmoid ``[C + P, P]``,
-        thing class probabilities ``[P, C]``, presence ``[C]``) as numpy."""
+        """(affinity sigmoid ``[C + P, P]``, class probabilities ``[P, C]``, presence ``[C]``) as numpy."""
         import torch
 
         from samantic.heads.samcp import patch_inputs
@@ -175,6 +151,74 @@ class SamcpPredictor:
         cls = out.class_logits[-1][0, :p, :c].float().sigmoid().cpu().numpy()
         presence = out.presence_logits[-1][0].float().sigmoid().cpu().numpy()
         return aff, cls, presence
+
+
+def check_names(known: Sequence[str], names: Sequence[str], what: str = "this SAM-CP head") -> Tuple[str, ...]:
+    """Requested names -> the same tuple; an unknown name raises ``ValueError`` listing the known ones."""
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown class name(s) {bad}; {what} knows: {', '.join(known)}")
+    return tuple(names)
+
+
+class SamcpPredictor:
+    """Runs a SAM-CP head on the patches of an image and fuses the result.
+
+    Args:
+        head: a scorer (:class:`TorchSamcpScorer`, or the bundle runtime's
+            :class:`~samantic.runtime.samcp.OnnxSamcpScorer`), a
+            :class:`~samantic.heads.samcp.SamcpHead` or a head file (torch).
+        classes: names to keep (None: the whole vocabulary); unknown names raise ``ValueError``.
+        score_thresh: minimum segment score (class score x mean affinity).
+        affinity_thresh: a candidate takes the patches whose normalised affinity reaches it.
+        overlap_thresh: fusion drops segments that keep less than this fraction of their mask.
+        top_k: Type-II queries kept by class score before merging.
+        min_area: segments smaller than this (pixels, after fusion) are dropped.
+        instance_thresh: minimum score of the unfused thing candidates in ``instances``.
+        nms_thresh: a thing candidate overlapping a better one of its class at mask IoU above
+            this is dropped (1 keeps all).
+        device: where a torch head runs.
+    """
+
+    def __init__(self, head: Any, *, classes: Optional[Sequence[str]] = None, score_thresh: float = 0.3,
+                 affinity_thresh: float = 0.5, overlap_thresh: float = 0.5, top_k: int = 100, min_area: int = 16,
+                 instance_thresh: float = 0.05, nms_thresh: float = 0.5, device: str = "cpu") -> None:
+        scorer = head if callable(getattr(head, "scores", None)) else TorchSamcpScorer(head, device)
+        self.scorer = scorer
+        self.head = getattr(scorer, "head", None)  # the torch module (None on onnxruntime)
+        self.names = tuple(scorer.names)
+        self.things = int(scorer.things)
+        wanted = self.names if classes is None else scorer.check_classes(list(classes))
+        self.wanted = np.array([n in wanted for n in self.names], bool)
+        for name, v in (("score_thresh", score_thresh), ("affinity_thresh", affinity_thresh),
+                        ("overlap_thresh", overlap_thresh), ("instance_thresh", instance_thresh)):
+            if not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.score_thresh, self.affinity_thresh = float(score_thresh), float(affinity_thresh)
+        self.overlap_thresh, self.top_k, self.min_area = float(overlap_thresh), int(top_k), int(min_area)
+        self.instance_thresh = float(instance_thresh)
+        if not 0.0 <= float(nms_thresh) <= 1.0:
+            raise ValueError(f"nms_thresh must be in [0, 1], got {nms_thresh!r}")
+        self.nms_thresh = float(nms_thresh)
+
+    def patch_options(self) -> Dict[str, Any]:
+        """The segment-everything options the head was trained with (see :func:`patch_options`)."""
+        return self.scorer.patch_options()
+
+    def check_model(self, model_name: str, source: str = "SAM-CP head") -> None:
+        """Refuses patches of a SAM other than the one the head was trained on (other granularity)."""
+        trained = getattr(self.scorer, "model", "")
+        if trained and model_name and trained != model_name:
+            raise ValueError(f"{source}: the SAM-CP head was trained on patches of {trained}, not {model_name}")
+
+    # -- steps ----------------------------------------------------------------
+
+    def scores(self, image: np.ndarray, patch_rles: Any, patch_boxes: np.ndarray):
+        """The head's last-layer outputs for one image: (affinity sigmoid ``[C + P, P]``,
+        thing class probabilities ``[P, C]``, presence ``[C]``) as numpy."""
+        return self.scorer.scores(image, patch_rles, patch_boxes)
 
     def candidates(self, aff: np.ndarray, cls: np.ndarray, presence: np.ndarray
                    ) -> List[Tuple[int, float, np.ndarray]]:
@@ -234,7 +278,8 @@ class SamcpPredictor:
         """Panoptic segmentation of ``image`` (uint8 RGB ``[H, W, 3]``) from its patches (RLEs, XYXY inclusive boxes)."""
         import time
 
-        from samantic.ops import RleBatch, merge_patches, rle_decode
+        from samantic.ops import RleBatch, merge_patches
+        from samantic.ops import panoptic_fusion as fusion_kernel
         from samantic.ops.rle import _batch
 
         t0 = time.perf_counter()
@@ -270,29 +315,48 @@ class SamcpPredictor:
                 instances.append({"category_id": k + 1, "category_name": self.names[k], "score": float(s),
                                   "segmentation": rle, "area": int(area), "bbox": _xywh(box)})
         keep = [i for i, (k, s, _) in enumerate(unique) if s >= self.score_thresh and merged.area[i] > 0]
-        masks = rle_decode(merged.rles.select(keep)).astype(bool) if keep else np.zeros((0, h, w), bool)
-        fused, kept = panoptic_fusion(masks, np.array([unique[i][1] for i in keep]), self.overlap_thresh,
-                                      self.min_area)
-        panoptic = np.zeros((h, w), np.int32)
-        semantic = np.zeros((h, w), np.uint8 if len(self.names) < 256 else np.uint16)
+        # samantic._C: per pixel the best candidate wins, on the run lengths (no dense masks)
+        fused, kept = fusion_kernel(merged.rles.select(keep), np.array([unique[i][1] for i in keep], np.float64),
+                                    self.overlap_thresh, self.min_area)
+        fused = np.asarray(fused, np.int32).reshape(h, w)
+        # candidate index + 1 -> segment id / category id, through lookup tables
+        seg_of = np.zeros(len(keep) + 1, np.int32)
+        cat_of = np.zeros(len(keep) + 1, np.uint8 if len(self.names) < 256 else np.uint16)
+        order = [j for j in range(len(keep)) if kept[j]]
+        for sid, j in enumerate(order, start=1):
+            seg_of[j + 1] = sid
+            cat_of[j + 1] = unique[keep[j]][0] + 1
+        panoptic = seg_of[fused]
+        semantic = cat_of[fused]
+        boxes, areas = _label_boxes(panoptic, len(order))
         segments = []
-        for j, i in enumerate(keep):
-            if not kept[j]:
-                continue
-            k, s, sel = unique[i]
-            region = fused == j + 1
-            sid = len(segments) + 1
-            panoptic[region] = sid
-            semantic[region] = k + 1
-            ys, xs = np.nonzero(region)
+        for sid, j in enumerate(order, start=1):
+            k, s, sel = unique[keep[j]]
             segments.append({"id": sid, "category_id": k + 1, "category_name": self.names[k],
-                             "isthing": bool(k < self.things), "score": float(s), "area": int(region.sum()),
-                             "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
-                                      int(ys.max() - ys.min() + 1)],
-                             "patches": np.flatnonzero(sel).tolist()})
+                             "isthing": bool(k < self.things), "score": float(s), "area": int(areas[sid]),
+                             "bbox": [int(v) for v in boxes[sid]], "patches": np.flatnonzero(sel).tolist()})
         t3 = time.perf_counter()
         return PanopticOutput(panoptic, segments, semantic, instances, self.names, self.things,
                               {"head": t1 - t0, "merge": t2 - t1, "fusion": t3 - t2})
+
+
+def _label_boxes(labels: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """XYWH boxes ``[n + 1, 4]`` and areas ``[n + 1]`` of labels ``1..n`` in an int map (row 0 unused)."""
+    h, w = labels.shape
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[: n + 1]
+    boxes = np.zeros((n + 1, 4), np.int64)
+    if n == 0:
+        return boxes, areas
+    cols = np.zeros((n + 1, w), bool)  # label occurs in column x / row y
+    rows = np.zeros((n + 1, h), bool)
+    cols[labels, np.arange(w)[None, :]] = True
+    rows[labels, np.arange(h)[:, None]] = True
+    ok = areas > 0
+    x0, y0 = cols.argmax(1), rows.argmax(1)
+    x1, y1 = w - 1 - cols[:, ::-1].argmax(1), h - 1 - rows[:, ::-1].argmax(1)
+    boxes[ok] = np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], 1)[ok]
+    boxes[0] = 0
+    return boxes, areas
 
 
 def _xywh(box: np.ndarray) -> List[int]:

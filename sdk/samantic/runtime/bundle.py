@@ -9,6 +9,8 @@ Layout::
     prompts.onnx          prompt encoder + transformer (+ semantic head), prompts.int8.onnx
     upscale.onnx          upscaling + hypernetworks of the selected masks
     head.safetensors      the semantic head (optional), model.safetensors (optional, torch backend)
+    samcp_*.onnx          a SAM-CP head (optional): backbone, patch encoder, affinity decoder graphs,
+                          samcp_queries.safetensors (class queries), samcp.safetensors (the torch head)
     engines/<key>/...     TensorRT engines, keyed by GPU, TensorRT version and precision
 
 :meth:`Bundle.load` checks that every path stays inside the bundle and that
@@ -115,9 +117,11 @@ class Bundle:
         """Every file path the manifest uses (graphs, head, weights, engines)."""
         m = self.manifest
         out = [rel for per in m["graphs"].values() for rel in per.values()]
-        for key in ("head", "torch_weights"):
+        for key in ("head", "samcp", "torch_weights"):
             if m.get(key) and m[key].get("file"):
                 out.append(m[key]["file"])
+        if m.get("samcp") and m["samcp"].get("queries"):
+            out.append(m["samcp"]["queries"])
         for entry in m.get("engines", {}).values():
             out.extend(entry.get("files", {}).values())
         return out
@@ -163,6 +167,11 @@ class Bundle:
     def head(self) -> Optional[Dict[str, Any]]:
         """``{"classes": [...], "groups": {...}, "score_thresh": float, "file": ...}`` or None."""
         return self.manifest.get("head")
+
+    @property
+    def samcp(self) -> Optional[Dict[str, Any]]:
+        """The SAM-CP section (vocabulary, input geometry, patch options, files), or None."""
+        return self.manifest.get("samcp")
 
     @property
     def thresholds(self) -> Dict[str, Any]:

@@ -76,6 +76,20 @@ def trt_ep_options(bundle: Bundle, graph: str, precision: str, cache_dir: Option
     return opts
 
 
+def session_options(ort: Any, threads: Optional[int] = None, spinning: bool = False) -> Any:
+    """The session options every samantic graph runs with (see :class:`OnnxRuntimeEngine`)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # memory-pattern planning pre-allocates every intermediate of the encoder at once: sam_vit_b's
+    # encoder peaked at 6.9 GiB with it and 3.7 GiB without, at the same speed (benchmarks/backends.py)
+    options.enable_mem_pattern = False
+    return options
+
+
 class OnnxRuntimeEngine(BundleEngine):
     """Runs a bundle's encoder, prompt and upscale graphs with onnxruntime.
 
@@ -99,15 +113,7 @@ class OnnxRuntimeEngine(BundleEngine):
             raise ValueError(f"precision must be 'fp32', 'fp16' or 'int8', got {precision!r}")
         super().__init__(bundle)
         self.precision = precision
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # memory-pattern planning pre-allocates every intermediate of the encoder at once: sam_vit_b's
-        # encoder peaked at 6.9 GiB with it and 3.7 GiB without, at the same speed (benchmarks/backends.py)
-        options.enable_mem_pattern = False
+        options = session_options(ort, threads, spinning)
         self.sessions = {}
         for g in ("encoder", "prompts", "upscale"):
             per = bundle.manifest["graphs"].get(g, {})

@@ -208,9 +208,10 @@ class Segmenter:
         mask_scorer: an extra scoring hook on the mask tokens (see :class:`MaskGenerator`).
         engine: an already built :class:`~samantic.pipeline.engine.Engine` (instead of ``model``).
         head_info: ``{"classes", "groups", "score_thresh"}`` of a head the engine runs.
-        samcp: a SAM-CP head (:class:`~samantic.heads.samcp.SamcpHead` or its file): the patches
-            are then labelled and merged into a :class:`PanopticResult`; segment-everything uses
-            the grid and thresholds the head was trained with (``config`` / ``options`` override).
+        samcp: a SAM-CP head (:class:`~samantic.heads.samcp.SamcpHead` or its file, torch backend;
+            or a scorer such as a bundle's :class:`~samantic.runtime.samcp.OnnxSamcpScorer`): the
+            patches are then labelled and merged into a :class:`PanopticResult`; segment-everything
+            uses the grid and thresholds the head was trained with (``config`` / ``options`` override).
         samcp_options: :class:`~samantic.pipeline.panoptic.SamcpPredictor` options
             (``score_thresh``, ``affinity_thresh``, ``overlap_thresh``, ``top_k``, ``min_area``).
         **options: :class:`AmgConfig` fields overriding ``config``.
@@ -227,15 +228,17 @@ class Segmenter:
         if samcp is not None:
             if head is not None or head_info is not None:
                 raise ValueError("give either a U-SAM head (head=) or a SAM-CP head (samcp=), not both")
-            if model is None:
-                raise ValueError("samcp= runs on the torch backend: pass model=")
             from samantic.pipeline.panoptic import SamcpPredictor
 
+            if model is None and not callable(getattr(samcp, "scores", None)):
+                raise ValueError("a SAM-CP head (module or file) runs on torch: pass model=, or give an engine "
+                                 "with a SAM-CP scorer (Segmenter.from_bundle does)")
             self.samcp = SamcpPredictor(samcp, classes=[classes] if isinstance(classes, str) else classes,
                                         **dict(samcp_options or {}))
-            name = getattr(model, "samantic_name", None)
+            name = (getattr(model, "samantic_name", None) if model is not None
+                    else getattr(getattr(engine, "bundle", None), "model_id", None))
             if name:
-                self.samcp.head.check_model(name, str(samcp) if isinstance(samcp, (str, Path)) else "SAM-CP head")
+                self.samcp.check_model(name, str(samcp) if isinstance(samcp, (str, Path)) else "SAM-CP head")
             if config is None:
                 config = AmgConfig(output_mode="coco_rle", **self.samcp.patch_options())
             classes = None
@@ -343,7 +346,8 @@ class Segmenter:
     def from_bundle(path: Union[str, Path, Bundle], backend: str = "auto", device: str = "auto", *,
                     precision: str = "fp32", classes: Optional[Union[str, Sequence[str]]] = None,
                     score_thresh: Optional[float] = None, config: Optional[AmgConfig] = None,
-                    threads: Optional[int] = None, verify: bool = True, **options: Any) -> "Segmenter":
+                    threads: Optional[int] = None, verify: bool = True,
+                    samcp_options: Optional[Mapping[str, Any]] = None, **options: Any) -> "Segmenter":
         """Loads a bundle (verifying its files) and builds a Segmenter on a backend.
 
         Args:
@@ -358,6 +362,10 @@ class Segmenter:
             config: generator options (default: the bundle's recorded thresholds, ``coco_rle`` output).
             threads: onnxruntime intra-op threads.
             verify: check every file's SHA-256 (on by default).
+            samcp_options: with a SAM-CP bundle, :class:`~samantic.pipeline.panoptic.SamcpPredictor`
+                options (``score_thresh`` also sets its ``score_thresh``). The bundle's SAM-CP head
+                runs on onnxruntime (or torch with ``backend="torch"``), the result is a
+                :class:`PanopticResult`.
             **options: :class:`AmgConfig` fields.
 
         Raises:
@@ -377,6 +385,13 @@ class Segmenter:
             known = set(AmgConfig.__dataclass_fields__)
             config = AmgConfig(output_mode="coco_rle", **{k: v for k, v in bundle.thresholds.items() if k in known})
         kw = dict(classes=classes, score_thresh=score_thresh, config=config, **options)
+        if bundle.samcp and score_thresh is not None:
+            samcp_options = {**(samcp_options or {}), "score_thresh": score_thresh}
+        if bundle.samcp:
+            kw.pop("score_thresh")
+            kw["samcp_options"] = samcp_options
+        elif samcp_options:
+            raise ValueError("samcp_options= needs a bundle with a SAM-CP head")
         if backend == "torch":
             return Segmenter._torch_from_bundle(bundle, **kw)
         if backend == "auto":
@@ -391,6 +406,11 @@ class Segmenter:
             from samantic.runtime.onnxruntime import OnnxRuntimeEngine
 
             engine = OnnxRuntimeEngine(bundle, precision=precision, device=device, threads=threads)
+        if bundle.samcp:
+            from samantic.runtime.samcp import OnnxSamcpScorer
+
+            scorer = OnnxSamcpScorer(bundle, device=device, threads=threads)
+            return Segmenter(engine=engine, samcp=scorer, **kw)
         return Segmenter(engine=engine, head_info=bundle.head, **kw)
 
     @staticmethod
@@ -402,5 +422,7 @@ class Segmenter:
         from samantic.models import create_model
 
         sam = create_model(bundle.model_id, checkpoint=str(bundle.path(weights["file"])))
+        if bundle.samcp:
+            return Segmenter(sam, samcp=bundle.path(bundle.samcp["file"]), **kw)
         head = bundle.path(bundle.head["file"]) if bundle.head else None
         return Segmenter(sam, head, **kw)
