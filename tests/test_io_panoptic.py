@@ -200,3 +200,78 @@ def test_semantic_png_rejects_bad_labels(tmp_path, labels, message):
     with pytest.raises(ValueError, match=message):
         write_semantic_png(tmp_path / "a.png", labels)
     assert not (tmp_path / "a.png").exists()
+
+
+def assert_panopticapi_files(png, js):
+    """What panopticapi's pq_compute relies on, checked from the files alone: the PNG's ids
+    (R + 256 G + 256^2 B, Pillow and the formula) are exactly the JSON's, each segment's area and
+    XYWH bbox are its pixels', its category exists and carries ``isthing``, and the annotation
+    names the PNG. Returns (ids, segments_info, categories by id)."""
+    data = json.loads(js.read_text())
+    (ann,) = data["annotations"]
+    assert ann["file_name"] == png.name
+    (image,) = data["images"]
+    with Image.open(png) as img:
+        assert img.mode == "RGB" and img.format == "PNG"
+        rgb = np.asarray(img).astype(np.int64)
+    assert rgb.shape[:2] == (image["height"], image["width"])
+    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+    cats = {c["id"]: c for c in data["categories"]}
+    assert all(c["isthing"] in (0, 1) and c["name"] for c in cats.values())
+    segments = ann["segments_info"]
+    assert len({s["id"] for s in segments}) == len(segments)
+    assert {s["id"] for s in segments} == set(np.unique(ids).tolist()) - {0}
+    for s in segments:
+        mask = ids == s["id"]
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert s["area"] == int(mask.sum()) > 0
+        assert s["bbox"] == [int(v) for v in mask_utils.toBbox(rle)]
+        assert s["category_id"] in cats and s["iscrowd"] in (0, 1)
+    return ids, segments, cats
+
+
+def test_segment_samcp_outputs_follow_panopticapi(tmp_path):
+    """``samantic segment --samcp`` (a small random head on sam_nano's patches of one v2 scene)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from samantic.cli.main import app
+    from samantic.heads.samcp import SamcpHead, SamcpInfo, save_samcp
+    from samantic.train.data.panoptic import STUFF_CLASSES, THING_CLASSES
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        head = SamcpHead(SamcpInfo(classes=THING_CLASSES, stuff=STUFF_CLASSES, model="sam_nano", d_model=32, heads=2,
+                                   layers=1, encoder_layers=1, ffn_dim=64, roi_channels=8,
+                                   backbone_channels=(8, 16, 16, 32), input_size=128))
+        path = save_samcp(head, tmp_path / "samcp.safetensors", {"patches": json.dumps(
+            {"points_per_side": 8, "pred_iou_thresh": 0.3, "stability_score_thresh": 0.5})})
+        Image.fromarray(render_panoptic(11, size=(96, 128)).image).save(tmp_path / "a.png")
+        r = CliRunner().invoke(app, ["segment", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--samcp",
+                                     str(path), "--score-thresh", "0", "--no-progress"])
+    finally:
+        torch.set_num_threads(n)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    ids, segments, cats = assert_panopticapi_files(out / "a.png.panoptic.png", out / "a.png.panoptic.json")
+    assert segments
+    names = THING_CLASSES + STUFF_CLASSES
+    assert [cats[i]["name"] for i in sorted(cats)] == list(names)
+    assert [cats[i]["isthing"] for i in sorted(cats)] == [1] * len(THING_CLASSES) + [0] * len(STUFF_CLASSES)
+    stuff = [s["category_id"] for s in segments if not cats[s["category_id"]]["isthing"]]
+    assert len(stuff) == len(set(stuff)), "one segment per stuff class"
+    # the semantic PNG is the same map by category
+    sem = np.asarray(Image.open(out / "a.png.semantic.png"))
+    for s in segments:
+        assert (sem[ids == s["id"]] == s["category_id"]).all()
+    assert (sem[ids == 0] == 0).all()
+
+
+def test_written_files_follow_panopticapi(tmp_path):
+    pan, info = random_panoptic(np.random.default_rng(6))
+    png, js = write_panoptic(tmp_path / "c.png", tmp_path / "c.json", pan, info, IMAGE, list(CATEGORIES))
+    ids, segments, cats = assert_panopticapi_files(png, js)
+    assert np.array_equal(ids, pan) and len(segments) == len(info)
+    assert cats == {c["id"]: dict(c) for c in CATEGORIES}

@@ -9,6 +9,7 @@ from samantic.cli import demo as _demo
 from samantic.cli import doctor as _doctor
 from samantic.cli import eval as _eval
 from samantic.cli import export as _export
+from samantic.cli import samcp as _samcp
 from samantic.cli import segment as _segment
 from samantic.cli import train as _train
 from samantic.cli import weights as _weights
@@ -26,6 +27,7 @@ app.command("demo", help="Run the embedded default on the bundled demo image.")(
 app.add_typer(_data.app, name="data", help="Datasets: the procedural shapes world.")
 app.add_typer(_eval.app, name="eval", help="Evaluate models on held-out scenes.")
 app.add_typer(_export.app, name="export", help="Export bundles (ONNX), TensorRT engines, TensorRT checks.")
+app.add_typer(_samcp.app, name="samcp", help="SAM-CP head files: add class names to an open-vocabulary head.")
 app.add_typer(_train.app, name="train", help="Train SAM and samantic's heads.")
 app.add_typer(_weights.app, name="weights", help="Official SAM checkpoints: list, download, verify.")
 

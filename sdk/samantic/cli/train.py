@@ -169,6 +169,8 @@ def train_samcp(
     layers: Annotated[int, typer.Option(min=1, help="Affinity decoder layers.")] = 3,
     mask_roi: Annotated[bool, typer.Option("--mask-roi/--box-roi", help="Multiply RoI features by the patch mask (--box-roi: the ablation).")] = True,
     affinity_residual: Annotated[bool, typer.Option("--affinity-residual/--no-affinity-residual", help="Add each layer's affinities to the previous layer's.")] = True,
+    text_encoder: Annotated[Optional[str], typer.Option(help="Open vocabulary: class queries from text embeddings of the names, by open_clip:MODEL[:PRETRAINED] (PRETRAINED: a tag or a checkpoint file) or open_clip:local-dir:DIR; stored in the head, so inference needs no encoder. Needs pip install 'samantic[clip]'.")] = None,
+    prompt_template: Annotated[str, typer.Option(help="Prompt each class name is encoded in (with --text-encoder).")] = "a photo of a {name}.",
     time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
@@ -205,10 +207,26 @@ def train_samcp(
                 raise ValueError(f"unknown {what} class(es) {bad}; {data} has: {', '.join(known) or '(none)'}")
         config = SamcpTrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, warmup_steps=warmup_steps,
                                   seed=seed, time_budget=time_budget * 60)
+        text, text_info = None, {}
+        if text_encoder is not None:
+            # encoded once (on the CPU: a few prompts), before the slow patch cache, so a bad encoder fails fast
+            from samantic.heads.samcp import TEXT_ENCODER_KEY, TEXT_TEMPLATE_KEY
+            from samantic.heads.text import check_template, open_text_encoder
+
+            check_template(prompt_template)
+            encoder = open_text_encoder(text_encoder)
+            text = encoder.encode(thing_names + stuff_names, prompt_template)
+            text_info = {"text_dim": encoder.dim,
+                         "extra": {TEXT_ENCODER_KEY: str(encoder.spec), TEXT_TEMPLATE_KEY: prompt_template}}
+            typer.echo(f"class names encoded by {encoder.spec} ({encoder.dim}-d, prompt {prompt_template!r})")
+            if not encoder.pretrained:
+                typer.echo(f"warning: {encoder.spec} names no pretrained weights: its text tower is random, the "
+                           "embeddings carry no meaning (for tests only)", err=True)
+            del encoder
         sam = create_model(model, checkpoint=checkpoint)
         info = SamcpInfo(classes=thing_names, stuff=stuff_names, layers=layers, mask_roi=mask_roi,
-                         affinity_residual=affinity_residual, model=model)
-    except (ValueError, FileNotFoundError) as e:
+                         affinity_residual=affinity_residual, model=model, **text_info)
+    except (ValueError, FileNotFoundError, ImportError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(f"patches of {model} for {data} (cache {cache}) ...")
@@ -222,7 +240,7 @@ def train_samcp(
     typer.echo(f"{len(examples)} images, {report.patches} patches ({report.computed} computed, {report.reused} "
                f"reused; grid {meta['grid']}, pred_iou_thresh {meta['pred_iou_thresh']}, stability_score_thresh "
                f"{meta['stability_score_thresh']})")
-    head = SamcpHead(info)
+    head = SamcpHead(info, text_embeddings=text)
     extra = {"data": data, "checkpoint": checkpoint or "", "patch_cache_key": report.key,
              "patches": json.dumps({k: meta[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh")}),
              "images": str(len(examples))}
@@ -232,7 +250,8 @@ def train_samcp(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"saved: {result.output} ({len(info.classes)} thing + {len(info.stuff)} stuff classes, steps "
+    vocabulary = "text embeddings" if text is not None else "learned embeddings"
+    typer.echo(f"saved: {result.output} ({len(info.classes)} thing + {len(info.stuff)} stuff classes ({vocabulary}), steps "
                f"{result.steps}, last loss {result.last_loss:.4f}, {result.seconds / 60:.1f} min); log: {result.log}")
     if failures:
         typer.echo(f"{len(failures)} image(s) could not be used (listed above)", err=True)

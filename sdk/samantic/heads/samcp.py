@@ -45,13 +45,21 @@ what timm and open_clip ConvNeXts expect).
 A head file is safetensors whose header holds ``format``, ``classes`` and ``stuff``
 (JSON lists), ``config`` (JSON of the architecture), ``model`` (the SAM whose
 patches it was trained on) and any extra entries (e.g. thresholds).
+
+Open vocabulary: a head built with text embeddings of its class names
+(``SamcpHead(info, text_embeddings=...)``, ``info.text_dim`` wide; see
+:mod:`samantic.heads.text`) takes its Type-I queries from them (``text_proj``) instead of
+learned class embeddings. The embeddings are a tensor of the head file
+(``text_embeddings``), and the header names the encoder (``text_encoder``) and the prompt
+template (``text_template``), so inference needs no text encoder, and
+:func:`add_samcp_classes` can append names encoded the same way.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
@@ -64,10 +72,15 @@ SAMCP_FORMAT = "samantic.samcp_head.v1"
 PRIOR_PROB = 0.01
 _PRIOR_LOGIT = math.log(PRIOR_PROB / (1.0 - PRIOR_PROB))
 SMALL_FPN = "small_fpn"
+# header entries of a head with text embeddings (kept in SamcpInfo.extra)
+TEXT_ENCODER_KEY = "text_encoder"
+TEXT_TEMPLATE_KEY = "text_template"
+ADDED_CLASSES_KEY = "added_classes"
 
 __all__ = [
     "SAMCP_FORMAT", "Backbone", "SmallCnn", "FpnBackbone", "small_fpn_backbone", "SamcpInfo", "SamcpOutput",
     "SamcpHead", "mask_to_roi", "patch_inputs", "save_samcp", "load_samcp", "affinity_attention_mask",
+    "add_samcp_classes", "TEXT_ENCODER_KEY", "TEXT_TEMPLATE_KEY", "ADDED_CLASSES_KEY",
 ]
 
 
@@ -96,7 +109,8 @@ class SamcpInfo:
         backbone_channels: stage widths of the small CNN (strides 4, 8, 16, 32).
         canonical_box: box side (pixels) that maps to the stride-16 FPN level; smaller
             boxes go to finer levels (FPN paper's level rule, k = 4 + log2(sqrt(wh) / canonical)).
-        text_dim: width of text embeddings the head can take as Type-I queries (0: none).
+        text_dim: width of text embeddings the head can take as Type-I queries (0: none); a head
+            whose vocabulary is text (``SamcpHead(info, text_embeddings=...)``) needs it.
         mask_roi: multiply the RoI features by the patch mask (False: box RoI only, the ablation).
         affinity_residual: add each layer's affinity logits to the previous layer's.
         attn_mask_thresh: cross-attention of a query skips patches whose previous
@@ -106,7 +120,8 @@ class SamcpInfo:
             are scaled with them; 0 keeps the given size). Patch masks are relative to their
             boxes, so they need no change.
         model: the SAM whose patches the head was trained on (informational, checked by check_model).
-        extra: further header entries (thresholds, training recipe), kept on save/load.
+        extra: further header entries (thresholds, training recipe), kept on save/load; a head
+            with text embeddings records ``text_encoder`` (spec) and ``text_template`` here.
     """
 
     classes: Tuple[str, ...]
@@ -464,10 +479,11 @@ def affinity_attention_mask(affinity: torch.Tensor, valid: torch.Tensor, thresh:
     blocked = (affinity.detach().sigmoid() < thresh) | ~valid[:, None, :]
     full = blocked.all(-1, keepdim=True)
     blocked = torch.where(full, ~valid[:, None, :], blocked)
+    # branch-free (the exported decoder has no data-dependent control flow)
     empty = ~valid.any(1)
-    if bool(empty.any()):
-        blocked[empty, :, 0] = False
-    return blocked
+    first = torch.zeros_like(valid)
+    first[:, 0] = True
+    return blocked & ~(empty[:, None, None] & first[:, None, :])
 
 
 class DecoderLayer(nn.Module):
@@ -527,9 +543,14 @@ class SamcpHead(nn.Module):
         info: vocabulary and architecture.
         backbone: a :class:`Backbone` with ``out_channels == info.d_model`` (required when
             ``info.backbone`` is ``"custom:NAME"``; default: :func:`small_fpn_backbone`).
+        text_embeddings: optional ``Tensor[C, info.text_dim]``, text embeddings of
+            ``info.names`` (see :mod:`samantic.heads.text`). Given, the Type-I queries are
+            their projection (the head has no learned class embeddings) and new names can be
+            added later (:meth:`add_classes`); they are stored L2-normalised, in the head file.
     """
 
-    def __init__(self, info: SamcpInfo, backbone: Optional[nn.Module] = None) -> None:
+    def __init__(self, info: SamcpInfo, backbone: Optional[nn.Module] = None,
+                 text_embeddings: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.info = info
         d = info.d_model
@@ -548,9 +569,14 @@ class SamcpHead(nn.Module):
                                                batch_first=True, norm_first=True)
         self.patch_encoder = nn.TransformerEncoder(enc_layer, info.encoder_layers, norm=nn.LayerNorm(d),
                                                    enable_nested_tensor=False)
-        # Type-I queries: learned class embeddings, or projected text embeddings
-        self.class_embed = nn.Parameter(torch.randn(info.num_classes, d) * 0.02)
+        # Type-I queries: learned class embeddings, or projected text embeddings (frozen, in the file)
         self.text_proj = nn.Linear(info.text_dim, d) if info.text_dim > 0 else None
+        if text_embeddings is None:
+            self.class_embed = nn.Parameter(torch.randn(info.num_classes, d) * 0.02)
+            self.register_buffer("text_embeddings", None)
+        else:
+            self.register_parameter("class_embed", None)
+            self.register_buffer("text_embeddings", _text_table(text_embeddings, info))
         self.type_embed = nn.Parameter(torch.randn(2, d) * 0.02)  # [Type-I, Type-II]
         self.query_in = nn.Linear(d, d)
         self.layers = nn.ModuleList([DecoderLayer(d, info.heads, info.ffn_dim) for _ in range(info.layers)])
@@ -634,14 +660,46 @@ class SamcpHead(nn.Module):
         return tokens, pos, valid
 
     def class_queries(self, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[C, D]``: the learned class embeddings, or text embeddings ``[C, text_dim]`` projected to D."""
+        """Type-I queries ``Tensor[C, D]``.
+
+        Args:
+            class_embeddings: optional text embeddings ``[C, text_dim]`` of other names (projected
+                to D). Default: the queries of the head's own vocabulary ``info.names``: its
+                stored text embeddings projected when it has them, else its learned class
+                embeddings.
+        """
         if class_embeddings is None:
-            return self.class_embed
+            if self.text_embeddings is None:
+                return self.class_embed
+            class_embeddings = self.text_embeddings
         if self.text_proj is None:
             raise ValueError("this head takes no text embeddings (info.text_dim == 0)")
         if class_embeddings.ndim != 2 or class_embeddings.shape[1] != self.info.text_dim:
             raise ValueError(f"class_embeddings must be [C, {self.info.text_dim}], got shape {tuple(class_embeddings.shape)}")
-        return self.text_proj(F.normalize(class_embeddings.to(self.class_embed.dtype), dim=-1))
+        return self.text_proj(F.normalize(class_embeddings.to(self.text_proj.weight.dtype), dim=-1))
+
+    def add_classes(self, names: Sequence[str], embeddings: torch.Tensor, stuff: bool = False) -> None:
+        """Appends names to the vocabulary of a head with text embeddings (in place).
+
+        New things go after the existing things, new stuff after the existing stuff, so
+        ``info.names`` (things, then stuff) and the category ids of stuff classes shift when
+        things are added. The queries of the existing names do not change.
+
+        Args:
+            names: the new class names (not in the vocabulary yet).
+            embeddings: ``Tensor[len(names), text_dim]`` from the encoder and prompt template the
+                head's embeddings came from (``info.extra["text_encoder"]`` / ``["text_template"]``).
+            stuff: add stuff classes (default: things).
+
+        Raises:
+            ValueError: a head with learned class embeddings (it needs retraining for new
+                names), a name it knows already, or embeddings of the wrong shape.
+        """
+        if self.text_embeddings is None:
+            raise ValueError(_LEARNED_HEAD)
+        self.info, table = _extend_vocabulary(self.info, self.text_embeddings, names, embeddings, stuff)
+        self.roi_embed.info = self.info
+        self.text_embeddings = table
 
     def _predict(self, l: int, q: torch.Tensor, q_pos: torch.Tensor, mem: torch.Tensor, mem_pos: torch.Tensor,
                  cls: torch.Tensor, c: int, prev: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -660,7 +718,8 @@ class SamcpHead(nn.Module):
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
                class_embeddings: Optional[torch.Tensor] = None) -> SamcpOutput:
-        """Runs the affinity decoder over encoded patch tokens (see :meth:`encode_patches`)."""
+        """Runs the affinity decoder over encoded patch tokens (see :meth:`encode_patches`);
+        ``class_embeddings`` as in :meth:`class_queries`."""
         b, p, d = tokens.shape
         cls = self.class_queries(class_embeddings)
         c = cls.shape[0]
@@ -687,7 +746,7 @@ class SamcpHead(nn.Module):
             patch_masks: per image ``Tensor[P_i, roi_size, roi_size]`` in [0, 1]: each
                 patch's mask inside its box, from :func:`mask_to_roi`.
             class_embeddings: optional ``Tensor[C, text_dim]`` (open vocabulary); default
-                the head's learned embeddings of ``info.names``.
+                the queries of ``info.names`` (:meth:`class_queries`).
 
         Returns:
             A :class:`SamcpOutput` with ``info.layers + 1`` stages.
@@ -714,6 +773,54 @@ class SamcpHead(nn.Module):
 
     def save(self, path: Union[str, Path], metadata: Optional[Dict[str, Any]] = None) -> Path:
         return save_samcp(self, path, metadata)
+
+
+_LEARNED_HEAD = ("this SAM-CP head has learned class embeddings (no text embeddings of its class names): it cannot "
+                 "take new class names without retraining (train it with --text-encoder for an open vocabulary)")
+
+
+def _text_table(embeddings: torch.Tensor, info: SamcpInfo) -> torch.Tensor:
+    """Checked, L2-normalised float32 copy of text embeddings ``[C, text_dim]`` of ``info.names``."""
+    if info.text_dim <= 0:
+        raise ValueError("text embeddings need a head with info.text_dim > 0 (their width)")
+    if not isinstance(embeddings, torch.Tensor) or embeddings.shape != (info.num_classes, info.text_dim):
+        shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        raise ValueError(f"text_embeddings must be [{info.num_classes}, {info.text_dim}] (one row per name of "
+                         f"classes + stuff), got {shape}")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("text_embeddings must be finite")
+    return F.normalize(embeddings.detach().float(), dim=-1).clone()
+
+
+def _check_new_names(info: SamcpInfo, names: Sequence[str]) -> Tuple[str, ...]:
+    names = tuple(str(n).strip() for n in names)
+    if not names or not all(names):
+        raise ValueError(f"new class names must be non-empty, got {list(names)}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    known = sorted(set(names) & set(info.names))
+    if dup or known:
+        raise ValueError(f"new class names must be new and unique; repeated: {dup}, already known: {known}")
+    return names
+
+
+def _extend_vocabulary(info: SamcpInfo, table: torch.Tensor, names: Sequence[str], embeddings: torch.Tensor,
+                       stuff: bool) -> Tuple[SamcpInfo, torch.Tensor]:
+    """(info, text embeddings) with ``names`` appended to the things or to the stuff."""
+    names = _check_new_names(info, names)
+    if not isinstance(embeddings, torch.Tensor) or embeddings.shape != (len(names), info.text_dim):
+        shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        raise ValueError(f"embeddings of the new names must be [{len(names)}, {info.text_dim}], got {shape}")
+    new = F.normalize(embeddings.detach().to(table.device, table.dtype), dim=-1)
+    k = len(info.classes)
+    extra = dict(info.extra)
+    extra[ADDED_CLASSES_KEY] = json.dumps(json.loads(extra.get(ADDED_CLASSES_KEY, "[]")) + list(names))
+    if stuff:
+        info = replace(info, stuff=info.stuff + names, extra=extra)
+        table = torch.cat([table, new])
+    else:
+        info = replace(info, classes=info.classes + names, extra=extra)
+        table = torch.cat([table[:k], new, table[k:]])
+    return info, _text_table(table, info).to(new.device)
 
 
 def save_samcp(head: SamcpHead, path: Union[str, Path], metadata: Optional[Dict[str, Any]] = None) -> Path:
@@ -744,7 +851,7 @@ def load_samcp(path: Union[str, Path], map_location: str = "cpu", backbone: Opti
     if info.backbone != SMALL_FPN and backbone is None:
         raise ValueError(f"{path}: the head uses backbone {info.backbone!r}; pass that module as backbone=...")
     try:
-        head = SamcpHead(info, backbone=backbone)
+        head = SamcpHead(info, backbone=backbone, text_embeddings=state.get("text_embeddings"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     try:
@@ -754,3 +861,68 @@ def load_samcp(path: Union[str, Path], map_location: str = "cpu", backbone: Opti
     if missing or unexpected:
         raise ValueError(f"{path}: SAM-CP weights do not match its description (missing {missing}, unexpected {unexpected})")
     return head.to(map_location).eval()
+
+
+def add_samcp_classes(path: Union[str, Path], names: Sequence[str], *, stuff: bool = False,
+                      text_encoder: Optional[str] = None, out: Optional[Union[str, Path]] = None,
+                      device: str = "cpu") -> Path:
+    """Appends class names to the vocabulary of a head file with text embeddings.
+
+    The names are encoded with the head's recorded encoder and prompt template (header
+    ``text_encoder`` / ``text_template``) or with ``text_encoder``, which must give the
+    head's stored embeddings back for its own names (else it is not the encoder the head
+    was trained with). The file is rewritten atomically; the header lists the names added
+    after training under ``added_classes``. Works at the file level: a ``custom:`` backbone
+    needs no module here.
+
+    Args:
+        path: the head file.
+        names: new class names.
+        stuff: add them as stuff classes (default: things; see :meth:`SamcpHead.add_classes`
+            for the order of the vocabulary).
+        text_encoder: ``open_clip:MODEL[:PRETRAINED]`` (default: the recorded one).
+        out: where to write the head (default: ``path`` itself).
+        device: where the text encoder runs.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: a head with learned class embeddings, known or repeated names, no encoder
+            recorded or given, or an encoder that does not reproduce the stored embeddings.
+        ImportError: open_clip is not installed.
+    """
+    from samantic.heads._files import read_head_file
+    from samantic.heads.text import DEFAULT_TEMPLATE, open_text_encoder
+    from samantic.models import save_checkpoint
+
+    path, meta, state = read_head_file(path, "SAM-CP head")
+    info = SamcpInfo.from_metadata(meta, str(path))
+    table = state.get("text_embeddings")
+    if table is None:
+        raise ValueError(f"{path}: {_LEARNED_HEAD}")
+    try:
+        table = _text_table(table, info)
+        names = _check_new_names(info, names)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    spec = text_encoder or info.extra.get(TEXT_ENCODER_KEY, "")
+    if not spec:
+        raise ValueError(f"{path}: the head does not record its text encoder; give one (open_clip:MODEL[:PRETRAINED])")
+    template = info.extra.get(TEXT_TEMPLATE_KEY, DEFAULT_TEMPLATE)
+    encoder = open_text_encoder(spec, device=device)
+    if encoder.dim != info.text_dim:
+        raise ValueError(f"{path}: {encoder.spec} gives {encoder.dim}-wide embeddings, the head takes {info.text_dim}")
+    # the encoder must be the head's: its embeddings of the known names are the stored ones
+    cos = (encoder.encode(info.names, template) * table).sum(-1)
+    worst = int(cos.argmin())
+    if float(cos[worst]) < 0.99:
+        raise ValueError(f"{path}: {encoder.spec} is not the text encoder this head was trained with (it encodes "
+                         f"{info.names[worst]!r} at cosine {float(cos[worst]):.3f} to the stored embedding; recorded "
+                         f"encoder: {info.extra.get(TEXT_ENCODER_KEY) or 'none'})")
+    info, table = _extend_vocabulary(info, table, names, encoder.encode(names, template), stuff)
+    info.extra[TEXT_ENCODER_KEY] = info.extra.get(TEXT_ENCODER_KEY) or str(encoder.spec)
+    info.extra[TEXT_TEMPLATE_KEY] = template
+    info.extra.pop("samantic_version", None)  # the writer records its own
+    state["text_embeddings"] = table
+    return save_checkpoint(state, Path(out) if out is not None else path, metadata=info.to_metadata())

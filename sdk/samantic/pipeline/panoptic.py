@@ -125,6 +125,7 @@ class TorchSamcpScorer:
         self.names = tuple(head.info.names)
         self.things = len(head.info.classes)
         self.model = head.info.model
+        self.timings: Dict[str, float] = {}
 
     def patch_options(self) -> Dict[str, Any]:
         return patch_options(self.head.info)
@@ -134,22 +135,34 @@ class TorchSamcpScorer:
 
     def scores(self, image: np.ndarray, patch_rles: Any, patch_boxes: np.ndarray):
         """(affinity sigmoid ``[C + P, P]``, class probabilities ``[P, C]``, presence ``[C]``) as numpy."""
+        import time
+
         import torch
 
         from samantic.heads.samcp import patch_inputs
+        from samantic.pipeline.samcp_inputs import head_boxes
 
+        t0 = time.perf_counter()
         rles = _dicts(patch_rles)
         h, w = image.shape[:2]
-        boxes, roi = patch_inputs(rles, patch_boxes, (h, w), self.head.info.roi_size)
+        head = self.head
         im = torch.from_numpy(np.array(image, np.float32)).permute(2, 0, 1).div_(255.0)[None]
-        with torch.inference_mode():
-            out = self.head(im.to(self.device), [torch.from_numpy(boxes).to(self.device)],
-                            [torch.from_numpy(roi).to(self.device)])
+        with torch.inference_mode():  # head.forward, step by step (timed per stage)
+            boxes = torch.from_numpy(head_boxes(patch_boxes)).to(self.device)
+            images, bx = head.resize_input(im.to(self.device), [boxes])
+            feats = head.features(images)
+            t1 = time.perf_counter()
+            _, roi = patch_inputs(rles, patch_boxes, (h, w), head.info.roi_size)
+            tokens, pos, valid = head.encode_patches(feats, bx, [torch.from_numpy(roi).to(self.device)],
+                                                     tuple(images.shape[-2:]))
+            t2 = time.perf_counter()
+            out = head.decode(tokens, pos, valid)
         p = len(rles)
         c = out.num_classes
         aff = out.affinity[-1][0, : c + p, :p].float().sigmoid().cpu().numpy()
         cls = out.class_logits[-1][0, :p, :c].float().sigmoid().cpu().numpy()
         presence = out.presence_logits[-1][0].float().sigmoid().cpu().numpy()
+        self.timings = {"backbone": t1 - t0, "patch_encoder": t2 - t1, "decoder": time.perf_counter() - t2}
         return aff, cls, presence
 
 
@@ -257,21 +270,30 @@ class SamcpPredictor:
         out.sort(key=lambda t: -t[1])
         return out
 
-    def _nms(self, cands: List[Tuple[int, float, np.ndarray]], rles: Any) -> np.ndarray:
-        """Keeps (best first) candidates without a better one of the same class at mask IoU above ``nms_thresh``."""
+    def _nms(self, cands: List[Tuple[int, float, np.ndarray]], rles: Any, boxes: np.ndarray) -> np.ndarray:
+        """Keeps (best first) candidates without a better one of the same class at mask IoU above ``nms_thresh``.
+
+        Mask IoU is computed only between candidates of one class whose boxes (XYXY inclusive) meet.
+        """
         from samantic.ops import rle_iou
 
         n = len(cands)
         alive = np.ones(n, bool)
         if n < 2 or self.nms_thresh >= 1.0:
             return alive
-        iou = np.asarray(rle_iou(rles, rles))
         cls = np.array([k for k, _, _ in cands])
+        boxes = np.asarray(boxes)
         for i in range(n):  # cands are sorted by score
-            if alive[i]:
-                dup = (cls == cls[i]) & (iou[i] > self.nms_thresh)
-                dup[: i + 1] = False
-                alive &= ~dup
+            if not alive[i]:
+                continue
+            later = np.arange(i + 1, n)
+            b = boxes[later]
+            meet = (alive[later] & (cls[later] == cls[i]) & (b[:, 0] <= boxes[i, 2]) & (b[:, 2] >= boxes[i, 0])
+                    & (b[:, 1] <= boxes[i, 3]) & (b[:, 3] >= boxes[i, 1]))
+            js = later[meet]
+            if len(js):
+                iou = np.asarray(rle_iou(rles.select([i]), rles.select(js))).reshape(-1)
+                alive[js[iou > self.nms_thresh]] = False
         return alive
 
     def __call__(self, image: np.ndarray, patch_rles: Any, patch_boxes: np.ndarray) -> PanopticOutput:
@@ -304,16 +326,18 @@ class SamcpPredictor:
         t2 = time.perf_counter()
         # duplicates: thing candidates of one class whose masks overlap (several patch queries of
         # one instance) keep the best
-        alive = self._nms(unique, merged.rles)
+        alive = self._nms(unique, merged.rles, merged.boxes)
         unique = [u for u, a in zip(unique, alive) if a]
         index = np.flatnonzero(alive)
         merged = type(merged)(merged.rles.select(index), merged.area[index], merged.boxes[index])
-        dicts = merged.rles.to_dicts(compressed=True) if len(unique) else []
+        listed = [i for i, (k, s, _) in enumerate(unique)
+                  if k < self.things and s >= self.instance_thresh and merged.area[i] > 0]
+        dicts = merged.rles.select(listed).to_dicts(compressed=True) if listed else []
         instances = []
-        for (k, s, sel), rle, area, box in zip(unique, dicts, merged.area, merged.boxes):
-            if k < self.things and s >= self.instance_thresh and area > 0:
-                instances.append({"category_id": k + 1, "category_name": self.names[k], "score": float(s),
-                                  "segmentation": rle, "area": int(area), "bbox": _xywh(box)})
+        for i, rle in zip(listed, dicts):
+            k, s, _ = unique[i]
+            instances.append({"category_id": k + 1, "category_name": self.names[k], "score": float(s),
+                              "segmentation": rle, "area": int(merged.area[i]), "bbox": _xywh(merged.boxes[i])})
         keep = [i for i, (k, s, _) in enumerate(unique) if s >= self.score_thresh and merged.area[i] > 0]
         # samantic._C: per pixel the best candidate wins, on the run lengths (no dense masks)
         fused, kept = fusion_kernel(merged.rles.select(keep), np.array([unique[i][1] for i in keep], np.float64),
@@ -328,7 +352,10 @@ class SamcpPredictor:
             cat_of[j + 1] = unique[keep[j]][0] + 1
         panoptic = seg_of[fused]
         semantic = cat_of[fused]
-        boxes, areas = _label_boxes(panoptic, len(order))
+        within = np.zeros((len(order) + 1, 4), np.int64)
+        for sid, j in enumerate(order, start=1):
+            within[sid] = merged.boxes[keep[j]]  # a segment lies inside its candidate's union
+        boxes, areas = _label_boxes(panoptic, len(order), within)
         segments = []
         for sid, j in enumerate(order, start=1):
             k, s, sel = unique[keep[j]]
@@ -337,25 +364,27 @@ class SamcpPredictor:
                              "bbox": [int(v) for v in boxes[sid]], "patches": np.flatnonzero(sel).tolist()})
         t3 = time.perf_counter()
         return PanopticOutput(panoptic, segments, semantic, instances, self.names, self.things,
-                              {"head": t1 - t0, "merge": t2 - t1, "fusion": t3 - t2})
+                              {"head": t1 - t0, **dict(getattr(self.scorer, "timings", {}) or {}),
+                               "merge": t2 - t1, "fusion": t3 - t2})
 
 
-def _label_boxes(labels: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
-    """XYWH boxes ``[n + 1, 4]`` and areas ``[n + 1]`` of labels ``1..n`` in an int map (row 0 unused)."""
+def _label_boxes(labels: np.ndarray, n: int, within: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """XYWH boxes ``[n + 1, 4]`` and areas ``[n + 1]`` of labels ``1..n`` in an int map (row 0 unused).
+
+    ``within``: optional XYXY (inclusive) box ``[n + 1, 4]`` known to hold each label: only that
+    crop is scanned for it.
+    """
     h, w = labels.shape
     areas = np.bincount(labels.ravel(), minlength=n + 1)[: n + 1]
     boxes = np.zeros((n + 1, 4), np.int64)
-    if n == 0:
-        return boxes, areas
-    cols = np.zeros((n + 1, w), bool)  # label occurs in column x / row y
-    rows = np.zeros((n + 1, h), bool)
-    cols[labels, np.arange(w)[None, :]] = True
-    rows[labels, np.arange(h)[:, None]] = True
-    ok = areas > 0
-    x0, y0 = cols.argmax(1), rows.argmax(1)
-    x1, y1 = w - 1 - cols[:, ::-1].argmax(1), h - 1 - rows[:, ::-1].argmax(1)
-    boxes[ok] = np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], 1)[ok]
-    boxes[0] = 0
+    for k in range(1, n + 1):
+        if not areas[k]:
+            continue
+        x0, y0, x1, y1 = (0, 0, w - 1, h - 1) if within is None else (int(v) for v in within[k])
+        crop = labels[y0:y1 + 1, x0:x1 + 1] == k
+        ys = np.flatnonzero(crop.any(1))
+        xs = np.flatnonzero(crop.any(0))
+        boxes[k] = [x0 + xs[0], y0 + ys[0], xs[-1] - xs[0] + 1, ys[-1] - ys[0] + 1]
     return boxes, areas
 
 

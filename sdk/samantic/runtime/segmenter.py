@@ -103,6 +103,13 @@ class Result:
                         "score": float(scores[i]), "iscrowd": 0})
         return out
 
+    def to_supervision(self, coordinate_convention: str = "inclusive") -> Any:
+        """The masks as ``supervision.Detections`` (xyxy, mask, confidence, ``class_id`` 0-based into
+        ``names``, ``data["class_name"]``); see :func:`samantic.io.supervision.to_supervision`."""
+        from samantic.io.supervision import to_supervision
+
+        return to_supervision(self, coordinate_convention=coordinate_convention)
+
     def overlay(self, image: Optional[np.ndarray] = None, alpha: float = 0.5) -> np.ndarray:
         """The masks drawn on the image (uint8 RGB), labelled with class names when a head ran."""
         from samantic.io.visualize import overlay_masks
