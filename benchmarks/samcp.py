@@ -12,8 +12,8 @@ scenes. Stages per image:
   fusion         samantic._C.panoptic_fusion + panoptic/semantic maps and segments_info
   writing        NAME.json, NAME.semantic.png, NAME.panoptic.png/.json, NAME.overlay.png (as `samantic segment`)
 
-Reported: p50/p90 seconds per stage, images/s end to end (median), peak RSS. A second table
-times merge + fusion on one 640x480 scene with about 200 patches (a 32x32 grid, loose thresholds).
+Reported: p50/p90 seconds per stage, images/s end to end (median), peak RSS. A second measurement
+times merge + fusion on one 640x480 scene with 200 patches (a 32x32 grid, loose thresholds).
 
     python benchmarks/samcp.py --samcp runs/samcp/main/samcp.safetensors --seeds 0:12 --threads 1
 """
@@ -73,6 +73,7 @@ def child(args: argparse.Namespace) -> None:
         rows["writing"].append(t3 - t2)
         rows["total"].append(t3 - t0)
         segments.append(len(result))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # over the scenes (before the dense run)
     # merge + fusion with ~200 patches on one 640x480 scene
     from samantic.pipeline.config import AmgConfig
 
@@ -88,7 +89,6 @@ def child(args: argparse.Namespace) -> None:
         o = dense.samcp(image, rles, boxes)
         mf.append((o.timings["merge"], o.timings["fusion"], len(o.segments_info)))
     mf = mf[1:]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     json.dump({"backend": args.backend, "engine": seg.engine.name, "per_image": rows, "segments": segments,
                "peak_rss_mib": peak, "dense": {"patches": int(len(keep)), "merge": [m[0] for m in mf],
                                                "fusion": [m[1] for m in mf], "segments": mf[0][2]},
