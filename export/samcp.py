@@ -254,7 +254,7 @@ def export_samcp(head, out_dir: Union[str, Path]) -> Dict[str, Path]:
 
 def samcp_manifest_entry(head, head_file: str, queries_file: str) -> Dict[str, object]:
     """The ``samcp`` section of a bundle manifest: vocabulary, input geometry, patch options, files."""
-    from samantic.pipeline.panoptic import patch_options
+    from samantic.pipeline.panoptic import INFERENCE_KEY, parse_inference, patch_options
 
     info = head.info
     return {
@@ -265,6 +265,7 @@ def samcp_manifest_entry(head, head_file: str, queries_file: str) -> Dict[str, o
         "d_model": int(info.d_model),
         "model": info.model,
         "patches": patch_options(info),
+        "inference": parse_inference(info.extra.get(INFERENCE_KEY)),
         "text_encoder": info.extra.get("text_encoder") or None,
         "file": head_file,
         "queries": queries_file,

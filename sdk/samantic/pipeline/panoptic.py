@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["PanopticOutput", "SamcpPredictor", "TorchSamcpScorer", "check_names", "panoptic_fusion", "patch_options"]
+__all__ = ["INFERENCE_DEFAULTS", "PanopticOutput", "SamcpPredictor", "inference_options", "TorchSamcpScorer", "check_names", "panoptic_fusion", "patch_options"]
 
 
 @dataclass
@@ -86,6 +86,35 @@ def panoptic_fusion(masks: np.ndarray, scores: np.ndarray, overlap_thresh: float
             out[free] = i + 1
         if not dropped:
             return out, kept
+
+
+INFERENCE_DEFAULTS: Dict[str, Any] = {"score_thresh": 0.3, "affinity_thresh": 0.5, "overlap_thresh": 0.5, "top_k": 100,
+                                      "min_area": 16, "instance_thresh": 0.05, "nms_thresh": 0.5}
+INFERENCE_KEY = "inference"  # head-file header entry / manifest field of tuned inference options
+
+
+def parse_inference(raw: Any) -> Dict[str, Any]:
+    """Inference options from a header string (JSON) or a dict; unknown keys and bad JSON are ignored."""
+    import json
+
+    if not raw:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: raw[k] for k in INFERENCE_DEFAULTS if k in raw}
+
+
+def inference_options(scorer: Any) -> Dict[str, Any]:
+    """The inference options recorded with a scorer's head (torch head file or bundle manifest)."""
+    head = getattr(scorer, "head", None)
+    if head is not None:
+        return parse_inference(head.info.extra.get(INFERENCE_KEY))
+    return parse_inference(getattr(scorer, "inference", None))
 
 
 def patch_options(info: Any) -> Dict[str, Any]:
@@ -177,6 +206,9 @@ def check_names(known: Sequence[str], names: Sequence[str], what: str = "this SA
 class SamcpPredictor:
     """Runs a SAM-CP head on the patches of an image and fuses the result.
 
+    Options left as None take the head's recorded inference options (``samantic samcp tune``
+    writes them after a sweep on validation scenes), else :data:`INFERENCE_DEFAULTS`.
+
     Args:
         head: a scorer (:class:`TorchSamcpScorer`, or the bundle runtime's
             :class:`~samantic.runtime.samcp.OnnxSamcpScorer`), a
@@ -193,11 +225,20 @@ class SamcpPredictor:
         device: where a torch head runs.
     """
 
-    def __init__(self, head: Any, *, classes: Optional[Sequence[str]] = None, score_thresh: float = 0.3,
-                 affinity_thresh: float = 0.5, overlap_thresh: float = 0.5, top_k: int = 100, min_area: int = 16,
-                 instance_thresh: float = 0.05, nms_thresh: float = 0.5, device: str = "cpu") -> None:
+    def __init__(self, head: Any, *, classes: Optional[Sequence[str]] = None, score_thresh: Optional[float] = None,
+                 affinity_thresh: Optional[float] = None, overlap_thresh: Optional[float] = None,
+                 top_k: Optional[int] = None, min_area: Optional[int] = None, instance_thresh: Optional[float] = None,
+                 nms_thresh: Optional[float] = None, device: str = "cpu") -> None:
         scorer = head if callable(getattr(head, "scores", None)) else TorchSamcpScorer(head, device)
         self.scorer = scorer
+        # defaults: the library's, then those recorded with the head (`samantic samcp tune`), then the arguments
+        given = {"score_thresh": score_thresh, "affinity_thresh": affinity_thresh, "overlap_thresh": overlap_thresh,
+                 "top_k": top_k, "min_area": min_area, "instance_thresh": instance_thresh, "nms_thresh": nms_thresh}
+        opts = {**INFERENCE_DEFAULTS, **inference_options(scorer)}
+        opts.update({k: v for k, v in given.items() if v is not None})
+        self.options = opts
+        score_thresh, affinity_thresh, overlap_thresh = opts["score_thresh"], opts["affinity_thresh"], opts["overlap_thresh"]
+        top_k, min_area, instance_thresh, nms_thresh = opts["top_k"], opts["min_area"], opts["instance_thresh"], opts["nms_thresh"]
         self.head = getattr(scorer, "head", None)  # the torch module (None on onnxruntime)
         self.names = tuple(scorer.names)
         self.things = int(scorer.things)

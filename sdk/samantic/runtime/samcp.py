@@ -69,6 +69,7 @@ class OnnxSamcpScorer:
         self.input_size = int(entry["input_size"])
         self.roi_size = int(entry["roi_size"])
         self.queries, self.text_embeddings = read_queries(bundle)
+        self.inference = dict(entry.get("inference") or {})  # tuned options (samantic samcp tune)
         options = session_options(ort, threads)
         self.sessions = {}
         for g in GRAPHS:

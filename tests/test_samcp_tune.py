@@ -1,0 +1,119 @@
+"""Tuning a SAM-CP head's inference options on validation scenes (samantic.train.samcp_tune,
+``samantic samcp tune``) and the predictor, Segmenter and bundles taking them as defaults."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samantic.heads.samcp import SamcpHead, SamcpInfo, load_samcp, save_samcp
+from samantic.pipeline.panoptic import INFERENCE_DEFAULTS, SamcpPredictor
+from samantic.train.data.panoptic import STUFF_CLASSES, THING_CLASSES
+from samantic.train.samcp_tune import MemoScorer, score_of, tune_samcp, write_inference
+
+PATCHES = {"points_per_side": 6, "pred_iou_thresh": 0.3, "stability_score_thresh": 0.5}
+SMALL = dict(d_model=32, heads=2, layers=1, encoder_layers=1, ffn_dim=64, roi_channels=8,
+             backbone_channels=(8, 16, 16, 32), input_size=128)
+
+
+@pytest.fixture(scope="module")
+def head_file(tmp_path_factory):
+    torch.manual_seed(0)
+    info = SamcpInfo(classes=THING_CLASSES, stuff=STUFF_CLASSES, model="sam_nano",
+                     extra={"patches": json.dumps(PATCHES)}, **SMALL)
+    head = SamcpHead(info).eval()
+    with torch.no_grad():  # zero-initialised last layers would score every patch alike
+        for aff in head.affinity:
+            aff.head_mlp[-1].weight.normal_(0, 2.0)
+        head.logit_scale.fill_(np.log(30.0))
+        head.presence.weight.normal_(0, 1.0)
+    return save_samcp(head, tmp_path_factory.mktemp("tune") / "samcp.safetensors")
+
+
+@pytest.fixture(scope="module")
+def nano():
+    from samantic.models import create_model
+
+    return create_model("sam_nano")
+
+
+class _Counting:
+    names, things, model = ("a", "b"), 1, ""
+
+    def __init__(self):
+        self.calls = 0
+
+    def scores(self, image, rles, boxes):
+        self.calls += 1
+        return np.zeros((2 + len(boxes), len(boxes))), np.zeros((len(boxes), 2)), np.zeros(2)
+
+
+def test_memo_scorer_runs_the_head_once_per_scene():
+    inner = _Counting()
+    memo = MemoScorer(inner)
+    a = np.zeros((4, 5, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 1
+    for _ in range(3):
+        memo.scores(a, [], np.zeros((0, 4)))
+        memo.scores(b, [], np.zeros((0, 4)))
+    assert inner.calls == 2
+
+
+def test_tune_scores_every_combination_and_records_the_best(nano, head_file, tmp_path):
+    head = load_samcp(head_file)
+    grid = {"score_thresh": (0.05, 0.9), "affinity_thresh": (0.5,)}
+    res = tune_samcp(head, nano, [100, 101], tmp_path / "cache", grid=grid, metric="mean", progress=False)
+    assert len(res.rows) == 2 and {r["score_thresh"] for r in res.rows} == {0.05, 0.9}
+    best = max(res.rows, key=lambda r: score_of(r, "mean"))
+    assert res.best == {k: best[k] for k in INFERENCE_DEFAULTS}
+    for r in res.rows:
+        assert all(0.0 <= r[m] <= 1.0 for m in ("pq", "miou", "ap50") if r[m] == r[m])
+    written = write_inference(head_file, {**res.best, "score_thresh": 0.123}, out=tmp_path / "tuned.safetensors",
+                              note={"seeds": "100:102"})
+    pred = SamcpPredictor(load_samcp(written))
+    assert pred.score_thresh == 0.123 and pred.options["affinity_thresh"] == res.best["affinity_thresh"]
+    assert SamcpPredictor(load_samcp(written), score_thresh=0.4).score_thresh == 0.4  # arguments win
+    assert SamcpPredictor(load_samcp(head_file)).score_thresh == INFERENCE_DEFAULTS["score_thresh"]
+    # the tensors are unchanged
+    a, b = load_samcp(head_file).state_dict(), load_samcp(written).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="unknown inference options"):
+        write_inference(head_file, {"score": 0.1}, out=tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="metric"):
+        tune_samcp(head, nano, [100], tmp_path / "cache", metric="f1")
+
+
+def test_bundles_carry_the_tuned_options(nano, head_file, tmp_path):
+    from samantic.export.bundle import export_bundle
+    from samantic.runtime import Bundle, Segmenter
+
+    tuned = write_inference(head_file, {"score_thresh": 0.07, "nms_thresh": 0.6}, out=tmp_path / "t.safetensors")
+    bundle = export_bundle(nano, tmp_path / "b", samcp=tuned, int8=False)
+    assert Bundle.load(bundle).samcp["inference"] == {"score_thresh": 0.07, "nms_thresh": 0.6}
+    seg = Segmenter.from_bundle(bundle, backend="onnxruntime")
+    assert seg.samcp.score_thresh == 0.07 and seg.samcp.nms_thresh == 0.6
+    assert Segmenter.from_bundle(bundle, backend="onnxruntime", score_thresh=0.5).samcp.score_thresh == 0.5
+
+
+def test_tune_cli_writes_the_head_and_a_report(head_file, tmp_path):
+    exe = str(Path(sys.executable).with_name("samantic"))
+    out = tmp_path / "tuned.safetensors"
+    proc = subprocess.run([exe, "samcp", "tune", str(head_file), "--seeds", "100:101", "--score-thresh", "0.1,0.5",
+                           "--affinity-thresh", "0.5", "--overlap-thresh", "0.5", "--cache", str(tmp_path / "cache"),
+                           "--out", str(out), "--report", str(tmp_path / "rep"), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / "rep" / "samcp_tune.json").read_text())
+    assert len(rep["rows"]) == 2 and "samantic samcp tune" in rep["command"]
+    assert SamcpPredictor(load_samcp(out)).score_thresh == rep["best"]["score_thresh"]
+    bad = subprocess.run([exe, "samcp", "tune", str(head_file), "--seeds", "5:2"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "START:STOP" in bad.stderr
+    bad = subprocess.run([exe, "samcp", "tune", str(head_file), "--score-thresh", "0.2,x"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "comma-separated" in bad.stderr
