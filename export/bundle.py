@@ -113,6 +113,7 @@ def export_bundle(
     """
     from samantic import __version__
     from samantic.export.onnx import GRAPHS, MULTIMASK, OPSET, PROMPTS, export_graph, quantize_int8
+    from samantic.models.tasks import TASKS
     from samantic.pipeline.config import AmgConfig
 
     out = Path(out)
@@ -213,6 +214,7 @@ def export_bundle(
             "token_dim": token_dim,
         },
         "thresholds": thr,
+        "tasks": list(TASKS),  # SUM's task prompts: the prompts graph's ``task`` input indexes this list
         "head": head_entry,
         "samcp": samcp_entry,
         "torch_weights": weights_entry,

@@ -8,7 +8,9 @@ performance idea (decide first, upscale only the survivors):
 ``prompts.onnx``
     ``image_embeddings`` [1, C, h, w], ``point_coords`` float32 [B, N, 2] (input frame, the
     caller appends the padding point (0, 0) with label -1, as segment-anything's ONNX model
-    expects), ``point_labels`` float32 [B, N] ->
+    expects), ``point_labels`` float32 [B, N], ``task`` int32 [1] (SUM's task of every prompt,
+    an index into :data:`~samantic.models.tasks.TASKS`; the table is a constant of the graph,
+    zeros for a model without one) ->
     ``iou_predictions`` [B, M], ``mask_tokens`` [B, M, D], ``src`` [B, C, h, w] (the
     transformer's image embedding) and, with a head, ``class_logits`` [B, M, C' + 1].
 ``upscale.onnx``
@@ -35,6 +37,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from samantic.models.tasks import TASKS
 from samantic.pipeline.transformer import two_way_transformer
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9-20
@@ -66,9 +69,11 @@ class PromptsOnnx(nn.Module):
     Args:
         sam: a ``segment_anything.modeling.Sam``.
         head: optional module mapping mask tokens ``[B, M, D]`` to class logits ``[B, M, C + 1]``.
+        task_input: take SUM's task as the ``task`` input. False: the graph of bundles from before
+            task prompts (three inputs), which decodes every prompt as "unspecified".
     """
 
-    def __init__(self, sam, head: Optional[nn.Module] = None) -> None:
+    def __init__(self, sam, head: Optional[nn.Module] = None, task_input: bool = True) -> None:
         super().__init__()
         pe = sam.prompt_encoder
         dec = sam.mask_decoder
@@ -87,6 +92,10 @@ class PromptsOnnx(nn.Module):
             no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense_pe)
         self.register_buffer("dense_pe", dense_pe.detach().clone())
         self.register_buffer("no_mask", no_mask.detach().clone())
+        table = getattr(sam, "task_prompt", None)
+        table = table.embed.weight if table is not None else dense_pe.new_zeros(len(TASKS), dense_pe.shape[1])
+        self.register_buffer("task_table", table.detach().clone())  # [T, C]
+        self.task_input = task_input
 
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         coords = coords + 0.5  # centre of the pixel
@@ -99,15 +108,19 @@ class PromptsOnnx(nn.Module):
         emb = emb + self.neg_point * (labels == 0).to(emb.dtype)
         return emb + self.pos_point * (labels == 1).to(emb.dtype)
 
-    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor):
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                task: Optional[torch.Tensor] = None):
         sparse = self.embed_points(point_coords, point_labels)
         b = sparse.shape[0]
         tokens = torch.cat([self.output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         _, c, h, w = self.dense_pe.shape
+        # the dense prompt embedding: no mask prompt, plus the task's row of the table (a Gather on int32)
+        row = torch.index_select(self.task_table, 0, task) if self.task_input else self.task_table[:1]
+        dense = self.no_mask + row.reshape(1, c, 1, 1)
         # the image embedding is shared by every prompt, not repeated (see samantic.pipeline.transformer)
         # the IoU token and the multimask tokens 1..3 (rows 2..num_mask_tokens) are all that is read
         rows = [0] + list(range(2, 1 + self.num_mask_tokens))
-        hs, src_out = two_way_transformer(self.transformer, image_embeddings + self.no_mask, self.dense_pe, tokens,
+        hs, src_out = two_way_transformer(self.transformer, image_embeddings + dense, self.dense_pe, tokens,
                                           out_tokens=rows)
         iou = self.iou_prediction_head(hs[:, 0, :])[:, 1:]
         mask_tokens = hs[:, 1:, :]
@@ -140,7 +153,7 @@ class UpscaleOnnx(nn.Module):
         return torch.matmul(hyper.unsqueeze(1), maps).reshape(-1, hh, ww)
 
 
-def _sample_inputs(sam, graph: str, head: Optional[nn.Module] = None):
+def _sample_inputs(sam, graph: str, head: Optional[nn.Module] = None, task_input: bool = True):
     s = int(sam.image_encoder.img_size)
     c = int(sam.prompt_encoder.embed_dim)
     h, w = sam.prompt_encoder.image_embedding_size
@@ -151,7 +164,8 @@ def _sample_inputs(sam, graph: str, head: Optional[nn.Module] = None):
         b = 3
         coords = torch.rand(b, 2, 2) * s
         labels = torch.tensor([[1.0, -1.0]] * b)
-        return (torch.randn(1, c, h, w), coords, labels)
+        task = (torch.tensor([1], dtype=torch.int32),) if task_input else ()
+        return (torch.randn(1, c, h, w), coords, labels, *task)
     b, k = 3, 4
     return (torch.randn(b, c, h, w), torch.randn(b, MULTIMASK, d), torch.tensor([0, 2], dtype=torch.int32),
             torch.tensor([0, 1, 6, 8], dtype=torch.int32), torch.tensor([0, 1, 0, 2], dtype=torch.int32),
@@ -160,7 +174,7 @@ def _sample_inputs(sam, graph: str, head: Optional[nn.Module] = None):
 
 IO_NAMES = {
     ENCODER: (["image"], ["image_embeddings"]),
-    PROMPTS: (["image_embeddings", "point_coords", "point_labels"], ["iou_predictions", "mask_tokens", "src"]),
+    PROMPTS: (["image_embeddings", "point_coords", "point_labels", "task"], ["iou_predictions", "mask_tokens", "src"]),
     UPSCALE: (["src", "mask_tokens", "rows", "token_index", "mask_index", "row_of"], ["low_res_logits"]),
 }
 
@@ -179,8 +193,16 @@ def _dynamic_axes(graph: str, head: bool) -> Dict[str, Dict[int, str]]:
             "row_of": {0: K}, "low_res_logits": {0: K}}
 
 
-def export_graph(sam, graph: str, path: Union[str, Path], head: Optional[nn.Module] = None) -> Path:
+def export_graph(sam, graph: str, path: Union[str, Path], head: Optional[nn.Module] = None,
+                 task_input: bool = True) -> Path:
     """Exports one graph (``"encoder"``, ``"prompts"``, ``"upscale"``) to ``path`` and checks it.
+
+    Args:
+        sam: the model.
+        graph: which graph.
+        path: the ``.onnx`` file to write.
+        head: a semantic head riding in the prompts graph.
+        task_input: the prompts graph takes SUM's ``task`` (see :class:`PromptsOnnx`).
 
     Returns:
         The written path. The graph passes ``onnx.checker.check_model(full_check=True)``.
@@ -192,15 +214,17 @@ def export_graph(sam, graph: str, path: Union[str, Path], head: Optional[nn.Modu
     onnx = _import_onnx()
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
-    module = {ENCODER: lambda: EncoderOnnx(sam), PROMPTS: lambda: PromptsOnnx(sam, head),
+    module = {ENCODER: lambda: EncoderOnnx(sam), PROMPTS: lambda: PromptsOnnx(sam, head, task_input),
               UPSCALE: lambda: UpscaleOnnx(sam)}[graph]().eval()
     inputs, outputs = IO_NAMES[graph]
+    if graph == PROMPTS and not task_input:
+        inputs = [n for n in inputs if n != "task"]
     outputs = list(outputs) + (["class_logits"] if graph == PROMPTS and head is not None else [])
     path = Path(path)
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and legacy-exporter notices
-        torch.onnx.export(module, _sample_inputs(sam, graph, head), buf, dynamo=False, opset_version=OPSET,
+        torch.onnx.export(module, _sample_inputs(sam, graph, head, task_input), buf, dynamo=False, opset_version=OPSET,
                           input_names=inputs, output_names=outputs, dynamic_axes=_dynamic_axes(graph, head is not None),
                           do_constant_folding=True)
     model = onnx.load_from_string(buf.getvalue())

@@ -132,7 +132,9 @@ def test_graphs_match_torch_decoder(nano, bundle_dir, head, tmp_path):
     pc = np.zeros((6, 2, 2), np.float32)
     pc[:, 0] = coords
     pl = np.tile(np.array([[1, -1]], np.float32), (6, 1))
-    iou, tok, src = sess["prompts"].run(None, {"image_embeddings": emb.numpy(), "point_coords": pc, "point_labels": pl})
+    task = np.zeros(1, np.int32)  # SUM's task input: "unspecified"
+    iou, tok, src = sess["prompts"].run(None, {"image_embeddings": emb.numpy(), "point_coords": pc, "point_labels": pl,
+                                               "task": task})
     assert np.abs(iou - out.iou_preds.numpy()).max() < 1e-4
     assert np.abs(tok - out.mask_tokens.numpy()).max() < 1e-4
     assert np.abs(src - out.src.numpy()).max() < 1e-4
@@ -148,7 +150,7 @@ def test_graphs_match_torch_decoder(nano, bundle_dir, head, tmp_path):
     # the head rides in the prompt graph
     path = export_graph(nano, "prompts", tmp_path / "p.onnx", head=head)
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    *_, logits = s.run(None, {"image_embeddings": emb.numpy(), "point_coords": pc, "point_labels": pl})
+    *_, logits = s.run(None, {"image_embeddings": emb.numpy(), "point_coords": pc, "point_labels": pl, "task": task})
     with torch.no_grad():
         assert np.abs(logits - head(out.mask_tokens).numpy()).max() < 1e-4
 
@@ -604,13 +606,14 @@ def test_trt11_fp16_graph_keeps_float32_io(bundle_dir, tmp_path):
     model = onnx.load(str(out))
     onnx.checker.check_model(model)
     io_types = {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
-    assert io_types == {onnx.TensorProto.FLOAT}
+    assert io_types == {onnx.TensorProto.FLOAT, onnx.TensorProto.INT32}  # INT32: the task index
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
     onnx.checker.check_model(str(out), full_check=True)  # includes node order, which TensorRT's parser needs
     import onnxruntime as ort
 
     feeds = {"image_embeddings": np.random.default_rng(0).standard_normal((1, 128, 48, 48)).astype(np.float32),
              "point_coords": np.full((3, 2, 2), 100.0, np.float32), "point_labels": np.tile(np.float32([[1, -1]]), (3, 1))}
+    feeds["task"] = np.zeros(1, np.int32)  # SUM's task input: "unspecified"
     half = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
     full = ort.InferenceSession(str(bundle.graph("prompts")), providers=["CPUExecutionProvider"]).run(None, feeds)
     assert np.abs(half[0] - full[0]).max() < 1e-2  # predicted IoU within fp16 error

@@ -11,6 +11,7 @@ from samantic._version import __version__
 _LAZY = {
     "AutomaticMaskGenerator": "samantic.pipeline",
     "AmgConfig": "samantic.pipeline",
+    "Predictor": "samantic.pipeline",
     "segment_everything": "samantic.api",
     "create_model": "samantic.models",
     "list_models": "samantic.models",

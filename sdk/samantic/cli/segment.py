@@ -6,10 +6,20 @@ import glob
 import os
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional, Tuple
 
 import typer
+
+
+class Task(str, Enum):
+    """SUM's task prompts (``samantic.models.tasks.TASKS``, same order)."""
+
+    unspecified = "unspecified"
+    salient = "salient"
+    entity = "entity"
+    part = "part"
 
 
 @dataclass
@@ -81,6 +91,7 @@ def segment(
     crop_overlap_ratio: Annotated[float, typer.Option(min=0.0)] = 512 / 1500,
     crop_n_points_downscale_factor: Annotated[int, typer.Option(min=1)] = 1,
     min_mask_region_area: Annotated[int, typer.Option(min=0)] = 0,
+    task: Annotated[Task, typer.Option(help="SUM's task prompt: which granularity of mask every point asks for (salient object, entity or part; unspecified: SAM's behaviour). Models without trained task embeddings give the same masks for every task; bundles exported before task prompts run unspecified only.")] = Task.unspecified,
     classes: Annotated[Optional[str], typer.Option(help="Segment only these class names (needs --head or --samcp), e.g. 'circle,star'; group names of a U-SAM head work too.")] = None,
     head: Annotated[Optional[Path], typer.Option(help="U-SAM head file (from `samantic train usam`): masks get class names.")] = None,
     score_thresh: Annotated[Optional[float], typer.Option(help="Minimum class probability (default: the head's; with --samcp 0.3).")] = None,
@@ -182,6 +193,7 @@ def segment(
             crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             min_mask_region_area=min_mask_region_area, output_mode="coco_rle", adaptive=adaptive,
             **({"adaptive_margin": adaptive_margin} if adaptive_margin is not None else {}), device=device,
+            task=task.value,
         )
         if bundle is not None:
             wanted = classes
@@ -200,6 +212,10 @@ def segment(
 
                 head_module = load_head(head)
             sam = create_model(model, checkpoint=checkpoint)
+            table = getattr(sam, "task_prompt", None)
+            if task is not Task.unspecified and (table is None or not table.embed.weight.any()):
+                typer.echo(f"note: {model} ({checkpoint or 'shipped weights'}) has no trained task embeddings: "
+                           f"--task {task.value} gives the masks of --task unspecified", err=True)
             if head_module is not None:
                 head_module.check_model(sam, model, head)
             if samcp_head is not None:
@@ -226,6 +242,7 @@ def segment(
     console.print(f"model {model} ({escape(str(weights))}), {points_per_side}x{points_per_side} points, "
                   f"pred_iou_thresh {config.pred_iou_thresh}, stability_score_thresh {config.stability_score_thresh}"
                   + (f", adaptive prompting (margin {config.adaptive_margin})" if adaptive else "")
+                  + (f", task {config.task}" if task is not Task.unspecified else "")
                   + (f", classes {','.join(names)} ({escape(str(head_name))})" if names else "")
                   + (f"; {escape(stream.label)} -> {out}" if stream is not None else f"; {len(jobs)} image(s) -> {out}"))
     if stream is not None:
@@ -246,20 +263,20 @@ def segment(
                TimeElapsedColumn(), TimeRemainingColumn()]
     try:
         with Progress(*columns, console=err, disable=not progress) as bar:
-            task = bar.add_task("segment", total=len(jobs), name="")
+            row = bar.add_task("segment", total=len(jobs), name="")
             for job in jobs:
-                bar.update(task, name=job.name)
+                bar.update(row, name=job.name)
                 result_path = out / f"{job.name}.json"
                 if result_path.exists() and not overwrite:
                     skipped += 1
-                    bar.advance(task)
+                    bar.advance(row)
                     continue
                 notes: List[str] = []
                 try:
                     image = read_image(job.source, notes=notes)
                 except ImageReadError as e:
                     failures.append((str(job.source), str(e).split(": ", 1)[-1]))
-                    bar.advance(task)
+                    bar.advance(row)
                     continue
                 warnings.extend((str(job.source), n) for n in notes)
                 t0 = time.perf_counter()
@@ -271,7 +288,7 @@ def segment(
                     write_samcp_outputs(out, job, image, result, model, checkpoint, head_name, config, extra=run_extra)
                     done += 1
                     n_masks += len(records)
-                    bar.advance(task)
+                    bar.advance(row)
                     continue
                 # step: overlay and mask PNGs first, the results JSON last (it marks the image as done)
                 masks = rle_decode(result.masks.rles) if records else None  # the batch, not the records' strings
@@ -294,7 +311,7 @@ def segment(
                                    settings={k: v for k, v in vars(config).items() if k != "point_grids"}, **extra)
                 done += 1
                 n_masks += len(records)
-                bar.advance(task)
+                bar.advance(row)
     except KeyboardInterrupt:
         err.print(f"interrupted: {done} image(s) finished and saved in {out}; run again to continue")
         raise typer.Exit(130)

@@ -27,6 +27,7 @@ from samantic.models.registry import (
     recommended_thresholds,
     register_model,
 )
+from samantic.models.tasks import TASKS, task_index, task_name
 from samantic.models.weights import (
     ChecksumError,
     DownloadError,
@@ -36,13 +37,19 @@ from samantic.models.weights import (
     list_weights,
 )
 
+_TORCH = {"TaskPrompt", "add_task", "attach_task_prompt"}  # SUM's task table (samantic.models.task_prompt)
+
 __all__ = [
     "ChecksumError",
     "DownloadError",
     "ModelEntry",
     "SamConfig",
+    "TASKS",
+    "TaskPrompt",
     "VerifyResult",
     "WeightSpec",
+    "add_task",
+    "attach_task_prompt",
     "build_sam",
     "create_model",
     "get_config",
@@ -57,4 +64,14 @@ __all__ = [
     "register_model",
     "resolve_checkpoint",
     "save_checkpoint",
+    "task_index",
+    "task_name",
 ]
+
+
+def __getattr__(name: str):
+    if name in _TORCH:
+        from samantic.models import task_prompt
+
+        return getattr(task_prompt, name)
+    raise AttributeError(f"module 'samantic.models' has no attribute {name!r}")

@@ -149,6 +149,12 @@ def load_checkpoint(
 ) -> Path:
     """Loads weights into ``model`` strictly: every key present, none extra, every shape equal.
 
+    One exception, SUM's task table (:mod:`samantic.models.tasks`): a checkpoint that
+    holds ``task_prompt.*`` keys gives a model without a table one
+    (:func:`~samantic.models.tasks.attach_task_prompt`), and a model with a table loads a
+    checkpoint without one (official, shipped) with the table set to zeros, which makes
+    every task decode as the base model.
+
     Args:
         model: The module, e.g. from :func:`~samantic.models.create_model`. A
             model built on the ``meta`` device gets the checkpoint's tensors
@@ -174,6 +180,7 @@ def load_checkpoint(
     if model_name is not None and saved_for is not None and saved_for != model_name:
         raise ValueError(f"checkpoint {path} was saved for model {saved_for!r}, not {model_name!r}")
     state = read_state_dict(path)
+    attached = _task_table(model, state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -189,6 +196,8 @@ def load_checkpoint(
             _listing("unexpected key", unexpected),
             _listing("shape mismatch", mismatched, plural="shape mismatches"),
         ]
+        if attached:
+            del model.task_prompt  # a failed load leaves the model as it was
         raise ValueError(
             f"checkpoint {path} does not fit {target}: " + "; ".join(p for p in problems if p)
         )
@@ -254,6 +263,26 @@ def save_checkpoint(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _task_table(model: "torch.nn.Module", state: Dict[str, "torch.Tensor"]) -> bool:
+    """SUM's task table: attached when the checkpoint has one (returns True if it was attached here),
+    zero rows in ``state`` (the base model) when only the model has one."""
+    import torch
+
+    from samantic.models.tasks import TASK_PREFIX
+
+    attached = False
+    if getattr(model, "task_prompt", None) is None and hasattr(model, "prompt_encoder"):
+        if any(k.startswith(TASK_PREFIX) for k in state):
+            from samantic.models.task_prompt import attach_task_prompt
+
+            attach_task_prompt(model)
+            attached = True
+    for k, v in model.state_dict().items():
+        if k.startswith(TASK_PREFIX) and k not in state:
+            state[k] = torch.zeros(v.shape, dtype=v.dtype)
+    return attached
 
 
 def _as_state_dict(data: Any, path: Path) -> Dict[str, "torch.Tensor"]:

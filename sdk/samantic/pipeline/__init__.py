@@ -15,6 +15,7 @@ _TORCH = {
     "TorchEngine": "samantic.pipeline.amg",
     "DecoderOutput": "samantic.pipeline.decoder",
     "PromptMaskDecoder": "samantic.pipeline.decoder",
+    "Predictor": "samantic.pipeline.predictor",
 }
 
 __all__ = [

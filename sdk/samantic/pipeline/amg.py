@@ -6,16 +6,18 @@ computed at full resolution (see :mod:`samantic.pipeline.generator`, which
 holds the pipeline shared with the onnxruntime and TensorRT runtimes). This
 module adds the torch :class:`TorchEngine`: the image encoder and
 :class:`~samantic.pipeline.decoder.PromptMaskDecoder` of a ``Sam``, plus an
-optional semantic head on the mask tokens.
+optional semantic head on the mask tokens. ``task=`` picks SUM's task prompt
+(:mod:`samantic.models.tasks`).
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 import numpy as np
 import torch
 
+from samantic.models.tasks import TASKS
 from samantic.pipeline.config import AmgConfig
 from samantic.pipeline.decoder import PromptMaskDecoder
 from samantic.pipeline.engine import PromptOutputs, check_points
@@ -28,12 +30,16 @@ __all__ = ["STAGES", "AutomaticMaskGenerator", "MaskSet", "TorchEngine", "masks_
 class TorchEngine:
     """Runs a segment-anything ``Sam`` (and optionally a semantic head) in torch eager mode.
 
+    Every task runs: a model with SUM's task table (``model.task_prompt``) adds the task's
+    embedding to the dense prompt embedding, one without decodes every task as its base.
+
     Args:
         model: a ``segment_anything.modeling.Sam``.
         head: optional ``nn.Module`` mapping mask tokens ``[..., D]`` to class logits ``[..., C + 1]``.
     """
 
     name = "torch"
+    tasks = TASKS
 
     def __init__(self, model, head=None) -> None:
         self.model = model
@@ -54,12 +60,12 @@ class TorchEngine:
         self.features = self.model.image_encoder(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
 
     @torch.no_grad()
-    def run_prompts(self, coords: np.ndarray) -> PromptOutputs:
+    def run_prompts(self, coords: np.ndarray, task: int = 0) -> PromptOutputs:
         if self.features is None:
             raise RuntimeError("call encode() first")
         coords = torch.as_tensor(check_points(coords), device=self.device)
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=self.device)
-        out = self.decoder.run(self.features, coords[:, None, :], labels[:, None], multimask_output=True)
+        out = self.decoder.run(self.features, coords[:, None, :], labels[:, None], multimask_output=True, task=task)
         logits = None
         if self.head is not None:
             param = next(self.head.parameters(), None)
@@ -93,6 +99,8 @@ class AutomaticMaskGenerator(MaskGenerator):
         adaptive_iou_thresh, adaptive_stability_thresh: how confident a kept mask must be to cover
             (skip) later points in adaptive mode (``AmgConfig``'s defaults 0.9 and 0.95 when not given).
         device: where the post-processing kernels run.
+        task: SUM's task prompt, "unspecified" (default), "salient", "entity" or "part" (or its index);
+            :meth:`generate` takes one per call too.
     """
 
     def __init__(
@@ -119,6 +127,7 @@ class AutomaticMaskGenerator(MaskGenerator):
         adaptive_iou_thresh: Optional[float] = None,
         adaptive_stability_thresh: Optional[float] = None,
         device: Optional[str] = None,
+        task: Union[str, int, None] = None,
     ) -> None:
         if config is None:
             config = AmgConfig(
@@ -137,7 +146,7 @@ class AutomaticMaskGenerator(MaskGenerator):
                 output_mode=output_mode,
             )
         overrides = {"adaptive": adaptive, "adaptive_margin": adaptive_margin, "adaptive_iou_thresh": adaptive_iou_thresh,
-                     "adaptive_stability_thresh": adaptive_stability_thresh, "device": device}
+                     "adaptive_stability_thresh": adaptive_stability_thresh, "device": device, "task": task}
         config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
         super().__init__(TorchEngine(model), config, mask_scorer=mask_scorer)
         self.model = model
@@ -151,5 +160,5 @@ class AutomaticMaskGenerator(MaskGenerator):
         raise AttributeError(name)
 
     @torch.no_grad()
-    def generate_masks(self, image: np.ndarray) -> MaskSet:
-        return super().generate_masks(image)
+    def generate_masks(self, image: np.ndarray, task: Union[str, int, None] = None) -> MaskSet:
+        return super().generate_masks(image, task)

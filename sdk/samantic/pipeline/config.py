@@ -7,6 +7,8 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from samantic.models.tasks import task_name
+
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
 
@@ -39,6 +41,9 @@ class AmgConfig:
         adaptive_iou_thresh: predicted IoU a kept mask needs to cover (skip) later points.
         adaptive_stability_thresh: stability a kept mask needs to cover later points.
         device: where the post-processing kernels run ("cpu" or "cuda[:N]").
+        task: SUM's task prompt for every grid point: "unspecified" (SAM's behaviour), "salient",
+            "entity" or "part" (see :mod:`samantic.models.tasks`); an index 0-3 is stored as its name.
+            A model without trained task embeddings decodes every task alike.
     """
 
     points_per_side: Optional[int] = 32
@@ -59,8 +64,10 @@ class AmgConfig:
     adaptive_iou_thresh: float = 0.9
     adaptive_stability_thresh: float = 0.95
     device: str = "cpu"
+    task: str = "unspecified"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "task", task_name(self.task))
         if (self.points_per_side is None) == (self.point_grids is None):
             raise ValueError(
                 "exactly one of points_per_side and point_grids must be given, got "

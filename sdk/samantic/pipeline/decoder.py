@@ -7,15 +7,19 @@ mask tokens) needs only the transformer's output, so :class:`PromptMaskDecoder`
 stops there; :meth:`PromptMaskDecoder.masks` computes the low-res logits of the
 selected (prompt, mask) pairs only, with the same modules and weights. The
 transformer itself runs through :func:`samantic.pipeline.transformer.two_way_transformer`,
-which does not copy the image embedding per prompt.
+which does not copy the image embedding per prompt. A model with SUM's task table
+(``sam.task_prompt``) gets the task's embedding added to the dense prompt embedding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Union
+
 import torch
 
+from samantic.models.task_prompt import add_task
 from samantic.pipeline.transformer import two_way_transformer
 
 
@@ -50,7 +54,7 @@ class PromptMaskDecoder:
 
     @torch.no_grad()
     def run(self, image_embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-            multimask_output: bool = True) -> DecoderOutput:
+            multimask_output: bool = True, task: Union[str, int] = 0) -> DecoderOutput:
         """Transformer pass for point prompts.
 
         Args:
@@ -58,6 +62,8 @@ class PromptMaskDecoder:
             coords: Tensor[B, N, 2] point coordinates in the model's input frame (after ResizeLongestSide).
             labels: Tensor[B, N] point labels (1 foreground, 0 background).
             multimask_output: three masks per prompt (tokens 1..3) or one (token 0), as in ``MaskDecoder``.
+            task: SUM task of every prompt, a name or index (see :mod:`samantic.models.tasks`);
+                without a task table on the model every task decodes as the base model.
         """
         dec = self.decoder
         sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
@@ -65,6 +71,7 @@ class PromptMaskDecoder:
         output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse), dim=1)
         dense = dense[:1]  # no mask prompts: every prompt's dense embedding is ``no_mask_embed``
+        dense = add_task(dense, task, getattr(self.model, "task_prompt", None))  # one task for the batch
         b = tokens.shape[0]
         _, c, h, w = image_embedding.shape
         # the image is not repeated per prompt (see samantic.pipeline.transformer)

@@ -5,7 +5,7 @@ not depend on how the networks run: crops, grids, batching, the early filters,
 post-processing, NMS and records. An :class:`Engine` runs the networks:
 
     encode(x)                       preprocessed image [1, 3, S, S] -> image embedding (kept inside)
-    run_prompts(coords)             points [B, 2] (input frame) -> IoU, mask tokens, class logits
+    run_prompts(coords[, task])     points [B, 2] (input frame) [+ SUM task index] -> IoU, mask tokens, class logits
     upscale(out, prompt, mask)      low-res logits of the selected (prompt, mask) pairs only
 
 The torch engine lives in :mod:`samantic.pipeline.amg`; the onnxruntime and
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
+
+from samantic.models.tasks import TASKS, TaskLike, task_index
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Engine(Protocol):
         mask_threshold: logit threshold of a mask pixel.
         pixel_mean, pixel_std: RGB normalisation (0..255) of the encoder input.
         name: a short label for reports ("torch", "onnxruntime", ...).
+        tasks: the SUM tasks :meth:`run_prompts` takes, in table order (:data:`~samantic.models.tasks.TASKS`);
+            ``()`` (or no attribute) when it takes none: only "unspecified" then runs, without a ``task``
+            argument, e.g. on a bundle exported before task prompts.
     """
 
     img_size: int
@@ -53,18 +58,37 @@ class Engine(Protocol):
     pixel_mean: Tuple[float, float, float]
     pixel_std: Tuple[float, float, float]
     name: str
+    tasks: Tuple[str, ...]
 
     def encode(self, x: np.ndarray) -> None:
         """Runs the image encoder on float32 ``[1, 3, S, S]`` and keeps the embedding for the prompt passes."""
 
-    def run_prompts(self, coords: np.ndarray) -> PromptOutputs:
-        """Prompt encoder + transformer (+ head) for one positive point per prompt, float ``[B, 2]`` (x, y)."""
+    def run_prompts(self, coords: np.ndarray, task: int = 0) -> PromptOutputs:
+        """Prompt encoder + transformer (+ head) for one positive point per prompt, float ``[B, 2]`` (x, y),
+        every prompt for SUM task ``tasks[task]``."""
 
     def upscale(self, out: PromptOutputs, prompt_idx: np.ndarray, mask_idx: np.ndarray) -> np.ndarray:
         """float32 ``[K, 4h, 4w]`` low-res logits of the pairs (``prompt_idx[k]``, ``mask_idx[k]``)."""
 
     def reset(self) -> None:
         """Drops the image embedding."""
+
+
+def engine_task(engine: Any, task: TaskLike) -> int:
+    """Index of a SUM task (name or index) that ``engine`` can run.
+
+    Raises:
+        ValueError: an unknown task, or a task other than "unspecified" on an engine without task
+            prompts (the message says how to get one).
+    """
+    index = task_index(task)
+    if index and index >= len(getattr(engine, "tasks", ()) or ()):
+        raise ValueError(
+            f"task {TASKS[index]!r} needs a task prompt, which the {getattr(engine, 'name', type(engine).__name__)} "
+            "engine does not take (a bundle exported before task prompts has no 'task' input in its prompts graph: "
+            "re-export it with `samantic export bundle`); only task 'unspecified' runs on it"
+        )
+    return index
 
 
 def unique_rows(prompt_idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

@@ -22,14 +22,14 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from samantic.ops import RleBatch, nms, postprocess_masks, remove_small_regions, rle_area, rle_decode, rle_encode
 from samantic.ops.rle import _index
 from samantic.pipeline.config import AmgConfig
-from samantic.pipeline.engine import Engine, PromptOutputs
+from samantic.pipeline.engine import Engine, PromptOutputs, engine_task
 from samantic.pipeline.prompts import (NO_PARENT, OUTSIDE, adaptive_levels, coarse_parents, crop_boxes,
                                        layer_point_grids, near_crop_edge, point_grid)
 from samantic.pipeline.scoring import ScoredMasks
@@ -121,6 +121,9 @@ class MaskGenerator:
         class_scorer: optional hook called with the engine's class logits ``[K, C + 1]``
             (numpy) and predicted IoU of those masks, e.g.
             :class:`~samantic.pipeline.scoring.ClassLogitScorer`; runs before ``mask_scorer``.
+
+    Raises:
+        ValueError: ``config.task`` is a task the engine cannot run (see :func:`~samantic.pipeline.engine.engine_task`).
     """
 
     def __init__(self, engine: Engine, config: AmgConfig, mask_scorer: Optional[Scorer] = None,
@@ -129,6 +132,7 @@ class MaskGenerator:
         self.config = config
         self.mask_scorer = mask_scorer
         self.class_scorer = class_scorer
+        engine_task(engine, config.task)
         if config.point_grids is not None:
             self.point_grids = list(config.point_grids)
         else:
@@ -137,8 +141,12 @@ class MaskGenerator:
         self.timings: Dict[str, float] = {}
         self.stats: Dict[str, int] = {}
 
-    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+    def generate(self, image: np.ndarray, task: Union[str, int, None] = None) -> List[Dict[str, Any]]:
         """Segments everything in an RGB uint8 image ``[H, W, 3]``.
+
+        Args:
+            image: the image.
+            task: SUM task prompt of this call (name or index; default ``config.task``).
 
         Returns:
             One record per mask, as segment-anything's generator returns them:
@@ -146,22 +154,23 @@ class MaskGenerator:
             ``predicted_iou``, ``point_coords``, ``stability_score``, ``crop_box``
             (XYWH), plus any fields of the scoring heads.
         """
-        masks = self.generate_masks(image)
+        masks = self.generate_masks(image, task)
         t = time.perf_counter()
         records = self.to_records(masks)
         self.timings["output"] = self.timings.get("output", 0.0) + time.perf_counter() - t
         return records
 
-    def generate_masks(self, image: np.ndarray) -> MaskSet:
+    def generate_masks(self, image: np.ndarray, task: Union[str, int, None] = None) -> MaskSet:
         """Like :meth:`generate`, but returns the masks as arrays and RLEs (no per-mask decoding)."""
         image = check_image(image)
+        task_id = engine_task(self.engine, self.config.task if task is None else task)
         self.timings = {k: 0.0 for k in STAGES}
         self.stats = {"points": 0, "points_skipped": 0, "points_covered": 0, "points_quiet": 0, "masks_decoded": 0,
                       "masks_upscaled": 0}
         cfg = self.config
         orig = image.shape[:2]
         boxes, layers = crop_boxes(orig, cfg.crop_n_layers, cfg.crop_overlap_ratio)
-        parts = [self._process_crop(image, box, layer, orig) for box, layer in zip(boxes, layers)]
+        parts = [self._process_crop(image, box, layer, orig, task_id) for box, layer in zip(boxes, layers)]
         data = MaskSet.concat(parts, orig)
         if len(boxes) > 1 and len(data):
             # step: duplicates across crops; smaller crops win (score = 1 / crop area)
@@ -177,7 +186,8 @@ class MaskGenerator:
             self.timings["postprocess"] += time.perf_counter() - t
         return data
 
-    def _process_crop(self, image: np.ndarray, crop_box: List[int], layer: int, orig: Sequence[int]) -> MaskSet:
+    def _process_crop(self, image: np.ndarray, crop_box: List[int], layer: int, orig: Sequence[int],
+                      task: int = 0) -> MaskSet:
         cfg = self.config
         engine = self.engine
         x0, y0, x1, y1 = crop_box
@@ -219,7 +229,7 @@ class MaskGenerator:
                     if len(batch_idx) == 0:
                         continue
                 part, low_res, confident, best_iou = self._process_batch(points[batch_idx], crop_size, input_size,
-                                                                         crop_box, orig)
+                                                                         crop_box, orig, task)
                 promise[batch_idx] = best_iou
                 if confident is not None and confident.any():  # adaptive mode only
                     cov = (low_res[confident] > engine.mask_threshold).any(0)
@@ -266,13 +276,15 @@ class MaskGenerator:
         return sel[keep], fields
 
     def _process_batch(self, points: np.ndarray, crop_size: Sequence[int], input_size: Sequence[int],
-                       crop_box: List[int], orig: Sequence[int]):
+                       crop_box: List[int], orig: Sequence[int], task: int = 0):
         cfg = self.config
         engine = self.engine
         orig_h, orig_w = orig
         # step: prompt encoder + transformer (+ semantic head) for every prompt
         t = time.perf_counter()
-        out: PromptOutputs = engine.run_prompts(apply_coords(points, crop_size, engine.img_size))
+        coords = apply_coords(points, crop_size, engine.img_size)
+        # engines without task prompts (old bundles, custom engines) take no task argument
+        out: PromptOutputs = engine.run_prompts(coords, task=task) if task else engine.run_prompts(coords)
         n_prompts, n_out = out.iou_preds.shape
         self.stats["masks_decoded"] += n_prompts * n_out
         iou = np.asarray(out.iou_preds, np.float32).reshape(-1)

@@ -3,10 +3,12 @@
 Layout::
 
     manifest.json         format, versions, model id, input size and normalisation, mask threshold,
-                          thresholds, head classes and groups, graphs, TensorRT profiles and engines,
-                          and every file with its SHA-256 and size
+                          thresholds, SUM task names, head classes and groups, graphs, TensorRT
+                          profiles and engines, and every file with its SHA-256 and size
     encoder.onnx          image encoder (fp32), encoder.int8.onnx (onnxruntime dynamic INT8)
-    prompts.onnx          prompt encoder + transformer (+ semantic head), prompts.int8.onnx
+    prompts.onnx          prompt encoder + transformer (+ semantic head), prompts.int8.onnx; its
+                          ``task`` input indexes the manifest's ``tasks`` (bundles from before task
+                          prompts have neither and run task "unspecified" only)
     upscale.onnx          upscaling + hypernetworks of the selected masks
     head.safetensors      the semantic head (optional), model.safetensors (optional, torch backend)
     samcp_*.onnx          a SAM-CP head (optional): backbone, patch encoder, affinity decoder graphs,
@@ -174,6 +176,12 @@ class Bundle:
         return self.manifest.get("samcp")
 
     @property
+    def tasks(self) -> Tuple[str, ...]:
+        """SUM's task names, in the order the prompts graph's ``task`` input indexes them; ``()`` for a
+        bundle exported before task prompts (its prompts graph has no ``task`` input)."""
+        return tuple(self.manifest.get("tasks") or ())
+
+    @property
     def thresholds(self) -> Dict[str, Any]:
         return dict(self.manifest.get("thresholds", {}))
 
@@ -199,7 +207,11 @@ def graph_input_shapes(manifest: Dict[str, Any], graph: str, level: str) -> Dict
     if graph == "encoder":
         return {"image": (1, 3, s, s)}
     if graph == "prompts":
-        return {"image_embeddings": (1, c, h, w), "point_coords": (v("B"), v("N"), 2), "point_labels": (v("B"), v("N"))}
+        shapes = {"image_embeddings": (1, c, h, w), "point_coords": (v("B"), v("N"), 2),
+                  "point_labels": (v("B"), v("N"))}
+        if manifest.get("tasks"):
+            shapes["task"] = (1,)
+        return shapes
     if graph == "upscale":
         return {"src": (v("B"), c, h, w), "mask_tokens": (v("B"), m, d), "rows": (v("U"),), "token_index": (v("K"),),
                 "mask_index": (v("K"),), "row_of": (v("K"),)}
@@ -209,6 +221,8 @@ def graph_input_shapes(manifest: Dict[str, Any], graph: str, level: str) -> Dict
 class BundleEngine:
     """What every engine that runs a bundle's graphs reads from its manifest (see :class:`~samantic.pipeline.engine.Engine`)."""
 
+    tasks: Tuple[str, ...] = ()
+
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
         self.img_size = bundle.img_size
@@ -217,6 +231,30 @@ class BundleEngine:
         self.pixel_std = bundle.pixel_std
         self.multimask = int(bundle.manifest["input"]["multimask"])
         self.low_res = int(bundle.manifest["input"]["low_res"][0])
+
+    def _set_tasks(self, prompt_inputs) -> None:
+        """``tasks`` from the prompts graph's input names: the manifest's names when it takes ``task``."""
+        if "task" not in prompt_inputs:
+            self.tasks = ()
+        elif not self.bundle.tasks:
+            raise BundleError(f"{self.bundle.root}: the prompts graph takes a 'task' input but the manifest "
+                              "names no tasks")
+        else:
+            self.tasks = self.bundle.tasks
+
+    def task_feed(self, task: int):
+        """The prompts graph's ``task`` input (int32 [1]), or None for a graph without one (task 0 only)."""
+        import numpy as np
+
+        if not self.tasks:
+            if task:
+                from samantic.pipeline.engine import engine_task
+
+                engine_task(self, task)  # raises, explaining
+            return None
+        if not 0 <= int(task) < len(self.tasks):
+            raise ValueError(f"task index must lie in [0, {len(self.tasks)}) ({', '.join(self.tasks)}), got {task}")
+        return np.array([task], np.int32)
 
     def no_masks(self):
         """float32 ``[0, 4h, 4w]``: the upscale result when nothing survived the filters."""

@@ -130,6 +130,7 @@ class OnnxRuntimeEngine(BundleEngine):
         self.device_id = parse_device(device)[1]
         self.on_gpu = active[0] in GPU_PROVIDERS
         self.has_head = any(o.name == "class_logits" for o in self.sessions["prompts"].get_outputs())
+        self._set_tasks({i.name for i in self.sessions["prompts"].get_inputs()})
         self.embedding: Any = None
 
     # step helpers -------------------------------------------------------------------------------
@@ -156,12 +157,15 @@ class OnnxRuntimeEngine(BundleEngine):
         self.embedding = self._run("encoder", {"image": np.ascontiguousarray(x, np.float32)},
                                    device_outputs=("image_embeddings",))["image_embeddings"]
 
-    def run_prompts(self, coords: np.ndarray) -> PromptOutputs:
+    def run_prompts(self, coords: np.ndarray, task: int = 0) -> PromptOutputs:
         if self.embedding is None:
             raise RuntimeError("call encode() first")
         pc, pl = point_prompts(coords)
-        out = self._run("prompts", {"image_embeddings": self.embedding, "point_coords": pc, "point_labels": pl},
-                        device_outputs=("src", "mask_tokens"))
+        feeds = {"image_embeddings": self.embedding, "point_coords": pc, "point_labels": pl}
+        task_in = self.task_feed(task)
+        if task_in is not None:
+            feeds["task"] = task_in
+        out = self._run("prompts", feeds, device_outputs=("src", "mask_tokens"))
         tokens = out["mask_tokens"]
         return PromptOutputs(
             iou_preds=np.asarray(out["iou_predictions"], np.float32),

@@ -221,7 +221,12 @@ class Segmenter:
             uses the grid and thresholds the head was trained with (``config`` / ``options`` override).
         samcp_options: :class:`~samantic.pipeline.panoptic.SamcpPredictor` options
             (``score_thresh``, ``affinity_thresh``, ``overlap_thresh``, ``top_k``, ``min_area``).
-        **options: :class:`AmgConfig` fields overriding ``config``.
+        **options: :class:`AmgConfig` fields overriding ``config``, e.g. ``task="part"`` (SUM's task
+            prompt for every call; a call can pass its own).
+
+    Raises:
+        ValueError: contradictory arguments; a task the engine cannot run (a bundle exported before
+            task prompts runs "unspecified" only).
     """
 
     def __init__(self, model: Any = None, head: Any = None, *, classes: Optional[Union[str, Sequence[str]]] = None,
@@ -302,11 +307,20 @@ class Segmenter:
     def stats(self) -> Dict[str, int]:
         return dict(self.generator.stats)
 
-    def __call__(self, image: np.ndarray) -> Result:
-        """Segments an RGB uint8 image ``[H, W, 3]``."""
+    def __call__(self, image: np.ndarray, task: Union[str, int, None] = None) -> Result:
+        """Segments an RGB uint8 image ``[H, W, 3]``.
+
+        Args:
+            image: the image.
+            task: SUM's task prompt for this call, "unspecified", "salient", "entity" or "part" (or its
+                index); default: the Segmenter's (``config.task``).
+
+        Raises:
+            ValueError: a bad image, an unknown task or one the engine cannot run.
+        """
         import time
 
-        masks = self.generator.generate_masks(image)
+        masks = self.generator.generate_masks(image, task)
         if self.samcp is not None:
             t = time.perf_counter()
             output = self.samcp(image, masks.rles, masks.boxes)

@@ -169,6 +169,7 @@ class TensorRTEngine(BundleEngine):
         self.stream = cuda_check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.buffers: Dict[str, _DeviceBuffer] = {}
         self.has_head = "class_logits" in self._names("prompts", output=True)
+        self._set_tasks(self._names("prompts", output=False))
 
     def _names(self, graph: str, output: bool):
         engine = self.engines[graph]
@@ -221,13 +222,17 @@ class TensorRTEngine(BundleEngine):
         res = self._execute("encoder", {"image": x}, {}, ())
         self._embedding_shape = res["_shapes"]["image_embeddings"]
 
-    def run_prompts(self, coords: np.ndarray) -> PromptOutputs:
+    def run_prompts(self, coords: np.ndarray, task: int = 0) -> PromptOutputs:
         pc, pl = point_prompts(coords)
         b = len(pc)
         limit = self.bundle.profiles.get("B", {}).get("max")
         if limit is not None and b > limit:
             raise ValueError(f"{b} prompts in one batch; the engines were built for at most {limit} (points_per_batch)")
-        res = self._execute("prompts", {"point_coords": pc, "point_labels": pl},
+        host = {"point_coords": pc, "point_labels": pl}
+        task_in = self.task_feed(task)
+        if task_in is not None:
+            host["task"] = task_in
+        res = self._execute("prompts", host,
                             {"image_embeddings": ("encoder.image_embeddings", self._embedding_shape)},
                             ("iou_predictions", "class_logits"))
         shapes = res["_shapes"]
