@@ -64,9 +64,9 @@ def count_generator(monkeypatch):
     calls = []
     original = MaskGenerator.generate_masks
 
-    def counted(self, image):
+    def counted(self, image, *args, **kwargs):
         calls.append(image.shape)
-        return original(self, image)
+        return original(self, image, *args, **kwargs)
 
     monkeypatch.setattr(MaskGenerator, "generate_masks", counted)
     return calls
@@ -74,7 +74,7 @@ def count_generator(monkeypatch):
 
 @pytest.fixture
 def no_generator(monkeypatch):
-    def refuse(self, image):
+    def refuse(self, image, *args, **kwargs):
         raise AssertionError("the generator ran on a cached image")
 
     monkeypatch.setattr(MaskGenerator, "generate_masks", refuse)
