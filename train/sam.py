@@ -16,10 +16,21 @@ The pieces a variant changes are objects passed to :class:`SamTrainer`:
 ``sampler`` (where prompts go; SUM's uncertainty-aware sampling),
 ``loss`` (SUM's uncertainty-weighted focal + dice) and ``prompt_hook``
 (SUM's task prompts), so those variants plug in without rewriting the loop.
+
+Per-instance extras travel with the data: a :class:`Sample` may carry
+``tasks`` (a task index per mask) and ``uncertainty`` (a map in [0, 1] per
+mask, e.g. SUM's pseudo-label uncertainty). They are augmented with the
+masks and reach the hooks that declare a parameter for them: a sampler's
+``first_points`` / ``next_points`` and a loss that take ``uncertainty=``
+get the maps (zeros for instances without one), a ``prompt_hook`` that takes
+``tasks=`` gets the task index of every prompt (0 where the data has none).
+Hooks without those parameters, and data without the extras, train exactly
+as before.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -105,10 +116,16 @@ class SamTrainConfig:
 
 @dataclass
 class Sample:
-    """One training image and its instance masks (uint8 RGB [H, W, 3], bool [N, H, W])."""
+    """One training image and its instance masks (uint8 RGB [H, W, 3], bool [N, H, W]).
+
+    Optional per-instance extras (see the module docstring for who reads them):
+    ``tasks`` int64 [N], SUM task indices; ``uncertainty`` float [N, H, W] in [0, 1].
+    """
 
     image: np.ndarray
     masks: np.ndarray
+    tasks: Optional[np.ndarray] = None
+    uncertainty: Optional[np.ndarray] = None
 
 
 class CocoInstances:
@@ -289,11 +306,16 @@ class Prepared:
         image: uint8 [h, w, 3], resized so that its longest side is the model's input size (not padded).
         soft: float16 [M, L, L], the instance masks at the decoder's low-res size L (area-averaged, padded).
         boxes: float32 [M, 4], jittered XYXY boxes of the instances in input pixels.
+        tasks: int64 [M] task indices, when the sample has them.
+        uncertainty: float16 [M, L, L] uncertainty maps at the low-res size (area-averaged, 0 in the
+            padding), when the sample has them.
     """
 
     image: np.ndarray
     soft: np.ndarray
     boxes: np.ndarray
+    tasks: Optional[np.ndarray] = None
+    uncertainty: Optional[np.ndarray] = None
 
 
 class Preparer:
@@ -312,13 +334,23 @@ class Preparer:
 
         c = self.config
         image, masks = sample.image, sample.masks
+        tasks, unc = sample.tasks, sample.uncertainty  # per-instance extras follow the masks
         if masks.shape[0] == 0:
             return None
         if rng.random() < 0.5:  # horizontal flip
             image = image[:, ::-1]
             masks = masks[:, :, ::-1]
+            unc = None if unc is None else unc[:, :, ::-1]
         if rng.random() < c.zoom_prob:
-            image, masks = self._zoom(image, masks, rng)
+            window = self._zoom_window(masks, rng)
+            if window is not None:
+                y0, x0, side = window
+                image = image[y0 : y0 + side, x0 : x0 + side]
+                masks = masks[:, y0 : y0 + side, x0 : x0 + side]
+                kept = masks.reshape(len(masks), -1).sum(1) >= 16
+                masks = masks[kept]
+                tasks = None if tasks is None else tasks[kept]
+                unc = None if unc is None else unc[kept, y0 : y0 + side, x0 : x0 + side]
             if masks.shape[0] == 0:
                 return None
         if c.flat_steps and rng.random() < 1.0 - step / c.flat_steps:
@@ -337,6 +369,15 @@ class Preparer:
         full = full[ok]
         f = s // lr
         soft = full.reshape(len(full), lr, f, lr, f).mean((2, 4))
+        low_unc = None
+        if unc is not None:
+            unc = unc[keep][ok]
+            up = np.zeros((len(unc), s, s), np.float32)
+            for i, u in enumerate(unc):
+                up[i, :h, :w] = cv2.resize(np.asarray(u, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+            low_unc = np.clip(up.reshape(len(up), lr, f, lr, f).mean((2, 4)), 0.0, 1.0).astype(np.float16)
+        if tasks is not None:
+            tasks = np.asarray(tasks, np.int64)[keep][ok]
         boxes = np.empty((len(full), 4), np.float32)
         for i, mk in enumerate(full):
             ys = np.flatnonzero(mk.any(1))
@@ -346,7 +387,7 @@ class Preparer:
             noise = np.clip(rng.normal(0, 0.1, 4) * np.array([bw, bh, bw, bh]), -20, 20)
             boxes[i] = [x0 + noise[0], y0 + noise[1], x1 + noise[2], y1 + noise[3]]
         np.clip(boxes, 0, s - 1, out=boxes)
-        return Prepared(np.ascontiguousarray(resized), soft.astype(np.float16), boxes)
+        return Prepared(np.ascontiguousarray(resized), soft.astype(np.float16), boxes, tasks, low_unc)
 
     @staticmethod
     def _flat(masks: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
@@ -360,20 +401,29 @@ class Preparer:
     @staticmethod
     def _zoom(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         """A square crop around one random instance, 1.5-4x its size (clipped to the image)."""
-        h, w = image.shape[:2]
+        window = Preparer._zoom_window(masks, rng)
+        if window is None:
+            return image, masks
+        y0, x0, side = window
+        crop = masks[:, y0 : y0 + side, x0 : x0 + side]
+        keep = crop.reshape(len(crop), -1).sum(1) >= 16
+        return image[y0 : y0 + side, x0 : x0 + side], crop[keep]
+
+    @staticmethod
+    def _zoom_window(masks: np.ndarray, rng: np.random.Generator) -> Optional[Tuple[int, int, int]]:
+        """(y0, x0, side) of :meth:`_zoom`'s crop, or None when the drawn instance is empty."""
+        h, w = masks.shape[1:]
         k = int(rng.integers(len(masks)))
         ys, xs = np.nonzero(masks[k])
         if len(xs) == 0:
-            return image, masks
+            return None
         side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) * rng.uniform(1.5, 4.0)
         side = int(min(max(side, 32), h, w))
         cx = (xs.min() + xs.max()) / 2 + rng.uniform(-0.25, 0.25) * side
         cy = (ys.min() + ys.max()) / 2 + rng.uniform(-0.25, 0.25) * side
         x0 = int(np.clip(cx - side / 2, 0, w - side))
         y0 = int(np.clip(cy - side / 2, 0, h - side))
-        crop = masks[:, y0 : y0 + side, x0 : x0 + side]
-        keep = crop.reshape(len(crop), -1).sum(1) >= 16
-        return image[y0 : y0 + side, x0 : x0 + side], crop[keep]
+        return y0, x0, side
 
 
 class PreparedStream(torch.utils.data.IterableDataset):
@@ -413,7 +463,11 @@ def _quiet_worker(_: int) -> None:
 
 
 def collate(items: Sequence[Prepared]) -> Dict[str, torch.Tensor]:
-    """Images padded to one square batch (uint8 NHWC) with their sizes; instances concatenated with image indexes."""
+    """Images padded to one square batch (uint8 NHWC) with their sizes; instances concatenated with image indexes.
+
+    ``tasks`` (int64 [P]) and ``uncertainty`` (float16 [P, L, L]) are added when any item has them;
+    the instances of items without them get task 0 and zero uncertainty.
+    """
     side = max(max(it.image.shape[:2]) for it in items)
     images = np.zeros((len(items), side, side, 3), np.uint8)
     sizes = np.zeros((len(items), 2), np.int64)
@@ -421,13 +475,20 @@ def collate(items: Sequence[Prepared]) -> Dict[str, torch.Tensor]:
         h, w = it.image.shape[:2]
         images[i, :h, :w] = it.image
         sizes[i] = (h, w)
-    return {
+    batch = {
         "images": torch.from_numpy(images),
         "sizes": torch.from_numpy(sizes),
         "soft": torch.from_numpy(np.concatenate([it.soft for it in items])),
         "boxes": torch.from_numpy(np.concatenate([it.boxes for it in items])),
         "image_index": torch.from_numpy(np.concatenate([np.full(len(it.soft), i) for i, it in enumerate(items)])),
     }
+    if any(it.tasks is not None for it in items):
+        batch["tasks"] = torch.from_numpy(np.concatenate(
+            [it.tasks if it.tasks is not None else np.zeros(len(it.soft), np.int64) for it in items]))
+    if any(it.uncertainty is not None for it in items):
+        batch["uncertainty"] = torch.from_numpy(np.concatenate(
+            [it.uncertainty if it.uncertainty is not None else np.zeros(it.soft.shape, np.float16) for it in items]))
+    return batch
 
 
 # ---------------------------------------------------------------- batched decoding
@@ -487,10 +548,13 @@ class SamTrainer:
         model: the ``Sam`` to train (e.g. ``create_model("sam_nano", pretrained=False)``).
         config: a :class:`SamTrainConfig`.
         data: indexable dataset of :class:`Sample` (``CocoInstances``, ``ShapesStream``, ...).
-        sampler: prompt placement (default :class:`PointSampler`).
-        loss: per-mask loss (default :class:`MaskLoss`).
+        sampler: prompt placement (default :class:`PointSampler`); when its ``first_points`` /
+            ``next_points`` take ``uncertainty=``, they get the batch's uncertainty maps [P, L, L].
+        loss: per-mask loss (default :class:`MaskLoss`); one whose ``__call__`` takes ``uncertainty=``
+            gets the maps too (repeated like the masks for multi-mask outputs).
         prompt_hook: ``f(sparse, dense) -> (sparse, dense)`` applied to the prompt embeddings
-            (e.g. adding a task embedding).
+            (e.g. adding a task embedding); ``f(sparse, dense, tasks=...)`` when it takes ``tasks``:
+            int64 [P], the task index of every prompt (0, "unspecified", for data without tasks).
         device: where the model trains (``"cpu"``, ``"cuda"``, ...).
         workers: data-preparation processes (0 = in the training process).
         amp: bfloat16 autocast for the forward pass (default: on for CUDA).
@@ -506,6 +570,10 @@ class SamTrainer:
         self.sampler = sampler or PointSampler()
         self.loss = loss or MaskLoss(config.focal_weight, config.dice_weight, alpha=config.focal_alpha, gamma=config.focal_gamma)
         self.prompt_hook = prompt_hook
+        self._hook_takes_tasks = prompt_hook is not None and _takes(prompt_hook, "tasks")
+        self._sampler_takes_uncertainty = _takes(self.sampler.first_points, "uncertainty") and \
+            _takes(self.sampler.next_points, "uncertainty")
+        self._loss_takes_uncertainty = _takes(self.loss, "uncertainty")
         self.workers = workers
         self.amp = (self.device.type == "cuda") if amp is None else amp
         self.img_size = model.image_encoder.img_size
@@ -556,22 +624,29 @@ class SamTrainer:
 
     # -- one step
 
-    def _decode(self, emb, index, coords, labels, boxes, mask_input, multimask):
+    def _decode(self, emb, index, coords, labels, boxes, mask_input, multimask, tasks=None):
         sparse, dense = self.model.prompt_encoder(
             points=(coords, labels) if coords is not None else None, boxes=boxes, masks=mask_input
         )
-        if self.prompt_hook is not None:
+        if self._hook_takes_tasks:
+            if tasks is None:
+                tasks = torch.zeros(len(index), dtype=torch.long, device=index.device)
+            sparse, dense = self.prompt_hook(sparse, dense, tasks=tasks)
+        elif self.prompt_hook is not None:
             sparse, dense = self.prompt_hook(sparse, dense)
         return decode_prompts(self.model.mask_decoder, emb[index], self.model.prompt_encoder.get_dense_pe(),
                               sparse, dense, multimask)
 
     def _batch_loss(self, emb: torch.Tensor, index: torch.Tensor, soft: torch.Tensor,
-                    box_prompts: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+                    box_prompts: Optional[torch.Tensor], uncertainty: Optional[torch.Tensor] = None,
+                    tasks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Loss of all prompted instances of a batch; soft: [P, L, L] ground truth at the low-res size.
 
         Losses, IoU targets and error regions live at the decoder's low-res
         mask size (S / 4), against area-averaged (soft) ground truth: 16x
         fewer pixels than full size, for the same gradients in expectation.
+        ``uncertainty`` [P, L, L] goes to the sampler and the loss that take it,
+        ``tasks`` [P] to a prompt hook that takes it.
         """
         c = self.config
         scale = self.img_size / self.low_res
@@ -582,24 +657,30 @@ class SamTrainer:
         total = emb.new_zeros((), dtype=torch.float32)
         stats: Dict[str, float] = {}
         prev_pred = None
+        sampler_extra = {"uncertainty": uncertainty} if self._sampler_takes_uncertainty and uncertainty is not None \
+            else {}
         for it in range(c.iterations):
             if it == 0 and boxes is not None:
                 multimask = False
             elif it == 0:
-                coords, labels = self.sampler.first_points(hard, self.gen)
+                coords, labels = self.sampler.first_points(hard, self.gen, **sampler_extra)
                 coords = coords * scale
                 multimask = True
             else:
-                nc, nl = self.sampler.next_points(hard, prev_pred, self.gen)
+                nc, nl = self.sampler.next_points(hard, prev_pred, self.gen, **sampler_extra)
                 nc = nc * scale
                 coords = nc if coords is None else torch.cat([coords, nc], 1)
                 labels = nl if labels is None else torch.cat([labels, nl], 1)
                 multimask = False
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                low_res, iou_pred = self._decode(emb, index, coords, labels, boxes, mask_input, multimask)
+                low_res, iou_pred = self._decode(emb, index, coords, labels, boxes, mask_input, multimask, tasks)
             low_res, iou_pred = low_res.float(), iou_pred.float()  # [P, K, L, L], [P, K]
             m, k = low_res.shape[:2]
-            per = self.loss(low_res.flatten(0, 1), soft.repeat_interleave(k, 0)).view(m, k)
+            if self._loss_takes_uncertainty and uncertainty is not None:
+                per = self.loss(low_res.flatten(0, 1), soft.repeat_interleave(k, 0),
+                                uncertainty=uncertainty.repeat_interleave(k, 0)).view(m, k)
+            else:
+                per = self.loss(low_res.flatten(0, 1), soft.repeat_interleave(k, 0)).view(m, k)
             best = per.argmin(1)
             mask_loss = per.gather(1, best[:, None]).mean()
             with torch.no_grad():
@@ -625,10 +706,14 @@ class SamTrainer:
         soft = batch["soft"].to(self.device, non_blocking=True).float()
         index = batch["image_index"].to(self.device, non_blocking=True)
         boxes = batch["boxes"].to(self.device, non_blocking=True) if self.rng.random() < c.box_prob else None
+        uncertainty = batch.get("uncertainty")
+        uncertainty = None if uncertainty is None else uncertainty.to(self.device, non_blocking=True).float()
+        tasks = batch.get("tasks")
+        tasks = None if tasks is None else tasks.to(self.device, non_blocking=True)
         with torch.set_grad_enabled("image_encoder" in c.trainable), \
                 torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             emb = self.model.image_encoder(x)
-        loss, stats = self._batch_loss(emb, index, soft, boxes)
+        loss, stats = self._batch_loss(emb, index, soft, boxes, uncertainty, tasks)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip > 0:
@@ -738,6 +823,16 @@ class SamTrainer:
         except RuntimeError:  # saved on another device type: a fresh stream, seeded by the step
             self.gen.manual_seed(self.config.seed * 1000003 + self.step)
         self.rng.bit_generator.state = json.loads(state["numpy_rng"])
+
+
+def _takes(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` accepts a keyword argument ``name`` (by name or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+               for p in params)
 
 
 def export_weights(src: Path, dst: Path, dtype: str = "float16", extra: Optional[Dict[str, Any]] = None) -> Path:
