@@ -453,7 +453,16 @@ class PreparedStream(torch.utils.data.IterableDataset):
 
 
 def _quiet_worker(_: int) -> None:
-    """One thread per data worker: the workers are the parallelism."""
+    """One OpenCV thread per data worker: the workers are the parallelism.
+
+    Only when this worker imports OpenCV itself: a worker forked from a process whose OpenCV
+    thread pool has run (the parent rendered or resized something) hangs in
+    ``cv2.setNumThreads``, so an inherited OpenCV is left as it is.
+    """
+    import sys
+
+    if "cv2" in sys.modules:
+        return
     try:
         import cv2
 
@@ -599,9 +608,10 @@ class SamTrainer:
 
     # -- data
 
-    def _loader(self, step_value) -> Iterator[Dict[str, torch.Tensor]]:
-        stream = PreparedStream(self.data, Preparer(self.img_size, self.low_res, self.config), self.config.seed,
-                                self.step, step_value)
+    def _loader(self, step_value, data=None, seed: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
+        """Collated batches of ``data`` (default: the trainer's), drawn with ``seed`` (default: the config's)."""
+        stream = PreparedStream(self.data if data is None else data, Preparer(self.img_size, self.low_res, self.config),
+                                self.config.seed if seed is None else seed, self.step, step_value)
         loader = torch.utils.data.DataLoader(
             stream, batch_size=self.config.images_per_step, collate_fn=collate, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
@@ -746,6 +756,9 @@ class SamTrainer:
             log_path.unlink()
         c = self.config
         self.model.train()
+        for name in PARTS:  # a frozen part stays in eval mode: its normalisation statistics do not drift either
+            if name not in c.trainable:
+                getattr(self.model, name).eval()
         step_value = multiprocessing.Value("i", self.step)
         batches = self._loader(step_value)
         history: List[Dict[str, float]] = []
@@ -763,8 +776,8 @@ class SamTrainer:
         with Progress(*columns, disable=not progress, transient=False) as bar:
             task = bar.add_task("train", total=c.steps, completed=self.step, loss="-")
             while self.step < c.steps and not out_of_time():
-                for g in self.optimizer.param_groups:
-                    g["lr"] = self.lr_at(self.step, self.elapsed)
+                for g in self.optimizer.param_groups:  # a group may scale the schedule ("lr_scale")
+                    g["lr"] = self.lr_at(self.step, self.elapsed) * g.get("lr_scale", 1.0)
                 batch = next(batches)
                 last, stats = self.train_step(batch)
                 step_value.value = self.step

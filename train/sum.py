@@ -533,6 +533,12 @@ class PseudoLabelCache:
         self._generator = None
         self._tap: Optional[_LogitTap] = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """Pickled without the model (data workers read entries; computing one needs the model)."""
+        state = dict(self.__dict__)
+        state.update(model=None, _generator=None, _tap=None)
+        return state
+
     def path(self, image: np.ndarray) -> Path:
         from samantic.train.samcp_cache import image_sha256
 
@@ -556,6 +562,9 @@ class PseudoLabelCache:
         from samantic.io import atomic_write_bytes, atomic_write_json
         from samantic.train.samcp_cache import image_sha256
 
+        if self.model is None:
+            raise RuntimeError(f"{self.dir}: no pseudo-label cached for this image, and this copy of the cache "
+                               "has no model to compute one (build the cache before training: train_sum does)")
         if self._generator is None:
             from samantic.pipeline import AmgConfig, MaskGenerator
             from samantic.pipeline.amg import TorchEngine

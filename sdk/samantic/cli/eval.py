@@ -329,3 +329,99 @@ def eval_samcp(
     atomic_write_bytes(out / "eval_samcp.md", text.encode())
     typer.echo(text)
     typer.echo(f"saved: {out / 'eval_samcp.json'} and {out / 'eval_samcp.md'}")
+
+
+@app.command("sum")
+def eval_sum(
+    column: Annotated[Optional[List[str]], typer.Option(help="NAME=WEIGHTS (repeatable, in column order): WEIGHTS a registered model name (its shipped weights) or a checkpoint file of --model's architecture. Default: base=sam_nano sum=sam_nano_sum.")] = None,
+    model: Annotated[str, typer.Option(help="Architecture of checkpoint files given in --column.")] = "sam_nano",
+    seeds: Annotated[str, typer.Option(help="Held-out v2 (panoptic) scene seeds, START:STOP.")] = "0:40",
+    points: Annotated[str, typer.Option(help="Numbers of point prompts after which masks are scored, comma-separated.")] = "1,3,5",
+    unspecified: Annotated[bool, typer.Option("--unspecified/--no-unspecified", help="For every column with a task table, also a column asking every mask as 'unspecified' (what the task prompt adds).")] = True,
+    forgetting_seeds: Annotated[str, typer.Option(help="Held-out plain (v1) scenes for single-point mIoU before and after, START:STOP ('' to skip).")] = "0:60",
+    amg_seeds: Annotated[str, typer.Option(help="Held-out v1 scenes for segment-everything recall before and after, START:STOP ('' to skip).")] = "0:30",
+    forgetting: Annotated[str, typer.Option(help="Columns measured for forgetting, comma-separated (default: the first and the last).")] = "",
+    out: Annotated[Path, typer.Option(help="Directory for eval_sum.json and eval_sum.md.")] = Path("runs/eval"),
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """SUM's ablation: interactive mIoU and boundary IoU per task (salient, entity, part, unspecified) at 1/3/5 points, and forgetting on plain scenes."""
+    import torch
+
+    from samantic.io import atomic_write_bytes, atomic_write_json
+    from samantic.models import create_model, list_models, recommended_thresholds
+    from samantic.train.metrics import evaluate_sam
+    from samantic.train.sum_eval import evaluate_sum, sum_table
+
+    if threads:
+        torch.set_num_threads(threads)
+    specs = column or ["base=sam_nano", "sum=sam_nano_sum"]
+    try:
+        point_list = [int(p) for p in points.split(",") if p.strip()]
+        if not point_list or min(point_list) < 1:
+            raise ValueError
+    except ValueError:
+        typer.echo(f"error: --points must be numbers >= 1 separated by commas, got {points!r}", err=True)
+        raise typer.Exit(1)
+    v2_seeds = parse_seeds(seeds)
+    v1_seeds = parse_seeds(forgetting_seeds) if forgetting_seeds else range(0)
+    recall_seeds = parse_seeds(amg_seeds) if amg_seeds else range(0)
+    models, sources = {}, {}
+    try:
+        for spec in specs:
+            name, sep, weights = spec.partition("=")
+            name, weights = name.strip(), weights.strip()
+            if not sep or not name or not weights:
+                raise ValueError(f"--column must be NAME=WEIGHTS, got {spec!r}")
+            if name in models:
+                raise ValueError(f"--column {name!r} given twice")
+            if weights in list_models():
+                sam = create_model(weights)
+            elif Path(weights).is_file():
+                sam = create_model(model, checkpoint=weights)
+            else:
+                raise FileNotFoundError(f"--column {spec}: {weights!r} is neither a registered model nor a file")
+            models[name] = sam
+            sources[name] = weights
+        base_name = next(iter(models))
+        amg = recommended_thresholds(models[base_name])  # one setting before and after
+        columns = {}
+        for name, sam in models.items():
+            has_table = getattr(sam, "task_prompt", None) is not None
+            columns[name] = (sam, True)
+            if has_table and unspecified:
+                columns[f"{name}, unspecified prompt"] = (sam, False)
+        result = evaluate_sum(columns, v2_seeds, point_list, progress=progress)
+        forget_cols = [c.strip() for c in forgetting.split(",") if c.strip()] or \
+            list(dict.fromkeys([base_name, list(models)[-1]]))
+        unknown = [c for c in forget_cols if c not in models]
+        if unknown:
+            raise ValueError(f"--forgetting names no --column: {', '.join(unknown)}")
+        if len(v1_seeds) or len(recall_seeds):
+            for name in forget_cols:
+                r = evaluate_sam(models[name], v1_seeds, recall_seeds, progress=progress, amg_kwargs=amg)
+                result.forgetting[name] = {k: r.metrics[k] for k in ("miou_1pt_top", "miou_3pt", "recall_50", "recall_75")}
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    command = "samantic eval sum " + " ".join(f"--column {s}" for s in specs) + \
+        (f" --model {model}" if model != "sam_nano" else "") + f" --seeds {seeds} --points {points}" + \
+        f" --forgetting-seeds '{forgetting_seeds}' --amg-seeds '{amg_seeds}'"
+    payload = {"command": command, "columns": sources, "segment_everything": amg, **result.to_dict()}
+    atomic_write_json(out / "eval_sum.json", payload, indent=2)
+    md = [f"`{command}`", "",
+          f"Held-out v2 scenes {seeds}; masks per task: " + ", ".join(
+              f"{t} {v[point_list[0]]['masks']}" for t, v in result.metrics[next(iter(result.metrics))].items()
+              if t != "average") + ".", "", "### mIoU", "", sum_table(result, "miou"), "",
+          "### mean boundary IoU", "", sum_table(result, "mbiou")]
+    if result.forgetting:
+        md += ["", f"### Forgetting: plain (v1) scenes, point prompts {forgetting_seeds}, segment-everything "
+               f"{amg_seeds} at {amg}", "", "| column | 1-point mIoU | 3-point mIoU | recall @ 0.5 | recall @ 0.75 |",
+               "|---|---|---|---|---|"]
+        for name, m in result.forgetting.items():
+            md.append(f"| {name} | {m['miou_1pt_top']:.4f} | {m['miou_3pt']:.4f} | {m['recall_50']:.4f} | "
+                      f"{m['recall_75']:.4f} |")
+    text = "\n".join(md) + "\n"
+    atomic_write_bytes(out / "eval_sum.md", text.encode())
+    typer.echo(text)
+    typer.echo(f"saved: {out / 'eval_sum.json'} and {out / 'eval_sum.md'} ({result.seconds:.0f} s)")

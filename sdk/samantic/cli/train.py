@@ -256,3 +256,64 @@ def train_samcp(
     if failures:
         typer.echo(f"{len(failures)} image(s) could not be used (listed above)", err=True)
         raise typer.Exit(2)
+
+
+@app.command("sum")
+def train_sum_cmd(
+    out: Annotated[Path, typer.Option(help="Output weights (.safetensors); OUT.ckpt and OUT.log.jsonl go beside it.")],
+    labelled: Annotated[str, typer.Option(help="Labelled set: DIR (from `samantic data shapes --kind panoptic`: instances, salient, entities and parts COCO files) or shapes-panoptic:SEED[:N] (N v2 scenes rendered on the fly).")] = "shapes-panoptic:3000000:120",
+    unlabelled: Annotated[str, typer.Option(help="Unlabelled pool: DIR of images or shapes-panoptic:SEED[:N] (images only; their ground truth is never read).")] = "shapes-panoptic:4000000:240",
+    model: Annotated[str, typer.Option(help="Registered base SAM.")] = "sam_nano",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Base weights (default: the model's shipped weights).")] = None,
+    variant: Annotated[str, typer.Option(help="sum | no-task (no task prompt) | refine (uncertainty in the loss only) | vanilla (no uncertainty, no task prompt): the columns of the ablation.")] = "sum",
+    refiner: Annotated[Optional[Path], typer.Option(help="Trained mask refiner (benchmarks/sum_uncertainty.py writes one); needed by every variant but vanilla.")] = None,
+    pseudo_cache: Annotated[Path, typer.Option(help="Pseudo-label and uncertainty cache root (reused across runs; keyed by model, weights, grid, thresholds, refiner).")] = Path("runs/cache/sum"),
+    points_per_side: Annotated[int, typer.Option(min=1, help="Prompt grid side of the pseudo-labels' segment-everything.")] = 16,
+    pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Pseudo-labels kept at this predicted IoU (default: the model's calibrated one).")] = None,
+    stability_score_thresh: Annotated[Optional[float], typer.Option(help="Pseudo-labels kept at this stability (default: the model's).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Total optimizer steps (labelled and pseudo-labelled alternate).")] = 400,
+    images_per_step: Annotated[int, typer.Option(min=1)] = 4,
+    masks_per_image: Annotated[int, typer.Option(min=1)] = 4,
+    iterations: Annotated[int, typer.Option(min=1, help="Prompting rounds per instance.")] = 2,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
+    task_lr_scale: Annotated[float, typer.Option(help="The task table's learning rate relative to --lr (it starts at zero).")] = 10.0,
+    warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
+    trainable: Annotated[str, typer.Option(help="Comma-separated parts to train besides the task table: image_encoder,prompt_encoder,mask_decoder.")] = "prompt_encoder,mask_decoder",
+    checkpoint_every: Annotated[int, typer.Option(min=1)] = 25,
+    log_every: Annotated[int, typer.Option(min=1)] = 10,
+    seed: Annotated[int, typer.Option()] = 0,
+    time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
+    device: Annotated[str, typer.Option(help="Where to train: cpu, cuda, ...")] = "cpu",
+    workers: Annotated[int, typer.Option(min=0, help="Data-preparation processes per data stream (0: in the training process).")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """SUM: fine-tune a SAM on labelled task masks and uncertainty-weighted pseudo-labels, with task prompts."""
+    import torch
+
+    from samantic.models import create_model
+    from samantic.train.sam import SamTrainConfig
+    from samantic.train.sum_train import SumTrainConfig, train_sum
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        config = SamTrainConfig(
+            steps=steps, images_per_step=images_per_step, masks_per_image=masks_per_image, iterations=iterations,
+            lr=lr, warmup_steps=warmup_steps, trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
+            checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, time_budget=time_budget * 60,
+        )
+        sum_config = SumTrainConfig(variant=variant, task_lr_scale=task_lr_scale, points_per_side=points_per_side,
+                                    pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh)
+        sam = create_model(model, checkpoint=checkpoint)
+        typer.echo(f"SUM ({variant}) on {model}: labelled {labelled}, unlabelled {unlabelled}; {steps} steps "
+                   f"({images_per_step} images x {masks_per_image} masks x {iterations} rounds); trainable: "
+                   f"{', '.join(config.trainable)}" + (" + task table" if variant == "sum" else ""))
+        result = train_sum(sam, labelled, unlabelled, out, config, sum_config, refiner=refiner,
+                           pseudo_cache=pseudo_cache, checkpoint=checkpoint, device=device, workers=workers,
+                           resume=resume, progress=progress, log=typer.echo)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"saved: {result.output} (steps {result.steps}, {result.seconds / 60:.1f} min); log: {result.log}")

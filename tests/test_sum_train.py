@@ -1,0 +1,193 @@
+"""`samantic train sum`: alternating labelled / pseudo-labelled batches, the ablation's variants,
+cached uncertainty maps, resumable training, the CLI's errors."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from samantic.train.sam import SamTrainConfig
+from samantic.train.sum import PseudoLabelCache, UnlabelledPool
+from samantic.train.sum_train import VARIANTS, SumTrainConfig, SumTrainer, UncertaintyCache, train_sum
+
+SIZE = (96, 128)
+LABELLED = "shapes-panoptic:3000000:3"
+
+
+@pytest.fixture(scope="module")
+def nano():
+    from samantic.models import create_model
+
+    return create_model("sam_nano").eval()
+
+
+@pytest.fixture(scope="module")
+def refiner_file(tmp_path_factory):
+    from samantic.train.sum_refine import MaskRefiner, RefinerConfig, save_refiner
+
+    torch.manual_seed(0)
+    refiner = MaskRefiner(RefinerConfig())
+    with torch.no_grad():  # not the zero start: the refined mask differs from SAM's, so U is not all zero
+        for p in refiner.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return save_refiner(refiner, tmp_path_factory.mktemp("refiner") / "refiner.safetensors")
+
+
+def _config(steps=2, **kw):
+    base = dict(steps=steps, images_per_step=1, masks_per_image=2, iterations=2, lr=1e-4, warmup_steps=1,
+                trainable=("mask_decoder",), checkpoint_every=1, log_every=1, box_prob=0.0, zoom_prob=0.0)
+    base.update(kw)
+    return SamTrainConfig(**base)
+
+
+def _sum_config(variant):
+    return SumTrainConfig(variant=variant, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+def test_variants_are_the_ablation_columns():
+    assert list(VARIANTS) == ["vanilla", "refine", "no-task", "sum"]
+    assert not VARIANTS["vanilla"].uses_uncertainty and not VARIANTS["vanilla"].task_prompt
+    assert VARIANTS["refine"].uncertainty_loss and not VARIANTS["refine"].uncertainty_prompts
+    assert VARIANTS["no-task"].uncertainty_prompts and not VARIANTS["no-task"].task_prompt
+    assert VARIANTS["sum"] == type(VARIANTS["sum"])(True, True, True)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        SumTrainConfig(variant="full")
+    with pytest.raises(ValueError, match="task_lr_scale"):
+        SumTrainConfig(task_lr_scale=0)
+
+
+def test_uncertainty_cache_computes_once_and_workers_only_read(tmp_path, nano, refiner_file):
+    from samantic.train.sum_refine import UncertaintyEstimator, load_refiner
+
+    pool = UnlabelledPool(4000000, 1, size=SIZE)
+    cache = PseudoLabelCache(tmp_path, nano, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    image = pool[0]
+    labels = cache.compute(image)
+    assert len(labels) > 0
+    estimator = UncertaintyEstimator(nano, load_refiner(refiner_file))
+    calls = []
+
+    def counted(img, lab):
+        calls.append(1)
+        return estimator(img, lab)
+
+    u = UncertaintyCache(cache, counted, refiner_file)
+    first = u(image, labels)
+    assert first.shape == (len(labels),) + SIZE and 0 <= first.min() and first.max() <= 1 and first.max() > 0
+    again = u(image, labels)
+    assert len(calls) == 1 and np.array_equal(first, again)
+    # the maps are the estimator's, to the 1/255 of their uint8 storage
+    assert np.abs(first - estimator(image, labels)).max() <= 0.5 / 255 + 1e-6
+    # a data worker's copy has no estimator and no model: it reads, it never computes
+    worker = pickle.loads(pickle.dumps(u))
+    assert worker.estimator is None and worker.pseudo.model is None
+    assert np.array_equal(worker(image, labels), first)
+    other = UnlabelledPool(4000001, 1, size=SIZE)[0]
+    with pytest.raises(RuntimeError, match="no pseudo-label cached"):
+        worker.pseudo.get_or_compute(other)
+    with pytest.raises(RuntimeError, match="no uncertainty map cached"):
+        worker(other, labels)
+    # another refiner file is another key
+    other_refiner = tmp_path / "other.safetensors"
+    other_refiner.write_bytes(refiner_file.read_bytes() + b" ")
+    assert UncertaintyCache(cache, None, other_refiner).dir != u.dir
+
+
+def test_sum_alternates_labelled_and_pseudo_batches_and_groups_the_task_table(tmp_path, nano, refiner_file):
+    import copy
+
+    from samantic.models.task_prompt import attach_task_prompt
+    from samantic.train.sum import PseudoLabelled, UncertaintyPointSampler, open_labelled
+    from samantic.train.sum_refine import UncertaintyEstimator, load_refiner
+
+    model = copy.deepcopy(nano)
+    attach_task_prompt(model)
+    pool = UnlabelledPool(4000000, 2, size=SIZE)
+    cache = PseudoLabelCache(tmp_path, model, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    u = UncertaintyCache(cache, UncertaintyEstimator(model, load_refiner(refiner_file)), refiner_file)
+    for i in range(len(pool)):
+        u(pool[i], cache.get_or_compute(pool[i]))
+    trainer = SumTrainer(model, _config(), open_labelled(LABELLED), PseudoLabelled(pool, cache, uncertainty=u),
+                         task_lr_scale=7.0, sampler=UncertaintyPointSampler(), workers=0)
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 2 and groups[1]["lr_scale"] == 7.0 and groups[1]["weight_decay"] == 0.0
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.task_prompt.parameters()}
+    batches = trainer._loader(type("V", (), {"value": 0})())
+    seen = []
+    for step in range(4):
+        trainer.step = step
+        b = next(batches)
+        seen.append(("uncertainty" in b, bool((b["tasks"] != 0).any()) if "tasks" in b else False))
+    # even steps: labelled (task masks, no uncertainty); odd steps: pseudo-labels (U maps, task 0)
+    assert [s[0] for s in seen] == [False, True, False, True]
+    assert all(not s[1] for s in seen[1::2])
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "sum"])
+def test_train_sum_writes_resumable_weights_with_the_record(tmp_path, nano, refiner_file, variant):
+    import copy
+
+    from samantic.models import create_model
+
+    out = tmp_path / f"{variant}.safetensors"
+    model = copy.deepcopy(nano)
+    kw = dict(refiner=refiner_file if variant != "vanilla" else None, pseudo_cache=tmp_path / "cache",
+              workers=0, progress=False, log=lambda *_: None)
+    pool = "shapes-panoptic:4000000:2"
+    result = train_sum(model, LABELLED, pool, out, _config(2), _sum_config(variant), **kw)
+    assert result.steps == 2 and out.is_file()
+    assert result.data["pseudo_masks"] > 0 and result.data["pseudo_computed"] == 2
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    record = json.loads(meta["sum"])
+    assert record["config"]["variant"] == variant and record["variant"] == json.loads(json.dumps(
+        VARIANTS[variant].__dict__))
+    assert ("task_prompt.embed.weight" in keys) == (variant == "sum")
+    if variant == "sum":
+        assert (record["uncertainty"] or "").startswith(str(tmp_path / "cache"))
+        loaded = create_model("sam_nano", checkpoint=out)
+        assert loaded.task_prompt is not None
+        # the table trained (it starts at zero), the encoder did not
+        assert loaded.task_prompt.embed.weight.abs().sum() > 0
+        before, after = nano.image_encoder.state_dict(), loaded.image_encoder.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    # resume to 3 steps: the pool is reused from the cache, one more step runs
+    model2 = copy.deepcopy(nano)
+    again = train_sum(model2, LABELLED, pool, out, _config(3), _sum_config(variant), resume=True, **kw)
+    assert again.steps == 3 and again.data["pseudo_computed"] == 0
+    steps = [json.loads(line)["step"] for line in result.log.read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_train_sum_errors(tmp_path, nano, refiner_file):
+    with pytest.raises(ValueError, match="needs a mask refiner"):
+        train_sum(nano, LABELLED, "shapes-panoptic:4000000:1", tmp_path / "a.safetensors", _config(), _sum_config("sum"))
+    with pytest.raises(FileNotFoundError, match="no such refiner"):
+        train_sum(nano, LABELLED, "shapes-panoptic:4000000:1", tmp_path / "a.safetensors", _config(),
+                  _sum_config("refine"), refiner=tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        train_sum(nano, LABELLED, "shapes-panoptic:4000000:1", tmp_path / "a.pt", _config(), _sum_config("vanilla"))
+    # thresholds nothing passes: no pseudo-label at all is an error, not a silent labelled-only run
+    strict = SumTrainConfig(variant="vanilla", points_per_side=2, pred_iou_thresh=1.0, stability_score_thresh=1.0)
+    with pytest.raises(ValueError, match="kept no pseudo-label"):
+        train_sum(nano, LABELLED, "shapes-panoptic:4000000:1", tmp_path / "a.safetensors", _config(), strict,
+                  pseudo_cache=tmp_path / "c", progress=False, log=lambda *_: None)
+
+
+def test_cli_train_sum_reports_bad_options(tmp_path):
+    from samantic.cli.main import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "sum", "--out", str(tmp_path / "x.safetensors"), "--variant", "full"])
+    assert r.exit_code == 1 and "variant must be one of vanilla, refine, no-task, sum" in r.output
+    r = runner.invoke(app, ["train", "sum", "--out", str(tmp_path / "x.safetensors"), "--unlabelled",
+                            "shapes-panoptic:x"])
+    assert r.exit_code == 1 and "needs a mask refiner" in r.output  # checked before the data spec
+    r = runner.invoke(app, ["train", "sum", "--out", str(tmp_path / "x.safetensors"), "--variant", "vanilla",
+                            "--unlabelled", "shapes-panoptic:x", "--no-progress"])
+    assert r.exit_code == 1 and "shapes-panoptic:SEED[:N]" in r.output
