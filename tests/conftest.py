@@ -43,6 +43,18 @@ def disk_image(seed: int, size=(240, 320)) -> np.ndarray:
     return DiskWorld(size)[seed].image
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (restored after): for tiny models on a shared CPU,
+    threads cost far more than they bring."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def structured_nano(tmp_path_factory):
     import torch

@@ -42,11 +42,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _tiny_models_one_thread(one_thread):
+    """these models are tiny: on a shared CPU, intra-op threads cost far more than they bring"""
 
 
 @pytest.fixture(scope="module")

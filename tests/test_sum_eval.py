@@ -132,18 +132,24 @@ def test_cli_eval_sum(tmp_path, nano):
     attach_task_prompt(model)
     ckpt = save_checkpoint(model, tmp_path / "with_table.safetensors")
     runner = CliRunner()
-    r = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--column", f"tuned={ckpt}",
+    r = runner.invoke(app, ["eval", "sum", "--column", f"tuned={ckpt}", "--column", "base=sam_nano",
                             "--seeds", "0:1", "--points", "1", "--forgetting-seeds", "0:1", "--amg-seeds", "",
                             "--out", str(tmp_path / "ev"), "--no-progress"])
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "ev" / "eval_sum.json").read_text())
-    assert list(data["metrics"]) == ["base", "tuned", "tuned, unspecified prompt"]
+    assert list(data["metrics"]) == ["tuned", "tuned, unspecified prompt", "base"]
+    # segment-everything at the architecture's thresholds for every column, even when the first is a file
+    from samantic.models import get_model_entry
+
+    assert data["segment_everything"] == dict(get_model_entry("sam_nano").thresholds)
     # a zero table: every column is the base model
     for col in data["metrics"]:
         assert data["metrics"][col]["part"]["1"]["miou"] == pytest.approx(data["metrics"]["base"]["part"]["1"]["miou"])
     assert set(data["forgetting"]) == {"base", "tuned"}
     assert data["forgetting"]["base"]["miou_1pt_top"] == pytest.approx(data["forgetting"]["tuned"]["miou_1pt_top"])
     assert "### mean boundary IoU" in (tmp_path / "ev" / "eval_sum.md").read_text()
+    bad = runner.invoke(app, ["eval", "sum", "--seeds", "0:1"])
+    assert bad.exit_code == 1 and "--column NAME=WEIGHTS" in bad.output
     bad = runner.invoke(app, ["eval", "sum", "--column", "base", "--seeds", "0:1", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "NAME=WEIGHTS" in bad.output
     bad = runner.invoke(app, ["eval", "sum", "--column", "a=nowhere.safetensors", "--seeds", "0:1"])

@@ -191,3 +191,18 @@ def test_cli_train_sum_reports_bad_options(tmp_path):
     r = runner.invoke(app, ["train", "sum", "--out", str(tmp_path / "x.safetensors"), "--variant", "vanilla",
                             "--unlabelled", "shapes-panoptic:x", "--no-progress"])
     assert r.exit_code == 1 and "shapes-panoptic:SEED[:N]" in r.output
+
+
+def test_base_loss_follows_the_base_weights_recipe(tmp_path, nano):
+    from samantic.models import save_checkpoint
+    from samantic.train.sum_train import base_loss
+
+    # the shipped sam_nano was trained with cross-entropy (focal gamma 0, alpha 0.5, weight 2)
+    assert base_loss("sam_nano") == {"focal_weight": 2.0, "focal_alpha": 0.5, "focal_gamma": 0.0, "dice_weight": 1.0}
+    sam = {"focal_weight": 20.0, "focal_alpha": 0.25, "focal_gamma": 2.0, "dice_weight": 1.0}
+    assert base_loss("sam_vit_b") == sam  # official weights: no record, nothing downloaded
+    bare = save_checkpoint(nano, tmp_path / "bare.safetensors")
+    assert base_loss("sam_nano", bare) == sam
+    recorded = save_checkpoint(nano, tmp_path / "rec.safetensors",
+                               metadata={"training": json.dumps({"training": {"focal_weight": 3, "focal_gamma": 1.5}})})
+    assert base_loss("sam_nano", recorded) == {**sam, "focal_weight": 3.0, "focal_gamma": 1.5}

@@ -203,6 +203,35 @@ class SumTrainer(SamTrainer):
         return alternate()
 
 
+LOSS_KEYS = ("focal_weight", "focal_alpha", "focal_gamma", "dice_weight")
+
+
+def base_loss(model_name: str, checkpoint: Optional[PathLike] = None) -> Dict[str, float]:
+    """The mask-loss settings the base weights were trained with, from their header's ``training`` record
+    (``samantic train sam`` writes it); :class:`~samantic.train.sam.SamTrainConfig`'s defaults (SAM's) for
+    weights without one (official checkpoints).
+
+    Fine-tuning with another loss than the base's reshapes its logits: a focal loss on a model trained
+    with cross-entropy softens them, and the stability scores, with segment-everything at the model's
+    calibrated thresholds, collapse.
+    """
+    from samantic.models import get_model_entry, read_metadata, resolve_checkpoint
+
+    defaults = SamTrainConfig()
+    out = {k: float(getattr(defaults, k)) for k in LOSS_KEYS}
+    source = checkpoint if checkpoint is not None else get_model_entry(model_name).default_weights
+    if source is None or not (str(source).startswith("pkg:") or Path(source).is_file()):
+        return out  # nothing local to read (a weight tag would download): SAM's recipe
+    try:
+        meta = read_metadata(resolve_checkpoint(source, model_name=model_name))
+        record = json.loads(meta.get("training", "{}"))
+    except (OSError, ValueError, TypeError):
+        return out
+    recipe = record.get("training", {}) if isinstance(record, dict) else {}
+    out.update({k: float(recipe[k]) for k in LOSS_KEYS if isinstance(recipe.get(k), (int, float))})
+    return out
+
+
 def _task_hook(model) -> Callable:
     from samantic.models.task_prompt import add_task
 

@@ -333,7 +333,7 @@ def eval_samcp(
 
 @app.command("sum")
 def eval_sum(
-    column: Annotated[Optional[List[str]], typer.Option(help="NAME=WEIGHTS (repeatable, in column order): WEIGHTS a registered model name (its shipped weights) or a checkpoint file of --model's architecture. Default: base=sam_nano sum=sam_nano_sum.")] = None,
+    column: Annotated[Optional[List[str]], typer.Option(help="NAME=WEIGHTS (repeatable, in column order): WEIGHTS a registered model name (its shipped weights) or a checkpoint file of --model's architecture. ")] = None,
     model: Annotated[str, typer.Option(help="Architecture of checkpoint files given in --column.")] = "sam_nano",
     seeds: Annotated[str, typer.Option(help="Held-out v2 (panoptic) scene seeds, START:STOP.")] = "0:40",
     points: Annotated[str, typer.Option(help="Numbers of point prompts after which masks are scored, comma-separated.")] = "1,3,5",
@@ -341,6 +341,8 @@ def eval_sum(
     forgetting_seeds: Annotated[str, typer.Option(help="Held-out plain (v1) scenes for single-point mIoU before and after, START:STOP ('' to skip).")] = "0:60",
     amg_seeds: Annotated[str, typer.Option(help="Held-out v1 scenes for segment-everything recall before and after, START:STOP ('' to skip).")] = "0:30",
     forgetting: Annotated[str, typer.Option(help="Columns measured for forgetting, comma-separated (default: the first and the last).")] = "",
+    pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting of the forgetting recall, the same for every column [default: --model's recommended, else segment-anything's 0.88].")] = None,
+    stability_score_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting of the forgetting recall [default: --model's recommended, else 0.95].")] = None,
     out: Annotated[Path, typer.Option(help="Directory for eval_sum.json and eval_sum.md.")] = Path("runs/eval"),
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -349,13 +351,18 @@ def eval_sum(
     import torch
 
     from samantic.io import atomic_write_bytes, atomic_write_json
-    from samantic.models import create_model, list_models, recommended_thresholds
+    from samantic.models import create_model, get_model_entry, list_models
+    from samantic.models.registry import SAM_THRESHOLDS
     from samantic.train.metrics import evaluate_sam
     from samantic.train.sum_eval import evaluate_sum, sum_table
 
     if threads:
         torch.set_num_threads(threads)
-    specs = column or ["base=sam_nano", "sum=sam_nano_sum"]
+    if not column:
+        typer.echo("error: give the columns: --column NAME=WEIGHTS, repeated (e.g. --column base=sam_nano "
+                   "--column sum=runs/sum/sum.safetensors from `samantic train sum`)", err=True)
+        raise typer.Exit(1)
+    specs = column
     try:
         point_list = [int(p) for p in points.split(",") if p.strip()]
         if not point_list or min(point_list) < 1:
@@ -384,7 +391,12 @@ def eval_sum(
             models[name] = sam
             sources[name] = weights
         base_name = next(iter(models))
-        amg = recommended_thresholds(models[base_name])  # one setting before and after
+        # one setting for every column (before and after): --model's recommendation, not each file's
+        amg = dict(get_model_entry(model).thresholds or SAM_THRESHOLDS)
+        if pred_iou_thresh is not None:
+            amg["pred_iou_thresh"] = pred_iou_thresh
+        if stability_score_thresh is not None:
+            amg["stability_score_thresh"] = stability_score_thresh
         columns = {}
         for name, sam in models.items():
             has_table = getattr(sam, "task_prompt", None) is not None
@@ -406,7 +418,8 @@ def eval_sum(
         raise typer.Exit(1)
     command = "samantic eval sum " + " ".join(f"--column {s}" for s in specs) + \
         (f" --model {model}" if model != "sam_nano" else "") + f" --seeds {seeds} --points {points}" + \
-        f" --forgetting-seeds '{forgetting_seeds}' --amg-seeds '{amg_seeds}'"
+        f" --forgetting-seeds '{forgetting_seeds}' --amg-seeds '{amg_seeds}'" + \
+        "".join(f" --{k.replace('_', '-')} {v}" for k, v in amg.items())
     payload = {"command": command, "columns": sources, "segment_everything": amg, **result.to_dict()}
     atomic_write_json(out / "eval_sum.json", payload, indent=2)
     md = [f"`{command}`", "",

@@ -278,6 +278,10 @@ def train_sum_cmd(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
     task_lr_scale: Annotated[float, typer.Option(help="The task table's learning rate relative to --lr (it starts at zero).")] = 10.0,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
+    focal_weight: Annotated[Optional[float], typer.Option(help="Weight of the focal term (default: the base weights' own training recipe, read from their header; else SAM's 20).")] = None,
+    focal_alpha: Annotated[Optional[float], typer.Option(help="Focal weight of positives (default: the base's recipe; else SAM's 0.25).")] = None,
+    focal_gamma: Annotated[Optional[float], typer.Option(help="Focal exponent (default: the base's recipe; else SAM's 2).")] = None,
+    dice_weight: Annotated[Optional[float], typer.Option(help="Weight of the dice term (default: the base's recipe; else 1).")] = None,
     trainable: Annotated[str, typer.Option(help="Comma-separated parts to train besides the task table: image_encoder,prompt_encoder,mask_decoder.")] = "prompt_encoder,mask_decoder",
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 25,
     log_every: Annotated[int, typer.Option(min=1)] = 10,
@@ -294,22 +298,29 @@ def train_sum_cmd(
 
     from samantic.models import create_model
     from samantic.train.sam import SamTrainConfig
-    from samantic.train.sum_train import SumTrainConfig, train_sum
+    from samantic.train.sum_train import SumTrainConfig, base_loss, train_sum
 
     if threads:
         torch.set_num_threads(threads)
     try:
+        # the loss the base weights were trained with (a fine-tune with another loss reshapes the logits:
+        # stability scores, and with them segment-everything at the model's thresholds, collapse)
+        loss = base_loss(model, checkpoint)
+        given = {"focal_weight": focal_weight, "focal_alpha": focal_alpha, "focal_gamma": focal_gamma,
+                 "dice_weight": dice_weight}
+        loss.update({k: v for k, v in given.items() if v is not None})
         config = SamTrainConfig(
             steps=steps, images_per_step=images_per_step, masks_per_image=masks_per_image, iterations=iterations,
             lr=lr, warmup_steps=warmup_steps, trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
-            checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, time_budget=time_budget * 60,
+            checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, time_budget=time_budget * 60, **loss,
         )
         sum_config = SumTrainConfig(variant=variant, task_lr_scale=task_lr_scale, points_per_side=points_per_side,
                                     pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh)
         sam = create_model(model, checkpoint=checkpoint)
         typer.echo(f"SUM ({variant}) on {model}: labelled {labelled}, unlabelled {unlabelled}; {steps} steps "
                    f"({images_per_step} images x {masks_per_image} masks x {iterations} rounds); trainable: "
-                   f"{', '.join(config.trainable)}" + (" + task table" if variant == "sum" else ""))
+                   f"{', '.join(config.trainable)}" + (" + task table" if variant == "sum" else "")
+                   + f"; loss {loss}")
         result = train_sum(sam, labelled, unlabelled, out, config, sum_config, refiner=refiner,
                            pseudo_cache=pseudo_cache, checkpoint=checkpoint, device=device, workers=workers,
                            resume=resume, progress=progress, log=typer.echo)

@@ -760,11 +760,9 @@ class SamcpHead(nn.Module):
 
     def check_classes(self, names: Sequence[str]) -> Tuple[str, ...]:
         """Requested names -> the same tuple; an unknown name raises ``ValueError`` listing the known ones."""
-        known = self.info.names
-        bad = [n for n in names if n not in known]
-        if bad:
-            raise ValueError(f"unknown class name(s) {bad}; this SAM-CP head knows: {', '.join(known)}")
-        return tuple(names)
+        from samantic.pipeline.panoptic import check_names
+
+        return check_names(self.info.names, names)
 
     def check_model(self, model_name: str, source: Union[str, Path] = "head") -> None:
         """Refuses patches of a SAM other than the one the head was trained on (other granularity)."""
