@@ -1,29 +1,19 @@
 """`samantic segment` as a new user runs it: the installed command in a subprocess, bad files included."""
 
 import json
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from cli_helpers import run_segment
 
 from samantic.cli.segment import collect_inputs
 
 FAST = ["--points-per-side", "4", "--no-progress"]
 
 
-def _exe() -> str:
-    exe = Path(sys.executable).parent / "samantic"
-    if not exe.exists():
-        pytest.skip("the samantic console script is not installed")
-    return str(exe)
 
 
-def _run(args, **kw):
-    import subprocess
-
-    return subprocess.run([_exe(), "segment", *args], capture_output=True, text=True, timeout=600, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +47,7 @@ CONVERTED = {"deep.png": "16-bit", "gray.png": "grayscale", "rgba.png": "alpha",
 
 def test_folder_run_reports_bad_files_and_continues(inputs, tmp_path):
     out = tmp_path / "out"
-    r = _run([str(inputs), "--out", str(out), *FAST])
+    r = run_segment([str(inputs), "--out", str(out), *FAST])
     assert r.returncode == 1, r.stdout + r.stderr  # some files failed
     for name, reason in BAD.items():
         line = [l for l in r.stderr.splitlines() if name in l]
@@ -81,13 +71,13 @@ def test_folder_run_reports_bad_files_and_continues(inputs, tmp_path):
 def test_resume_skips_done_images_and_overwrite_redoes_them(inputs, tmp_path):
     out = tmp_path / "out"
     good = str(inputs / "good.png")
-    first = _run([good, "--out", str(out), *FAST])
+    first = run_segment([good, "--out", str(out), *FAST])
     assert first.returncode == 0, first.stderr
     stamp = (out / "good.png.json").stat().st_mtime_ns
-    again = _run([good, "--out", str(out), *FAST])
+    again = run_segment([good, "--out", str(out), *FAST])
     assert again.returncode == 0 and (out / "good.png.json").stat().st_mtime_ns == stamp
     assert "1" in again.stdout  # the summary counts one skipped image
-    redo = _run([good, "--out", str(out), "--overwrite", "--mask-pngs", *FAST])
+    redo = run_segment([good, "--out", str(out), "--overwrite", "--mask-pngs", *FAST])
     assert redo.returncode == 0 and (out / "good.png.json").stat().st_mtime_ns != stamp
     res = json.loads((out / "good.png.json").read_text())
     if res["annotations"]:
@@ -96,7 +86,7 @@ def test_resume_skips_done_images_and_overwrite_redoes_them(inputs, tmp_path):
 
 
 def test_missing_inputs_and_globs(inputs, tmp_path):
-    r = _run([str(tmp_path / "nope.png"), "--out", str(tmp_path / "o"), *FAST])
+    r = run_segment([str(tmp_path / "nope.png"), "--out", str(tmp_path / "o"), *FAST])
     assert r.returncode == 1 and "nope.png" in r.stderr and "no images to segment" in r.stderr
     jobs, missing = collect_inputs([str(inputs / "*.png"), str(inputs / "missing*.jpg")])
     names = sorted(j.name for j in jobs)
@@ -105,15 +95,15 @@ def test_missing_inputs_and_globs(inputs, tmp_path):
 
 
 def test_unknown_model_is_one_clear_error(tmp_path, inputs):
-    r = _run([str(inputs / "good.png"), "--out", str(tmp_path / "o"), "--model", "sam_vit_bb", *FAST])
+    r = run_segment([str(inputs / "good.png"), "--out", str(tmp_path / "o"), "--model", "sam_vit_bb", *FAST])
     assert r.returncode == 1
     assert "sam_vit_b" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_adaptive_run_says_so_and_matches_the_exact_run(inputs, tmp_path):
+def test_adaptive_run_says_so_and_matches_the_exactrun_segment(inputs, tmp_path):
     common = ["--points-per-side", "16", "--pred-iou-thresh", "0.5", "--stability-score-thresh", "0.8", "--no-progress"]
-    exact = _run([str(inputs / "good.png"), "--out", str(tmp_path / "exact"), *common])
-    adaptive = _run([str(inputs / "good.png"), "--out", str(tmp_path / "adaptive"), "--adaptive", *common])
+    exact = run_segment([str(inputs / "good.png"), "--out", str(tmp_path / "exact"), *common])
+    adaptive = run_segment([str(inputs / "good.png"), "--out", str(tmp_path / "adaptive"), "--adaptive", *common])
     assert exact.returncode == 0 and adaptive.returncode == 0, adaptive.stderr
     assert "no masks kept" not in exact.stderr
     said = " ".join(adaptive.stdout.split())  # rich wraps long lines
@@ -127,15 +117,15 @@ def test_adaptive_run_says_so_and_matches_the_exact_run(inputs, tmp_path):
     # not exact: on this small scene with a coarse 16 x 16 grid it finds 15 of the 16 exact masks again
     # (recall at the default 32 x 32 grid: tests/test_pipeline.py and benchmarks/amg_vs_reference.py)
     assert (iou.max(0) >= 0.9).mean() >= 0.85
-    bad = _run([str(inputs / "good.png"), "--out", str(tmp_path / "bad"), "--adaptive", "--adaptive-margin", "-1",
+    bad = run_segment([str(inputs / "good.png"), "--out", str(tmp_path / "bad"), "--adaptive", "--adaptive-margin", "-1",
                 "--no-progress"])
     assert bad.returncode == 2 and "adaptive-margin" in bad.stderr
-    alone = _run([str(inputs / "good.png"), "--out", str(tmp_path / "bad"), "--adaptive-margin", "0.2", "--no-progress"])
+    alone = run_segment([str(inputs / "good.png"), "--out", str(tmp_path / "bad"), "--adaptive-margin", "0.2", "--no-progress"])
     assert alone.returncode == 2 and "only means something with --adaptive" in " ".join(alone.stderr.split())
 
 
 def test_an_empty_result_says_which_filters_to_loosen(inputs, tmp_path):
-    r = _run([str(inputs / "good.png"), "--out", str(tmp_path / "o"), *FAST, "--pred-iou-thresh", "0.999"])
+    r = run_segment([str(inputs / "good.png"), "--out", str(tmp_path / "o"), *FAST, "--pred-iou-thresh", "0.999"])
     assert r.returncode == 0
     assert json.loads((tmp_path / "o" / "good.png.json").read_text())["annotations"] == []
     assert "note: no masks kept in 1 image(s)" in r.stderr and "--pred-iou-thresh 0.999" in r.stderr
@@ -150,7 +140,7 @@ def test_shipped_nano_segments_with_its_own_thresholds(tmp_path):
 
     scene = render_scene(900002, size=(240, 320))
     atomic_write_image(tmp_path / "scene.png", scene.image)
-    r = _run([str(tmp_path / "scene.png"), "--out", str(tmp_path / "o"), "--points-per-side", "16", "--no-progress"])
+    r = run_segment([str(tmp_path / "scene.png"), "--out", str(tmp_path / "o"), "--points-per-side", "16", "--no-progress"])
     assert r.returncode == 0, r.stderr
     t = get_model_entry("sam_nano").thresholds
     assert f"pred_iou_thresh {t['pred_iou_thresh']}, stability_score_thresh {t['stability_score_thresh']}" in \

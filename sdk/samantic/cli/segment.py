@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import glob
-import os
-import time
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional, Tuple
@@ -22,54 +18,13 @@ class Task(str, Enum):
     part = "part"
 
 
-@dataclass
-class Job:
-    source: Path
-    name: str  # output name relative to --out, e.g. "sub/a.jpg"
+# the per-image work lives in samantic.batch (shared with the Ray engine); these names stay importable here
+from samantic.batch import Job, collect_inputs, write_samcp_outputs  # noqa: E402,F401
 
 
-def collect_inputs(paths: List[str]) -> Tuple[List[Job], List[Tuple[str, str]]]:
-    """Files, folders (recursive, by image extension) and globs -> jobs, plus (path, reason) of inputs that match nothing."""
-    from samantic.io.images import IMAGE_EXTENSIONS
-
-    jobs: List[Job] = []
-    missing: List[Tuple[str, str]] = []
-    seen = set()
-
-    def add(path: Path, name: str) -> None:
-        key = path.resolve()
-        if key not in seen:
-            seen.add(key)
-            jobs.append(Job(path, name))
-
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                missing.append((raw, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder"))
-            for f in found:
-                add(f, f.relative_to(p).as_posix())
-        elif p.exists():
-            add(p, p.name)  # given explicitly: tried whatever its extension
-        elif any(ch in raw for ch in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(raw, recursive=True))
-            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
-            if not files:
-                missing.append((raw, "the pattern matches no image files"))
-            for f in files:
-                add(f, f.name)
-        else:
-            missing.append((raw, "no such file or folder"))
-    names: dict = {}
-    for j in jobs:  # two inputs with one output name: keep both apart
-        if j.name in names:
-            names[j.name] += 1
-            stem = Path(j.name)
-            j.name = str(stem.with_name(f"{stem.stem}-{names[j.name]}{stem.suffix}"))
-        else:
-            names[j.name] = 0
-    return jobs, missing
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 def segment(
@@ -107,14 +62,45 @@ def segment(
     max_frames: Annotated[Optional[int], typer.Option(min=1, help="Video, camera or stream: stop after reading this many frames.", show_default=False)] = None,
     queue_size: Annotated[int, typer.Option(min=1, help="Video, camera or stream: frames queued between reading and segmenting.")] = 2,
     live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="Drop the oldest queued frame when the source is faster than the model, rather than waiting. [default: live for cameras and stream URLs, not for video files]", show_default=False)] = None,
+    engine: Annotated[Engine, typer.Option(help="Where images are segmented: local (this process) or ray (Ray Data actors, one Segmenter each; needs samantic[ray]). Both write the same files; ray also writes OUT/index.parquet.")] = Engine.local,
+    address: Annotated[Optional[str], typer.Option(help="With --engine ray: a running cluster, 'auto' or ray://HOST:PORT. [default: $RAY_ADDRESS, else a local Ray started for this run]", show_default=False)] = None,
+    workers: Annotated[int, typer.Option(min=1, help="With --engine ray: actors, each with its own model.")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0.0, help="With --engine ray: GPUs per actor (fractions share a GPU); post-processing then runs on cuda.")] = 0.0,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch / onnxruntime threads per process (with --engine ray: per actor). [default: the libraries' own; with ray: cores / workers]", show_default=False)] = None,
 ) -> None:
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
+
+    from samantic.batch import SegmentOptions, prepare
 
     err = Console(stderr=True)
     console = Console()
+    ray_flags = [flag for flag, given in (("--address", address is not None), ("--workers", workers != 1),
+                                          ("--gpus-per-worker", gpus_per_worker != 0.0)) if given]
+    if adaptive_margin is not None and not adaptive:
+        raise typer.BadParameter("only means something with --adaptive", param_hint="--adaptive-margin")
+    if engine is Engine.local and ray_flags:
+        typer.echo(f"error: {', '.join(ray_flags)} only mean(s) something with --engine ray", err=True)
+        raise typer.Exit(2)
+    options = SegmentOptions(
+        model=model, checkpoint=checkpoint, bundle=None if bundle is None else str(bundle), backend=backend,
+        precision=precision, points_per_side=points_per_side, points_per_batch=points_per_batch,
+        pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+        stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers,
+        crop_nms_thresh=crop_nms_thresh, crop_overlap_ratio=crop_overlap_ratio,
+        crop_n_points_downscale_factor=crop_n_points_downscale_factor, min_mask_region_area=min_mask_region_area,
+        task=task.value, classes=classes, head=None if head is None else str(head), score_thresh=score_thresh,
+        samcp=None if samcp is None else str(samcp), adaptive=adaptive, adaptive_margin=adaptive_margin,
+        mask_pngs=mask_pngs, device=device, threads=threads)
+    if engine is Engine.ray:
+        if not paths or camera is not None:
+            typer.echo("error: --engine ray segments image files and folders; give PATHS (videos, cameras and "
+                       "streams run with --engine local)", err=True)
+            raise typer.Exit(2)
+        raise typer.Exit(_segment_ray(paths, out, options, overwrite=overwrite, address=address, workers=workers,
+                                      gpus_per_worker=gpus_per_worker, progress=progress))
+
     from samantic.cli.stream import prepare_stream
 
     # a video file, camera or stream URL (opened now, before the model loads) takes the video path below
@@ -128,209 +114,119 @@ def segment(
         typer.echo("error: no images to segment", err=True)
         raise typer.Exit(1)
 
-    from samantic.io import ImageReadError, atomic_write_image, overlay_masks, read_image
-    from samantic.io.writers import coco_results, write_label_png, write_mask_pngs, write_results_json
-    from samantic.ops import rle_decode
-    from samantic.pipeline import AmgConfig
-    from samantic.runtime import Segmenter
-
     try:
-        if adaptive_margin is not None and not adaptive:
-            raise typer.BadParameter("only means something with --adaptive", param_hint="--adaptive-margin")
-        if classes is not None and head is None and bundle is None and samcp is None:
-            raise ValueError("--classes needs --head (a U-SAM head from `samantic train usam`), --samcp (a SAM-CP head "
-                             "from `samantic train samcp`) or a --bundle with a head")
-        if samcp is not None and (head is not None or bundle is not None):
-            raise ValueError("--samcp runs on --model (torch); leave out --head and --bundle (a bundle exported with "
-                             "--samcp brings its SAM-CP head)")
-        samcp_head = None
-        if samcp is not None:
-            from samantic.heads.samcp import load_samcp
-            from samantic.pipeline.panoptic import patch_options
-
-            samcp_head = load_samcp(samcp)
-            samcp_head.check_model(model, samcp)
-            if classes is not None:
-                samcp_head.check_classes([n.strip() for n in classes.split(",") if n.strip()])
-        if classes is not None:
-            from samantic.pipeline.scoring import check_class_names
-
-            check_class_names(classes, what="--classes list")
-        from samantic.models.registry import SAM_THRESHOLDS, get_model_entry
-
-        thresholds = dict(SAM_THRESHOLDS)
-        if bundle is None and checkpoint is None and get_model_entry(model).thresholds:
-            thresholds.update(get_model_entry(model).thresholds)  # the shipped weights' calibrated defaults
-        if bundle is not None:
-            from samantic.runtime import Bundle
-
-            if head is not None or checkpoint is not None:
-                raise ValueError("--bundle brings its own weights and head; leave out --head/--checkpoint")
-            bundle_info = Bundle.load(bundle, verify=False)  # verified once, by from_bundle
-            thresholds.update({k: v for k, v in bundle_info.thresholds.items() if k in thresholds})
-            if classes is not None and bundle_info.samcp:
-                from samantic.pipeline.panoptic import check_names
-
-                sc = bundle_info.samcp
-                check_names(list(sc["classes"]) + list(sc["stuff"]), [n.strip() for n in classes.split(",") if n.strip()],
-                            f"the SAM-CP head of {bundle}")
-        trained = {}
-        if samcp_head is not None:  # the patches the head was trained on: its grid and thresholds
-            trained = patch_options(samcp_head.info)
-        elif bundle is not None and bundle_info.samcp:
-            trained = dict(bundle_info.samcp.get("patches") or {})
-        thresholds.update({k: v for k, v in trained.items() if k in thresholds})
-        if points_per_side is None:
-            points_per_side = int(trained.get("points_per_side", 32))
-        if pred_iou_thresh is not None:
-            thresholds["pred_iou_thresh"] = pred_iou_thresh
-        if stability_score_thresh is not None:
-            thresholds["stability_score_thresh"] = stability_score_thresh
-        config = AmgConfig(
-            points_per_side=points_per_side, points_per_batch=points_per_batch, **thresholds,
-            stability_score_offset=stability_score_offset,
-            box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
-            crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-            min_mask_region_area=min_mask_region_area, output_mode="coco_rle", adaptive=adaptive,
-            **({"adaptive_margin": adaptive_margin} if adaptive_margin is not None else {}), device=device,
-            task=task.value,
-        )
-        if bundle is not None:
-            wanted = classes
-            if bundle_info.samcp and classes is not None:
-                wanted = [n.strip() for n in classes.split(",") if n.strip()]
-            segmenter = Segmenter.from_bundle(bundle_info, backend=backend, precision=precision, classes=wanted,
-                                              score_thresh=score_thresh, config=config)
-            model = bundle_info.model_id
-            weights = f"bundle {bundle}, {segmenter.engine.name} {precision}"
-        else:
-            from samantic.models import create_model, get_model_entry
-
-            head_module = None
-            if head is not None:
-                from samantic.heads.usam import load_head
-
-                head_module = load_head(head)
-            sam = create_model(model, checkpoint=checkpoint)
-            table = getattr(sam, "task_prompt", None)
-            if task is not Task.unspecified and (table is None or not table.embed.weight.any()):
-                typer.echo(f"note: {model} ({checkpoint or 'shipped weights'}) has no trained task embeddings: "
-                           f"--task {task.value} gives the masks of --task unspecified", err=True)
-            if head_module is not None:
-                head_module.check_model(sam, model, head)
-            if samcp_head is not None:
-                wanted = [n.strip() for n in classes.split(",") if n.strip()] if classes is not None else None
-                segmenter = Segmenter(sam, samcp=samcp_head, classes=wanted, config=config,
-                                      samcp_options={} if score_thresh is None else {"score_thresh": score_thresh})
-            else:
-                segmenter = Segmenter(sam, head_module, classes=classes, score_thresh=score_thresh, config=config)
-            if checkpoint:
-                weights = checkpoint
-            elif get_model_entry(model).default_weights:
-                weights = "shipped weights"
-            else:
-                weights = "RANDOM weights: no trained weights are shipped for this model, pass --checkpoint"
-                typer.echo(f"warning: {model} has no trained weights; its masks will be meaningless (pass --checkpoint)",
-                           err=True)
+        prepared = prepare(options)
     except (ValueError, FileNotFoundError, ImportError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    names = segmenter.names
-    head_name = samcp if samcp is not None else (head if head is not None else (bundle if names else None))
-    panoptic = segmenter.samcp is not None
-    run_extra = {"bundle": str(bundle), "backend": segmenter.engine.name} if bundle is not None else {}
-    console.print(f"model {model} ({escape(str(weights))}), {points_per_side}x{points_per_side} points, "
-                  f"pred_iou_thresh {config.pred_iou_thresh}, stability_score_thresh {config.stability_score_thresh}"
-                  + (f", adaptive prompting (margin {config.adaptive_margin})" if adaptive else "")
-                  + (f", task {config.task}" if task is not Task.unspecified else "")
-                  + (f", classes {','.join(names)} ({escape(str(head_name))})" if names else "")
-                  + (f"; {escape(stream.label)} -> {out}" if stream is not None else f"; {len(jobs)} image(s) -> {out}"))
+    for note in prepared.notes:
+        typer.echo(note, err=True)
+    segmenter, names = prepared.segmenter, prepared.names
+    console.print(_banner(prepared, adaptive) + (f"; {escape(stream.label)} -> {out}" if stream is not None
+                                                 else f"; {len(jobs)} image(s) -> {out}"))
     if stream is not None:
         from samantic.cli.stream import run_stream
 
-        info = {"model": model, "checkpoint": checkpoint, "weights": str(weights),
-                "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
-                "settings": {k: v for k, v in vars(config).items() if k != "point_grids"}}
-        if head_name is not None:
-            info["head"] = str(head_name)
+        info = {"model": prepared.model, "checkpoint": checkpoint, "weights": str(prepared.weights),
+                "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)], "settings": prepared.settings}
+        if prepared.head_name is not None:
+            info["head"] = str(prepared.head_name)
         raise typer.Exit(run_stream(stream, capture, segmenter, out, overlay_video=overlay_video,
                                     queue_size=queue_size, max_frames=max_frames, progress=progress, info=info))
+
+    from samantic.batch import segment_file
 
     done = skipped = n_masks = 0
     seconds = 0.0
     warnings: List[Tuple[str, str]] = []
-    columns = [TextColumn("segment"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[name]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
     try:
-        with Progress(*columns, console=err, disable=not progress) as bar:
+        with _progress_bar(err, progress) as bar, _sigterm_as_interrupt():
             row = bar.add_task("segment", total=len(jobs), name="")
             for job in jobs:
                 bar.update(row, name=job.name)
-                result_path = out / f"{job.name}.json"
-                if result_path.exists() and not overwrite:
-                    skipped += 1
-                    bar.advance(row)
-                    continue
                 notes: List[str] = []
-                try:
-                    image = read_image(job.source, notes=notes)
-                except ImageReadError as e:
-                    failures.append((str(job.source), str(e).split(": ", 1)[-1]))
-                    bar.advance(row)
-                    continue
+                rec = segment_file(prepared, out, job, overwrite=overwrite, warnings=notes)
                 warnings.extend((str(job.source), n) for n in notes)
-                t0 = time.perf_counter()
-                result = segmenter(image)
-                records = result.instances
-                seconds += time.perf_counter() - t0
-                h, w = image.shape[:2]
-                if panoptic:
-                    write_samcp_outputs(out, job, image, result, model, checkpoint, head_name, config, extra=run_extra)
-                    done += 1
-                    n_masks += len(records)
-                    bar.advance(row)
-                    continue
-                # step: overlay and mask PNGs first, the results JSON last (it marks the image as done)
-                masks = rle_decode(result.masks.rles) if records else None  # the batch, not the records' strings
-                labels = [r["category"] for r in records] if names else None
-                if masks is not None:
-                    atomic_write_image(out / f"{job.name}.overlay.png", overlay_masks(image, masks, labels))
+                if rec["status"] == "skipped":
+                    skipped += 1
+                elif rec["status"] == "failed":
+                    failures.append((str(job.source), rec["error"]))
                 else:
-                    atomic_write_image(out / f"{job.name}.overlay.png", image)
-                if names:
-                    write_label_png(out / f"{job.name}.semantic.png", result.semantic_map)
-                if mask_pngs and masks is not None:
-                    write_mask_pngs(out / f"{job.name}.masks", masks, records)
-                extra = {"bundle": str(bundle), "backend": segmenter.engine.name} if bundle is not None else {}
-                if names:
-                    extra.update(head=str(head_name), categories=[{"id": i + 1, "name": n} for i, n in enumerate(names)])
-                    for r in records:
-                        r["score"] = r["class_score"]
-                write_results_json(result_path, {"file_name": str(job.source), "height": h, "width": w},
-                                   coco_results(records), model=model, checkpoint=checkpoint,
-                                   settings={k: v for k, v in vars(config).items() if k != "point_grids"}, **extra)
-                done += 1
-                n_masks += len(records)
+                    done += 1
+                    n_masks += rec["masks"]
+                    seconds += rec["seconds"]
                 bar.advance(row)
     except KeyboardInterrupt:
-        err.print(f"interrupted: {done} image(s) finished and saved in {out}; run again to continue")
+        typer.echo(f"interrupted: {done} image(s) finished and saved in {out}; run again to continue", err=True)
         raise typer.Exit(130)
 
     table = Table(title="samantic segment")
-    for col in ("images", "segmented", "skipped (done before)", "failed", "segments" if panoptic else "masks", "s / image"):
+    for col in ("images", "segmented", "skipped (done before)", "failed",
+                "segments" if prepared.panoptic else "masks", "s / image"):
         table.add_column(col)
     table.add_row(str(len(jobs) + len(missing)), str(done), str(skipped), str(len(failures)), str(n_masks),
                   f"{seconds / done:.2f}" if done else "-")
     console.print(table)
+    _report(console, prepared, out, done, skipped, n_masks, warnings, failures)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _banner(prepared, adaptive: bool) -> str:
+    from rich.markup import escape
+
+    config, names = prepared.config, prepared.names
+    return (f"model {prepared.model} ({escape(str(prepared.weights))}), {config.points_per_side}x{config.points_per_side} "
+            f"points, pred_iou_thresh {config.pred_iou_thresh}, stability_score_thresh {config.stability_score_thresh}"
+            + (f", adaptive prompting (margin {config.adaptive_margin})" if adaptive else "")
+            + (f", task {config.task}" if config.task != "unspecified" else "")
+            + (f", classes {','.join(names)} ({escape(str(prepared.head_name))})" if names else ""))
+
+
+def _progress_bar(console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("segment"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[name]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=console, disable=not enabled)
+
+
+class _sigterm_as_interrupt:
+    """Inside the block SIGTERM (a scheduler, `kill`, a container stop) ends the run as Ctrl-C does: the
+    image in progress is abandoned (no partial file: every write is atomic), everything finished stays."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                raise KeyboardInterrupt
+
+            self._old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
+def _report(console, prepared, out: Path, done: int, skipped: int, n_masks: int, warnings, failures) -> None:
+    """Where the results are, a note when every mask was filtered out, then one line per warning and failure."""
+    config = prepared.config
     if done or skipped:
-        if panoptic:
+        if prepared.panoptic:
             console.print(f"results in {out}/ (NAME.json: COCO results with category names and RLE masks; "
                           "NAME.semantic.png: VOC-palette label map, 0 = unlabelled, k = category k; NAME.panoptic.png + "
                           "NAME.panoptic.json: COCO panoptic; NAME.overlay.png)")
         else:
             console.print(f"results in {out}/ (NAME.json: COCO results with RLE masks; NAME.overlay.png"
-                          + ("; NAME.semantic.png: label map, 0 = background, k = category k)" if names else ")"))
-    if done and not n_masks and not names:
+                          + ("; NAME.semantic.png: label map, 0 = background, k = category k)" if prepared.names else ")"))
+    if done and not n_masks and not prepared.names:
         # a silent empty result is the most confusing outcome for a new user: say which filter to loosen
         typer.echo(f"note: no masks kept in {done} image(s): the filters (--pred-iou-thresh {config.pred_iou_thresh}, "
                    f"--stability-score-thresh {config.stability_score_thresh}) removed every mask; lower them to "
@@ -340,26 +236,80 @@ def segment(
         typer.echo(f"note: {path}: {note}", err=True)
     for path, reason in failures:
         typer.echo(f"failed: {path}: {reason}", err=True)
-    if failures:
-        raise typer.Exit(1)
 
 
-def write_samcp_outputs(out: Path, job: Job, image, result, model: str, checkpoint: Optional[str], samcp: Path,
-                        config, extra: Optional[dict] = None) -> None:
-    """A SAM-CP result's files; the results JSON is written last (it marks the image as done)."""
-    from samantic.io import atomic_write_image
-    from samantic.io.panoptic import write_panoptic, write_semantic_png
-    from samantic.io.writers import write_results_json
+def _segment_ray(paths: List[str], out: Path, options, *, overwrite: bool, address: Optional[str], workers: int,
+                 gpus_per_worker: float, progress: bool) -> int:
+    """``--engine ray``: the same files through Ray Data actors, plus OUT/index.parquet. Returns the exit code."""
+    from rich.console import Console
+    from rich.table import Table
 
-    h, w = image.shape[:2]
-    things = result.output.things
-    categories = [{"id": i + 1, "name": n, "isthing": int(i < things), "supercategory": "thing" if i < things else "stuff"}
-                  for i, n in enumerate(result.names)]
-    atomic_write_image(out / f"{job.name}.overlay.png", result.overlay())
-    write_semantic_png(out / f"{job.name}.semantic.png", result.semantic_map)
-    png = out / f"{job.name}.panoptic.png"
-    write_panoptic(png, out / f"{job.name}.panoptic.json", result.panoptic_map, result.segments_info,
-                   {"id": 1, "file_name": str(job.source), "height": h, "width": w}, categories)
-    write_results_json(out / f"{job.name}.json", {"file_name": str(job.source), "height": h, "width": w},
-                       result.to_coco(), model=model, checkpoint=checkpoint, samcp=str(samcp), categories=categories,
-                       settings={k: v for k, v in vars(config).items() if k != "point_grids"}, **(extra or {}))
+    from samantic.batch import INDEX_NAME, collect_inputs, import_ray, prepare, segment_dataset
+
+    err = Console(stderr=True)
+    console = Console()
+    try:
+        import_ray()
+    except ImportError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 1
+    jobs, missing = collect_inputs(paths)
+    if not jobs:
+        for path, reason in missing:
+            typer.echo(f"error: {path}: {reason}", err=True)
+        typer.echo("error: no images to segment", err=True)
+        return 1
+    try:  # checked here first, so a bad option or a corrupt file is one clear error, not one per actor
+        prepared = prepare(options.replace(threads=None))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        typer.echo(f"error: {e}", err=True)
+        return 1
+    for note in prepared.notes:
+        typer.echo(note, err=True)
+    prepared.segmenter = None  # the actors build their own
+    console.print(_banner(prepared, options.adaptive) + f"; {len(jobs)} image(s) -> {out} on Ray Data, "
+                  f"{workers} worker(s)" + (f", {gpus_per_worker} GPU each" if gpus_per_worker else ""))
+    try:
+        import logging
+
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts images
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # (and Ray Data's note that its bars are off)
+    except (ImportError, AttributeError):
+        pass
+    report = None
+    try:
+        with _progress_bar(err, progress) as bar, _sigterm_as_interrupt():
+            row = bar.add_task("segment", total=len(jobs), name="")
+
+            def on_row(r):
+                bar.update(row, name=r["name"])
+                bar.advance(row)
+
+            pre = [j for j in jobs if (out / f"{j.name}.json").exists() and not overwrite]
+            bar.advance(row, len(pre))
+            report = segment_dataset(paths, out, options, workers=workers, gpus_per_worker=gpus_per_worker,
+                                     address=address, overwrite=overwrite, on_row=on_row)
+    except KeyboardInterrupt:
+        done = sum(1 for j in jobs if (out / f"{j.name}.json").exists())
+        typer.echo(f"interrupted: {done} image(s) finished and saved in {out} (index: {out / INDEX_NAME}); "
+                   "run again to continue", err=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - Ray's own errors (cluster unreachable, actors that cannot start)
+        typer.echo(f"error: the Ray job failed: {type(e).__name__}: {e}", err=True)
+        return 1
+    done = [r for r in report.rows if r["status"] == "ok"]
+    table = Table(title="samantic segment (ray)")
+    for col in ("images", "segmented", "skipped (done before)", "failed", "segments" if prepared.panoptic else "masks",
+                "s / image", "images / s"):
+        table.add_column(col)
+    seconds = sum(r["seconds"] for r in done)
+    table.add_row(str(len(jobs) + len(missing)), str(len(done)), str(report.count("skipped")), str(len(report.failed)),
+                  str(sum(r["masks"] for r in done)), f"{seconds / len(done):.2f}" if done else "-",
+                  f"{len(done) / report.seconds:.2f}" if done else "-")
+    console.print(table)
+    _report(console, prepared, out, len(done), report.count("skipped"), sum(r["masks"] for r in done), [],
+            report.failed)
+    console.print(f"index: {report.index}")
+    return 1 if report.failed else 0

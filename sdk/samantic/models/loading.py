@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
@@ -106,17 +107,29 @@ def read_state_dict(path: CheckpointLike) -> Dict[str, "torch.Tensor"]:
             raise ValueError(f"cannot read safetensors checkpoint {path}: {e}") from None
     elif suffix in TORCH_SUFFIXES:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on an unusual pickle protocol: the error says it all
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
-            raise ValueError(
-                f"cannot read checkpoint {path} safely (torch.load with weights_only=True): {e}"
-            ) from None
+            raise ValueError(f"cannot read checkpoint {path}: {_unpickle_reason(e)}") from None
     else:
         raise ValueError(
             f"unsupported checkpoint suffix {path.suffix!r} for {path}; "
             f"expected one of {', '.join((SAFETENSORS_SUFFIX,) + TORCH_SUFFIXES)}"
         )
     return _as_state_dict(data, path)
+
+
+def _unpickle_reason(e: BaseException) -> str:
+    """torch.load's refusal in one line, without its advice to retry with ``weights_only=False``."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    after = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else ""
+    detail = after.splitlines()[0].strip() if after else ""
+    return ("it holds more than tensors (pickled code or objects, or the file is damaged) and samantic loads "
+            ".pth/.pt files with torch.load(weights_only=True) only, so nothing in it ran"
+            + (f" ({detail})" if detail else "") + "; if the file is yours and trusted, convert it to .safetensors")
 
 
 def read_metadata(path: CheckpointLike) -> Dict[str, str]:

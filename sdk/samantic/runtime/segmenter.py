@@ -13,6 +13,7 @@ torch nor onnxruntime; each backend imports what it needs when chosen.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -286,6 +287,8 @@ class Segmenter:
         self.head_info = dict(head_info) if head_info is not None else None
         self.class_scorer = scorer
         self.generator = MaskGenerator(engine, config, mask_scorer=mask_scorer, class_scorer=scorer)
+        # one call at a time: the engine holds the current image's embedding and the generator its timings
+        self._lock = threading.Lock()
 
     @property
     def config(self) -> AmgConfig:
@@ -315,9 +318,17 @@ class Segmenter:
             task: SUM's task prompt for this call, "unspecified", "salient", "entity" or "part" (or its
                 index); default: the Segmenter's (``config.task``).
 
+        Thread safety: a Segmenter may be shared between threads; calls run one at a time (a lock
+        guards the engine, which holds the current image's embedding). For parallel throughput give
+        each thread its own Segmenter (or use ``samantic.batch.segment_dataset`` on Ray).
+
         Raises:
             ValueError: a bad image, an unknown task or one the engine cannot run.
         """
+        with self._lock:
+            return self._segment(image, task)
+
+    def _segment(self, image: np.ndarray, task: Union[str, int, None]) -> Result:
         import time
 
         masks = self.generator.generate_masks(image, task)
