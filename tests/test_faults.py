@@ -129,3 +129,17 @@ def test_two_runs_writing_one_folder_leave_whole_files(images, tmp_path):
         assert json.loads((shared / p.name).read_bytes()) == json.loads(p.read_bytes())
     for p in ref.rglob("*.png"):
         assert (shared / p.name).read_bytes() == p.read_bytes()
+
+
+def test_device_cuda_without_a_gpu_is_one_clear_error(images, tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from samantic.cli.main import app
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: --device cuda is valid here")
+    r = CliRunner().invoke(app, ["segment", str(images / "im0.png"), "--out", str(tmp_path), "--device", "cuda",
+                                 *FAST], terminal_width=10_000)
+    assert r.exit_code == 1 and "--device cuda: torch sees no CUDA device" in r.stderr
+    assert not list(tmp_path.iterdir())

@@ -235,6 +235,12 @@ def prepare(options: SegmentOptions) -> Prepared:
 
             head_module = load_head(o.head)
         sam = create_model(model, checkpoint=o.checkpoint)
+        if o.device.startswith("cuda"):  # the model too, not only the post-processing kernels
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {o.device}: torch sees no CUDA device here (use --device cpu)")
+            sam = sam.to(o.device)
         table = getattr(sam, "task_prompt", None)
         if o.task != "unspecified" and (table is None or not table.embed.weight.any()):
             notes.append(f"note: {model} ({o.checkpoint or 'shipped weights'}) has no trained task embeddings: "

@@ -27,6 +27,8 @@ PACKAGES = [
     ("onnxruntime", "onnxruntime"),
     ("onnxruntime-gpu", "onnxruntime"),
     ("tensorrt", "tensorrt"),
+    ("ray", "ray"),
+    ("pyarrow", "pyarrow"),
 ]
 
 

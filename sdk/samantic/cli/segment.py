@@ -55,7 +55,7 @@ def segment(
     adaptive_margin: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="With --adaptive: how far below --pred-iou-thresh a coarse point's best predicted IoU may lie and still get its neighbours prompted. [default: 0.15]")] = None,
     mask_pngs: Annotated[bool, typer.Option("--mask-pngs", help="Also write NAME.masks/ with one PNG per mask and metadata.csv.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images whose results exist.")] = False,
-    device: Annotated[str, typer.Option(help="Where the post-processing kernels run: cpu or cuda[:N].")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N]: where the model (torch) and the post-processing kernels run.")] = "cpu",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     camera: Annotated[Optional[int], typer.Option(help="Segment a camera (OpenCV index) instead of files.", show_default=False)] = None,
     overlay_video: Annotated[bool, typer.Option("--overlay-video", help="Video, camera or stream: also write NAME.overlay.mp4.")] = False,
