@@ -176,9 +176,15 @@ def test_segment_dataset_takes_a_ray_dataset_of_decoded_images(local_ray, inputs
         assert a[k]["settings"] == b[k]["settings"]
 
 
-def test_segment_dataset_refuses_bad_arguments(tmp_path):
+def test_segment_dataset_refuses_bad_arguments(local_ray, inputs, tmp_path):
     with pytest.raises(ValueError, match="workers must be >= 1"):
         segment_dataset([str(tmp_path)], tmp_path, workers=0)
+    if not local_ray.cluster_resources().get("GPU"):  # an actor that could never be placed: an error, not a hang
+        with pytest.raises(ValueError, match=r"asks for 1 GPU\(s\) but the Ray cluster has 0"):
+            segment_dataset([str(inputs / "a.png")], tmp_path / "gpu", gpus_per_worker=1)
+    with pytest.raises(ValueError, match=r"asks for 64 CPU\(s\)"):
+        segment_dataset([str(inputs / "a.png")], tmp_path / "cpu", cpus_per_worker=64)
+    assert local_ray.is_initialized()  # a Ray the caller started stays up
     with pytest.raises(ValueError, match="unknown segment option"):
         SegmentOptions().replace(points=3)
 

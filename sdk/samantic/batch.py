@@ -532,6 +532,15 @@ def _ray_init(ray: Any, address: Optional[str], workers: int, cpus_per_worker: f
     return True
 
 
+def _check_resources(ray: Any, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """An actor the cluster can never place would wait for ever: say so instead."""
+    have = ray.cluster_resources()
+    for what, need in (("GPU", gpus_per_worker), ("CPU", cpus_per_worker)):
+        if need > have.get(what, 0.0):
+            raise ValueError(f"each worker asks for {need:g} {what}(s) but the Ray cluster has "
+                             f"{have.get(what, 0.0):g}" + (" (no GPU is visible to Ray here)" if what == "GPU" else ""))
+
+
 def _keep_sigterm_handler(fn: Callable[[], Any]) -> Any:
     """Runs ``fn`` (``ray.init``, which installs its own SIGTERM handler in the driver) and puts back a
     Python SIGTERM handler the caller had set (``samantic segment`` turns SIGTERM into a clean stop)."""
@@ -621,6 +630,7 @@ def segment_dataset(inputs: Any, out: Union[str, os.PathLike], options: Optional
     started = _keep_sigterm_handler(lambda: _ray_init(ray, address, workers, cpus_per_worker, gpus_per_worker))
     interrupted = False
     try:
+        _check_resources(ray, cpus_per_worker, gpus_per_worker)
         if is_dataset:
             ds = inputs
         elif todo:
