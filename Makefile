@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := requirements/constraints.txt
 CSRC := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all env build test test-all demo bench gpu-check gpu-wheels clean
+.PHONY: all env build test test-all test-asan fuzz demo bench gpu-check gpu-wheels clean
 
 all: build
 
@@ -30,6 +30,18 @@ test: build
 
 test-all: build
 	$(PY) -m pytest -q -m "not gpu"
+
+# The kernel tests (tests/test_ops_*.py) against an ASan + UBSan build of samantic._C made in
+# build/asan (gcc, CPU only; the .venv's build stays as it is); fails on any sanitizer report.
+test-asan: env
+	VENV=$(VENV) bash fuzz/asan_test.sh
+
+# Every atheris harness of fuzz/ for FUZZ_SECONDS each (crash inputs, corpus and logs under
+# runs/fuzz/); FUZZ_ASAN=1 runs them against the sanitizer build. See fuzz/README.md.
+FUZZ_SECONDS ?= 60
+FUZZ_ASAN ?= 0
+fuzz: build
+	VENV=$(VENV) FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_ASAN=$(FUZZ_ASAN) bash fuzz/run.sh
 
 demo: build
 	$(VENV)/bin/samantic doctor

@@ -39,6 +39,8 @@ inline int parse_device(const std::string& device) {
     const std::string idx = device.substr(5);
     SAMANTIC_CHECK(!idx.empty() && idx.find_first_not_of("0123456789") == std::string::npos,
                    "device must be 'cpu', 'cuda' or 'cuda:N', got '", device, "'");
+    // std::stoi throws std::out_of_range past INT_MAX, which pybind11 turns into IndexError('stoi')
+    SAMANTIC_CHECK(idx.size() <= 9, "device index out of range: '", device, "'");
     return std::stoi(idx);
   }
   SAMANTIC_CHECK(false, "device must be 'cpu', 'cuda' or 'cuda:N', got '", device, "'");

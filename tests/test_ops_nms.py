@@ -246,3 +246,10 @@ def test_mask_nms_empty_and_bad_input():
         with pytest.raises(ValueError) as e:
             fn()
         assert shown in str(e.value), (shown, str(e.value))
+
+
+def test_mask_nms_rejects_nan_threshold():
+    """fuzz_nms: box NMS rejected a NaN iou_threshold, mask NMS silently kept every mask."""
+    rles = ops.rle_encode(random_masks(3, 20, 20, 1))
+    with pytest.raises(ValueError, match="iou_threshold must be a number, got nan"):
+        ops.mask_nms(rles, np.ones(3, np.float32), float("nan"))

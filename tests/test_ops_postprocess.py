@@ -461,3 +461,36 @@ def test_cuda_backend_compiled_when_nvcc_exists():
     assert "cuda" in info["compiled_backends"], (
         f"nvcc is at {nvcc} but samantic._C ({_C.__file__}) was built without CUDA: {info}"
     )
+
+
+# --------------------------------------------------------------------------- found by fuzz/ (fuzz/README.md)
+
+
+def test_offset_overflow_rejected():
+    """fuzz_postprocess: offset_x + out_w overflowed int64 (UB) and passed the canvas check; the
+    mask landed far outside a 1x1 canvas with counts [4294967295, 1]."""
+    ones = np.ones((1, 4, 4), np.float32)
+    for offset in [(2**63 - 1, 0), (0, 2**63 - 1)]:
+        with pytest.raises(ValueError, match="must lie inside the canvas 1x1"):
+            ops.postprocess_masks(ones, input_size=(4, 4), original_size=(1, 1), img_size=4, offset=offset,
+                                  canvas_size=(1, 1))
+    with pytest.raises(ValueError, match="must lie inside the canvas"):
+        ops.postprocess_masks(ones, input_size=(4, 4), original_size=(1, 1), img_size=4, canvas_size=(-2**63, 1))
+
+
+@pytest.mark.parametrize("kw", [{"input_size": (float("inf"), 4)}, {"original_size": (2.5, 4)},
+                                {"offset": (float("nan"), 0)}, {"canvas_size": "44"}])
+def test_bad_size_pairs_rejected(kw):
+    """fuzz_postprocess: inf gave OverflowError and 2.5 was truncated to 2."""
+    args = dict(input_size=(4, 4), original_size=(4, 4), img_size=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match="must be a pair of ints"):
+        ops.postprocess_masks(np.ones((1, 4, 4), np.float32), **args)
+
+
+def test_huge_device_index_is_a_value_error():
+    """fuzz_postprocess: std::stoi's out_of_range reached Python as IndexError('stoi')."""
+    with pytest.raises(ValueError, match="device index out of range: 'cuda:99999999999999999999'"):
+        _call(device="cuda:99999999999999999999")()
+    with pytest.raises(ValueError, match="device index out of range"):
+        ops.nms(np.zeros((1, 4), np.float32), np.zeros(1, np.float32), 0.5, device="cuda:12345678901")

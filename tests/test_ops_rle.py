@@ -357,3 +357,54 @@ def test_iscrowd_length_and_empty_merge_rejected():
     assert "(2,)" in _msg(e) and "3" in _msg(e)
     with pytest.raises(ValueError):
         ops.rle_merge([])
+
+
+# --------------------------------------------------------------------------- found by fuzz/ (fuzz/README.md)
+
+
+def test_to_strings_checks_every_offset_first():
+    """fuzz_rle_string: rle_to_strings checked each offset pair only as it went, so an early
+    offset past the counts (a later one decreasing) read past the array (ASan: heap overflow, or
+    an 8 GB reserve for [0, 2^32, 3])."""
+    counts = np.array([1, 2, 3], np.uint32)
+    for offsets in ([0, 5, 3], [0, 2**32, 3], [0, 2, 1, 3]):
+        with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+            RleBatch(counts, np.array(offsets, np.int64), (1, 6)).to_dicts(compressed=True)
+    ok = RleBatch(counts, np.array([0, 1, 3], np.int64), (1, 1)).to_dicts(compressed=True)
+    assert [d["counts"] for d in ok] == ["1", "23"]
+
+
+@pytest.mark.parametrize("counts", ["P" * 12 + "N", "o" * 12 + "O", b"P" * 12 + b"@", "P" * 12 + "8"])
+def test_thirteen_character_number_rejected_before_shifting(counts):
+    """fuzz_rle_string under UBSan: the 13th character of a number was shifted by 60 bits
+    (signed overflow, UB) before the length check rejected it; now it is rejected first."""
+    with pytest.raises(ValueError, match="longer than 12 characters at position 13"):
+        ops.rle_decode({"size": [1, 1], "counts": counts})
+
+
+@pytest.mark.parametrize("counts", [[2**32 + 4], np.array([1, 2**63], np.uint64), np.array([0, 2**32], np.int64)])
+def test_counts_beyond_uint32_rejected(counts):
+    """fuzz_rle_dict: counts >= 2^32 wrapped modulo 2^32 (a 1x4 mask from [2^32 + 4])."""
+    with pytest.raises(ValueError, match="below 2\\^32"):
+        ops.rle_area({"size": [1, 4], "counts": counts})
+    with pytest.raises(ValueError, match="below 2\\^32"):
+        ops.rle_decompress({"size": [1, 4], "counts": counts})
+
+
+@pytest.mark.parametrize("size", [[float("inf"), 2], [float("nan"), 2], [2.5, 2], [-1, -1], "22", None])
+def test_bad_sizes_rejected(size):
+    """fuzz_rle_dict: inf gave OverflowError, 2.5 was truncated to 2, [-1, -1] compressed fine."""
+    for fn in (ops.rle_area, ops.rle_compress, ops.rle_decompress):
+        with pytest.raises(ValueError, match=r"\['size'\] must be \[h, w\]"):
+            fn({"size": size, "counts": [4]})
+    assert ops.rle_area({"size": [2.0, np.int64(2)], "counts": [1, 3]}).tolist() == [3]  # integral floats are fine
+
+
+@pytest.mark.parametrize("size", [(2**32, 2**32), (2**62, 4), (2**33, 2**31)])
+def test_mask_size_overflowing_64_bits_rejected(size):
+    """fuzz_rle_dict: h * w wrapped to 0, so an empty counts list passed as a 2^32 x 2^32 mask."""
+    empty = RleBatch(np.zeros(0, np.uint32), np.zeros(2, np.int64), size)
+    for fn in (ops.rle_area, ops.rle_to_bbox, ops.rle_merge, lambda r: ops.mask_nms(r, np.ones(1, np.float32), 0.5),
+               lambda r: ops.merge_patches(r, [[0]]), lambda r: ops.panoptic_fusion(r, [1.0])):
+        with pytest.raises(ValueError, match="more pixels than fit in 64 bits"):
+            fn(empty)

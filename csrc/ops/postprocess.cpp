@@ -29,7 +29,9 @@ py::dict postprocess_masks(const py::array& logits_in, int64_t img_size, int64_t
   SAMANTIC_CHECK(std::isfinite(mask_threshold), "mask_threshold must be finite, got ", mask_threshold);
   SAMANTIC_CHECK(std::isfinite(stability_offset) && stability_offset >= 0, "stability_offset must be >= 0, got ",
                  stability_offset);
-  SAMANTIC_CHECK(offset_x >= 0 && offset_y >= 0 && offset_x + out_w <= canvas_w && offset_y + out_h <= canvas_h,
+  // out_w <= canvas_w first: then canvas_w - out_w cannot overflow (offset + out_w could: 2^63 - 1 + 1)
+  SAMANTIC_CHECK(offset_x >= 0 && offset_y >= 0 && out_w <= canvas_w && out_h <= canvas_h &&
+                     offset_x <= canvas_w - out_w && offset_y <= canvas_h - out_h,
                  "the mask (", out_h, "x", out_w, " at x=", offset_x, ", y=", offset_y,
                  ") must lie inside the canvas ", canvas_h, "x", canvas_w);
   SAMANTIC_CHECK(static_cast<uint64_t>(canvas_h) * static_cast<uint64_t>(canvas_w) < (uint64_t{1} << 32),

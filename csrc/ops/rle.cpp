@@ -2,6 +2,8 @@
 // mask NMS's front, which needs the same RLE validation.
 #include "ops/rle.h"
 
+#include <cmath>
+
 #include "front.h"
 #include "ops/nms.h"
 #include "ops/rle_front.h"
@@ -111,14 +113,14 @@ py::list to_strings_py(const py::array& counts_in, const py::array& offsets_in) 
   auto counts = counts_arg(counts_in, "counts");
   auto offsets = offsets_arg(offsets_in, "offsets");
   const int64_t n = offsets.shape(0) - 1;
-  SAMANTIC_CHECK(n >= 0 && offsets.data()[0] == 0 && offsets.data()[n] == counts.shape(0),
+  const int64_t* off = offsets.data();
+  SAMANTIC_CHECK(n >= 0 && off[0] == 0 && off[n] == counts.shape(0),
                  "offsets must start at 0 and end at len(counts)=", counts.shape(0));
+  // all offsets first (as views() does): with a later decrease, an early one can point past the counts
+  for (int64_t i = 0; i < n; ++i)
+    SAMANTIC_CHECK(off[i + 1] >= off[i], "offsets must be non-decreasing, got ", off[i], " then ", off[i + 1]);
   py::list out;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t a = offsets.data()[i], b = offsets.data()[i + 1];
-    SAMANTIC_CHECK(b >= a, "offsets must be non-decreasing, got ", a, " then ", b);
-    out.append(py::bytes(to_string(View{counts.data() + a, b - a})));
-  }
+  for (int64_t i = 0; i < n; ++i) out.append(py::bytes(to_string(View{counts.data() + off[i], off[i + 1] - off[i]})));
   return out;
 }
 
@@ -154,6 +156,8 @@ pybind11::array_t<int64_t> nms_masks(const pybind11::array& counts_in, const pyb
   auto scores = front::require<float>(scores_in, "scores", 1);
   SAMANTIC_CHECK(scores.shape(0) == n, "scores must have one entry per mask (", n, "), got shape ",
                  front::shape_str(scores_in));
+  // as box NMS (ops/nms.cpp): a NaN threshold would silently keep every mask
+  SAMANTIC_CHECK(!std::isnan(iou_threshold), "iou_threshold must be a number, got nan");
   py::array_t<int64_t, py::array::c_style> idxs_holder;
   const int64_t* idxs = front::optional_idxs(idxs_obj, n, idxs_holder);
   std::vector<int64_t> keep;

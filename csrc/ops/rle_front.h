@@ -2,6 +2,7 @@
 // merge_patches.cpp): every check prints the bad value.
 #pragma once
 
+#include <limits>
 #include <vector>
 
 #include "front.h"
@@ -18,6 +19,9 @@ using Offsets = py::array_t<int64_t, py::array::c_style>;
 // Validates a CSR batch of RLEs of size h x w and returns views into it.
 inline std::vector<View> views(const Counts& counts, const Offsets& offsets, int64_t h, int64_t w, const char* name) {
   SAMANTIC_CHECK(h >= 0 && w >= 0, name, ": mask size must be non-negative, got (", h, ", ", w, ")");
+  // h * w must not wrap: 2^32 x 2^32 would otherwise be a mask of 0 pixels
+  SAMANTIC_CHECK(w == 0 || h <= std::numeric_limits<int64_t>::max() / w, name, ": mask size ", h, "x", w,
+                 " has more pixels than fit in 64 bits");
   SAMANTIC_CHECK(offsets.shape(0) >= 1, name, ": offsets must have N + 1 entries, got shape ",
                  front::shape_str(offsets));
   const int64_t n = offsets.shape(0) - 1;

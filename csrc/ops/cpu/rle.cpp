@@ -195,6 +195,8 @@ std::vector<uint32_t> from_string(const std::string& s) {
     bool more = true;
     while (more) {
       SAMANTIC_CHECK(p < s.size(), "compressed RLE string ends in the middle of a number: ", s);
+      // before the shift: a 13th character would shift by 60 bits, past int64 (UB)
+      SAMANTIC_CHECK(k < 12, "compressed RLE string has a number longer than 12 characters at position ", p + 1);
       const int64_t c = static_cast<int64_t>(static_cast<unsigned char>(s[p])) - 48;
       SAMANTIC_CHECK(c >= 0 && c < 64, "compressed RLE string has an invalid character ",
                      static_cast<int>(static_cast<unsigned char>(s[p])), " at position ", p);
@@ -202,7 +204,6 @@ std::vector<uint32_t> from_string(const std::string& s) {
       more = (c & 0x20) != 0;
       ++p;
       ++k;
-      SAMANTIC_CHECK(k <= 12, "compressed RLE string has a number longer than 12 characters at position ", p);
       if (!more && (c & 0x10)) x |= -(int64_t{1} << (5 * k));
     }
     if (cnts.size() > 2) x += static_cast<int64_t>(cnts[cnts.size() - 2]);

@@ -42,8 +42,13 @@ class PostprocessResult:
 
 def _pair(value: Sequence[int], name: str) -> tuple:
     try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
         a, b = (int(v) for v in value)
-    except (TypeError, ValueError):
+        # int() truncates: a float must hold an integer (2.5 is not a size)
+        if any(isinstance(v, (float, np.floating)) and v != int(v) for v in value):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be a pair of ints (h, w), got {value!r}") from None
     return a, b
 

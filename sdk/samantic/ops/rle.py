@@ -70,9 +70,7 @@ class RleBatch:
         for i, r in enumerate(rles):
             if not isinstance(r, dict) or "size" not in r or "counts" not in r:
                 raise ValueError(f"{name}[{i}] must be a dict with 'size' and 'counts', got {type(r).__name__}")
-            s = tuple(int(v) for v in r["size"])
-            if len(s) != 2:
-                raise ValueError(f"{name}[{i}]['size'] must be [h, w], got {r['size']!r}")
+            s = _size(r["size"], f"{name}[{i}]")
             if size is None:
                 size = s
             elif s != size:
@@ -89,6 +87,21 @@ def _index(index: Any) -> np.ndarray:
     return idx
 
 
+def _size(size: Any, name: str) -> tuple:
+    """``[h, w]`` as two ints; a float must hold an integer (``int()`` would truncate 2.5 to 2)."""
+    try:
+        if isinstance(size, (str, bytes)):
+            raise TypeError
+        s = tuple(int(v) for v in size)
+        if any(isinstance(v, (float, np.floating)) and v != int(v) for v in size):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name}['size'] must be [h, w] (two integers), got {size!r:.80}") from None
+    if len(s) != 2 or min(s) < 0:
+        raise ValueError(f"{name}['size'] must be [h, w] (two integers >= 0), got {size!r:.80}")
+    return s
+
+
 def _counts_array(counts: Any, name: str) -> np.ndarray:
     if isinstance(counts, str):
         counts = counts.encode("ascii")
@@ -97,6 +110,9 @@ def _counts_array(counts: Any, name: str) -> np.ndarray:
     arr = np.asarray(counts)
     if arr.ndim != 1 or (arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0)):
         raise ValueError(f"{name}['counts'] must be non-negative integers or a compressed string, got {counts!r:.80}")
+    if arr.size and arr.max() > np.iinfo(np.uint32).max:  # astype would wrap it silently
+        raise ValueError(f"{name}['counts'] must be run lengths below 2^32 (COCO RLEs count in uint32), "
+                         f"got {arr.max()}")
     return arr.astype(np.uint32)
 
 
