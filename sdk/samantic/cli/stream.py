@@ -300,6 +300,8 @@ def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, ove
 
     # step: the summary, printed and written, whatever ended the stream
     s = stream.summary.to_dict()
+    if ending == "interrupted":  # Ctrl-C while this loop wrote a frame's outputs: the stream only saw its consumer stop
+        s["ended"] = "interrupted"
     meta = {"source": source.label, "kind": source.kind, "name": source.name, "source_fps": fps,
             "width": width, "height": height, "started_at": started_at,
             "timestamps": ("media time, seconds" if source.kind == "file"
