@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from samantic.pipeline.config import AmgConfig
+
 STATUSES = ("ok", "skipped", "failed")
 INDEX_NAME = "index.parquet"
 
@@ -79,6 +81,10 @@ def collect_inputs(paths: Sequence[Union[str, os.PathLike]]) -> Tuple[List[Job],
     return jobs, missing
 
 
+# the generator's own defaults (samantic.pipeline.config is light: no torch, no OpenCV)
+_AMG = {f.name: f.default for f in fields(AmgConfig)}
+
+
 @dataclass
 class SegmentOptions:
     """What ``samantic segment`` builds its :class:`~samantic.runtime.Segmenter` from (picklable, so a
@@ -89,17 +95,17 @@ class SegmentOptions:
     bundle: Optional[str] = None
     backend: str = "auto"
     precision: str = "fp32"
-    points_per_side: Optional[int] = None
-    points_per_batch: int = 64
-    pred_iou_thresh: Optional[float] = None
+    points_per_side: Optional[int] = None  # None: 32, or the grid a SAM-CP head was trained with
+    points_per_batch: int = _AMG["points_per_batch"]
+    pred_iou_thresh: Optional[float] = None  # None: the model's, the bundle's or segment-anything's
     stability_score_thresh: Optional[float] = None
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
+    stability_score_offset: float = _AMG["stability_score_offset"]
+    box_nms_thresh: float = _AMG["box_nms_thresh"]
+    crop_n_layers: int = _AMG["crop_n_layers"]
+    crop_nms_thresh: float = _AMG["crop_nms_thresh"]
+    crop_overlap_ratio: float = _AMG["crop_overlap_ratio"]
+    crop_n_points_downscale_factor: int = _AMG["crop_n_points_downscale_factor"]
+    min_mask_region_area: int = _AMG["min_mask_region_area"]
     task: str = "unspecified"
     classes: Optional[str] = None
     head: Optional[str] = None
@@ -153,7 +159,6 @@ def prepare(options: SegmentOptions) -> Prepared:
         ImportError: a backend's package is missing (the message names the extra).
     """
     from samantic.models.registry import SAM_THRESHOLDS, get_model_entry
-    from samantic.pipeline import AmgConfig
     from samantic.runtime import Segmenter
 
     o = options
@@ -167,7 +172,7 @@ def prepare(options: SegmentOptions) -> Prepared:
         raise ValueError("--samcp runs on --model (torch); leave out --head and --bundle (a bundle exported with "
                          "--samcp brings its SAM-CP head)")
     if o.threads is not None:
-        _set_threads(o.threads)
+        _set_threads(o.threads, torch=o.bundle is None or o.backend == "torch")
     model = o.model
     samcp_head = None
     if o.samcp is not None:
@@ -266,22 +271,17 @@ def prepare(options: SegmentOptions) -> Prepared:
                     names=tuple(names), panoptic=segmenter.samcp is not None, notes=notes)
 
 
-def _set_threads(n: int) -> None:
-    """torch's and OpenCV's intra-op threads (onnxruntime takes ``threads`` at session creation)."""
+def _set_threads(n: int, torch: bool) -> None:
+    """torch's (when it runs the model) and an already imported OpenCV's intra-op threads; onnxruntime
+    takes ``threads`` when its sessions are created."""
     import sys
 
-    if "torch" in sys.modules or _importable("torch"):
-        import torch
+    if torch:
+        import torch as _torch
 
-        torch.set_num_threads(max(1, int(n)))
+        _torch.set_num_threads(max(1, int(n)))
     if "cv2" in sys.modules:
         sys.modules["cv2"].setNumThreads(max(1, int(n)))
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 def write_outputs(prepared: Prepared, out: Path, job: Job, image: Any, result: Any) -> int:
@@ -355,7 +355,8 @@ def segment_file(prepared: Prepared, out: Path, job: Job, *, overwrite: bool = F
         image: the decoded uint8 RGB image, when already read (e.g. by ``ray.data.read_images``).
         warnings: conversions that happened while reading (16-bit, alpha, ...) are appended.
         since: the run's start (``time.time()``): results written after it come from an earlier attempt
-            of this run (a retried task) and count as "ok", not "skipped".
+            of this run (a retried task): they count as "ok", not "skipped", and are not redone, even
+            with ``overwrite``.
 
     Returns:
         The image's index row: ``image`` (source path), ``name``, ``status`` (ok / skipped /
@@ -365,10 +366,11 @@ def segment_file(prepared: Prepared, out: Path, job: Job, *, overwrite: bool = F
 
     row = {"image": str(job.source), "name": job.name, "status": "ok", "masks": 0, "seconds": 0.0, "error": ""}
     done = result_path(out, job.name)
-    if done.exists() and not overwrite:
-        earlier_attempt = since is not None and done.stat().st_mtime >= since
-        row.update(status="ok" if earlier_attempt else "skipped", masks=_count_masks(done))
-        return row
+    if done.exists():
+        earlier_attempt = since is not None and done.stat().st_mtime >= since  # a retried task: not redone
+        if earlier_attempt or not overwrite:
+            row.update(status="ok" if earlier_attempt else "skipped", masks=_count_masks(done))
+            return row
     if image is None:
         notes: List[str] = []
         try:
@@ -458,11 +460,6 @@ class SegmentActor:
             Path(pid_dir).mkdir(parents=True, exist_ok=True)
             (Path(pid_dir) / str(os.getpid())).touch()
 
-    def _retry(self, job: Job) -> bool:
-        """With ``overwrite``, a result written after the run started comes from an earlier attempt."""
-        p = result_path(self.out, job.name)
-        return self.since is not None and p.exists() and p.stat().st_mtime >= self.since
-
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         import numpy as np
 
@@ -479,8 +476,8 @@ class SegmentActor:
                 if image.ndim == 2:
                     image = np.repeat(image[..., None], 3, axis=2)
             try:
-                row = segment_file(self.prepared, self.out, job, overwrite=False if self._retry(job) else
-                                   self.overwrite, image=image, since=self.since)
+                row = segment_file(self.prepared, self.out, job, overwrite=self.overwrite, image=image,
+                                   since=self.since)
             except Exception as e:  # noqa: BLE001 - one image's failure is recorded, the job goes on
                 row = {"image": str(path), "name": name, "status": "failed", "masks": 0, "seconds": 0.0,
                        "error": f"{type(e).__name__}: {e}"}
@@ -569,7 +566,8 @@ def segment_dataset(inputs: Any, out: Union[str, os.PathLike], options: Optional
     is restarted by Ray and its in-flight images retried.
 
     Args:
-        inputs: paths (files, folders, globs, as for ``samantic segment``), or a ``ray.data.Dataset``
+        inputs: paths (files, folders, globs, as for ``samantic segment``) or :class:`Job` s from
+            :func:`collect_inputs`, or a ``ray.data.Dataset``
             with a ``path`` column (and optionally ``image``, e.g. ``ray.data.read_images(...,
             include_paths=True)``; the output name is the path's file name).
         out: the output folder.
@@ -585,7 +583,7 @@ def segment_dataset(inputs: Any, out: Union[str, os.PathLike], options: Optional
         overwrite: redo images whose results exist.
         batch_size: images per actor call.
         index: file name (relative to ``out``) or path of the Parquet index; None: none written.
-        on_row: called on the driver with each finished image's row (progress bars).
+        on_row: called on the driver with each image's row, skipped ones included (progress bars).
         shutdown: stop a Ray this call started when done.
 
     Returns:
@@ -617,12 +615,19 @@ def segment_dataset(inputs: Any, out: Union[str, os.PathLike], options: Optional
     since = time.time() - 1.0  # file systems with coarse timestamps: a result older than this is from before
     is_dataset = hasattr(inputs, "map_batches")
     if not is_dataset:
-        jobs, missing = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        if inputs and all(isinstance(i, Job) for i in inputs):  # already collected (the CLI's)
+            jobs, missing = list(inputs), []
+        else:
+            jobs, missing = collect_inputs(list(inputs))
         todo = []
         for job in jobs:  # resumable: what is done is skipped here, not shipped to an actor
             if result_path(out, job.name).exists() and not overwrite:
                 rows.append({"image": str(job.source), "name": job.name, "status": "skipped",
                              "masks": _count_masks(result_path(out, job.name)), "seconds": 0.0, "error": ""})
+                if on_row is not None:
+                    on_row(rows[-1])
             else:
                 todo.append(job)
         if not jobs:

@@ -287,9 +287,7 @@ def _segment_ray(paths: List[str], out: Path, options, *, overwrite: bool, addre
                 bar.update(row, name=r["name"])
                 bar.advance(row)
 
-            pre = [j for j in jobs if (out / f"{j.name}.json").exists() and not overwrite]
-            bar.advance(row, len(pre))
-            report = segment_dataset(paths, out, options, workers=workers, gpus_per_worker=gpus_per_worker,
+            report = segment_dataset(jobs, out, options, workers=workers, gpus_per_worker=gpus_per_worker,
                                      address=address, overwrite=overwrite, on_row=on_row)
     except KeyboardInterrupt:
         done = sum(1 for j in jobs if (out / f"{j.name}.json").exists())
@@ -300,16 +298,16 @@ def _segment_ray(paths: List[str], out: Path, options, *, overwrite: bool, addre
         typer.echo(f"error: the Ray job failed: {type(e).__name__}: {e}", err=True)
         return 1
     done = [r for r in report.rows if r["status"] == "ok"]
+    failed = report.failed + missing  # inputs that matched nothing were never sent to Ray
     table = Table(title="samantic segment (ray)")
     for col in ("images", "segmented", "skipped (done before)", "failed", "segments" if prepared.panoptic else "masks",
                 "s / image", "images / s"):
         table.add_column(col)
     seconds = sum(r["seconds"] for r in done)
-    table.add_row(str(len(jobs) + len(missing)), str(len(done)), str(report.count("skipped")), str(len(report.failed)),
+    table.add_row(str(len(jobs) + len(missing)), str(len(done)), str(report.count("skipped")), str(len(failed)),
                   str(sum(r["masks"] for r in done)), f"{seconds / len(done):.2f}" if done else "-",
                   f"{len(done) / report.seconds:.2f}" if done else "-")
     console.print(table)
-    _report(console, prepared, out, len(done), report.count("skipped"), sum(r["masks"] for r in done), [],
-            report.failed)
+    _report(console, prepared, out, len(done), report.count("skipped"), sum(r["masks"] for r in done), [], failed)
     console.print(f"index: {report.index}")
-    return 1 if report.failed else 0
+    return 1 if failed else 0
