@@ -69,10 +69,13 @@ def run(cli: str, images: Path, out: Path, extra: List[str], points: int) -> Dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--points-per-side", type=int, default=8, help="8: about 1 s per scene here; 32 (the CLI default) is about 15 s")
+    ap.add_argument("--points-per-side", type=int, default=8,
+                    help="8: about 0.4 s per scene here; 32 (the CLI default): about 5 s")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the three configurations (best round kept)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--name", default="batch", help="report file name (NAME.json, NAME.md)")
     args = ap.parse_args()
+    command = "python benchmarks/batch.py " + " ".join(sys.argv[1:])
     cli = str(Path(sys.executable).parent / "samantic")
     configs = {"local": [], "ray x1": ["--engine", "ray", "--workers", "1"], "ray x2": ["--engine", "ray", "--workers", "2"]}
     results: Dict[str, List[Dict[str, Any]]] = {k: [] for k in configs}
@@ -102,9 +105,9 @@ def main() -> None:
     pre = (f"# Batch segmentation: local CLI vs Ray Data\n\n{args.images} held-out shapes-world scenes "
            f"(seeds {HELD_OUT_SEED}+), sam_nano at its defaults, {args.points_per_side}x{args.points_per_side} points; "
            f"each configuration a fresh `samantic segment` process; best of {args.rounds} round(s).\n\n"
-           "`python benchmarks/batch.py --out benchmarks/results`\n\n"
+           f"`{command}`\n\n"
            "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in verdict.items()) + "\n")
-    write_report(args.out, "batch", {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+    write_report(args.out, args.name, {"command": command, "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
                                      "runs": results, "best": best, "targets": verdict},
                  rows, ["configuration", "wall s", "images/s", "vs local", "steady images/s", "steady vs local",
                         "start-up overhead s"], preamble=pre)

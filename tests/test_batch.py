@@ -5,6 +5,7 @@ Ray runs on this machine only (a local instance on loopback, started and stopped
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,8 +164,10 @@ def test_segment_dataset_takes_a_ray_dataset_of_decoded_images(local_ray, inputs
     opts = SegmentOptions(points_per_side=4)
     ds = local_ray.data.read_images([str(inputs / "a.png"), str(inputs / "sub" / "c.png")], include_paths=True,
                                     mode="RGB")
-    report = segment_dataset(ds, tmp_path / "ray", opts)
+    checked = []
+    report = segment_dataset(ds, tmp_path / "ray", opts, on_checked=checked.append)
     assert report.ok and report.count("ok") == 2 and report.index == tmp_path / "ray" / "index.parquet"
+    assert len(checked) == 1 and checked[0].model == "sam_nano" and checked[0].segmenter is None
     prepared = prepare(opts)
     for src in (inputs / "a.png", inputs / "sub" / "c.png"):
         row = segment_file(prepared, tmp_path / "local", Job(src, src.name))
@@ -184,6 +187,13 @@ def test_segment_dataset_refuses_bad_arguments(local_ray, inputs, tmp_path):
             segment_dataset([str(inputs / "a.png")], tmp_path / "gpu", gpus_per_worker=1)
     with pytest.raises(ValueError, match=r"asks for 64 CPU\(s\)"):
         segment_dataset([str(inputs / "a.png")], tmp_path / "cpu", cpus_per_worker=64)
+    bad = tmp_path / "w.safetensors"  # the driver's check (while Ray starts): one error naming the file
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    checked = []
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        segment_dataset([str(inputs / "a.png")], tmp_path / "bad", SegmentOptions(checkpoint=str(bad)),
+                        on_checked=checked.append)
+    assert not checked and not list((tmp_path / "bad").glob("*.json"))
     assert local_ray.is_initialized()  # a Ray the caller started stays up
     with pytest.raises(ValueError, match="unknown segment option"):
         SegmentOptions().replace(points=3)

@@ -538,6 +538,37 @@ def _check_resources(ray: Any, cpus_per_worker: float, gpus_per_worker: float) -
                              f"{have.get(what, 0.0):g}" + (" (no GPU is visible to Ray here)" if what == "GPU" else ""))
 
 
+class _Checking:
+    """:func:`prepare` on the driver in a thread, so a bad option or file is found while Ray starts.
+
+    ``device``: ``"cpu"`` when the actors ask Ray for GPUs (the driver of a cluster may have none).
+    """
+
+    def __init__(self, options: SegmentOptions, device: str) -> None:
+        import threading
+
+        self._options = options.replace(threads=None, device=device)
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="samantic-check", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            prepared = prepare(self._options)
+            prepared.segmenter = None  # the actors build their own
+            self._value = prepared
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+            self._error = e
+
+    def result(self, raise_error: bool = True) -> Optional[Prepared]:
+        """The check's :class:`Prepared`; its error (ValueError, FileNotFoundError, ImportError) is raised."""
+        self._thread.join()
+        if self._error is not None and raise_error:
+            raise self._error
+        return self._value
+
+
 def _keep_sigterm_handler(fn: Callable[[], Any]) -> Any:
     """Runs ``fn`` (``ray.init``, which installs its own SIGTERM handler in the driver) and puts back a
     Python SIGTERM handler the caller had set (``samantic segment`` turns SIGTERM into a clean stop)."""
@@ -557,7 +588,8 @@ def segment_dataset(inputs: Any, out: Union[str, os.PathLike], options: Optional
                     workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: Optional[float] = None,
                     address: Optional[str] = None, overwrite: bool = False, batch_size: int = 1,
                     index: Optional[Union[str, os.PathLike]] = INDEX_NAME,
-                    on_row: Optional[Callable[[Dict[str, Any]], None]] = None, shutdown: bool = True) -> BatchReport:
+                    on_row: Optional[Callable[[Dict[str, Any]], None]] = None, shutdown: bool = True,
+                    check: bool = True, on_checked: Optional[Callable[[Prepared], None]] = None) -> BatchReport:
     """Segments files (or a Ray dataset of images) on Ray Data with an actor pool.
 
     Each actor builds one Segmenter (the model or bundle is loaded once per actor) and writes the
@@ -585,6 +617,11 @@ def segment_dataset(inputs: Any, out: Union[str, os.PathLike], options: Optional
         index: file name (relative to ``out``) or path of the Parquet index; None: none written.
         on_row: called on the driver with each image's row, skipped ones included (progress bars).
         shutdown: stop a Ray this call started when done.
+        check: build the Segmenter once on the driver first (on the CPU, while Ray starts), so that
+            a bad option or a corrupt weights, head or bundle file is one error raised here rather
+            than one per actor.
+        on_checked: called on the driver with that check's :class:`Prepared` (its ``segmenter``
+            already dropped) before any image is sent (the CLI prints its banner and notes).
 
     Returns:
         A :class:`BatchReport`; its index file lists every image (ok, skipped or failed) with masks,
@@ -632,9 +669,21 @@ def segment_dataset(inputs: Any, out: Union[str, os.PathLike], options: Optional
                 todo.append(job)
         if not jobs:
             raise ValueError("no images to segment: " + "; ".join(f"{p}: {r}" for p, r in missing))
-    started = _keep_sigterm_handler(lambda: _ray_init(ray, address, workers, cpus_per_worker, gpus_per_worker))
+    checking = None  # the check overlaps Ray's start-up (idle waits, mostly)
+    if check:
+        checking = _Checking(options, "cpu" if gpus_per_worker > 0 else options.device)
+    try:
+        started = _keep_sigterm_handler(lambda: _ray_init(ray, address, workers, cpus_per_worker, gpus_per_worker))
+    except BaseException:
+        if checking is not None:
+            checking.result(raise_error=False)
+        raise
     interrupted = False
     try:
+        if checking is not None:
+            prepared = checking.result()
+            if on_checked is not None:
+                on_checked(prepared)
         _check_resources(ray, cpus_per_worker, gpus_per_worker)
         if is_dataset:
             ds = inputs

@@ -244,7 +244,7 @@ def _segment_ray(paths: List[str], out: Path, options, *, overwrite: bool, addre
     from rich.console import Console
     from rich.table import Table
 
-    from samantic.batch import INDEX_NAME, collect_inputs, import_ray, prepare, segment_dataset
+    from samantic.batch import INDEX_NAME, collect_inputs, import_ray, segment_dataset
 
     err = Console(stderr=True)
     console = Console()
@@ -259,16 +259,6 @@ def _segment_ray(paths: List[str], out: Path, options, *, overwrite: bool, addre
             typer.echo(f"error: {path}: {reason}", err=True)
         typer.echo("error: no images to segment", err=True)
         return 1
-    try:  # checked here first, so a bad option or a corrupt file is one clear error, not one per actor
-        prepared = prepare(options.replace(threads=None))
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        typer.echo(f"error: {e}", err=True)
-        return 1
-    for note in prepared.notes:
-        typer.echo(note, err=True)
-    prepared.segmenter = None  # the actors build their own
-    console.print(_banner(prepared, options.adaptive) + f"; {len(jobs)} image(s) -> {out} on Ray Data, "
-                  f"{workers} worker(s)" + (f", {gpus_per_worker} GPU each" if gpus_per_worker else ""))
     try:
         import logging
 
@@ -278,6 +268,15 @@ def _segment_ray(paths: List[str], out: Path, options, *, overwrite: bool, addre
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # (and Ray Data's note that its bars are off)
     except (ImportError, AttributeError):
         pass
+    checked: List = []
+
+    def on_checked(prepared):  # the Segmenter was built once on the driver while Ray started: options are good
+        checked.append(prepared)
+        for note in prepared.notes:
+            typer.echo(note, err=True)
+        console.print(_banner(prepared, options.adaptive) + f"; {len(jobs)} image(s) -> {out} on Ray Data, "
+                      f"{workers} worker(s)" + (f", {gpus_per_worker} GPU each" if gpus_per_worker else ""))
+
     report = None
     try:
         with _progress_bar(err, progress) as bar, _sigterm_as_interrupt():
@@ -288,15 +287,22 @@ def _segment_ray(paths: List[str], out: Path, options, *, overwrite: bool, addre
                 bar.advance(row)
 
             report = segment_dataset(jobs, out, options, workers=workers, gpus_per_worker=gpus_per_worker,
-                                     address=address, overwrite=overwrite, on_row=on_row)
+                                     address=address, overwrite=overwrite, on_row=on_row, on_checked=on_checked)
     except KeyboardInterrupt:
         done = sum(1 for j in jobs if (out / f"{j.name}.json").exists())
         typer.echo(f"interrupted: {done} image(s) finished and saved in {out} (index: {out / INDEX_NAME}); "
                    "run again to continue", err=True)
         return 130
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        if checked:
+            typer.echo(f"error: the Ray job failed: {type(e).__name__}: {e}", err=True)
+        else:  # the driver's check: a bad option or file, one clear error
+            typer.echo(f"error: {e}", err=True)
+        return 1
     except Exception as e:  # noqa: BLE001 - Ray's own errors (cluster unreachable, actors that cannot start)
         typer.echo(f"error: the Ray job failed: {type(e).__name__}: {e}", err=True)
         return 1
+    prepared = checked[0]
     done = [r for r in report.rows if r["status"] == "ok"]
     failed = report.failed + missing  # inputs that matched nothing were never sent to Ray
     table = Table(title="samantic segment (ray)")
