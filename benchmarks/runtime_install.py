@@ -122,7 +122,7 @@ def main() -> None:
         "# The torch-free runtime install\n\n"
         f"`pip install '{wheel.name}[runtime]'` into a fresh venv (development pins), site-packages bytes per "
         f"distribution, pip/setuptools of the empty venv excluded. Target: under {TARGET_MB:.0f} MiB.\n\n"
-        f"`python benchmarks/runtime_install.py`\n\n"
+        f"`python benchmarks/runtime_install.py {' '.join(sys.argv[1:])}`\n\n"
         f"Importable in that venv: {', '.join(f'{k} {v}' for k, v in present.items())}. "
         f"`samantic segment --bundle` on the {len(scenes)} demo scenes there: exit code {seg.returncode}, "
         f"{masks} masks.\n"
