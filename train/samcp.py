@@ -386,7 +386,7 @@ def collate_examples(batch: Sequence[SamcpExample], device: torch.device) -> Tup
     w = max(ex.image.shape[1] for ex in batch)
     images = torch.zeros(len(batch), 3, h, w)
     for i, ex in enumerate(batch):
-        im = torch.from_numpy(np.ascontiguousarray(ex.image)).permute(2, 0, 1).float() / 255.0
+        im = torch.from_numpy(np.asarray(ex.image, dtype=np.float32)).permute(2, 0, 1) / 255.0  # a new, writable array
         images[i, :, : im.shape[1], : im.shape[2]] = im
     boxes = [torch.from_numpy(ex.boxes).to(device) for ex in batch]
     masks = [torch.from_numpy(ex.roi_masks).to(device) for ex in batch]
