@@ -343,6 +343,12 @@ def result_path(out: Path, name: str) -> Path:
     return Path(out) / f"{name}.json"
 
 
+def _row(job: Job, status: str = "ok", **values: Any) -> Dict[str, Any]:
+    """An index row (see :func:`segment_file`)."""
+    return {"image": str(job.source), "name": job.name, "status": status, "masks": 0, "seconds": 0.0, "error": "",
+            **values}
+
+
 def segment_file(prepared: Prepared, out: Path, job: Job, *, overwrite: bool = False, image: Any = None,
                  warnings: Optional[List[str]] = None, since: Optional[float] = None) -> Dict[str, Any]:
     """Segments one image file and writes its results; never raises for a bad image.
@@ -364,7 +370,7 @@ def segment_file(prepared: Prepared, out: Path, job: Job, *, overwrite: bool = F
     """
     from samantic.io import ImageReadError, read_image
 
-    row = {"image": str(job.source), "name": job.name, "status": "ok", "masks": 0, "seconds": 0.0, "error": ""}
+    row = _row(job)
     done = result_path(out, job.name)
     if done.exists():
         earlier_attempt = since is not None and done.stat().st_mtime >= since  # a retried task: not redone
@@ -479,8 +485,7 @@ class SegmentActor:
                 row = segment_file(self.prepared, self.out, job, overwrite=self.overwrite, image=image,
                                    since=self.since)
             except Exception as e:  # noqa: BLE001 - one image's failure is recorded, the job goes on
-                row = {"image": str(path), "name": name, "status": "failed", "masks": 0, "seconds": 0.0,
-                       "error": f"{type(e).__name__}: {e}"}
+                row = _row(job, "failed", error=f"{type(e).__name__}: {e}")
             rows.append(row)
         return {k: np.array([r[k] for r in rows], dtype=object if k in ("image", "name", "status", "error") else None)
                 for k in ("image", "name", "status", "masks", "seconds", "error")}
@@ -538,35 +543,11 @@ def _check_resources(ray: Any, cpus_per_worker: float, gpus_per_worker: float) -
                              f"{have.get(what, 0.0):g}" + (" (no GPU is visible to Ray here)" if what == "GPU" else ""))
 
 
-class _Checking:
-    """:func:`prepare` on the driver in a thread, so a bad option or file is found while Ray starts.
-
-    ``device``: ``"cpu"`` when the actors ask Ray for GPUs (the driver of a cluster may have none).
-    """
-
-    def __init__(self, options: SegmentOptions, device: str) -> None:
-        import threading
-
-        self._options = options.replace(threads=None, device=device)
-        self._value: Any = None
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="samantic-check", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            prepared = prepare(self._options)
-            prepared.segmenter = None  # the actors build their own
-            self._value = prepared
-        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
-            self._error = e
-
-    def result(self, raise_error: bool = True) -> Optional[Prepared]:
-        """The check's :class:`Prepared`; its error (ValueError, FileNotFoundError, ImportError) is raised."""
-        self._thread.join()
-        if self._error is not None and raise_error:
-            raise self._error
-        return self._value
+def _check(options: SegmentOptions) -> Prepared:
+    """:func:`prepare` on the driver (its Segmenter dropped: the actors build their own)."""
+    prepared = prepare(options)
+    prepared.segmenter = None
+    return prepared
 
 
 def _keep_sigterm_handler(fn: Callable[[], Any]) -> Any:
@@ -660,28 +641,29 @@ def segment_dataset(inputs: Any, out: Union[str, os.PathLike], options: Optional
             jobs, missing = collect_inputs(list(inputs))
         todo = []
         for job in jobs:  # resumable: what is done is skipped here, not shipped to an actor
-            if result_path(out, job.name).exists() and not overwrite:
-                rows.append({"image": str(job.source), "name": job.name, "status": "skipped",
-                             "masks": _count_masks(result_path(out, job.name)), "seconds": 0.0, "error": ""})
+            done = result_path(out, job.name)
+            if done.exists() and not overwrite:
+                rows.append(_row(job, "skipped", masks=_count_masks(done)))
                 if on_row is not None:
                     on_row(rows[-1])
             else:
                 todo.append(job)
         if not jobs:
             raise ValueError("no images to segment: " + "; ".join(f"{p}: {r}" for p, r in missing))
-    checking = None  # the check overlaps Ray's start-up (idle waits, mostly)
+    checking = None  # in a thread: it overlaps Ray's start-up (idle waits, mostly)
     if check:
-        checking = _Checking(options, "cpu" if gpus_per_worker > 0 else options.device)
-    try:
-        started = _keep_sigterm_handler(lambda: _ray_init(ray, address, workers, cpus_per_worker, gpus_per_worker))
-    except BaseException:
-        if checking is not None:
-            checking.result(raise_error=False)
-        raise
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="samantic-check")
+        # the driver of a cluster may have no GPU: the check builds on the CPU when the actors ask for GPUs
+        checking = pool.submit(_check, options.replace(threads=None,
+                                                       device="cpu" if gpus_per_worker > 0 else options.device))
+        pool.shutdown(wait=False)  # the one task runs on; result() below waits for it
+    started = _keep_sigterm_handler(lambda: _ray_init(ray, address, workers, cpus_per_worker, gpus_per_worker))
     interrupted = False
     try:
         if checking is not None:
-            prepared = checking.result()
+            prepared = checking.result()  # the check's error (ValueError, FileNotFoundError, ImportError) is raised
             if on_checked is not None:
                 on_checked(prepared)
         _check_resources(ray, cpus_per_worker, gpus_per_worker)

@@ -293,14 +293,11 @@ def _segment_ray(paths: List[str], out: Path, options, *, overwrite: bool, addre
         typer.echo(f"interrupted: {done} image(s) finished and saved in {out} (index: {out / INDEX_NAME}); "
                    "run again to continue", err=True)
         return 130
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if checked:
-            typer.echo(f"error: the Ray job failed: {type(e).__name__}: {e}", err=True)
-        else:  # the driver's check: a bad option or file, one clear error
-            typer.echo(f"error: {e}", err=True)
-        return 1
     except Exception as e:  # noqa: BLE001 - Ray's own errors (cluster unreachable, actors that cannot start)
-        typer.echo(f"error: the Ray job failed: {type(e).__name__}: {e}", err=True)
+        if not checked and isinstance(e, (ValueError, FileNotFoundError, ImportError)):
+            typer.echo(f"error: {e}", err=True)  # the driver's check: a bad option or file, one clear error
+        else:
+            typer.echo(f"error: the Ray job failed: {type(e).__name__}: {e}", err=True)
         return 1
     prepared = checked[0]
     done = [r for r in report.rows if r["status"] == "ok"]
