@@ -206,3 +206,76 @@ def test_base_loss_follows_the_base_weights_recipe(tmp_path, nano):
     recorded = save_checkpoint(nano, tmp_path / "rec.safetensors",
                                metadata={"training": json.dumps({"training": {"focal_weight": 3, "focal_gamma": 1.5}})})
     assert base_loss("sam_nano", recorded) == {**sam, "focal_weight": 3.0, "focal_gamma": 1.5}
+
+
+@pytest.mark.parametrize("task_answers", [False, True])
+def test_a_prompt_with_a_task_trains_every_output_when_task_answers(nano, task_answers):
+    import copy
+
+    model = copy.deepcopy(nano)
+    config = _config(iterations=1)
+    trainer = SumTrainer(model, config, open_labelled_stub(), None, workers=0, task_answers=task_answers)
+    low = model.prompt_encoder.mask_input_size[0]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        emb = model.image_encoder(torch.randn(1, 3, model.image_encoder.img_size, model.image_encoder.img_size))
+    soft = torch.zeros(2, low, low)
+    soft[:, 20:60, 30:90] = 1.0
+    index = torch.zeros(2, dtype=torch.long)
+    hyper = model.mask_decoder.output_hypernetworks_mlps
+
+    def grads(tasks):
+        model.zero_grad(set_to_none=True)
+        trainer.gen.manual_seed(0)
+        loss, _ = trainer._batch_loss(emb, index[:1], soft[:1], None, None, torch.tensor(tasks))
+        loss.backward()
+        # outputs 1-3 are the multi-mask outputs; each has its own hypernetwork MLP
+        return [hyper[i].layers[-1].weight.grad is not None and bool(hyper[i].layers[-1].weight.grad.abs().sum() > 0)
+                for i in (1, 2, 3)]
+
+    # no task ("unspecified"): SAM's best of three, whatever the option
+    assert sum(grads([0])) == 1
+    # a task: one right answer, every output learns it (only when asked)
+    assert sum(grads([3])) == (3 if task_answers else 1)
+
+
+def open_labelled_stub():
+    from samantic.train.sum import open_labelled
+
+    return open_labelled(LABELLED)
+
+
+def test_replay_interleaves_plain_scenes_as_unspecified():
+    from samantic.train.data.shapes import render_scene
+    from samantic.train.sum import open_labelled
+    from samantic.train.sum_train import REPLAY_SEED, WithReplay
+
+    labelled = open_labelled(LABELLED)
+    mixed = WithReplay(labelled, 5)
+    assert len(mixed) == 10 and repr(mixed) == f"{LABELLED}+shapes:{REPLAY_SEED}:5"
+    first = mixed[0]
+    assert np.array_equal(first.image, labelled[0].image) and (first.tasks != 0).any()
+    plain = mixed[3]  # the second plain scene
+    scene = render_scene(REPLAY_SEED + 1)
+    assert np.array_equal(plain.image, scene.image) and np.array_equal(plain.masks, scene.masks)
+    assert plain.tasks.shape == (len(scene.masks),) and not plain.tasks.any()
+    assert np.array_equal(mixed[11].image, render_scene(REPLAY_SEED + 0).image)  # wraps around
+    with pytest.raises(ValueError, match="replay must be an integer >= 0"):
+        SumTrainConfig(replay=-1)
+    with pytest.raises(ValueError, match="at least one plain scene"):
+        WithReplay(labelled, 0)
+
+
+def test_a_trained_encoder_gets_its_own_learning_rate(nano):
+    import copy
+
+    model = copy.deepcopy(nano)
+    trainer = SumTrainer(model, _config(trainable=("image_encoder", "mask_decoder")), open_labelled_stub(), None,
+                         workers=0, encoder_lr_scale=0.25)
+    groups = trainer.optimizer.param_groups
+    encoder = {id(p) for p in model.image_encoder.parameters()}
+    assert len(groups) == 2 and groups[1]["lr_scale"] == 0.25
+    assert {id(p) for p in groups[1]["params"]} == encoder
+    assert not encoder & {id(p) for p in groups[0]["params"]} and groups[0].get("lr_scale", 1.0) == 1.0
+    with pytest.raises(ValueError, match="encoder_lr_scale must be > 0"):
+        SumTrainConfig(encoder_lr_scale=0)

@@ -564,6 +564,12 @@ class SamTrainer:
         prompt_hook: ``f(sparse, dense) -> (sparse, dense)`` applied to the prompt embeddings
             (e.g. adding a task embedding); ``f(sparse, dense, tasks=...)`` when it takes ``tasks``:
             int64 [P], the task index of every prompt (0, "unspecified", for data without tasks).
+        task_answers: a prompt that carries a task (index > 0) has one right answer, so in a
+            multi-output round every output is trained toward its mask (the mean of their losses)
+            instead of the best one only; prompts without a task keep SAM's best-of-three. With a
+            task prompt this makes the task embedding the only way to tell a part from its
+            thing at the same click (the best-of-three loss lets one output learn the part whatever
+            the task says, leaving the task only the IoU ranking to steer).
         device: where the model trains (``"cpu"``, ``"cuda"``, ...).
         workers: data-preparation processes (0 = in the training process).
         amp: bfloat16 autocast for the forward pass (default: on for CUDA).
@@ -571,7 +577,8 @@ class SamTrainer:
 
     def __init__(self, model, config: SamTrainConfig, data, sampler: Optional[PointSampler] = None,
                  loss: Optional[MaskLoss] = None, prompt_hook: Optional[Callable] = None,
-                 device: str = "cpu", workers: int = 0, amp: Optional[bool] = None) -> None:
+                 device: str = "cpu", workers: int = 0, amp: Optional[bool] = None,
+                 task_answers: bool = False) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.config = config
@@ -579,6 +586,7 @@ class SamTrainer:
         self.sampler = sampler or PointSampler()
         self.loss = loss or MaskLoss(config.focal_weight, config.dice_weight, alpha=config.focal_alpha, gamma=config.focal_gamma)
         self.prompt_hook = prompt_hook
+        self.task_answers = task_answers
         self._hook_takes_tasks = prompt_hook is not None and _takes(prompt_hook, "tasks")
         self._sampler_takes_uncertainty = _takes(self.sampler.first_points, "uncertainty") and \
             _takes(self.sampler.next_points, "uncertainty")
@@ -692,7 +700,10 @@ class SamTrainer:
             else:
                 per = self.loss(low_res.flatten(0, 1), soft.repeat_interleave(k, 0)).view(m, k)
             best = per.argmin(1)
-            mask_loss = per.gather(1, best[:, None]).mean()
+            chosen = per.gather(1, best[:, None])[:, 0]
+            if self.task_answers and tasks is not None and k > 1:
+                chosen = torch.where(tasks > 0, per.mean(1), chosen)
+            mask_loss = chosen.mean()
             with torch.no_grad():
                 pred = low_res > 0
                 inter = (pred & hard[:, None]).flatten(2).sum(2).float()

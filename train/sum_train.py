@@ -42,7 +42,7 @@ from samantic.train.sam import PARTS, SamTrainConfig, SamTrainer
 from samantic.train.sum import (PseudoLabelCache, PseudoLabelled, PseudoLabels, UncertaintyMaskLoss,
                                 UncertaintyPointSampler, open_labelled, open_pool, progress_bar)
 
-__all__ = ["VARIANTS", "SumTrainConfig", "SumTrainer", "UncertaintyCache", "Variant", "train_sum"]
+__all__ = ["REPLAY_SEED", "VARIANTS", "SumTrainConfig", "SumTrainer", "UncertaintyCache", "Variant", "WithReplay", "train_sum"]
 
 PathLike = Union[str, Path]
 UNCERTAINTY_FORMAT = "samantic.sum_uncertainty/1"
@@ -76,21 +76,70 @@ class SumTrainConfig:
     Attributes:
         variant: a key of :data:`VARIANTS`.
         task_lr_scale: the task table's learning rate relative to the rest (it starts at zero).
+        encoder_lr_scale: the image encoder's learning rate relative to the rest, when it trains (a
+            smaller step keeps more of the base's features: the forgetting test).
         points_per_side, pred_iou_thresh, stability_score_thresh: the pseudo-labels' segment-everything
             (None: the model's calibrated thresholds).
+        task_answers: with a task prompt, every output of a prompt that carries a task learns its mask
+            (:class:`~samantic.train.sam.SamTrainer`'s ``task_answers``); False: best of three, as SAM.
+        replay: plain (v1) scenes interleaved with the labelled set, their instances as "unspecified"
+            (seeds from :data:`REPLAY_SEED`): what the base was trained on, so the fine-tune keeps it.
     """
 
     variant: str = "sum"
     task_lr_scale: float = 10.0
+    encoder_lr_scale: float = 1.0
     points_per_side: int = 16
     pred_iou_thresh: Optional[float] = None
     stability_score_thresh: Optional[float] = None
+    task_answers: bool = True
+    replay: int = 0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        if not self.task_lr_scale > 0:
-            raise ValueError(f"task_lr_scale must be > 0, got {self.task_lr_scale}")
+        for name in ("task_lr_scale", "encoder_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if isinstance(self.replay, bool) or not isinstance(self.replay, int) or self.replay < 0:
+            raise ValueError(f"replay must be an integer >= 0 (plain scenes), got {self.replay!r}")
+
+
+REPLAY_SEED = 5_000_000  # plain scenes replayed beside the labelled set (training range, apart from the others)
+
+
+class WithReplay:
+    """A labelled set with ``n`` plain (v1) scenes interleaved: item ``2j`` is labelled item ``j mod len``,
+    item ``2j + 1`` plain scene ``seed + j mod n`` with its instances as "unspecified" (task 0).
+
+    Fine-tuning on the new data alone drifts the model away from what it did well (plain scenes'
+    instances, and with them its segment-everything scores); replaying a little of the base's
+    own training distribution keeps it (the forgetting test).
+    """
+
+    def __init__(self, labelled, n: int, seed: int = REPLAY_SEED) -> None:
+        from samantic.train.sam import ShapesStream
+
+        if n < 1:
+            raise ValueError(f"replay needs at least one plain scene, got {n}")
+        self.labelled = labelled
+        self.n = int(n)
+        self.plain = ShapesStream(seed)
+
+    def __len__(self) -> int:
+        return 2 * max(len(self.labelled), self.n)
+
+    def __repr__(self) -> str:
+        return f"{self.labelled!r}+{self.plain!r}:{self.n}"
+
+    def __getitem__(self, i: int):
+        from samantic.train.sam import Sample
+
+        j, plain = divmod(int(i), 2)
+        if not plain:
+            return self.labelled[j % len(self.labelled)]
+        s = self.plain[j % self.n]
+        return Sample(s.image, s.masks, tasks=np.zeros(len(s.masks), np.int64))
 
 
 # ---------------------------------------------------------------- uncertainty maps, cached
@@ -176,17 +225,22 @@ class SumTrainer(SamTrainer):
     even steps draw from ``data`` (the labelled set), odd steps from ``pseudo`` (the pseudo-labelled pool).
 
     The optimizer puts the task table (``model.task_prompt``, when present and trained) in its own
-    group, its learning rate scaled by ``task_lr_scale``.
+    group, its learning rate scaled by ``task_lr_scale``, and a trained image encoder in another,
+    scaled by ``encoder_lr_scale``.
     """
 
-    def __init__(self, model, config: SamTrainConfig, data, pseudo, *, task_lr_scale: float = 1.0, **kw) -> None:
+    def __init__(self, model, config: SamTrainConfig, data, pseudo, *, task_lr_scale: float = 1.0,
+                 encoder_lr_scale: float = 1.0, **kw) -> None:
         super().__init__(model, config, data, **kw)
         self.pseudo = pseudo
         table = getattr(model, "task_prompt", None)
         table_params = [] if table is None else [p for p in table.parameters() if p.requires_grad]
-        ids = {id(p) for p in table_params}
+        encoder_params = [p for p in model.image_encoder.parameters() if p.requires_grad]
+        ids = {id(p) for p in table_params + encoder_params}
         rest = [p for p in self.params if id(p) not in ids]
         groups = [{"params": rest}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr_scale": encoder_lr_scale})
         if table_params:
             # no weight decay: a row of the table that a batch does not use should not shrink to zero
             groups.append({"params": table_params, "lr_scale": task_lr_scale, "weight_decay": 0.0})
@@ -290,6 +344,8 @@ def train_sum(model, labelled, unlabelled, out: PathLike, train_config: SamTrain
         if not Path(refiner).is_file():
             raise FileNotFoundError(f"{refiner}: no such refiner file")
     labelled = open_labelled(labelled)
+    if sum_config.replay:
+        labelled = WithReplay(labelled, sum_config.replay)
     pool = open_pool(unlabelled)
     model.eval()
     kw = dict(points_per_side=sum_config.points_per_side, pred_iou_thresh=sum_config.pred_iou_thresh,
@@ -329,8 +385,10 @@ def train_sum(model, labelled, unlabelled, out: PathLike, train_config: SamTrain
     c = train_config
     loss = UncertaintyMaskLoss(c.focal_weight, c.dice_weight, alpha=c.focal_alpha, gamma=c.focal_gamma) \
         if variant.uncertainty_loss else None
-    trainer = SumTrainer(model, c, labelled, pseudo, task_lr_scale=sum_config.task_lr_scale, sampler=sampler,
-                         loss=loss, prompt_hook=hook, device=device, workers=workers)
+    trainer = SumTrainer(model, c, labelled, pseudo, task_lr_scale=sum_config.task_lr_scale,
+                         encoder_lr_scale=sum_config.encoder_lr_scale, sampler=sampler,
+                         loss=loss, prompt_hook=hook, device=device, workers=workers,
+                         task_answers=variant.task_prompt and sum_config.task_answers)
     result = trainer.train(out, resume=resume, progress=progress)
     # the SUM record goes into the weights' header beside the recipe
     _add_metadata(out, {"sum": json.dumps({"config": asdict(sum_config), "variant": asdict(variant), **data_info,

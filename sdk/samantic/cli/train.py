@@ -277,6 +277,9 @@ def train_sum_cmd(
     iterations: Annotated[int, typer.Option(min=1, help="Prompting rounds per instance.")] = 2,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
     task_lr_scale: Annotated[float, typer.Option(help="The task table's learning rate relative to --lr (it starts at zero).")] = 10.0,
+    encoder_lr_scale: Annotated[float, typer.Option(help="The image encoder's learning rate relative to --lr, when --trainable includes it.")] = 1.0,
+    task_answers: Annotated[bool, typer.Option("--task-answers/--task-best-of-three", help="With the task prompt: every output of a prompt that carries a task learns its mask (default), or only the best of the three, as SAM.")] = True,
+    replay: Annotated[int, typer.Option(min=0, help="Plain (v1) scenes interleaved with the labelled set, instances as 'unspecified' (keeps what the base does on them; 0: none).")] = 0,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
     focal_weight: Annotated[Optional[float], typer.Option(help="Weight of the focal term (default: the base weights' own training recipe, read from their header; else SAM's 20).")] = None,
     focal_alpha: Annotated[Optional[float], typer.Option(help="Focal weight of positives (default: the base's recipe; else SAM's 0.25).")] = None,
@@ -314,10 +317,13 @@ def train_sum_cmd(
             lr=lr, warmup_steps=warmup_steps, trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
             checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, time_budget=time_budget * 60, **loss,
         )
-        sum_config = SumTrainConfig(variant=variant, task_lr_scale=task_lr_scale, points_per_side=points_per_side,
-                                    pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh)
+        sum_config = SumTrainConfig(variant=variant, task_lr_scale=task_lr_scale, encoder_lr_scale=encoder_lr_scale,
+                                    points_per_side=points_per_side,
+                                    pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+                                    task_answers=task_answers, replay=replay)
         sam = create_model(model, checkpoint=checkpoint)
-        typer.echo(f"SUM ({variant}) on {model}: labelled {labelled}, unlabelled {unlabelled}; {steps} steps "
+        typer.echo(f"SUM ({variant}) on {model}: labelled {labelled}" + (f" + {replay} plain scenes" if replay else "")
+                   + f", unlabelled {unlabelled}; {steps} steps "
                    f"({images_per_step} images x {masks_per_image} masks x {iterations} rounds); trainable: "
                    f"{', '.join(config.trainable)}" + (" + task table" if variant == "sum" else "")
                    + f"; loss {loss}")
