@@ -18,6 +18,11 @@ between a pseudo-label's probability and the mask refiner's; "refine" is the
 issue's "+ mask refinement (uncertainty used)" column: the refiner's uncertainty
 reaches the loss only. Every variant sees the same images, masks and steps.
 
+With the task prompt, a prompt that carries a task trains all three outputs toward its mask
+(``task_answers``: a task has one answer; the task embedding is then what tells a part from its
+thing at the same click). ``replay`` interleaves plain (v1) scenes with the labelled set, against
+forgetting. Both apply to every variant's data alike (task answers only where there is a task prompt).
+
 By default the image encoder stays frozen (SUM fine-tunes what decodes prompts;
 the encoder's features, which U-SAM and SAM-CP's patches read, stay those of the
 base model), and the prompt encoder, mask decoder and task table train. The
