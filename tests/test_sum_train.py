@@ -164,6 +164,24 @@ def test_train_sum_writes_resumable_weights_with_the_record(tmp_path, nano, refi
     assert steps == [1, 2, 3]
 
 
+def test_train_sum_anchors_the_encoder_on_replayed_scenes(tmp_path, nano):
+    import copy
+
+    out = tmp_path / "anchored.safetensors"
+    config = _config(4, images_per_step=4, trainable=("image_encoder", "mask_decoder"), log_every=1)
+    sum_config = SumTrainConfig(variant="vanilla", points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                                replay=3, anchor_weight=2.0)
+    result = train_sum(copy.deepcopy(nano), LABELLED, "shapes-panoptic:4000000:1", out, config, sum_config,
+                       pseudo_cache=tmp_path / "cache", workers=0, progress=False, log=lambda *_: None)
+    log = [json.loads(line) for line in result.log.read_text().splitlines()]
+    drift = [r["anchor"] for r in log if "anchor" in r]
+    assert drift and all(d >= 0 for d in drift) and max(drift) > 0  # the encoder moved off the base, and is pulled back
+    assert all(r["step"] % 2 == 1 for r in log if "anchor" in r)  # labelled steps only (the pool is not anchored)
+    with safe_open(str(out), framework="pt") as f:
+        record = json.loads(f.metadata()["sum"])
+    assert record["config"]["anchor_weight"] == 2.0 and record["labelled"].endswith(":3")
+
+
 def test_train_sum_errors(tmp_path, nano, refiner_file):
     with pytest.raises(ValueError, match="needs a mask refiner"):
         train_sum(nano, LABELLED, "shapes-panoptic:4000000:1", tmp_path / "a.safetensors", _config(), _sum_config("sum"))
@@ -172,6 +190,9 @@ def test_train_sum_errors(tmp_path, nano, refiner_file):
                   _sum_config("refine"), refiner=tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="must end in .safetensors"):
         train_sum(nano, LABELLED, "shapes-panoptic:4000000:1", tmp_path / "a.pt", _config(), _sum_config("vanilla"))
+    anchored = SumTrainConfig(variant="vanilla", replay=2, anchor_weight=1.0)
+    with pytest.raises(ValueError, match="image encoder does not train"):
+        train_sum(nano, LABELLED, "shapes-panoptic:4000000:1", tmp_path / "a.safetensors", _config(), anchored)
     # thresholds nothing passes: no pseudo-label at all is an error, not a silent labelled-only run
     strict = SumTrainConfig(variant="vanilla", points_per_side=2, pred_iou_thresh=1.0, stability_score_thresh=1.0)
     with pytest.raises(ValueError, match="kept no pseudo-label"):
@@ -245,25 +266,40 @@ def open_labelled_stub():
     return open_labelled(LABELLED)
 
 
-def test_replay_interleaves_plain_scenes_as_unspecified():
+def test_replay_interleaves_plain_scenes_as_unspecified_and_anchored():
     from samantic.train.data.shapes import render_scene
+    from samantic.train.sam import Preparer, collate
     from samantic.train.sum import open_labelled
-    from samantic.train.sum_train import REPLAY_SEED, WithReplay
+    from samantic.train.sum_train import REPLAY_SEED, ReplayScenes, with_replay
 
     labelled = open_labelled(LABELLED)
-    mixed = WithReplay(labelled, 5)
+    mixed = with_replay(labelled, 5)
     assert len(mixed) == 10 and repr(mixed) == f"{LABELLED}+shapes:{REPLAY_SEED}:5"
     first = mixed[0]
-    assert np.array_equal(first.image, labelled[0].image) and (first.tasks != 0).any()
-    plain = mixed[3]  # the second plain scene
-    scene = render_scene(REPLAY_SEED + 1)
+    assert np.array_equal(first.image, labelled[0].image) and (first.tasks != 0).any() and not first.anchor
+    plain = mixed[5]  # the third plain scene (the second has no instance)
+    scene = render_scene(REPLAY_SEED + 2)
     assert np.array_equal(plain.image, scene.image) and np.array_equal(plain.masks, scene.masks)
-    assert plain.tasks.shape == (len(scene.masks),) and not plain.tasks.any()
+    assert len(scene.masks) and plain.anchor  # the images an anchor_weight distils toward the base's encoder
     assert np.array_equal(mixed[11].image, render_scene(REPLAY_SEED + 0).image)  # wraps around
+    assert np.array_equal(mixed[6].image, labelled[0].image)  # the labelled set (3 scenes) wraps too
+    # in a batch, the plain scene's instances are asked as "unspecified" (task 0)
+    prep = Preparer(384, 96, SamTrainConfig(zoom_prob=0.0, flat_steps=0, masks_per_image=50))
+    rng = np.random.default_rng(0)
+    batch = collate([prep(first, rng, 0), prep(plain, rng, 0)])
+    on_plain = batch["image_index"] == 1
+    assert on_plain.sum() == len(scene.masks) and not batch["tasks"][on_plain].any()
+    assert batch["tasks"][~on_plain].any() and batch["anchor"].tolist() == [False, True]
     with pytest.raises(ValueError, match="replay must be an integer >= 0"):
         SumTrainConfig(replay=-1)
     with pytest.raises(ValueError, match="at least one plain scene"):
-        WithReplay(labelled, 0)
+        ReplayScenes(0)
+    with pytest.raises(IndexError):
+        ReplayScenes(2)[2]
+    with pytest.raises(ValueError, match="needs replayed plain scenes"):
+        SumTrainConfig(anchor_weight=1.0)
+    with pytest.raises(ValueError, match="anchor_weight must be >= 0"):
+        SumTrainConfig(anchor_weight=-1.0, replay=3)
 
 
 def test_a_trained_encoder_gets_its_own_learning_rate(nano):

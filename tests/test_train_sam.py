@@ -92,3 +92,115 @@ def test_open_dataset_streams_v1_v2_and_mixed():
     for bad in ("shapes-panoptic:x", "shapes-mix:-1", "shapes:"):
         with pytest.raises(ValueError, match="data spec"):
             open_dataset(bad)
+
+
+class _Items:
+    """A finite stream of tagged items (``MixedStream`` only indexes it)."""
+
+    def __init__(self, tag, n):
+        self.tag, self.n = tag, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return (self.tag, i)
+
+
+def test_mixed_stream_wraps_finite_streams_and_keeps_endless_ones_in_order():
+    from samantic.train.data.shapes import render_scene
+    from samantic.train.sam import MixedStream, ShapesStream
+
+    mix = MixedStream([_Items("a", 3), _Items("b", 5)])
+    assert len(mix) == 10  # each stream equally likely under a random index
+    assert [mix[i] for i in range(8)] == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 0), ("b", 3)]
+    assert mix[19] == ("b", 4)
+    endless = MixedStream([ShapesStream(0), _Items("b", 2)])
+    assert len(endless) == 1 << 30 and endless[5] == ("b", 0)
+    assert np.array_equal(endless[4].image, render_scene(2).image)  # the endless stream in order
+    with pytest.raises(ValueError, match="is empty"):
+        MixedStream([_Items("a", 0)])
+    with pytest.raises(ValueError, match="at least one stream"):
+        MixedStream([])
+
+
+def _anchor_batch(anchored, low_res):
+    from samantic.train.data.shapes import render_scene
+    from samantic.train.sam import Preparer, Sample, collate
+
+    prep = Preparer(384, low_res, SamTrainConfig(zoom_prob=0.0, flat_steps=0, masks_per_image=2))
+    rng = np.random.default_rng(0)
+    items = []
+    for seed, anchor in zip((1, 2), anchored):
+        s = render_scene(seed, size=(96, 128))
+        items.append(prep(Sample(s.image, s.masks, anchor=anchor), rng, 0))
+    return collate(items)
+
+
+def test_anchor_encoder_distils_the_anchored_images_only():
+    """The anchor term is weight x the relative squared difference of the anchored images' embeddings."""
+    import copy
+
+    from samantic.models import create_model
+
+    base = create_model("sam_nano").eval()
+    config = SamTrainConfig(images_per_step=2, masks_per_image=2, iterations=1, box_prob=0.0, lr=1e-4,
+                            trainable=("image_encoder", "mask_decoder"))
+    reference = copy.deepcopy(base.image_encoder)
+    with torch.no_grad():  # a reference that differs from the model, so the term is not zero
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    low_res = base.prompt_encoder.mask_input_size[0]
+    batch = _anchor_batch([True, False], low_res)
+    assert batch["anchor"].tolist() == [True, False]
+    assert "anchor" not in _anchor_batch([False, False], low_res)
+
+    def step(weight, encoder, b=batch):
+        trainer = SamTrainer(copy.deepcopy(base), config, data=None, anchor_encoder=encoder, anchor_weight=weight)
+        return trainer.train_step(b)
+
+    plain, plain_stats = step(0.0, None)
+    one, one_stats = step(1.0, reference)
+    three, three_stats = step(3.0, reference)
+    assert "anchor" not in plain_stats and one_stats["anchor"] > 1e-4
+    assert one_stats["anchor"] == pytest.approx(three_stats["anchor"], rel=1e-5)
+    assert one - plain == pytest.approx(one_stats["anchor"], rel=1e-3)
+    assert three - plain == pytest.approx(3 * one_stats["anchor"], rel=1e-3)
+    # by hand: only image 0 is anchored
+    with torch.no_grad():
+        x = SamTrainer(copy.deepcopy(base), config, data=None)._images(batch)
+        ref = reference(x[:1])
+        want = ((base.image_encoder(x[:1]) - ref) ** 2).mean() / (ref ** 2).mean()
+    assert one_stats["anchor"] == pytest.approx(float(want), rel=1e-4)
+    # the base's own encoder as the reference: nothing to pull toward at the first step
+    _, same = step(1.0, copy.deepcopy(base.image_encoder))
+    assert same["anchor"] == pytest.approx(0.0, abs=1e-10)
+    _, no_anchor = step(1.0, reference, _anchor_batch([False, False], low_res))
+    assert "anchor" not in no_anchor
+    with pytest.raises(ValueError, match="does not train"):
+        SamTrainer(copy.deepcopy(base), SamTrainConfig(trainable=("mask_decoder",)), None, anchor_encoder=reference,
+                   anchor_weight=1.0)
+    with pytest.raises(ValueError, match="anchor_weight must be > 0"):
+        SamTrainer(copy.deepcopy(base), config, None, anchor_encoder=reference, anchor_weight=0.0)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_batchnorm_keeps_running_statistics_and_trains_the_affine(tmp_path, freeze):
+    import copy
+
+    from samantic.models import create_model
+    from samantic.train.sam import ShapesStream
+
+    base = create_model("sam_nano").eval()
+    config = SamTrainConfig(steps=1, images_per_step=2, masks_per_image=2, iterations=1, box_prob=0.0, lr=1e-3,
+                            warmup_steps=1, trainable=("image_encoder", "mask_decoder"), freeze_batchnorm=freeze)
+    model = copy.deepcopy(base)
+    SamTrainer(model, config, ShapesStream(0), workers=0).train(tmp_path / "m.safetensors", progress=False)
+    before, after = base.image_encoder.state_dict(), model.image_encoder.state_dict()
+    stats = [k for k in before if k.endswith("running_mean") or k.endswith("running_var")]
+    affine = [k[: -len("running_mean")] + "weight" for k in stats if k.endswith("running_mean")]
+    assert stats and affine
+    assert all(torch.equal(before[k], after[k]) for k in stats) == freeze
+    assert any(not torch.equal(before[k], after[k]) for k in affine)  # the scales train either way

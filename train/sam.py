@@ -25,7 +25,9 @@ masks and reach the hooks that declare a parameter for them: a sampler's
 get the maps (zeros for instances without one), a ``prompt_hook`` that takes
 ``tasks=`` gets the task index of every prompt (0 where the data has none).
 Hooks without those parameters, and data without the extras, train exactly
-as before.
+as before. A sample marked ``anchor`` (a whole image) has its embedding pulled
+toward a frozen reference encoder's when the trainer is given one
+(``anchor_encoder``: feature distillation against forgetting).
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class SamTrainConfig:
         time_budget: seconds of training (0: no limit); the cosine decay then follows the
             larger of step progress and time progress, and training stops when it is spent
             (equal-wall-clock comparisons, runs on a lent GPU).
+        freeze_batchnorm: batch-norm layers keep their running statistics (eval mode) while their
+            scales and shifts train. For fine-tuning with small batches: a convolutional encoder
+            trained on large batches computes, in train mode on a 4-image batch, embeddings far
+            from its eval-mode ones (sam_nano v5: relative squared difference 0.58), and its running
+            statistics drift toward the new data's.
     """
 
     steps: int = 1000
@@ -97,6 +104,7 @@ class SamTrainConfig:
     log_every: int = 10
     seed: int = 0
     time_budget: float = 0.0
+    freeze_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "images_per_step", "masks_per_image", "iterations", "checkpoint_every", "log_every"):
@@ -120,12 +128,15 @@ class Sample:
 
     Optional per-instance extras (see the module docstring for who reads them):
     ``tasks`` int64 [N], SUM task indices; ``uncertainty`` float [N, H, W] in [0, 1].
+    ``anchor``: the image's embedding is pulled toward a reference encoder's when the trainer has
+    one (:class:`SamTrainer`'s ``anchor_encoder``: what the model did on such images is kept).
     """
 
     image: np.ndarray
     masks: np.ndarray
     tasks: Optional[np.ndarray] = None
     uncertainty: Optional[np.ndarray] = None
+    anchor: bool = False
 
 
 class CocoInstances:
@@ -198,22 +209,31 @@ class PanopticShapesStream(ShapesStream):
 
 
 class MixedStream:
-    """Interleaves endless streams: item ``i`` is item ``i // k`` of stream ``i % k``."""
+    """Interleaves ``k`` streams: item ``i`` is item ``(i // k) mod len`` of stream ``i % k``.
+
+    Endless streams (length ``2**30``, as :class:`ShapesStream`) are read in order; a finite one
+    (a dataset, a few replayed scenes) wraps around, so a random item is equally likely to come
+    from each stream whatever their sizes.
+    """
 
     def __init__(self, streams: Sequence[Any]) -> None:
         if not streams:
             raise ValueError("MixedStream needs at least one stream")
         self.streams = list(streams)
+        for s in self.streams:
+            if len(s) < 1:
+                raise ValueError(f"MixedStream: stream {s!r} is empty")
 
     def __len__(self) -> int:
-        return 1 << 30
+        return min(len(self.streams) * max(len(s) for s in self.streams), 1 << 30)
 
     def __repr__(self) -> str:
         return "+".join(repr(s) for s in self.streams)
 
     def __getitem__(self, i: int) -> Sample:
         k = len(self.streams)
-        return self.streams[i % k][i // k]
+        stream = self.streams[i % k]
+        return stream[(i // k) % len(stream)]
 
 
 _STREAMS = {"shapes": ShapesStream, "shapes-panoptic": PanopticShapesStream}
@@ -309,6 +329,7 @@ class Prepared:
         tasks: int64 [M] task indices, when the sample has them.
         uncertainty: float16 [M, L, L] uncertainty maps at the low-res size (area-averaged, 0 in the
             padding), when the sample has them.
+        anchor: the sample's ``anchor`` flag.
     """
 
     image: np.ndarray
@@ -316,6 +337,7 @@ class Prepared:
     boxes: np.ndarray
     tasks: Optional[np.ndarray] = None
     uncertainty: Optional[np.ndarray] = None
+    anchor: bool = False
 
 
 class Preparer:
@@ -387,7 +409,8 @@ class Preparer:
             noise = np.clip(rng.normal(0, 0.1, 4) * np.array([bw, bh, bw, bh]), -20, 20)
             boxes[i] = [x0 + noise[0], y0 + noise[1], x1 + noise[2], y1 + noise[3]]
         np.clip(boxes, 0, s - 1, out=boxes)
-        return Prepared(np.ascontiguousarray(resized), soft.astype(np.float16), boxes, tasks, low_unc)
+        return Prepared(np.ascontiguousarray(resized), soft.astype(np.float16), boxes, tasks, low_unc,
+                        bool(sample.anchor))
 
     @staticmethod
     def _flat(masks: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
@@ -475,7 +498,8 @@ def collate(items: Sequence[Prepared]) -> Dict[str, torch.Tensor]:
     """Images padded to one square batch (uint8 NHWC) with their sizes; instances concatenated with image indexes.
 
     ``tasks`` (int64 [P]) and ``uncertainty`` (float16 [P, L, L]) are added when any item has them;
-    the instances of items without them get task 0 and zero uncertainty.
+    the instances of items without them get task 0 and zero uncertainty. ``anchor`` (bool [B]) is
+    added when any item is anchored.
     """
     side = max(max(it.image.shape[:2]) for it in items)
     images = np.zeros((len(items), side, side, 3), np.uint8)
@@ -497,6 +521,8 @@ def collate(items: Sequence[Prepared]) -> Dict[str, torch.Tensor]:
     if any(it.uncertainty is not None for it in items):
         batch["uncertainty"] = torch.from_numpy(np.concatenate(
             [it.uncertainty if it.uncertainty is not None else np.zeros(it.soft.shape, np.float16) for it in items]))
+    if any(it.anchor for it in items):
+        batch["anchor"] = torch.tensor([it.anchor for it in items], dtype=torch.bool)
     return batch
 
 
@@ -570,6 +596,12 @@ class SamTrainer:
             task prompt this makes the task embedding the only way to tell a part from its
             thing at the same click (the best-of-three loss lets one output learn the part whatever
             the task says, leaving the task only the IoU ranking to steer).
+        anchor_encoder: a frozen reference image encoder (e.g. a copy of the base's). On images whose
+            sample is marked ``anchor`` the trained encoder's embeddings are pulled toward its
+            embeddings: ``anchor_weight`` times their mean squared difference relative to the
+            reference's mean square (feature distillation: the encoder adapts to the new data while
+            keeping what it computed on the anchored kind of image). Only when the encoder trains.
+        anchor_weight: weight of that term (> 0 with an ``anchor_encoder``).
         device: where the model trains (``"cpu"``, ``"cuda"``, ...).
         workers: data-preparation processes (0 = in the training process).
         amp: bfloat16 autocast for the forward pass (default: on for CUDA).
@@ -578,7 +610,13 @@ class SamTrainer:
     def __init__(self, model, config: SamTrainConfig, data, sampler: Optional[PointSampler] = None,
                  loss: Optional[MaskLoss] = None, prompt_hook: Optional[Callable] = None,
                  device: str = "cpu", workers: int = 0, amp: Optional[bool] = None,
-                 task_answers: bool = False) -> None:
+                 task_answers: bool = False, anchor_encoder: Optional[torch.nn.Module] = None,
+                 anchor_weight: float = 0.0) -> None:
+        if anchor_encoder is not None:
+            if "image_encoder" not in config.trainable:
+                raise ValueError("anchor_encoder: the image encoder does not train, so there is nothing to anchor")
+            if not anchor_weight > 0:
+                raise ValueError(f"anchor_weight must be > 0 with an anchor_encoder, got {anchor_weight}")
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.config = config
@@ -587,6 +625,10 @@ class SamTrainer:
         self.loss = loss or MaskLoss(config.focal_weight, config.dice_weight, alpha=config.focal_alpha, gamma=config.focal_gamma)
         self.prompt_hook = prompt_hook
         self.task_answers = task_answers
+        self.anchor_weight = float(anchor_weight)
+        self.anchor_encoder = None
+        if anchor_encoder is not None:
+            self.anchor_encoder = anchor_encoder.to(self.device).eval().requires_grad_(False)
         self._hook_takes_tasks = prompt_hook is not None and _takes(prompt_hook, "tasks")
         self._sampler_takes_uncertainty = _takes(self.sampler.first_points, "uncertainty") and \
             _takes(self.sampler.next_points, "uncertainty")
@@ -735,6 +777,15 @@ class SamTrainer:
                 torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             emb = self.model.image_encoder(x)
         loss, stats = self._batch_loss(emb, index, soft, boxes, uncertainty, tasks)
+        anchor = batch.get("anchor")
+        if self.anchor_encoder is not None and anchor is not None and bool(anchor.any()):
+            anchor = anchor.to(self.device)
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                ref = self.anchor_encoder(x[anchor])
+            ref = ref.float()
+            drift = (emb[anchor].float() - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12)
+            loss = loss + self.anchor_weight * drift
+            stats["anchor"] = drift.detach()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip > 0:
@@ -770,6 +821,10 @@ class SamTrainer:
         for name in PARTS:  # a frozen part stays in eval mode: its normalisation statistics do not drift either
             if name not in c.trainable:
                 getattr(self.model, name).eval()
+        if c.freeze_batchnorm:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         step_value = multiprocessing.Value("i", self.step)
         batches = self._loader(step_value)
         history: List[Dict[str, float]] = []

@@ -21,7 +21,9 @@ reaches the loss only. Every variant sees the same images, masks and steps.
 With the task prompt, a prompt that carries a task trains all three outputs toward its mask
 (``task_answers``: a task has one answer; the task embedding is then what tells a part from its
 thing at the same click). ``replay`` interleaves plain (v1) scenes with the labelled set, against
-forgetting. Both apply to every variant's data alike (task answers only where there is a task prompt).
+forgetting; with the encoder trained, ``anchor_weight`` also distils the encoder's embeddings of those
+plain scenes toward the base's. They apply to every variant's data alike (task answers only where
+there is a task prompt).
 
 By default the image encoder stays frozen (SUM fine-tunes what decodes prompts;
 the encoder's features, which U-SAM and SAM-CP's patches read, stay those of the
@@ -47,7 +49,8 @@ from samantic.train.sam import PARTS, SamTrainConfig, SamTrainer
 from samantic.train.sum import (PseudoLabelCache, PseudoLabelled, PseudoLabels, UncertaintyMaskLoss,
                                 UncertaintyPointSampler, open_labelled, open_pool, progress_bar)
 
-__all__ = ["REPLAY_SEED", "VARIANTS", "SumTrainConfig", "SumTrainer", "UncertaintyCache", "Variant", "WithReplay", "train_sum"]
+__all__ = ["REPLAY_SEED", "VARIANTS", "SumTrainConfig", "SumTrainer", "ReplayScenes", "UncertaintyCache", "Variant", "train_sum",
+           "with_replay"]
 
 PathLike = Union[str, Path]
 UNCERTAINTY_FORMAT = "samantic.sum_uncertainty/1"
@@ -89,6 +92,9 @@ class SumTrainConfig:
             (:class:`~samantic.train.sam.SamTrainer`'s ``task_answers``); False: best of three, as SAM.
         replay: plain (v1) scenes interleaved with the labelled set, their instances as "unspecified"
             (seeds from :data:`REPLAY_SEED`): what the base was trained on, so the fine-tune keeps it.
+        anchor_weight: when the image encoder trains, its embeddings of the replayed plain scenes are
+            pulled toward the base encoder's with this weight (relative squared difference; see
+            :class:`~samantic.train.sam.SamTrainer`'s ``anchor_encoder``); 0: no such term. Needs ``replay``.
     """
 
     variant: str = "sum"
@@ -99,6 +105,7 @@ class SumTrainConfig:
     stability_score_thresh: Optional[float] = None
     task_answers: bool = True
     replay: int = 0
+    anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -108,43 +115,54 @@ class SumTrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if isinstance(self.replay, bool) or not isinstance(self.replay, int) or self.replay < 0:
             raise ValueError(f"replay must be an integer >= 0 (plain scenes), got {self.replay!r}")
+        if not self.anchor_weight >= 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.anchor_weight > 0 and not self.replay:
+            raise ValueError("anchor_weight needs replayed plain scenes (replay > 0): they are the anchored images")
 
 
 REPLAY_SEED = 5_000_000  # plain scenes replayed beside the labelled set (training range, apart from the others)
 
 
-class WithReplay:
-    """A labelled set with ``n`` plain (v1) scenes interleaved: item ``2j`` is labelled item ``j mod len``,
-    item ``2j + 1`` plain scene ``seed + j mod n`` with its instances as "unspecified" (task 0).
+class ReplayScenes:
+    """Plain (v1) scenes ``seed`` .. ``seed + n - 1``, their instances "unspecified" (no task) and the
+    images marked ``anchor`` (:class:`~samantic.train.sam.Sample`), for :func:`with_replay`."""
 
-    Fine-tuning on the new data alone drifts the model away from what it did well (plain scenes'
-    instances, and with them its segment-everything scores); replaying a little of the base's
-    own training distribution keeps it (the forgetting test).
-    """
-
-    def __init__(self, labelled, n: int, seed: int = REPLAY_SEED) -> None:
+    def __init__(self, n: int, seed: int = REPLAY_SEED) -> None:
         from samantic.train.sam import ShapesStream
 
-        if n < 1:
-            raise ValueError(f"replay needs at least one plain scene, got {n}")
-        self.labelled = labelled
-        self.n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"replay needs at least one plain scene, got {n!r}")
+        self.n = n
         self.plain = ShapesStream(seed)
 
     def __len__(self) -> int:
-        return 2 * max(len(self.labelled), self.n)
+        return self.n
 
     def __repr__(self) -> str:
-        return f"{self.labelled!r}+{self.plain!r}:{self.n}"
+        return f"{self.plain!r}:{self.n}"
 
     def __getitem__(self, i: int):
         from samantic.train.sam import Sample
 
-        j, plain = divmod(int(i), 2)
-        if not plain:
-            return self.labelled[j % len(self.labelled)]
-        s = self.plain[j % self.n]
-        return Sample(s.image, s.masks, tasks=np.zeros(len(s.masks), np.int64))
+        if not 0 <= i < self.n:
+            raise IndexError(f"plain scene {i} of {self.n}")
+        s = self.plain[i]
+        return Sample(s.image, s.masks, anchor=True)
+
+
+def with_replay(labelled, n: int, seed: int = REPLAY_SEED):
+    """``labelled`` with ``n`` plain scenes interleaved (:class:`ReplayScenes`): item ``2j`` is labelled
+    item ``j mod len``, item ``2j + 1`` plain scene ``seed + j mod n``.
+
+    Fine-tuning on the new data alone drifts the model away from what it did well (plain scenes'
+    instances, and with them its segment-everything scores); replaying a little of the base's
+    own training distribution keeps it (the forgetting test). The plain images are the ones an
+    ``anchor_weight`` distils toward the base's encoder.
+    """
+    from samantic.train.sam import MixedStream
+
+    return MixedStream([labelled, ReplayScenes(n, seed)])
 
 
 # ---------------------------------------------------------------- uncertainty maps, cached
@@ -350,7 +368,14 @@ def train_sum(model, labelled, unlabelled, out: PathLike, train_config: SamTrain
             raise FileNotFoundError(f"{refiner}: no such refiner file")
     labelled = open_labelled(labelled)
     if sum_config.replay:
-        labelled = WithReplay(labelled, sum_config.replay)
+        labelled = with_replay(labelled, sum_config.replay)
+    anchor = None
+    if sum_config.anchor_weight > 0:
+        if "image_encoder" not in train_config.trainable:
+            raise ValueError("anchor_weight: the image encoder does not train (add it to the trainable parts)")
+        import copy
+
+        anchor = copy.deepcopy(model.image_encoder)  # the base's encoder, before any step
     pool = open_pool(unlabelled)
     model.eval()
     kw = dict(points_per_side=sum_config.points_per_side, pred_iou_thresh=sum_config.pred_iou_thresh,
@@ -393,7 +418,8 @@ def train_sum(model, labelled, unlabelled, out: PathLike, train_config: SamTrain
     trainer = SumTrainer(model, c, labelled, pseudo, task_lr_scale=sum_config.task_lr_scale,
                          encoder_lr_scale=sum_config.encoder_lr_scale, sampler=sampler,
                          loss=loss, prompt_hook=hook, device=device, workers=workers,
-                         task_answers=variant.task_prompt and sum_config.task_answers)
+                         task_answers=variant.task_prompt and sum_config.task_answers,
+                         anchor_encoder=anchor, anchor_weight=sum_config.anchor_weight)
     result = trainer.train(out, resume=resume, progress=progress)
     # the SUM record goes into the weights' header beside the recipe
     _add_metadata(out, {"sum": json.dumps({"config": asdict(sum_config), "variant": asdict(variant), **data_info,

@@ -35,6 +35,7 @@ def train_sam(
     focal_alpha: Annotated[float, typer.Option(help="Focal weight of positives (SAM: 0.25; 0.5 = unweighted).")] = 0.25,
     focal_gamma: Annotated[float, typer.Option(help="Focal exponent (SAM: 2; 0 = cross-entropy).")] = 2.0,
     dice_weight: Annotated[float, typer.Option(help="Weight of the dice term.")] = 1.0,
+    freeze_batchnorm: Annotated[bool, typer.Option("--freeze-batchnorm/--train-batchnorm", help="Batch-norm layers keep their running statistics while their scales and shifts train (fine-tuning with small batches).")] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 50,
     log_every: Annotated[int, typer.Option(min=1)] = 10,
     seed: Annotated[int, typer.Option()] = 0,
@@ -55,7 +56,7 @@ def train_sam(
             lr=lr, warmup_steps=warmup_steps, trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
             checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, box_prob=box_prob, zoom_prob=zoom_prob,
             flat_steps=flat_steps, focal_weight=focal_weight, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
-            dice_weight=dice_weight, time_budget=time_budget * 60,
+            dice_weight=dice_weight, time_budget=time_budget * 60, freeze_batchnorm=freeze_batchnorm,
         )
         dataset = open_dataset(data)
         torch_device = torch.device(device)
@@ -280,12 +281,14 @@ def train_sum_cmd(
     encoder_lr_scale: Annotated[float, typer.Option(help="The image encoder's learning rate relative to --lr, when --trainable includes it.")] = 1.0,
     task_answers: Annotated[bool, typer.Option("--task-answers/--task-best-of-three", help="With the task prompt: every output of a prompt that carries a task learns its mask (default), or only the best of the three, as SAM.")] = True,
     replay: Annotated[int, typer.Option(min=0, help="Plain (v1) scenes interleaved with the labelled set, instances as 'unspecified' (keeps what the base does on them; 0: none).")] = 0,
+    anchor_weight: Annotated[float, typer.Option(min=0, help="With the image encoder trained: pull its embeddings of the replayed plain scenes toward the base encoder's with this weight (feature distillation; needs --replay; 0: off).")] = 0.0,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
     focal_weight: Annotated[Optional[float], typer.Option(help="Weight of the focal term (default: the base weights' own training recipe, read from their header; else SAM's 20).")] = None,
     focal_alpha: Annotated[Optional[float], typer.Option(help="Focal weight of positives (default: the base's recipe; else SAM's 0.25).")] = None,
     focal_gamma: Annotated[Optional[float], typer.Option(help="Focal exponent (default: the base's recipe; else SAM's 2).")] = None,
     dice_weight: Annotated[Optional[float], typer.Option(help="Weight of the dice term (default: the base's recipe; else 1).")] = None,
     trainable: Annotated[str, typer.Option(help="Comma-separated parts to train besides the task table: image_encoder,prompt_encoder,mask_decoder.")] = "prompt_encoder,mask_decoder",
+    freeze_batchnorm: Annotated[bool, typer.Option("--freeze-batchnorm/--train-batchnorm", help="Batch-norm layers keep their running statistics while their scales and shifts train (fine-tuning with small batches).")] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 25,
     log_every: Annotated[int, typer.Option(min=1)] = 10,
     seed: Annotated[int, typer.Option()] = 0,
@@ -315,14 +318,16 @@ def train_sum_cmd(
         config = SamTrainConfig(
             steps=steps, images_per_step=images_per_step, masks_per_image=masks_per_image, iterations=iterations,
             lr=lr, warmup_steps=warmup_steps, trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
-            checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, time_budget=time_budget * 60, **loss,
+            checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, time_budget=time_budget * 60,
+            freeze_batchnorm=freeze_batchnorm, **loss,
         )
         sum_config = SumTrainConfig(variant=variant, task_lr_scale=task_lr_scale, encoder_lr_scale=encoder_lr_scale,
                                     points_per_side=points_per_side,
                                     pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
-                                    task_answers=task_answers, replay=replay)
+                                    task_answers=task_answers, replay=replay, anchor_weight=anchor_weight)
         sam = create_model(model, checkpoint=checkpoint)
         typer.echo(f"SUM ({variant}) on {model}: labelled {labelled}" + (f" + {replay} plain scenes" if replay else "")
+                   + (f" (encoder anchored, weight {anchor_weight:g})" if anchor_weight else "")
                    + f", unlabelled {unlabelled}; {steps} steps "
                    f"({images_per_step} images x {masks_per_image} masks x {iterations} rounds); trainable: "
                    f"{', '.join(config.trainable)}" + (" + task table" if variant == "sum" else "")
