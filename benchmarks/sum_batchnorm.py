@@ -61,8 +61,8 @@ def main() -> None:
 
     with torch.no_grad():
         ref = base.image_encoder(x)
-        copy = create_model("sam_nano").image_encoder.train()  # a train-mode forward updates running statistics
-        train_mode = rel(copy(x), ref)
+        fresh = create_model("sam_nano").image_encoder.train()  # a train-mode forward updates running statistics
+        train_mode = rel(fresh(x), ref)
     rows = [["base, train mode (4-image batch statistics)", f"{train_mode:.3f}", "", ""],
             ["base", "0", f"{miou(base):.4f}", ""]]
     payload = {"machine": machine(), "seeds": args.seeds, "base_train_mode": train_mode, "checkpoints": {}}
