@@ -37,6 +37,34 @@ def test_evaluate_sam_runs_on_held_out_seeds_only(structured_nano):
     assert "3-point mIoU" in r.markdown()
 
 
+def test_evaluate_sam_prompts_a_task_table_as_unspecified():
+    """A SUM model is measured as samantic's APIs run it: with the "unspecified" row added (a zero
+    table measures as no table; a changed "unspecified" row changes the point metrics, the other rows do not)."""
+    import copy
+
+    import torch
+
+    from samantic.models import attach_task_prompt, create_model
+
+    def points(model):  # the point metrics (no segment-everything scenes: its recall is nan)
+        m = evaluate_sam(model, [1, 2], [], progress=False).metrics
+        return {k: m[k] for k in ("miou_1pt_top", "miou_1pt_oracle", "miou_3pt")}
+
+    base = create_model("sam_nano").eval()
+    plain = points(base)
+    zero = copy.deepcopy(base)
+    attach_task_prompt(zero)
+    assert points(zero) == plain
+    other_rows = copy.deepcopy(zero)
+    with torch.no_grad():
+        other_rows.task_prompt.embed.weight[1:].normal_(0, 1.0)
+    assert points(other_rows) == plain
+    unspecified = copy.deepcopy(zero)
+    with torch.no_grad():
+        unspecified.task_prompt.embed.weight[0].normal_(0, 1.0)
+    assert points(unspecified)["miou_1pt_top"] != plain["miou_1pt_top"]
+
+
 def test_ideal_logits_reproduce_a_large_disk():
     import cv2
 

@@ -182,6 +182,32 @@ def test_train_sum_anchors_the_encoder_on_replayed_scenes(tmp_path, nano):
     assert record["config"]["anchor_weight"] == 2.0 and record["labelled"].endswith(":3")
 
 
+def test_train_sum_distils_the_base_outputs_on_replayed_scenes(tmp_path, nano):
+    """With distill_weight, the replayed plain scenes' point outputs are pulled toward the base's (a
+    frozen copy taken before any step, which stays the base while the model moves)."""
+    import copy
+
+    from samantic.models import create_model
+
+    out = tmp_path / "distilled.safetensors"
+    config = _config(6, images_per_step=4, trainable=("image_encoder", "mask_decoder"), log_every=1, lr=1e-3,
+                     freeze_batchnorm=True)  # train-mode batch norm would differ from the base at once
+    sum_config = SumTrainConfig(variant="vanilla", points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                                replay=3, anchor_weight=1.0, distill_weight=2.0, distill_points=4)
+    result = train_sum(copy.deepcopy(nano), LABELLED, "shapes-panoptic:4000000:1", out, config, sum_config,
+                       pseudo_cache=tmp_path / "cache", workers=0, progress=False, log=lambda *_: None)
+    log = [json.loads(line) for line in result.log.read_text().splitlines()]
+    distilled = [r for r in log if "distill" in r]
+    assert distilled and all(r["step"] % 2 == 1 for r in distilled)  # labelled steps only (the pool is not replayed)
+    assert max(r["distill"] for r in distilled) > 0 and max(r["distill_iou"] for r in distilled) > 0
+    assert all("anchor" in r for r in distilled)  # the encoder anchor shares the reference's encoder
+    trained = create_model("sam_nano", checkpoint=out)
+    assert not torch.equal(trained.mask_decoder.iou_token.weight, nano.mask_decoder.iou_token.weight)
+    with safe_open(str(out), framework="pt") as f:
+        record = json.loads(f.metadata()["sum"])
+    assert record["config"]["distill_weight"] == 2.0 and record["config"]["distill_points"] == 4
+
+
 def test_train_sum_errors(tmp_path, nano, refiner_file):
     with pytest.raises(ValueError, match="needs a mask refiner"):
         train_sum(nano, LABELLED, "shapes-panoptic:4000000:1", tmp_path / "a.safetensors", _config(), _sum_config("sum"))
@@ -300,6 +326,15 @@ def test_replay_interleaves_plain_scenes_as_unspecified_and_anchored():
         SumTrainConfig(anchor_weight=1.0)
     with pytest.raises(ValueError, match="anchor_weight must be >= 0"):
         SumTrainConfig(anchor_weight=-1.0, replay=3)
+    with pytest.raises(ValueError, match="distilled images"):
+        SumTrainConfig(distill_weight=1.0)
+    with pytest.raises(ValueError, match="distill_weight must be >= 0"):
+        SumTrainConfig(distill_weight=-1.0, replay=3)
+    with pytest.raises(ValueError, match="distill_points must be an integer >= 1"):
+        SumTrainConfig(distill_weight=1.0, replay=3, distill_points=0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        SumTrainConfig(replay=3, replay_labels=False)
+    SumTrainConfig(replay=3, replay_labels=False, distill_weight=1.0)  # the replayed scenes serve the distillation
 
 
 def test_a_trained_encoder_gets_its_own_learning_rate(nano):

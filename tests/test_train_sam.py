@@ -186,6 +186,123 @@ def test_anchor_encoder_distils_the_anchored_images_only():
         SamTrainer(copy.deepcopy(base), config, None, anchor_encoder=reference, anchor_weight=0.0)
 
 
+def test_distill_prompts_lie_inside_each_image():
+    from samantic.models import create_model
+
+    trainer = SamTrainer(create_model("sam_nano"), SamTrainConfig(), data=None, reference=create_model("sam_nano"),
+                         distill_weight=1.0, distill_points=50)
+    sizes = torch.tensor([[96, 128], [384, 200]])  # rows, columns
+    index, coords = trainer.distill_prompts(sizes)
+    assert index.tolist() == [0] * 50 + [1] * 50 and coords.shape == (100, 1, 2)
+    x, y = coords[:, 0, 0], coords[:, 0, 1]
+    assert (x >= 0).all() and (y >= 0).all()
+    assert (x[:50] < 128).all() and (y[:50] < 96).all() and (x[50:] < 200).all() and (y[50:] < 384).all()
+    assert x[:50].max() > 64 and y[50:].max() > 192  # spread over the image, not a corner
+
+
+def test_reference_distils_point_outputs_on_anchored_images():
+    """The distillation term: mean squared difference of the logits where either lies inside the
+    boundary band (+-DISTILL_CLIP) or they disagree on the side, + iou_weight x the squared difference
+    of the predicted IoUs; computed by hand with segment-anything's own MaskDecoder."""
+    import copy
+
+    from samantic.models import create_model
+    from samantic.train.sam import DISTILL_CLIP
+
+    base = create_model("sam_nano").eval()
+    config = SamTrainConfig(images_per_step=2, masks_per_image=2, iterations=1, box_prob=0.0, lr=1e-4,
+                            trainable=("image_encoder", "mask_decoder"))
+    reference = copy.deepcopy(base)
+    with torch.no_grad():  # a reference whose decoder differs from the model's, so the term is not zero
+        for p in reference.mask_decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    low_res = base.prompt_encoder.mask_input_size[0]
+    batch = _anchor_batch([False, True], low_res)
+    coords = torch.tensor([[[10.0, 20.0]], [[60.0, 40.0]], [[120.0, 90.0]]])
+    tasks_seen = []
+
+    def hook(sparse, dense, tasks):
+        tasks_seen.append(tasks.clone())
+        return sparse, dense
+
+    def step(weight, ref, b=batch):
+        trainer = SamTrainer(copy.deepcopy(base), config, data=None, reference=ref, distill_weight=weight,
+                             prompt_hook=hook)
+        trainer.distill_prompts = lambda sizes: (torch.zeros(len(coords), dtype=torch.long), coords)
+        return trainer.train_step(b)
+
+    plain, plain_stats = step(0.0, None)
+    one, one_stats = step(1.0, reference)
+    three, three_stats = step(3.0, reference)
+    assert "distill" not in plain_stats and one_stats["distill"] > 1e-4 and one_stats["distill_iou"] > 0
+    term = one_stats["distill"] + config.iou_weight * one_stats["distill_iou"]
+    assert one - plain == pytest.approx(term, rel=1e-3)
+    assert three - plain == pytest.approx(3 * term, rel=1e-3)
+    assert torch.equal(tasks_seen[-1], torch.zeros(3, dtype=torch.long))  # the distilled prompts ask task 0
+    # by hand, image 1 (the anchored one) through segment-anything's MaskDecoder, one prompt at a time
+    with torch.no_grad():
+        x = SamTrainer(copy.deepcopy(base), config, data=None)._images(batch)[1:]
+        lows, ref_lows, ious, ref_ious = [], [], [], []
+        for model, lo, io in ((base, lows, ious), (reference, ref_lows, ref_ious)):
+            emb = model.image_encoder(x)
+            for c in coords:
+                sparse, dense = model.prompt_encoder(points=(c[None], torch.ones(1, 1, dtype=torch.long)),
+                                                     boxes=None, masks=None)
+                m, q = model.mask_decoder(image_embeddings=emb, image_pe=model.prompt_encoder.get_dense_pe(),
+                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                          multimask_output=True)
+                lo.append(m)
+                io.append(q)
+        low, ref_low = torch.cat(lows), torch.cat(ref_lows).clamp(-DISTILL_CLIP, DISTILL_CLIP)
+        err = low - ref_low
+        both = ((low >= DISTILL_CLIP) & (ref_low >= DISTILL_CLIP)) | ((low <= -DISTILL_CLIP) & (ref_low <= -DISTILL_CLIP))
+        err[both] = 0
+        want = (err ** 2).sum() / (~both).sum()
+        want_iou = ((torch.cat(ious) - torch.cat(ref_ious)) ** 2).mean()
+    assert one_stats["distill"] == pytest.approx(float(want), rel=1e-3)
+    assert one_stats["distill_iou"] == pytest.approx(float(want_iou), rel=1e-3)
+    # the base itself as the reference: nothing to distil at the first step
+    _, same = step(1.0, copy.deepcopy(base))
+    assert same["distill"] == pytest.approx(0.0, abs=1e-10) and same["distill_iou"] == pytest.approx(0.0, abs=1e-12)
+    _, none = step(1.0, reference, _anchor_batch([False, False], low_res))
+    assert "distill" not in none
+    with pytest.raises(ValueError, match="distill_weight must be > 0"):
+        SamTrainer(copy.deepcopy(base), config, None, reference=reference, distill_weight=0.0)
+    with pytest.raises(ValueError, match="distill_points"):
+        SamTrainer(copy.deepcopy(base), config, None, reference=reference, distill_weight=1.0, distill_points=0)
+
+
+def test_anchored_images_without_labels_train_only_the_distillation():
+    import copy
+
+    from samantic.models import create_model
+
+    base = create_model("sam_nano").eval()
+    config = SamTrainConfig(images_per_step=2, masks_per_image=2, iterations=1, box_prob=0.0, lr=1e-4,
+                            trainable=("mask_decoder",))
+    reference = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in reference.mask_decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    low_res = base.prompt_encoder.mask_input_size[0]
+
+    def step(batch, labels):
+        trainer = SamTrainer(copy.deepcopy(base), config, data=None, reference=reference, distill_weight=1.0,
+                             anchor_labels=labels)
+        return trainer.train_step(batch)
+
+    # every image anchored, no labels: the loss is the distillation term alone
+    loss, stats = step(_anchor_batch([True, True], low_res), False)
+    assert "iou_0" not in stats and stats["distill"] > 0
+    assert loss == pytest.approx(stats["distill"] + config.iou_weight * stats["distill_iou"], rel=1e-5)
+    # with labels, the same batch adds the mask loss
+    with_labels, stats2 = step(_anchor_batch([True, True], low_res), True)
+    assert "iou_0" in stats2 and with_labels - (stats2["distill"] + config.iou_weight * stats2["distill_iou"]) > 1e-3
+    # a mixed batch keeps the unanchored image's instances
+    _, mixed = step(_anchor_batch([False, True], low_res), False)
+    assert "iou_0" in mixed and "distill" in mixed
+
+
 @pytest.mark.parametrize("freeze", [False, True])
 def test_freeze_batchnorm_keeps_running_statistics_and_trains_the_affine(tmp_path, freeze):
     import copy

@@ -11,7 +11,10 @@ Metrics (all on seeds the trainer never sees: training renders seeds >= 1,000,00
     and >= 0.75;
   * the resolution ceiling (optional): the mIoU a perfect model of the same input
     and low-res mask size would reach, see :func:`resolution_ceiling`.
-Prompting goes through segment-anything's own ``SamPredictor``.
+Prompting goes through segment-anything's own ``SamPredictor``; a model with SUM's task table
+(``sam_nano_sum``) is prompted as every samantic API prompts it by default, with task
+"unspecified" (:class:`~samantic.pipeline.predictor.Predictor`, which is ``SamPredictor``
+plus the task's embedding), as segment-everything is.
 """
 
 from __future__ import annotations
@@ -160,7 +163,12 @@ def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]]
     if amg_seeds:
         from samantic.pipeline import AutomaticMaskGenerator
     model.eval()
-    predictor = SamPredictor(model)
+    if getattr(model, "task_prompt", None) is not None:
+        from samantic.pipeline.predictor import Predictor
+
+        predictor = Predictor(model, task="unspecified")  # the default of every samantic API
+    else:
+        predictor = SamPredictor(model)
     t0 = time.perf_counter()
     top, oracle, three, ideal = [], [], [], []
     n_inst = 0

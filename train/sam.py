@@ -27,7 +27,10 @@ get the maps (zeros for instances without one), a ``prompt_hook`` that takes
 Hooks without those parameters, and data without the extras, train exactly
 as before. A sample marked ``anchor`` (a whole image) has its embedding pulled
 toward a frozen reference encoder's when the trainer is given one
-(``anchor_encoder``: feature distillation against forgetting).
+(``anchor_encoder``: feature distillation against forgetting), and with a frozen
+reference model (``reference``) the outputs of random single-point prompts on it are
+distilled toward the reference's (masks' logits and predicted IoUs: what
+segment-everything reads, kept on that kind of image).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+DISTILL_CLIP = 4.0  # logits beyond this are certain either way: distillation matches them only up to it
 
 
 @dataclass(frozen=True)
@@ -602,6 +606,18 @@ class SamTrainer:
             reference's mean square (feature distillation: the encoder adapts to the new data while
             keeping what it computed on the anchored kind of image). Only when the encoder trains.
         anchor_weight: weight of that term (> 0 with an ``anchor_encoder``).
+        reference: a frozen reference ``Sam`` (e.g. a copy of the base before any step). On anchored
+            images ``distill_points`` random single-point prompts (anywhere in the image, as
+            segment-everything's grid) are decoded by both models with three outputs, the trained one
+            asked task 0 through ``prompt_hook``; ``distill_weight`` times the relative squared
+            difference of their low-res logits (the reference's clipped to +-``DISTILL_CLIP``, where masks
+            and stability scores are decided; no error where both lie beyond it on the same side) plus ``iou_weight`` times the squared difference of their
+            predicted IoUs is added (output distillation, "learning without forgetting": what
+            segment-everything keeps and how it scores it stays the reference's on that kind of image).
+        distill_weight: weight of that term (> 0 with a ``reference``).
+        distill_points: prompts per anchored image.
+        anchor_labels: False: anchored images' instances get no mask loss (their images serve the
+            anchor and distillation terms only: the base's outputs are the only target there).
         device: where the model trains (``"cpu"``, ``"cuda"``, ...).
         workers: data-preparation processes (0 = in the training process).
         amp: bfloat16 autocast for the forward pass (default: on for CUDA).
@@ -611,7 +627,13 @@ class SamTrainer:
                  loss: Optional[MaskLoss] = None, prompt_hook: Optional[Callable] = None,
                  device: str = "cpu", workers: int = 0, amp: Optional[bool] = None,
                  task_answers: bool = False, anchor_encoder: Optional[torch.nn.Module] = None,
-                 anchor_weight: float = 0.0) -> None:
+                 anchor_weight: float = 0.0, reference: Optional[torch.nn.Module] = None,
+                 distill_weight: float = 0.0, distill_points: int = 16, anchor_labels: bool = True) -> None:
+        if reference is not None:
+            if not distill_weight > 0:
+                raise ValueError(f"distill_weight must be > 0 with a reference model, got {distill_weight}")
+            if isinstance(distill_points, bool) or not isinstance(distill_points, int) or distill_points < 1:
+                raise ValueError(f"distill_points must be an integer >= 1, got {distill_points!r}")
         if anchor_encoder is not None:
             if "image_encoder" not in config.trainable:
                 raise ValueError("anchor_encoder: the image encoder does not train, so there is nothing to anchor")
@@ -629,6 +651,12 @@ class SamTrainer:
         self.anchor_encoder = None
         if anchor_encoder is not None:
             self.anchor_encoder = anchor_encoder.to(self.device).eval().requires_grad_(False)
+        self.anchor_labels = bool(anchor_labels)
+        self.distill_weight = float(distill_weight)
+        self.distill_points = distill_points
+        self.reference = None
+        if reference is not None:
+            self.reference = reference.to(self.device).eval().requires_grad_(False)
         self._hook_takes_tasks = prompt_hook is not None and _takes(prompt_hook, "tasks")
         self._sampler_takes_uncertainty = _takes(self.sampler.first_points, "uncertainty") and \
             _takes(self.sampler.next_points, "uncertainty")
@@ -762,6 +790,40 @@ class SamTrainer:
             # a box prompt stays; later rounds add points and the previous mask on top of it
         return total / c.iterations, stats
 
+    def distill_prompts(self, sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``distill_points`` random points per image, uniform inside each image's valid region
+        (``sizes`` [N, 2]: rows, columns in the encoder's input frame); returns (image index [N * k],
+        coordinates [N * k, 1, 2] as x, y)."""
+        k = self.distill_points
+        n = sizes.shape[0]
+        u = torch.rand(n, k, 2, generator=self.gen, device=self.device)
+        coords = u * sizes.flip(1)[:, None, :].float()  # (x, y) = (column, row)
+        index = torch.arange(n, device=self.device).repeat_interleave(k)
+        return index, coords.reshape(n * k, 1, 2)
+
+    def _distill_loss(self, emb: torch.Tensor, ref_emb: torch.Tensor,
+                      sizes: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The output-distillation term on anchored images (``reference``; see the class docstring):
+        relative squared difference of the clipped low-res logits + ``iou_weight`` x squared
+        difference of the predicted IoUs, the trained model asked task 0."""
+        index, coords = self.distill_prompts(sizes)
+        labels = torch.ones(coords.shape[:2], dtype=torch.long, device=self.device)
+        ref_model = self.reference
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            sparse, dense = ref_model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+            ref_low, ref_iou = decode_prompts(ref_model.mask_decoder, ref_emb[index], ref_model.prompt_encoder.get_dense_pe(),
+                                              sparse, dense, True)
+        tasks = torch.zeros(len(index), dtype=torch.long, device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            low, iou = self._decode(emb, index, coords, labels, None, None, True, tasks)
+        c = DISTILL_CLIP
+        ref_low, low = ref_low.float().clamp(-c, c), low.float()
+        agree = ((ref_low >= c) & (low >= c)) | ((ref_low <= -c) & (low <= -c))  # both certain, same side
+        err = torch.where(agree, torch.zeros_like(low), low - ref_low)
+        diff = err.pow(2).sum() / (~agree).sum().clamp(min=1)
+        iou_diff = F.mse_loss(iou.float(), ref_iou.float())
+        return diff + self.config.iou_weight * iou_diff, {"distill": diff.detach(), "distill_iou": iou_diff.detach()}
+
     def train_step(self, batch: Dict[str, torch.Tensor]) -> Tuple[float, Dict[str, float]]:
         """One optimizer step on a collated batch; returns the loss and the step's statistics."""
         c = self.config
@@ -776,16 +838,34 @@ class SamTrainer:
         with torch.set_grad_enabled("image_encoder" in c.trainable), \
                 torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             emb = self.model.image_encoder(x)
-        loss, stats = self._batch_loss(emb, index, soft, boxes, uncertainty, tasks)
         anchor = batch.get("anchor")
-        if self.anchor_encoder is not None and anchor is not None and bool(anchor.any()):
+        if not self.anchor_labels and anchor is not None and bool(anchor.any()):
+            keep = ~anchor.to(self.device)[index]  # anchored images' instances: no mask loss
+            soft, index = soft[keep], index[keep]
+            boxes = None if boxes is None else boxes[keep]
+            uncertainty = None if uncertainty is None else uncertainty[keep]
+            tasks = None if tasks is None else tasks[keep]
+        if len(index):
+            loss, stats = self._batch_loss(emb, index, soft, boxes, uncertainty, tasks)
+        else:
+            loss, stats = emb.new_zeros((), dtype=torch.float32), {}
+        if anchor is not None and bool(anchor.any()) and (self.anchor_encoder is not None or self.reference is not None):
             anchor = anchor.to(self.device)
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                ref = self.anchor_encoder(x[anchor])
-            ref = ref.float()
-            drift = (emb[anchor].float() - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12)
-            loss = loss + self.anchor_weight * drift
-            stats["anchor"] = drift.detach()
+            ref = None
+            if self.anchor_encoder is not None:
+                with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    ref = self.anchor_encoder(x[anchor]).float()
+                drift = (emb[anchor].float() - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12)
+                loss = loss + self.anchor_weight * drift
+                stats["anchor"] = drift.detach()
+            if self.reference is not None:
+                if ref is None or self.anchor_encoder is not self.reference.image_encoder:
+                    with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                        ref = self.reference.image_encoder(x[anchor]).float()
+                sizes = batch["sizes"].to(self.device)[anchor]
+                distill, dstats = self._distill_loss(emb[anchor], ref, sizes)
+                loss = loss + self.distill_weight * distill
+                stats.update(dstats)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip > 0:

@@ -22,7 +22,8 @@ With the task prompt, a prompt that carries a task trains all three outputs towa
 (``task_answers``: a task has one answer; the task embedding is then what tells a part from its
 thing at the same click). ``replay`` interleaves plain (v1) scenes with the labelled set, against
 forgetting; with the encoder trained, ``anchor_weight`` also distils the encoder's embeddings of those
-plain scenes toward the base's. They apply to every variant's data alike (task answers only where
+plain scenes toward the base's, and ``distill_weight`` the outputs of random point prompts on them
+(logits and predicted IoUs: segment-everything's masks and scores). They apply to every variant's data alike (task answers only where
 there is a task prompt).
 
 By default the image encoder stays frozen (SUM fine-tunes what decodes prompts;
@@ -95,6 +96,15 @@ class SumTrainConfig:
         anchor_weight: when the image encoder trains, its embeddings of the replayed plain scenes are
             pulled toward the base encoder's with this weight (relative squared difference; see
             :class:`~samantic.train.sam.SamTrainer`'s ``anchor_encoder``); 0: no such term. Needs ``replay``.
+        distill_weight: on the replayed plain scenes, random single-point prompts' outputs (logits and
+            predicted IoUs, the trained model asked "unspecified") are pulled toward the base model's with
+            this weight (:class:`~samantic.train.sam.SamTrainer`'s ``reference``): what segment-everything
+            keeps there, and its stability scores, stay the base's. 0: no such term. Needs ``replay``.
+            Measured on sam_nano (``benchmarks/results/sum_distill/``): it did not keep the recall and
+            cost the tasks most of their gain; kept as an option for further attempts.
+        distill_points: prompts per replayed scene for that term.
+        replay_labels: False: the replayed scenes' instances get no mask loss (with ``distill_weight``,
+            the base's outputs are their only target; "learning without forgetting" proper).
     """
 
     variant: str = "sum"
@@ -106,6 +116,9 @@ class SumTrainConfig:
     task_answers: bool = True
     replay: int = 0
     anchor_weight: float = 0.0
+    distill_weight: float = 0.0
+    distill_points: int = 16
+    replay_labels: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -119,6 +132,15 @@ class SumTrainConfig:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if self.anchor_weight > 0 and not self.replay:
             raise ValueError("anchor_weight needs replayed plain scenes (replay > 0): they are the anchored images")
+        if not self.distill_weight >= 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.distill_weight > 0 and not self.replay:
+            raise ValueError("distill_weight needs replayed plain scenes (replay > 0): they are the distilled images")
+        if isinstance(self.distill_points, bool) or not isinstance(self.distill_points, int) or self.distill_points < 1:
+            raise ValueError(f"distill_points must be an integer >= 1, got {self.distill_points!r}")
+        if not self.replay_labels and not (self.anchor_weight > 0 or self.distill_weight > 0):
+            raise ValueError("replay_labels=False leaves the replayed scenes nothing to train: give them "
+                             "anchor_weight or distill_weight")
 
 
 REPLAY_SEED = 5_000_000  # plain scenes replayed beside the labelled set (training range, apart from the others)
@@ -369,13 +391,15 @@ def train_sum(model, labelled, unlabelled, out: PathLike, train_config: SamTrain
     labelled = open_labelled(labelled)
     if sum_config.replay:
         labelled = with_replay(labelled, sum_config.replay)
+    import copy
+
+    reference = copy.deepcopy(model).eval() if sum_config.distill_weight > 0 else None  # the base, before any step
     anchor = None
     if sum_config.anchor_weight > 0:
         if "image_encoder" not in train_config.trainable:
             raise ValueError("anchor_weight: the image encoder does not train (add it to the trainable parts)")
-        import copy
-
-        anchor = copy.deepcopy(model.image_encoder)  # the base's encoder, before any step
+        # the base's encoder, before any step (shared with the reference: computed once per step)
+        anchor = reference.image_encoder if reference is not None else copy.deepcopy(model.image_encoder)
     pool = open_pool(unlabelled)
     model.eval()
     kw = dict(points_per_side=sum_config.points_per_side, pred_iou_thresh=sum_config.pred_iou_thresh,
@@ -419,7 +443,9 @@ def train_sum(model, labelled, unlabelled, out: PathLike, train_config: SamTrain
                          encoder_lr_scale=sum_config.encoder_lr_scale, sampler=sampler,
                          loss=loss, prompt_hook=hook, device=device, workers=workers,
                          task_answers=variant.task_prompt and sum_config.task_answers,
-                         anchor_encoder=anchor, anchor_weight=sum_config.anchor_weight)
+                         anchor_encoder=anchor, anchor_weight=sum_config.anchor_weight, reference=reference,
+                         distill_weight=sum_config.distill_weight, distill_points=sum_config.distill_points,
+                         anchor_labels=sum_config.replay_labels)
     result = trainer.train(out, resume=resume, progress=progress)
     # the SUM record goes into the weights' header beside the recipe
     _add_metadata(out, {"sum": json.dumps({"config": asdict(sum_config), "variant": asdict(variant), **data_info,

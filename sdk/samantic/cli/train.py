@@ -282,6 +282,9 @@ def train_sum_cmd(
     task_answers: Annotated[bool, typer.Option("--task-answers/--task-best-of-three", help="With the task prompt: every output of a prompt that carries a task learns its mask (default), or only the best of the three, as SAM.")] = True,
     replay: Annotated[int, typer.Option(min=0, help="Plain (v1) scenes interleaved with the labelled set, instances as 'unspecified' (keeps what the base does on them; 0: none).")] = 0,
     anchor_weight: Annotated[float, typer.Option(min=0, help="With the image encoder trained: pull its embeddings of the replayed plain scenes toward the base encoder's with this weight (feature distillation; needs --replay; 0: off).")] = 0.0,
+    distill_weight: Annotated[float, typer.Option(min=0, help="On the replayed plain scenes: pull the outputs of random point prompts (logits and predicted IoUs, asked 'unspecified') toward the base model's with this weight (keeps segment-everything's masks and stability scores; needs --replay; 0: off).")] = 0.0,
+    distill_points: Annotated[int, typer.Option(min=1, help="Point prompts per replayed scene for --distill-weight.")] = 16,
+    replay_labels: Annotated[bool, typer.Option("--replay-labels/--no-replay-labels", help="Train the replayed scenes' masks too (default), or use them only for --anchor-weight / --distill-weight.")] = True,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
     focal_weight: Annotated[Optional[float], typer.Option(help="Weight of the focal term (default: the base weights' own training recipe, read from their header; else SAM's 20).")] = None,
     focal_alpha: Annotated[Optional[float], typer.Option(help="Focal weight of positives (default: the base's recipe; else SAM's 0.25).")] = None,
@@ -324,10 +327,14 @@ def train_sum_cmd(
         sum_config = SumTrainConfig(variant=variant, task_lr_scale=task_lr_scale, encoder_lr_scale=encoder_lr_scale,
                                     points_per_side=points_per_side,
                                     pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
-                                    task_answers=task_answers, replay=replay, anchor_weight=anchor_weight)
+                                    task_answers=task_answers, replay=replay, anchor_weight=anchor_weight,
+                                    distill_weight=distill_weight, distill_points=distill_points,
+                                    replay_labels=replay_labels)
         sam = create_model(model, checkpoint=checkpoint)
         typer.echo(f"SUM ({variant}) on {model}: labelled {labelled}" + (f" + {replay} plain scenes" if replay else "")
                    + (f" (encoder anchored, weight {anchor_weight:g})" if anchor_weight else "")
+                   + (f" (outputs distilled, weight {distill_weight:g}, {distill_points} points)" if distill_weight else "")
+                   + ("" if replay_labels else " (replayed masks not trained)")
                    + f", unlabelled {unlabelled}; {steps} steps "
                    f"({images_per_step} images x {masks_per_image} masks x {iterations} rounds); trainable: "
                    f"{', '.join(config.trainable)}" + (" + task table" if variant == "sum" else "")
