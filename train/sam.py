@@ -609,10 +609,11 @@ class SamTrainer:
         reference: a frozen reference ``Sam`` (e.g. a copy of the base before any step). On anchored
             images ``distill_points`` random single-point prompts (anywhere in the image, as
             segment-everything's grid) are decoded by both models with three outputs, the trained one
-            asked task 0 through ``prompt_hook``; ``distill_weight`` times the relative squared
-            difference of their low-res logits (the reference's clipped to +-``DISTILL_CLIP``, where masks
-            and stability scores are decided; no error where both lie beyond it on the same side) plus ``iou_weight`` times the squared difference of their
-            predicted IoUs is added (output distillation, "learning without forgetting": what
+            asked task 0 through ``prompt_hook``; ``distill_weight`` times the mean squared difference
+            of their low-res logits over the boundary band (the reference's clipped to +-``DISTILL_CLIP``,
+            where masks and stability scores are decided; pixels where both lie beyond it on the same
+            side do not count) plus ``iou_weight`` times the squared difference of their predicted IoUs
+            is added (output distillation, "learning without forgetting": what
             segment-everything keeps and how it scores it stays the reference's on that kind of image).
         distill_weight: weight of that term (> 0 with a ``reference``).
         distill_points: prompts per anchored image.
@@ -804,7 +805,7 @@ class SamTrainer:
     def _distill_loss(self, emb: torch.Tensor, ref_emb: torch.Tensor,
                       sizes: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The output-distillation term on anchored images (``reference``; see the class docstring):
-        relative squared difference of the clipped low-res logits + ``iou_weight`` x squared
+        mean squared difference of the low-res logits over the boundary band + ``iou_weight`` x squared
         difference of the predicted IoUs, the trained model asked task 0."""
         index, coords = self.distill_prompts(sizes)
         labels = torch.ones(coords.shape[:2], dtype=torch.long, device=self.device)
