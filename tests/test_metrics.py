@@ -35,6 +35,25 @@ def test_evaluate_sam_runs_on_held_out_seeds_only(structured_nano):
         assert 0.0 <= r.metrics[k] <= 1.0
     assert r.metrics["miou_1pt_oracle"] >= r.metrics["miou_1pt_top"]
     assert "3-point mIoU" in r.markdown()
+    # masks per image: what the generator keeps on the scene, at the same settings
+    from samantic.pipeline import AutomaticMaskGenerator
+    from samantic.train.data.shapes import render_scene
+
+    kept = len(AutomaticMaskGenerator(structured_nano, points_per_side=4).generate_masks(render_scene(1).image))
+    assert r.metrics["masks_per_image"] == kept
+    assert "masks per image" in r.markdown()
+
+
+def test_calibration_grids_of_the_cli_are_the_library_defaults():
+    import inspect
+
+    from samantic.cli.eval import eval_thresholds
+    from samantic.train.metrics import PRED_IOU_GRID, STABILITY_GRID
+
+    params = inspect.signature(eval_thresholds).parameters
+    assert [float(v) for v in params["pred_iou"].default.split(",")] == list(PRED_IOU_GRID)
+    assert [float(v) for v in params["stability"].default.split(",")] == list(STABILITY_GRID)
+    assert {0.92, 0.93, 0.94} <= set(STABILITY_GRID)  # fine steps under 0.95 for fine-tuned models
 
 
 def test_evaluate_sam_prompts_a_task_table_as_unspecified():

@@ -148,6 +148,24 @@ def test_cli_eval_sum(tmp_path, nano):
     assert set(data["forgetting"]) == {"base", "tuned"}
     assert data["forgetting"]["base"]["miou_1pt_top"] == pytest.approx(data["forgetting"]["tuned"]["miou_1pt_top"])
     assert "### mean boundary IoU" in (tmp_path / "ev" / "eval_sum.md").read_text()
+    # each column's own thresholds, chosen on calibration scenes disjoint from the recall scenes
+    r = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--points", "1",
+                            "--forgetting-seeds", "", "--amg-seeds", "0:1", "--calibration-seeds", "500:501",
+                            "--out", str(tmp_path / "own"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    f = json.loads((tmp_path / "own" / "eval_sum.json").read_text())["forgetting"]["base"]
+    from samantic.models import create_model
+    from samantic.train.metrics import calibrate_thresholds, evaluate_sam
+
+    cal = calibrate_thresholds(create_model("sam_nano"), range(500, 501), progress=False)
+    assert f["own_thresholds"] == {k: cal.best[k] for k in ("pred_iou_thresh", "stability_score_thresh")}
+    again = evaluate_sam(create_model("sam_nano"), [], [0], progress=False, amg_kwargs=f["own_thresholds"])
+    assert f["recall_50_own"] == pytest.approx(again.metrics["recall_50"])
+    assert f["masks_per_image_own"] == again.metrics["masks_per_image"]
+    assert "own thresholds" in (tmp_path / "own" / "eval_sum.md").read_text()
+    bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--amg-seeds", "0:2",
+                              "--calibration-seeds", "1:3", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "overlaps --amg-seeds" in bad.output
     bad = runner.invoke(app, ["eval", "sum", "--seeds", "0:1"])
     assert bad.exit_code == 1 and "--column NAME=WEIGHTS" in bad.output
     bad = runner.invoke(app, ["eval", "sum", "--column", "base", "--seeds", "0:1", "--out", str(tmp_path / "x")])

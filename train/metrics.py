@@ -133,6 +133,7 @@ class SamEvalResult:
             "miou_3pt": "3-point mIoU",
             "recall_50": "segment-everything recall @ IoU 0.5",
             "recall_75": "segment-everything recall @ IoU 0.75",
+            "masks_per_image": "segment-everything masks per image",
             "ceiling": "resolution ceiling: mIoU of ideal low-res logits (no model can do better)",
         }
         lines = ["| metric | value |", "|---|---|"]
@@ -203,7 +204,7 @@ def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]]
             advance()
         generator = AutomaticMaskGenerator(model, output_mode="binary_mask", **(amg_kwargs or {})) if amg_seeds else None
         hits = {0.5: 0, 0.75: 0}
-        n_gt = 0
+        n_gt = n_found = 0
         for seed in amg_seeds:
             scene = render_scene(seed)
             found = generator.generate_masks(scene.image)
@@ -213,6 +214,7 @@ def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]]
             r = recall_at(scene.masks, pred, (0.5, 0.75))
             hits = {t: hits[t] + r[t] for t in hits}
             n_gt += len(scene.masks)
+            n_found += len(found)
             advance()
     metrics = {
         "miou_1pt_top": float(np.mean(top)) if top else float("nan"),
@@ -220,6 +222,7 @@ def evaluate_sam(model, seeds: Iterable[int], amg_seeds: Optional[Iterable[int]]
         "miou_3pt": float(np.mean(three)) if three else float("nan"),
         "recall_50": hits[0.5] / n_gt if n_gt else float("nan"),
         "recall_75": hits[0.75] / n_gt if n_gt else float("nan"),
+        "masks_per_image": n_found / len(amg_seeds) if amg_seeds else float("nan"),
     }
     if ceiling:
         metrics["ceiling"] = float(np.mean(ideal)) if ideal else float("nan")
@@ -413,8 +416,14 @@ class ThresholdCalibration:
         return "\n".join(lines)
 
 
-def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88),
-                         stability_grid: Sequence[float] = (0.7, 0.8, 0.9, 0.95), *, points_per_side: int = 32,
+PRED_IOU_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88)
+# fine steps just under 0.95: a fine-tuned model's stability scores shift by a hundredth or two, and
+# on the coarse grid its best pair sits a whole step away (measured: benchmarks/results/sum_calibrated/)
+STABILITY_GRID = (0.7, 0.8, 0.9, 0.92, 0.93, 0.94, 0.95)
+
+
+def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[float] = PRED_IOU_GRID,
+                         stability_grid: Sequence[float] = STABILITY_GRID, *, points_per_side: int = 32,
                          box_nms_thresh: float = 0.7, progress: bool = True) -> ThresholdCalibration:
     """Measures segment-everything on held-out scenes for every pair of thresholds, and picks one.
 

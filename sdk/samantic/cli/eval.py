@@ -82,8 +82,8 @@ def eval_thresholds(
     model: Annotated[str, typer.Option(help="Registered model.")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Weights to calibrate (default: the model's shipped weights).")] = None,
     seeds: Annotated[str, typer.Option(help="Held-out scene seeds, START:STOP (keep them apart from the seeds you report on).")] = "500:560",
-    pred_iou: Annotated[str, typer.Option(help="Comma-separated pred_iou_thresh values to try.")] = "0.3,0.4,0.5,0.6,0.7,0.8,0.88",
-    stability: Annotated[str, typer.Option(help="Comma-separated stability_score_thresh values to try.")] = "0.7,0.8,0.9,0.95",
+    pred_iou: Annotated[str, typer.Option(help="Comma-separated pred_iou_thresh values to try.")] = "0.3,0.4,0.5,0.6,0.7,0.8,0.88",  # = PRED_IOU_GRID
+    stability: Annotated[str, typer.Option(help="Comma-separated stability_score_thresh values to try.")] = "0.7,0.8,0.9,0.92,0.93,0.94,0.95",  # = STABILITY_GRID
     points_per_side: Annotated[int, typer.Option(min=1)] = 32,
     out: Annotated[Path, typer.Option(help="Directory for eval_thresholds.json and eval_thresholds.md.")] = Path("runs/eval"),
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -331,6 +331,20 @@ def eval_samcp(
     typer.echo(f"saved: {out / 'eval_samcp.json'} and {out / 'eval_samcp.md'}")
 
 
+def _own_thresholds_recall(sam, calib_seeds, recall_seeds, progress: bool) -> dict:
+    """Segment-everything recall of ``sam`` at its own thresholds, chosen on ``calib_seeds`` as
+    ``samantic eval thresholds`` chooses them: a fine-tuned model's scores shift, and one setting for
+    every column measures that shift along with the segmentation."""
+    from samantic.train.metrics import calibrate_thresholds, evaluate_sam
+
+    cal = calibrate_thresholds(sam, calib_seeds, progress=progress)
+    own = {k: float(cal.best[k]) for k in ("pred_iou_thresh", "stability_score_thresh")}
+    r = evaluate_sam(sam, [], recall_seeds, progress=progress, amg_kwargs=own)
+    return {"own_thresholds": own,
+            "own_calibration": {k: float(cal.best[k]) for k in ("recall_50", "precision_50", "masks_per_image", "f1_50")},
+            **{f"{k}_own": r.metrics[k] for k in ("recall_50", "recall_75", "masks_per_image")}}
+
+
 @app.command("sum")
 def eval_sum(
     column: Annotated[Optional[List[str]], typer.Option(help="NAME=WEIGHTS (repeatable, in column order): WEIGHTS a registered model name (its shipped weights) or a checkpoint file of --model's architecture. ")] = None,
@@ -343,6 +357,7 @@ def eval_sum(
     forgetting: Annotated[str, typer.Option(help="Columns measured for forgetting, comma-separated (default: the first and the last).")] = "",
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting of the forgetting recall, the same for every column [default: --model's recommended, else segment-anything's 0.88].")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting of the forgetting recall [default: --model's recommended, else 0.95].")] = None,
+    calibration_seeds: Annotated[str, typer.Option(help="Held-out v1 scenes, START:STOP, disjoint from --amg-seeds: each forgetting column's own thresholds are chosen on them by `samantic eval thresholds`' rule (best F1 at IoU 0.5) and its recall is measured again at them ('' to skip).")] = "",
     out: Annotated[Path, typer.Option(help="Directory for eval_sum.json and eval_sum.md.")] = Path("runs/eval"),
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -373,8 +388,14 @@ def eval_sum(
     v2_seeds = parse_seeds(seeds)
     v1_seeds = parse_seeds(forgetting_seeds) if forgetting_seeds else range(0)
     recall_seeds = parse_seeds(amg_seeds) if amg_seeds else range(0)
+    calib_seeds = parse_seeds(calibration_seeds) if calibration_seeds else range(0)
     models, sources = {}, {}
     try:
+        if len(calib_seeds) and not len(recall_seeds):
+            raise ValueError("--calibration-seeds needs --amg-seeds (the scenes the calibrated thresholds are measured on)")
+        if set(calib_seeds) & set(recall_seeds):
+            raise ValueError(f"--calibration-seeds {calibration_seeds} overlaps --amg-seeds {amg_seeds}: thresholds chosen "
+                             "on the scenes they are measured on overstate the recall")
         for spec in specs:
             name, sep, weights = spec.partition("=")
             name, weights = name.strip(), weights.strip()
@@ -412,14 +433,18 @@ def eval_sum(
         if len(v1_seeds) or len(recall_seeds):
             for name in forget_cols:
                 r = evaluate_sam(models[name], v1_seeds, recall_seeds, progress=progress, amg_kwargs=amg)
-                result.forgetting[name] = {k: r.metrics[k] for k in ("miou_1pt_top", "miou_3pt", "recall_50", "recall_75")}
+                result.forgetting[name] = {k: r.metrics[k] for k in ("miou_1pt_top", "miou_3pt", "recall_50", "recall_75",
+                                                                     "masks_per_image")}
+                if len(calib_seeds):
+                    result.forgetting[name].update(_own_thresholds_recall(models[name], calib_seeds, recall_seeds, progress))
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     command = "samantic eval sum " + " ".join(f"--column {s}" for s in specs) + \
         (f" --model {model}" if model != "sam_nano" else "") + f" --seeds {seeds} --points {points}" + \
         f" --forgetting-seeds '{forgetting_seeds}' --amg-seeds '{amg_seeds}'" + \
-        "".join(f" --{k.replace('_', '-')} {v}" for k, v in amg.items())
+        "".join(f" --{k.replace('_', '-')} {v}" for k, v in amg.items()) + \
+        (f" --calibration-seeds {calibration_seeds}" if calibration_seeds else "")
     payload = {"command": command, "columns": sources, "segment_everything": amg, **result.to_dict()}
     atomic_write_json(out / "eval_sum.json", payload, indent=2)
     md = [f"`{command}`", "",
@@ -429,11 +454,23 @@ def eval_sum(
           "### mean boundary IoU", "", sum_table(result, "mbiou")]
     if result.forgetting:
         md += ["", f"### Forgetting: plain (v1) scenes, point prompts {forgetting_seeds}, segment-everything "
-               f"{amg_seeds} at {amg}", "", "| column | 1-point mIoU | 3-point mIoU | recall @ 0.5 | recall @ 0.75 |",
-               "|---|---|---|---|---|"]
+               f"{amg_seeds} at {amg}", "",
+               "| column | 1-point mIoU | 3-point mIoU | recall @ 0.5 | recall @ 0.75 | masks / image |",
+               "|---|---|---|---|---|---|"]
         for name, m in result.forgetting.items():
             md.append(f"| {name} | {m['miou_1pt_top']:.4f} | {m['miou_3pt']:.4f} | {m['recall_50']:.4f} | "
-                      f"{m['recall_75']:.4f} |")
+                      f"{m['recall_75']:.4f} | {m['masks_per_image']:.1f} |")
+        own = {n: m for n, m in result.forgetting.items() if "own_thresholds" in m}
+        if own:
+            md += ["", f"Segment-everything on {amg_seeds} at each column's own thresholds, chosen on v1 scenes "
+                   f"{calibration_seeds} (best F1 at IoU 0.5; recall / precision / masks per image there):", "",
+                   "| column | pred_iou / stability | recall @ 0.5 | recall @ 0.75 | masks / image | on the calibration scenes |",
+                   "|---|---|---|---|---|---|"]
+            for name, m in own.items():
+                t, c = m["own_thresholds"], m["own_calibration"]
+                md.append(f"| {name} | {t['pred_iou_thresh']:.2f} / {t['stability_score_thresh']:.2f} | "
+                          f"{m['recall_50_own']:.4f} | {m['recall_75_own']:.4f} | {m['masks_per_image_own']:.1f} | "
+                          f"{c['recall_50']:.3f} / {c['precision_50']:.3f} / {c['masks_per_image']:.1f} |")
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "eval_sum.md", text.encode())
     typer.echo(text)
