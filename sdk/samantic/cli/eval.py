@@ -331,18 +331,22 @@ def eval_samcp(
     typer.echo(f"saved: {out / 'eval_samcp.json'} and {out / 'eval_samcp.md'}")
 
 
-def _own_thresholds_recall(sam, calib_seeds, recall_seeds, progress: bool) -> dict:
+def _own_thresholds_recall(sam, calib_seeds, recall_seeds, progress: bool, shared: dict, at_shared: dict) -> dict:
     """Segment-everything recall of ``sam`` at its own thresholds, chosen on ``calib_seeds`` as
     ``samantic eval thresholds`` chooses them: a fine-tuned model's scores shift, and one setting for
-    every column measures that shift along with the segmentation."""
+    every column measures that shift along with the segmentation. ``at_shared``: its metrics at the
+    ``shared`` setting, reused when its own pair is that one."""
     from samantic.train.metrics import calibrate_thresholds, evaluate_sam
 
     cal = calibrate_thresholds(sam, calib_seeds, progress=progress)
     own = {k: float(cal.best[k]) for k in ("pred_iou_thresh", "stability_score_thresh")}
-    r = evaluate_sam(sam, [], recall_seeds, progress=progress, amg_kwargs=own)
+    if own == {k: float(shared[k]) for k in own} and set(shared) <= set(own):
+        metrics = at_shared
+    else:
+        metrics = evaluate_sam(sam, [], recall_seeds, progress=progress, amg_kwargs=own).metrics
     return {"own_thresholds": own,
             "own_calibration": {k: float(cal.best[k]) for k in ("recall_50", "precision_50", "masks_per_image", "f1_50")},
-            **{f"{k}_own": r.metrics[k] for k in ("recall_50", "recall_75", "masks_per_image")}}
+            **{f"{k}_own": metrics[k] for k in ("recall_50", "recall_75", "masks_per_image")}}
 
 
 @app.command("sum")
@@ -436,7 +440,8 @@ def eval_sum(
                 result.forgetting[name] = {k: r.metrics[k] for k in ("miou_1pt_top", "miou_3pt", "recall_50", "recall_75",
                                                                      "masks_per_image")}
                 if len(calib_seeds):
-                    result.forgetting[name].update(_own_thresholds_recall(models[name], calib_seeds, recall_seeds, progress))
+                    result.forgetting[name].update(_own_thresholds_recall(models[name], calib_seeds, recall_seeds, progress,
+                                                                           amg, r.metrics))
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
