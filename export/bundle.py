@@ -145,6 +145,13 @@ def export_bundle(
         if trained_on and trained_on != model_id:
             raise ValueError(f"{samcp if isinstance(samcp, (str, Path)) else 'the SAM-CP head'}: trained on patches of "
                              f"{trained_on}, not {model_id}")
+        mismatch = samcp_mod.check_weights(sam, samcp if isinstance(samcp, (str, Path)) else "the SAM-CP head")
+        if mismatch:
+            import warnings
+
+            from samantic.pipeline.panoptic import SamcpWeightsWarning
+
+            warnings.warn(mismatch, SamcpWeightsWarning, stacklevel=2)
     token_dim = int(sam.mask_decoder.transformer_dim)
     if head_mod is not None and getattr(head_mod.info, "token_dim", token_dim) != token_dim:
         raise ValueError(f"the head reads {head_mod.info.token_dim}-d tokens, {model_id} makes {token_dim}-d tokens")

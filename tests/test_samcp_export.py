@@ -213,6 +213,15 @@ def test_a_head_for_another_model_is_refused(head, tmp_path):
         export_bundle("sam_nano", tmp_path / "b", samcp=other, int8=False)
 
 
+def test_a_head_trained_on_other_weights_is_exported_with_a_warning(tmp_path):
+    from samantic.pipeline.panoptic import SamcpWeightsWarning
+
+    other = random_head()
+    other.info.extra["sam_state_sha256"] = "0" * 64  # trained on patches of some other sam_nano weights
+    with pytest.warns(SamcpWeightsWarning, match="other weights"):
+        export_bundle("sam_nano", tmp_path / "b", samcp=other, int8=False)
+
+
 def _match(ref, ours) -> float:
     """Fraction of the reference's segments with a partner of the same class at IoU >= 0.99."""
     if not ref.instances:

@@ -394,12 +394,51 @@ def trained(examples, tmp_path_factory):
     return out
 
 
-def test_train_samcp_writes_a_head_with_its_vocabulary_and_patches(trained):
+def test_train_samcp_writes_a_head_with_its_vocabulary_and_patches(trained, nano):
+    from samantic.models.weights import state_sha256
+
     head = load_samcp(trained)
     assert head.info.classes == THING_CLASSES and head.info.stuff == STUFF_CLASSES
     assert head.info.layers == 1 and head.info.model == "sam_nano"
     assert json.loads(head.info.extra["patches"]) == {"points_per_side": GRID, **LOW}
     assert head.info.extra["steps_done"] == "3"
+    assert head.info.extra["sam_state_sha256"] == state_sha256(nano)  # the SAM whose patches it learned from
+    assert head.check_weights(nano) is None
+
+
+def test_samcp_head_on_other_sam_weights_warns(trained, nano, tmp_path):
+    """Patches of other weights than the head was trained on: Segmenter warns, segment notes it, heads
+    without the record (trained before it existed) pass."""
+    import copy
+    import warnings
+
+    from samantic.batch import SegmentOptions, prepare
+    from samantic.models import save_checkpoint
+    from samantic.pipeline.panoptic import SamcpWeightsWarning
+    from samantic.runtime import Segmenter
+
+    other = copy.deepcopy(nano)
+    with torch.no_grad():
+        other.mask_decoder.iou_prediction_head.layers[-1].bias.add_(0.1)
+    head = load_samcp(trained)
+    msg = head.check_weights(other, "h.safetensors")
+    assert msg is not None and "h.safetensors" in msg and "other weights" in msg
+    assert head.info.extra["sam_state_sha256"][:12] in msg
+    with pytest.warns(SamcpWeightsWarning, match="other weights"):
+        Segmenter(other, samcp=head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SamcpWeightsWarning)
+        Segmenter(nano, samcp=head)  # the same weights: silent
+        del head.info.extra["sam_state_sha256"]
+        assert head.check_weights(other) is None
+        Segmenter(other, samcp=head)
+    # `samantic segment --samcp` (prepare): a note for the console, no Python warning
+    ckpt = save_checkpoint(other.state_dict(), tmp_path / "other.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SamcpWeightsWarning)
+        prepared = prepare(SegmentOptions(samcp=str(trained), checkpoint=str(ckpt)))
+    assert any(n.startswith("warning: ") and "other weights" in n for n in prepared.notes), prepared.notes
+    assert not any("other weights" in n for n in prepare(SegmentOptions(samcp=str(trained))).notes)
 
 
 def test_train_samcp_rejects_unknown_classes(tmp_path):

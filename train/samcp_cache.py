@@ -65,6 +65,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from samantic.models.weights import state_sha256
+
 __all__ = [
     "CACHE_FORMAT",
     "CacheReport",
@@ -257,16 +259,6 @@ def image_sha256(image: np.ndarray) -> str:
     image = np.ascontiguousarray(image)
     h = hashlib.sha256(f"{image.dtype.str}{list(image.shape)}".encode())
     h.update(image.tobytes())
-    return h.hexdigest()
-
-
-def state_sha256(model) -> str:
-    """SHA-256 (hex) of a model's parameters and buffers, by name: its weights, however they were loaded."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -253,8 +253,19 @@ def prepare(options: SegmentOptions) -> Prepared:
         if head_module is not None:
             head_module.check_model(sam, model, o.head)
         if samcp_head is not None:
-            segmenter = Segmenter(sam, samcp=samcp_head, classes=_class_list(o.classes), config=config,
-                                  samcp_options={} if o.score_thresh is None else {"score_thresh": o.score_thresh})
+            import warnings
+
+            from samantic.pipeline.panoptic import SamcpWeightsWarning
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", SamcpWeightsWarning)
+                segmenter = Segmenter(sam, samcp=samcp_head, classes=_class_list(o.classes), config=config,
+                                      samcp_options={} if o.score_thresh is None else {"score_thresh": o.score_thresh})
+            for w in caught:  # ours go to the console with the other notes; anything else is raised again
+                if issubclass(w.category, SamcpWeightsWarning):
+                    notes.append(f"warning: {w.message}")
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         else:
             segmenter = Segmenter(sam, head_module, classes=o.classes, score_thresh=o.score_thresh, config=config)
         if o.checkpoint:

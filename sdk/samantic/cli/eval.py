@@ -256,6 +256,9 @@ def eval_samcp(
         for path in samcp:
             head = load_samcp(path)
             head.check_model(model, path)
+            mismatch = head.check_weights(sam, path)
+            if mismatch:
+                typer.echo(f"warning: {mismatch}", err=True)
             pred = SamcpPredictor(head, **opts)
             po = pred.patch_options()
             if patch_opts is None:

@@ -99,6 +99,9 @@ def tune(
         module = load_samcp(head)
         module.check_model(model, head)
         sam = create_model(model, checkpoint=checkpoint)
+        mismatch = module.check_weights(sam, head)
+        if mismatch:
+            typer.echo(f"warning: {mismatch}", err=True)
         result = tune_samcp(module, sam, range(a, b), cache, grid=grid, metric=metric, progress=progress)
         note = {"seeds": seeds, "metric": metric, "value": score_of(next(r for r in result.rows if all(
             r[k] == v for k, v in result.best.items())), metric), "model": model, "checkpoint": checkpoint}

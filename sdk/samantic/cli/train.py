@@ -184,8 +184,9 @@ def train_samcp(
 
     import torch
 
-    from samantic.heads.samcp import SamcpHead, SamcpInfo
+    from samantic.heads.samcp import SAM_STATE_KEY, SamcpHead, SamcpInfo
     from samantic.models import create_model
+    from samantic.models.weights import state_sha256
     from samantic.train.samcp import SamcpTrainConfig, SamcpTrainer, load_examples
     from samantic.train.samcp_cache import open_panoptic
 
@@ -243,6 +244,7 @@ def train_samcp(
                f"{meta['stability_score_thresh']})")
     head = SamcpHead(info, text_embeddings=text)
     extra = {"data": data, "checkpoint": checkpoint or "", "patch_cache_key": report.key,
+             SAM_STATE_KEY: state_sha256(sam),
              "patches": json.dumps({k: meta[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh")}),
              "images": str(len(examples))}
     try:

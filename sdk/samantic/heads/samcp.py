@@ -72,6 +72,8 @@ SAMCP_FORMAT = "samantic.samcp_head.v1"
 PRIOR_PROB = 0.01
 _PRIOR_LOGIT = math.log(PRIOR_PROB / (1.0 - PRIOR_PROB))
 SMALL_FPN = "small_fpn"
+# header entry: state-dict digest of the SAM whose patches the head was trained on
+SAM_STATE_KEY = "sam_state_sha256"
 # header entries of a head with text embeddings (kept in SamcpInfo.extra)
 TEXT_ENCODER_KEY = "text_encoder"
 TEXT_TEMPLATE_KEY = "text_template"
@@ -768,6 +770,26 @@ class SamcpHead(nn.Module):
         """Refuses patches of a SAM other than the one the head was trained on (other granularity)."""
         if self.info.model and self.info.model != model_name:
             raise ValueError(f"{source}: the SAM-CP head was trained on patches of {self.info.model}, not {model_name}")
+
+    def check_weights(self, sam: nn.Module, source: Union[str, Path] = "head") -> Optional[str]:
+        """Why ``sam``'s patches are not the ones the head learned from, or None when they are.
+
+        A head records the state-dict digest of the SAM it was trained on (``sam_state_sha256``,
+        written by ``samantic train samcp``); other weights of the same architecture segment
+        differently, and the head scores their patches worse. Heads without the record pass.
+        """
+        from samantic.models.weights import state_sha256
+
+        want = self.info.extra.get(SAM_STATE_KEY, "")
+        if not want:
+            return None
+        got = state_sha256(sam)
+        if got == want:
+            return None
+        trained = self.info.extra.get("checkpoint") or "its shipped weights"
+        return (f"{source}: the SAM-CP head was trained on patches of {self.info.model or 'a SAM'} with {trained} "
+                f"(weights {want[:12]}), but the SAM given has other weights ({got[:12]}): its patches differ from "
+                f"those the head learned from, so expect lower accuracy; load the weights the head was trained with")
 
     def save(self, path: Union[str, Path], metadata: Optional[Dict[str, Any]] = None) -> Path:
         return save_samcp(self, path, metadata)

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 __all__ = [
     "ChecksumError",
@@ -272,6 +272,21 @@ def file_sha256(path: PathLike, *, progress: bool = False) -> str:
         FileNotFoundError: If the file does not exist.
     """
     return _sha256(Path(path), progress, Path(path).name)
+
+
+def state_sha256(model: Any) -> str:
+    """Hex SHA-256 of a module's parameters and buffers, by name: its weights, however they were loaded.
+
+    Two models with equal state dicts (names, shapes and values) get the same digest, whether
+    their weights came from a file, a tag or memory; a SAM-CP head records the digest of the
+    SAM whose patches it learned from (see ``SamcpHead.check_weights``).
+    """
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _sha256(path: Path, progress: bool, label: str) -> str:

@@ -195,6 +195,10 @@ class TorchSamcpScorer:
         return aff, cls, presence
 
 
+class SamcpWeightsWarning(UserWarning):
+    """A SAM-CP head runs on patches of SAM weights other than those it was trained on."""
+
+
 def check_names(known: Sequence[str], names: Sequence[str], what: str = "this SAM-CP head") -> Tuple[str, ...]:
     """Requested names -> the same tuple; an unknown name raises ``ValueError`` listing the known ones."""
     bad = [n for n in names if n not in known]
@@ -260,6 +264,12 @@ class SamcpPredictor:
     def patch_options(self) -> Dict[str, Any]:
         """The segment-everything options the head was trained with (see :func:`patch_options`)."""
         return self.scorer.patch_options()
+
+    def check_weights(self, sam: Any, source: str = "SAM-CP head") -> Optional[str]:
+        """Why ``sam`` (a torch SAM) is not the SAM the head was trained on, or None (see
+        :meth:`~samantic.heads.samcp.SamcpHead.check_weights`; None for a head without torch)."""
+        head = self.head
+        return None if head is None or sam is None else head.check_weights(sam, source)
 
     def check_model(self, model_name: str, source: str = "SAM-CP head") -> None:
         """Refuses patches of a SAM other than the one the head was trained on (other granularity)."""

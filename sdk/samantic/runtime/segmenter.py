@@ -250,8 +250,16 @@ class Segmenter:
                                         **dict(samcp_options or {}))
             name = (getattr(model, "samantic_name", None) if model is not None
                     else getattr(getattr(engine, "bundle", None), "model_id", None))
+            source = str(samcp) if isinstance(samcp, (str, Path)) else "SAM-CP head"
             if name:
-                self.samcp.check_model(name, str(samcp) if isinstance(samcp, (str, Path)) else "SAM-CP head")
+                self.samcp.check_model(name, source)
+            mismatch = self.samcp.check_weights(model, source)
+            if mismatch:
+                import warnings
+
+                from samantic.pipeline.panoptic import SamcpWeightsWarning
+
+                warnings.warn(mismatch, SamcpWeightsWarning, stacklevel=2)
             if config is None:
                 config = AmgConfig(output_mode="coco_rle", **self.samcp.patch_options())
             classes = None
