@@ -481,3 +481,55 @@ def test_segment_with_samcp_writes_coco_semantic_and_panoptic_files(trained, tmp
     r = _samantic("segment", str(src / "a.png"), "--out", str(tmp_path / "o2"), "--samcp", str(trained),
                   "--classes", "circle,blob", "--no-progress")
     assert r.returncode == 1 and "blob" in r.stderr and "lollipop" in r.stderr
+
+
+def test_oracle_selects_exactly_each_segments_member_patches(nano, examples):
+    """The oracle row of `eval samcp`: every thing instance is the union of its member patches (the
+    training targets), with its class; stuff comes only from classes whose regions have members."""
+    from samantic.train.samcp_cache import PatchCache
+    from samantic.train.samcp_eval import OracleSamcpScorer
+
+    _, cache_dir = examples
+    pc = PatchCache(cache_dir, nano, points_per_side=GRID, **LOW)
+    names = {c["id"]: c["name"] for c in CATEGORIES}
+    checked = 0
+    for seed in range(1_000_000, 1_000_003):
+        image = render_panoptic(seed, size=SIZE).image
+        entry = pc.get(image)
+        assert entry is not None
+        member = assign_patches(entry.iop, entry.box_iop, entry.iou) == 1
+        out = SamcpPredictor(OracleSamcpScorer(pc, CATEGORIES), min_area=0, nms_thresh=1.0)(
+            image, entry.patch_batch(), entry.patch_boxes)
+        expected = []
+        for g, cat in enumerate(entry.gt_categories):
+            if entry.gt_isthing[g] and member[:, g].any():
+                rles = [entry.patch_rles[i] for i in np.flatnonzero(member[:, g])]
+                expected.append((names[int(cat)], mask_utils.decode(mask_utils.merge(rles, intersect=False)).astype(bool)))
+        got = [(d["category_name"], mask_utils.decode(d["segmentation"]).astype(bool)) for d in out.instances]
+        assert len(got) == len(expected)
+        for name, mask in expected:
+            assert any(n == name and (m == mask).all() for n, m in got), name
+            checked += 1
+        stuff_with_members = {names[int(c)] for g, c in enumerate(entry.gt_categories)
+                              if not entry.gt_isthing[g] and member[:, g].any()}
+        assert {s["category_name"] for s in out.segments_info if not s["isthing"]} <= stuff_with_members
+        assert all(d["score"] == pytest.approx(1.0) for d in out.instances)
+    assert checked > 0
+    with pytest.raises(ValueError, match="no entry in the patch cache"):
+        OracleSamcpScorer(pc, CATEGORIES).scores(np.zeros((SIZE[0], SIZE[1], 3), np.uint8), [], np.zeros((0, 4)))
+
+
+def test_eval_samcp_command_with_the_oracle_row(trained, examples, tmp_path):
+    _, cache = examples
+    out = tmp_path / "ev"
+    r = _samantic("eval", "samcp", "--samcp", str(trained), "--seeds", "0:1", "--v1-seeds", "0:1", "--cache", str(cache),
+                  "--oracle", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((out / "eval_samcp.json").read_text())
+    assert [h["head"] for h in res["heads"]] == [str(trained), "oracle"]
+    assert res["command"].endswith("--oracle")
+    head, oracle = res["heads"][0]["v2"], res["heads"][1]["v2"]
+    assert 0.0 < oracle["pq"]["all"]["pq"] <= 1.0
+    assert oracle["semantic"]["miou"] > head["semantic"]["miou"]  # a 3-step head is far from perfect
+    assert res["heads"][1]["v1"]["scenes"] == 1
+    assert "| oracle | the training targets as scores" in (out / "eval_samcp.md").read_text()

@@ -23,7 +23,7 @@ import numpy as np
 
 from samantic.train.metrics import TRAIN_SEED_START
 
-__all__ = ["SamcpEvalResult", "evaluate_samcp", "coco_mask_ap"]
+__all__ = ["OracleSamcpScorer", "SamcpEvalResult", "evaluate_samcp", "coco_mask_ap"]
 
 
 @dataclass
@@ -79,6 +79,78 @@ def coco_mask_ap(images: List[dict], gt_anns: List[dict], dt_anns: List[dict], c
         p = prec[:, ci]
         per[names[cat]] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
     return float(ev.stats[0]), float(ev.stats[1]), per
+
+
+class OracleSamcpScorer:
+    """A perfect SAM-CP head: scores that are the training targets, read from the patch cache.
+
+    Each thing patch's Type-II query selects exactly the patches that are members of its segment
+    (``samantic.train.samcp.assign_patches``: at least ``pos_thresh`` of the patch's mask and box
+    inside it, or the segment's fallback patch) with its class at probability 1; each stuff
+    class selects the members of its regions, present with probability 1. Run through
+    :class:`~samantic.pipeline.panoptic.SamcpPredictor` (merge, NMS, fusion) and
+    :func:`evaluate_samcp`, it gives the scores a head that learned its targets perfectly would
+    get on these patches: the ceiling the patches set, beside the heads' rows.
+
+    Args:
+        cache: the :class:`~samantic.train.samcp_cache.PatchCache` the patches come from (the
+            entries hold the overlaps with the ground truth; :func:`evaluate_samcp` writes them
+            before it asks for scores).
+        categories: the dataset categories (``id``, ``name``, ``isthing``) the cached segments'
+            category ids refer to: v2's for panoptic scenes, v1's classes for v1 scenes.
+    """
+
+    backend = "oracle"
+    head = None
+    inference = None
+    model = ""
+
+    def __init__(self, cache: Any, categories: Sequence[dict], pos_thresh: float = 0.8, neg_thresh: float = 0.5) -> None:
+        things = [c for c in categories if c.get("isthing", 1)]
+        stuff = [c for c in categories if not c.get("isthing", 1)]
+        self.cache = cache
+        self.names = tuple(c["name"] for c in things + stuff)
+        self.things = len(things)
+        self._index = {int(c["id"]): i for i, c in enumerate(things + stuff)}
+        self.pos_thresh, self.neg_thresh = float(pos_thresh), float(neg_thresh)
+        self.timings: Dict[str, float] = {}
+
+    def patch_options(self) -> Dict[str, Any]:
+        return {}
+
+    def check_classes(self, names: Sequence[str]):
+        from samantic.pipeline.panoptic import check_names
+
+        return check_names(self.names, names, "the oracle")
+
+    def scores(self, image: np.ndarray, patch_rles: Any, patch_boxes: np.ndarray):
+        """(affinity ``[C + P, P]``, class probabilities ``[P, C]``, presence ``[C]``), all 0 or 1."""
+        from samantic.train.samcp import assign_patches
+
+        entry = self.cache.get(image)
+        if entry is None:
+            raise ValueError("oracle: this image has no entry in the patch cache (evaluate_samcp writes it first)")
+        p, c = len(entry), len(self.names)
+        if len(patch_rles) != p:
+            raise ValueError(f"oracle: {len(patch_rles)} patches given, the cache entry has {p}")
+        aff = np.zeros((c + p, p), np.float32)
+        cls = np.zeros((p, c), np.float32)
+        presence = np.zeros(c, np.float32)
+        if p and len(entry.gt_categories):
+            member = assign_patches(entry.iop, entry.box_iop, entry.iou, self.pos_thresh, self.neg_thresh) == 1
+            for g, cat in enumerate(entry.gt_categories):
+                k = self._index.get(int(cat))
+                rows = member[:, g]
+                if k is None or not rows.any():
+                    continue
+                if k < self.things:
+                    for q in np.flatnonzero(rows):
+                        aff[c + q] = rows
+                        cls[q, k] = 1.0
+                else:
+                    aff[k] = np.maximum(aff[k], rows)
+                    presence[k] = 1.0
+        return aff, cls, presence
 
 
 def _gt_v1(seed: int):

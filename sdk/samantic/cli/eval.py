@@ -235,6 +235,7 @@ def eval_samcp(
     usam: Annotated[Optional[Path], typer.Option(help="A U-SAM head to score on the same v1 scenes, side by side.")] = None,
     cache: Annotated[Path, typer.Option(help="Patch cache root (shared with `samantic train samcp`).")] = Path("runs/cache/samcp"),
     score_thresh: Annotated[Optional[float], typer.Option(help="Segment score threshold (default 0.3).")] = None,
+    oracle: Annotated[bool, typer.Option("--oracle/--no-oracle", help="Also a row for a perfect head (the training targets as scores, read from the cached overlaps with the ground truth): the ceiling the patches set.")] = False,
     out: Annotated[Path, typer.Option(help="Directory for eval_samcp.json and eval_samcp.md.")] = Path("runs/eval"),
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
@@ -244,7 +245,13 @@ def eval_samcp(
     from samantic.models import create_model
     from samantic.pipeline.panoptic import SamcpPredictor
     from samantic.train.data.shapes import CLASSES
-    from samantic.train.samcp_eval import evaluate_samcp
+    from samantic.train.samcp_eval import OracleSamcpScorer, evaluate_samcp
+
+    def ablation(head) -> str:
+        i = head.info
+        parts = [f"{i.layers} layer{'s' if i.layers > 1 else ''}", "mask RoI" if i.mask_roi else "box RoI",
+                 "affinity residual" if i.affinity_residual else "no residual"]
+        return ", ".join(parts)
 
     v2_range = parse_seeds(seeds)
     v1_range = parse_seeds(v1_seeds) if v1_seeds else None
@@ -272,7 +279,20 @@ def eval_samcp(
                 wanted = [n for n in head.info.classes if n in CLASSES]
                 v1 = evaluate_samcp(SamcpPredictor(head, classes=wanted, **opts), sam, v1_range, cache, kind="v1",
                                     progress=progress, **po) if wanted else None
-            rows.append((path, head, v2, v1))
+            rows.append((path.name, ablation(head), str(path), v2, v1))
+        if oracle:
+            from samantic.train.data.panoptic import CATEGORIES
+            from samantic.train.samcp_cache import PatchCache
+
+            pc = PatchCache(cache, sam, **patch_opts)
+            v2 = evaluate_samcp(SamcpPredictor(OracleSamcpScorer(pc, CATEGORIES), **opts), sam, v2_range, cache,
+                                kind="v2", progress=progress, **patch_opts)
+            v1 = None
+            if v1_range is not None:
+                v1_cats = [{"id": i + 1, "name": n, "isthing": 1} for i, n in enumerate(CLASSES)]
+                v1 = evaluate_samcp(SamcpPredictor(OracleSamcpScorer(pc, v1_cats), **opts), sam, v1_range, cache,
+                                    kind="v1", progress=progress, **patch_opts)
+            rows.append(("oracle", "the training targets as scores (the patches' ceiling)", None, v2, v1))
         usam_row = None
         if usam is not None and v1_range is not None:
             from samantic.heads.usam import load_head
@@ -290,27 +310,21 @@ def eval_samcp(
     command = (f"samantic eval samcp --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "")
                + "".join(f" --samcp {p}" for p in samcp) + f" --seeds {seeds}"
                + (f" --v1-seeds {v1_seeds}" if v1_seeds else " --v1-seeds ''") + (f" --usam {usam}" if usam else "")
-               + (f" --score-thresh {score_thresh}" if score_thresh is not None else ""))
-
-    def ablation(head) -> str:
-        i = head.info
-        parts = [f"{i.layers} layer{'s' if i.layers > 1 else ''}", "mask RoI" if i.mask_roi else "box RoI",
-                 "affinity residual" if i.affinity_residual else "no residual"]
-        return ", ".join(parts)
+               + (f" --score-thresh {score_thresh}" if score_thresh is not None else "") + (" --oracle" if oracle else ""))
 
     payload = {"model": model, "checkpoint": checkpoint, "seeds": seeds, "v1_seeds": v1_seeds, "command": command,
                "patches": patch_opts,
-               "heads": [{"head": str(p), "setting": ablation(h), "v2": v2.to_dict(), "v1": v1.to_dict() if v1 else None}
-                         for p, h, v2, v1 in rows],
+               "heads": [{"head": p if p is not None else name, "setting": setting, "v2": v2.to_dict(),
+                          "v1": v1.to_dict() if v1 else None} for name, setting, p, v2, v1 in rows],
                "usam": usam_row.to_dict() if usam_row is not None else None}
     atomic_write_json(out / "eval_samcp.json", payload, indent=2)
     f = lambda v: f"{v:.3f}" if v == v else "-"  # noqa: E731
     md = [f"`{command}`", "", f"Patches: {patch_opts or 'the model defaults'}; v2 scenes {seeds}, v1 scenes {v1_seeds or '-'}.", "",
           "| head | setting | PQ | SQ | RQ | PQ things | PQ stuff | AP | AP50 | mIoU | v1 mIoU | v1 AP50 | patches / img | head s / img |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for p, h, v2, v1 in rows:
+    for name, setting, _, v2, v1 in rows:
         a, t, s = v2.pq.get("all", {}), v2.pq.get("things", {}), v2.pq.get("stuff", {})
-        md.append(f"| {p.name} | {ablation(h)} | {f(a.get('pq', float('nan')))} | {f(a.get('sq', float('nan')))} | "
+        md.append(f"| {name} | {setting} | {f(a.get('pq', float('nan')))} | {f(a.get('sq', float('nan')))} | "
                   f"{f(a.get('rq', float('nan')))} | {f(t.get('pq', float('nan')))} | {f(s.get('pq', float('nan')))} | "
                   f"{f(v2.ap)} | {f(v2.ap50)} | {f(v2.miou)} | {f(v1.miou) if v1 else '-'} | "
                   f"{f(v1.ap50) if v1 else '-'} | {v2.patches_per_image:.1f} | {v2.head_seconds_per_image:.3f} |")
@@ -318,8 +332,8 @@ def eval_samcp(
         md.append(f"| {usam.name} (U-SAM) | classifier on mask tokens | - | - | - | - | - | - | - | - | "
                   f"{f(usam_row.miou)} | {f(usam_row.map50)} | - | - |")
     md.append("")
-    for p, h, v2, v1 in rows:
-        md += [f"**{p.name}** per class (v2): PQ / SQ / RQ, IoU, AP50", "", "| class | PQ | SQ | RQ | IoU | AP50 |",
+    for name, _, _, v2, v1 in rows:
+        md += [f"**{name}** per class (v2): PQ / SQ / RQ, IoU, AP50", "", "| class | PQ | SQ | RQ | IoU | AP50 |",
                "|---|---|---|---|---|---|"]
         for name, r in v2.pq.get("per_class", {}).items():
             if r.get("tp", 0) + r.get("fp", 0) + r.get("fn", 0) == 0:
