@@ -186,7 +186,6 @@ def train_samcp(
 
     from samantic.heads.samcp import SAM_STATE_KEY, SamcpHead, SamcpInfo
     from samantic.models import create_model
-    from samantic.models.weights import state_sha256
     from samantic.train.samcp import SamcpTrainConfig, SamcpTrainer, load_examples
     from samantic.train.samcp_cache import open_panoptic
 
@@ -244,7 +243,7 @@ def train_samcp(
                f"{meta['stability_score_thresh']})")
     head = SamcpHead(info, text_embeddings=text)
     extra = {"data": data, "checkpoint": checkpoint or "", "patch_cache_key": report.key,
-             SAM_STATE_KEY: state_sha256(sam),
+             SAM_STATE_KEY: meta["state_sha256"],  # the cache keyed its entries by this digest of `sam`
              "patches": json.dumps({k: meta[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh")}),
              "images": str(len(examples))}
     try:
