@@ -9,7 +9,7 @@ runs three graphs:
     -> ``feat0`` ... ``feat3`` [1, D, h / s, w / s] (the FPN, strides 4/8/16/32).
 ``samcp_patches.onnx``
     ``feat0`` ... ``feat3``, ``boxes`` float32 [P, 4] (xyxy, exclusive max, pixels of the
-    resized image), ``roi_masks`` float32 [P, r, r], ``image_hw`` float32 [2]
+    resized image), ``roi_masks`` float32 [P, m, m] (m: the manifest's ``mask_size``), ``image_hw`` float32 [2]
     -> ``tokens`` [1, P, D], ``pos`` [1, P, D] (mask-RoI features + box encoding, patch encoder).
 ``samcp_decoder.onnx``
     ``tokens``, ``pos``, ``class_queries`` float32 [C, D]
@@ -111,12 +111,7 @@ class PatchesOnnx(nn.Module):
         for i, (f, s) in enumerate(zip(feats, emb.strides)):
             got = roi_align(emb.reduce(f), rois, (r, r), spatial_scale=1.0 / s, sampling_ratio=2, aligned=True)
             x = x + got * (level == i).to(got.dtype)[:, None, None, None]
-        m = roi_masks
-        if info.mask_roi:
-            x = x * m[:, None]
-        else:
-            m = torch.ones_like(m)
-        x = emb.mlp(torch.cat([x.flatten(1), m.flatten(1)], 1))
+        x = emb.content(x, roi_masks)
         wh = torch.stack([image_hw[1], image_hw[0], image_hw[1], image_hw[0]])
         b01 = (boxes / wh).clamp(0, 1)
         from samantic.heads.samcp import _sine_box_encoding
@@ -187,7 +182,7 @@ def sample_inputs(head, graph: str, patches: int = 5) -> Tuple[torch.Tensor, ...
         xy = torch.rand(patches, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
         wh = 4 + torch.rand(patches, 2, generator=g) * torch.tensor([w * 0.4, h * 0.4])
         boxes = torch.cat([xy, xy + wh], 1)
-        roi = torch.rand(patches, info.roi_size, info.roi_size, generator=g)
+        roi = torch.rand(patches, info.mask_side, info.mask_side, generator=g)
         return (*feats, boxes, roi, torch.tensor([float(h), float(w)]))
     d = info.d_model
     return (torch.randn(1, patches, d, generator=g), torch.randn(1, patches, d, generator=g),
@@ -262,6 +257,7 @@ def samcp_manifest_entry(head, head_file: str, queries_file: str) -> Dict[str, o
         "stuff": list(info.stuff),
         "input_size": int(info.input_size),
         "roi_size": int(info.roi_size),
+        "mask_size": int(info.mask_side),  # side of the roi_masks input (the runtime resamples patches to it)
         "d_model": int(info.d_model),
         "model": info.model,
         "patches": patch_options(info),

@@ -297,6 +297,39 @@ def test_open_panoptic_specs(tmp_path, dataset_dir):
     assert list(zip(sample.gt.segment_ids.tolist(), sample.gt.category_ids.tolist())) == list(scene.segments)
 
 
+def test_v1_scenes_and_mixed_specs(dataset_dir):
+    """``shapes:SEED:N`` gives v1 scenes as panoptic samples in the v2 vocabulary; commas join datasets."""
+    from samantic.train.data.shapes import CLASSES, render_scene
+    from samantic.train.samcp_cache import ConcatPanoptic, ShapesStream
+
+    v1 = open_panoptic("shapes:11:2")
+    assert isinstance(v1, ShapesStream) and (len(v1), v1.key(1)) == (2, "shapes:12")
+    v2_ids = {c["name"]: c["id"] for c in CATEGORIES}
+    sample, scene = v1.load(1), render_scene(12)
+    np.testing.assert_array_equal(sample.image, scene.image)
+    assert len(scene.labels) > 0 and len(sample.gt) == len(scene.labels)
+    assert sample.gt.category_ids.tolist() == [v2_ids[CLASSES[k]] for k in scene.labels]
+    assert sample.gt.isthing.all()
+    decoded = mask_utils.decode(sample.gt.rles.to_dicts(compressed=True)).transpose(2, 0, 1).astype(bool)
+    np.testing.assert_array_equal(decoded, np.asarray(scene.masks, bool))
+    # mixed: a folder, a v2 stream and a v1 stream, in that order, one vocabulary
+    mix = open_panoptic(f"{dataset_dir},shapes-panoptic:7:2,shapes:11:2")
+    assert isinstance(mix, ConcatPanoptic) and len(mix) == 6
+    assert [mix.key(i) for i in range(2, 6)] == ["shapes-panoptic:7", "shapes-panoptic:8", "shapes:11", "shapes:12"]
+    assert mix.key(0) == open_panoptic(dataset_dir).key(0)
+    assert [c["name"] for c in mix.categories] == [c["name"] for c in CATEGORIES]
+    np.testing.assert_array_equal(mix.load(5).image, sample.image)
+    with pytest.raises(IndexError):
+        mix.key(6)
+    for bad in ("shapes:", "shapes:x", "shapes:1:0", "shapes:-2", "shapes:1,,shapes:2"):
+        with pytest.raises(ValueError, match="SEED|empty item"):
+            open_panoptic(bad)
+    # datasets whose categories disagree are not mixed silently
+    other = type("Other", (), {"categories": [{"id": 99, "name": "circle", "isthing": 1}], "__len__": lambda self: 1})()
+    with pytest.raises(ValueError, match="'circle' is id 1 .*another dataset has id 99"):
+        ConcatPanoptic([other, v1])
+
+
 # ---------------------------------------------------------------- CLI
 
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from samantic.export.bundle import export_bundle
-from samantic.heads.samcp import FpnBackbone, SamcpHead, SamcpInfo, mask_to_roi, save_samcp
+from samantic.heads.samcp import FpnBackbone, SamcpHead, SamcpInfo, load_samcp, mask_to_roi, save_samcp
 from samantic.ops import rle_encode, rle_iou
 from samantic.pipeline.samcp_inputs import head_boxes, resize_image, roi_align_masks
 from samantic.runtime import Bundle, Segmenter
@@ -111,9 +111,13 @@ def test_roi_align_masks_equals_torchvision():
 # -- the graphs ------------------------------------------------------------------------------------
 
 
-def test_exported_graphs_equal_the_torch_head(head, tmp_path):
+@pytest.mark.parametrize("mask_size", [0, 14])
+def test_exported_graphs_equal_the_torch_head(head, mask_size, tmp_path):
     from samantic.export.samcp import export_samcp
 
+    if mask_size:  # the patch masks at a finer grid than the 7 x 7 RoI
+        head = random_head(mask_size=mask_size)
+    m = head.info.mask_side
     paths = export_samcp(head, tmp_path)
     sess = {g: onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])
             for g, p in paths.items() if g != "queries"}
@@ -129,7 +133,7 @@ def test_exported_graphs_equal_the_torch_head(head, tmp_path):
             xy = rng.random((p, 2)) * [w * 0.7, h * 0.7]
             boxes = torch.from_numpy(np.concatenate([xy, xy + 2 + rng.random((p, 2)) * [w * 0.3, h * 0.3]], 1)
                                      .astype(np.float32))
-            roi = torch.from_numpy(rng.random((p, 7, 7), dtype=np.float32))
+            roi = torch.from_numpy(rng.random((p, m, m), dtype=np.float32))
             with torch.no_grad():
                 tokens, pos, valid = head.encode_patches(feats, [boxes], [roi], (h, w))
                 out = head.decode(tokens, pos, valid)
@@ -251,6 +255,30 @@ def test_onnxruntime_segments_equal_torch(samcp_bundle):
         assert {s["category_name"] for s in a.segments_info} == {s["category_name"] for s in b.segments_info}
     assert total >= 3  # the random head does name segments
     assert matched / total >= 0.99
+
+
+def test_a_head_with_finer_patch_masks_runs_the_same_in_its_bundle(nano, tmp_path):
+    """mask_size 14: the manifest records it and the torch-free runtime resamples the patches to it."""
+    head = random_head(seed=3, mask_size=14)
+    path = save_samcp(head, tmp_path / "samcp14.safetensors")
+    assert load_samcp(path).info.mask_side == 14
+    bundle_dir = export_bundle(nano, tmp_path / "bundle", samcp=path, int8=False, torch_weights=True)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert (manifest["samcp"]["mask_size"], manifest["samcp"]["roi_size"]) == (14, 7)
+    ort = Segmenter.from_bundle(bundle_dir, backend="onnxruntime", threads=1, samcp_options=OPTIONS)
+    ref = Segmenter.from_bundle(bundle_dir, backend="torch", samcp_options=OPTIONS)
+    assert ort.samcp.scorer.mask_size == 14
+    image = render_panoptic(1, size=SIZE).image
+    a, b = ref(image), ort(image)
+    assert len(a.instances) >= 1 and len(b.masks) == len(a.masks)
+    assert _match(a, b) >= 0.99
+
+
+def test_mask_size_must_be_a_multiple_of_the_roi_grid():
+    for bad in (5, -7, 10):
+        with pytest.raises(ValueError, match="mask_size must be 0 or a positive multiple"):
+            SamcpInfo(classes=("a",), mask_size=bad)
+    assert SamcpInfo(classes=("a",)).mask_side == 7 and SamcpInfo(classes=("a",), mask_size=21).mask_side == 21
 
 
 def test_classes_filter_on_a_bundle(samcp_bundle):

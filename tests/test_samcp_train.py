@@ -137,6 +137,29 @@ def test_examples_from_the_cache(examples):
     assert sum(e.boxes.shape[0] for e in ex) > 0
 
 
+def test_v1_scenes_mixed_in_train_things_only(nano, examples):
+    """``shapes:`` scenes in a mixed set: their shapes are things of the v2 vocabulary, no stuff is present,
+    and a training step takes v1 and v2 examples together."""
+    from samantic.train.data.shapes import CLASSES, render_scene
+    from samantic.train.samcp_cache import ConcatPanoptic, ShapesStream
+
+    ex_v2, cache = examples
+    data = ConcatPanoptic([PanopticStream(1_000_000, 1, size=SIZE), ShapesStream(1_000_000, 2, size=SIZE)])
+    ex, report = load_examples(nano, data, cache, small_info().names, points_per_side=GRID, progress=False, **LOW)
+    assert (report.computed, report.reused) == (2, 1) and [e.key for e in ex][1:] == ["shapes:1000000", "shapes:1000001"]
+    names = small_info().names
+    for e, seed in zip(ex[1:], (1_000_000, 1_000_001)):
+        labels = render_scene(seed, size=SIZE).labels
+        assert [names[c] for c in e.gt_classes] == [CLASSES[k] for k in labels]
+        assert e.gt_isthing.all()
+        stuff_rows = [names.index(n) for n in STUFF_CLASSES]
+        assert not e.class_targets[stuff_rows].any()  # no stuff on a v1 background
+    torch.manual_seed(0)
+    trainer = SamcpTrainer(SamcpHead(small_info()), SamcpTrainConfig(steps=2, images_per_step=3, warmup_steps=1), ex)
+    loss, _ = trainer.train_step(ex)
+    assert np.isfinite(loss)
+
+
 def test_losses_fall_when_fitting_a_few_scenes(examples):
     ex, _ = examples
     ex = [e for e in ex if e.boxes.shape[0]]

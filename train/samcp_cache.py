@@ -70,12 +70,14 @@ from samantic.models.weights import state_sha256
 __all__ = [
     "CACHE_FORMAT",
     "CacheReport",
+    "ConcatPanoptic",
     "GroundTruth",
     "PanopticFolder",
     "PanopticSample",
     "PanopticStream",
     "PatchCache",
     "Patches",
+    "ShapesStream",
     "build_patch_cache",
     "image_sha256",
     "load_patches",
@@ -87,6 +89,7 @@ __all__ = [
 
 CACHE_FORMAT = "samantic.samcp_patches/1"
 STREAM_PREFIX = "shapes-panoptic:"
+V1_STREAM_PREFIX = "shapes:"  # v1 scenes as panoptic samples (things only)
 DEFAULT_STREAM_N = 100  # as `samantic data shapes --n`
 # generator options besides the grid and thresholds; fixed here, recorded in every key
 GENERATOR_OPTIONS = {"stability_score_offset": 1.0, "box_nms_thresh": 0.7, "crop_n_layers": 0,
@@ -231,23 +234,130 @@ class PanopticStream:
         return PanopticSample(self.key(i), scene.image, gt)
 
 
-def open_panoptic(spec: Union[str, Path, PanopticFolder, PanopticStream]) -> Union[PanopticFolder, PanopticStream]:
-    """``DIR`` (a panoptic dataset folder) or ``shapes-panoptic:SEED[:N]`` (N scenes rendered on the fly,
-    default 100); a dataset object is returned as it is."""
-    if isinstance(spec, (PanopticFolder, PanopticStream)):
+class ShapesStream:
+    """``n`` v1 scenes (:func:`~samantic.train.data.shapes.render_scene`, seeds ``seed .. seed + n - 1``;
+    ``size`` (H, W) or a random one) as panoptic samples in the v2 vocabulary: their things carry the v2 category of the same name,
+    the background and the distractor blobs are unlabelled (no segment), there is no stuff.
+
+    Mixed into a v2 set (``shapes-panoptic:A:N,shapes:B:M``) it shows a SAM-CP head the v1 shapes on
+    v1 backgrounds, where it is asked to name them by class (``eval samcp --v1-seeds``).
+    """
+
+    def __init__(self, seed: int, n: int, size: Optional[Sequence[int]] = None) -> None:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed, self.n, self.size = int(seed), int(n), size
+
+    @property
+    def categories(self) -> List[dict]:
+        """The v2 world's COCO categories (v1's classes are among its things)."""
+        from samantic.train.data.panoptic import CATEGORIES
+
+        return [dict(c) for c in CATEGORIES]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"{V1_STREAM_PREFIX}{self.seed}:{self.n}"
+
+    def key(self, i: int) -> str:
+        return f"{V1_STREAM_PREFIX}{self.seed + i}"
+
+    def load(self, i: int) -> PanopticSample:
+        from samantic.ops import rle_encode
+        from samantic.train.data.panoptic import CATEGORIES
+        from samantic.train.data.shapes import CLASSES, render_scene
+
+        scene = render_scene(self.seed + i, size=self.size)
+        ids = {c["name"]: int(c["id"]) for c in CATEGORIES}
+        n = len(scene.labels)
+        cats = np.array([ids[CLASSES[int(k)]] for k in scene.labels], np.int32)
+        gt = GroundTruth(rle_encode(np.asarray(scene.masks, bool)), np.arange(1, n + 1, dtype=np.int32), cats,
+                         np.ones(n, bool))
+        return PanopticSample(self.key(i), scene.image, gt)
+
+
+class ConcatPanoptic:
+    """Several panoptic datasets one after another (``DIR,shapes-panoptic:S:N,shapes:S:M``).
+
+    Their categories must agree: a name has one id and one ``isthing`` everywhere; the union is the
+    vocabulary (a part without stuff, such as v1 scenes, simply never shows those classes).
+    """
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        if not parts:
+            raise ValueError("ConcatPanoptic needs at least one dataset")
+        self.parts = list(parts)
+        by_name: Dict[str, dict] = {}
+        for part in self.parts:
+            for c in part.categories:
+                seen = by_name.setdefault(c["name"], dict(c))
+                if int(seen["id"]) != int(c["id"]) or bool(seen.get("isthing", 1)) != bool(c.get("isthing", 1)):
+                    raise ValueError(f"{part!r}: category {c['name']!r} is id {c['id']} (isthing "
+                                     f"{c.get('isthing', 1)}), another dataset has id {seen['id']} (isthing "
+                                     f"{seen.get('isthing', 1)}); datasets mixed together must share their ids")
+        ids = [int(c["id"]) for c in by_name.values()]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"datasets {self!r} give one category id to different names")
+        self.categories = sorted(by_name.values(), key=lambda c: int(c["id"]))
+        self._starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        return ",".join(repr(p) for p in self.parts)
+
+    def _locate(self, i: int) -> Tuple[Any, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self.parts[k], i - int(self._starts[k])
+
+    def key(self, i: int) -> str:
+        part, j = self._locate(i)
+        return part.key(j)
+
+    def load(self, i: int) -> PanopticSample:
+        part, j = self._locate(i)
+        return part.load(j)
+
+
+def _parse_stream(text: str, prefix: str) -> Tuple[int, int]:
+    parts = text[len(prefix):].split(":")
+    try:
+        if len(parts) > 2:
+            raise ValueError
+        seed = int(parts[0])
+        n = int(parts[1]) if len(parts) == 2 else DEFAULT_STREAM_N
+        if seed < 0 or n < 1:
+            raise ValueError
+        return seed, n
+    except ValueError:
+        raise ValueError(f"data spec must be DIR, {STREAM_PREFIX}SEED[:N] or {V1_STREAM_PREFIX}SEED[:N] with "
+                         f"SEED >= 0 and N >= 1 (several joined by commas), got {text!r}") from None
+
+
+def open_panoptic(spec: Union[str, Path, PanopticFolder, PanopticStream, ShapesStream, ConcatPanoptic]
+                  ) -> Union[PanopticFolder, PanopticStream, ShapesStream, ConcatPanoptic]:
+    """``DIR`` (a panoptic dataset folder), ``shapes-panoptic:SEED[:N]`` (N v2 scenes rendered on the
+    fly, default 100), ``shapes:SEED[:N]`` (N v1 scenes, things only, see :class:`ShapesStream`), or
+    several of them joined by commas (:class:`ConcatPanoptic`); a dataset object is returned as it is."""
+    if isinstance(spec, (PanopticFolder, PanopticStream, ShapesStream, ConcatPanoptic)):
         return spec
     text = str(spec)
+    if "," in text and not Path(text).is_dir():
+        items = [t.strip() for t in text.split(",")]
+        if any(not t for t in items):
+            raise ValueError(f"data spec {text!r} has an empty item between its commas")
+        return ConcatPanoptic([open_panoptic(t) for t in items])
     if text.startswith(STREAM_PREFIX):
-        parts = text[len(STREAM_PREFIX):].split(":")
-        try:
-            if len(parts) > 2:
-                raise ValueError
-            seed = int(parts[0])
-            n = int(parts[1]) if len(parts) == 2 else DEFAULT_STREAM_N
-            return PanopticStream(seed, n)
-        except ValueError:
-            raise ValueError(f"data spec must be DIR or {STREAM_PREFIX}SEED[:N] with SEED >= 0 and N >= 1, "
-                             f"got {text!r}") from None
+        return PanopticStream(*_parse_stream(text, STREAM_PREFIX))
+    if text.startswith(V1_STREAM_PREFIX):
+        return ShapesStream(*_parse_stream(text, V1_STREAM_PREFIX))
     return PanopticFolder(text)
 
 

@@ -184,8 +184,9 @@ def patches_cmd(
         str,
         typer.Option(
             "--data",
-            help="Panoptic dataset DIR (from `samantic data shapes --kind panoptic`) or shapes-panoptic:SEED[:N] "
-            "to render N v2 scenes on the fly (default N 100).",
+            help="Panoptic dataset DIR (from `samantic data shapes --kind panoptic`), shapes-panoptic:SEED[:N] "
+            "to render N v2 scenes on the fly (default N 100), shapes:SEED[:N] for N v1 scenes (things only), "
+            "or several joined by commas.",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Cache root; entries go to OUT/<model key>/<image sha256>.npz.")],

@@ -153,7 +153,7 @@ def train_usam(
 
 @app.command("samcp")
 def train_samcp(
-    data: Annotated[str, typer.Option(help="Panoptic dataset DIR (from `samantic data shapes --kind panoptic`) or shapes-panoptic:SEED[:N] (N v2 scenes rendered on the fly).")],
+    data: Annotated[str, typer.Option(help="Panoptic dataset DIR (from `samantic data shapes --kind panoptic`), shapes-panoptic:SEED[:N] (N v2 scenes rendered on the fly), shapes:SEED[:N] (N v1 scenes: things only, on v1 backgrounds), or several joined by commas.")],
     out: Annotated[Path, typer.Option(help="Output head (.safetensors); OUT.ckpt and OUT.log.jsonl go beside it.")],
     classes: Annotated[Optional[str], typer.Option(help="Comma-separated thing classes (default: every thing category of the dataset).")] = None,
     stuff: Annotated[Optional[str], typer.Option(help="Comma-separated stuff classes (default: every stuff category of the dataset; '' for none).")] = None,
@@ -170,6 +170,7 @@ def train_samcp(
     layers: Annotated[int, typer.Option(min=1, help="Affinity decoder layers.")] = 3,
     mask_roi: Annotated[bool, typer.Option("--mask-roi/--box-roi", help="Multiply RoI features by the patch mask (--box-roi: the ablation).")] = True,
     affinity_residual: Annotated[bool, typer.Option("--affinity-residual/--no-affinity-residual", help="Add each layer's affinities to the previous layer's.")] = True,
+    mask_size: Annotated[int, typer.Option(min=0, help="Side of the patch-mask input, a multiple of the 7 x 7 RoI grid (0: 7, the paper's); finer masks show the patch's silhouette.")] = 0,
     text_encoder: Annotated[Optional[str], typer.Option(help="Open vocabulary: class queries from text embeddings of the names, by open_clip:MODEL[:PRETRAINED] (PRETRAINED: a tag or a checkpoint file) or open_clip:local-dir:DIR; stored in the head, so inference needs no encoder. Needs pip install 'samantic[clip]'.")] = None,
     prompt_template: Annotated[str, typer.Option(help="Prompt each class name is encoded in (with --text-encoder).")] = "a photo of a {name}.",
     time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
@@ -226,12 +227,12 @@ def train_samcp(
             del encoder
         sam = create_model(model, checkpoint=checkpoint)
         info = SamcpInfo(classes=thing_names, stuff=stuff_names, layers=layers, mask_roi=mask_roi,
-                         affinity_residual=affinity_residual, model=model, **text_info)
+                         affinity_residual=affinity_residual, mask_size=mask_size, model=model, **text_info)
     except (ValueError, FileNotFoundError, ImportError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(f"patches of {model} for {data} (cache {cache}) ...")
-    examples, report = load_examples(sam, dataset, cache, info.names, roi_size=info.roi_size,
+    examples, report = load_examples(sam, dataset, cache, info.names, roi_size=info.mask_side,
                                      points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
                                      stability_score_thresh=stability_score_thresh, progress=progress,
                                      on_error=lambda key, reason: failures.append((key, reason)))

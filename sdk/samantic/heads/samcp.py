@@ -12,9 +12,10 @@ patches) that every decoder layer predicts, as in the paper's Algorithm 1.
 Data flow (one image; a batch pads the patch axis and carries a validity mask)::
 
     image [3, H, W] -> backbone (CNN + FPN, strides 4/8/16/32, D channels)
-    patch boxes [P, 4] + patch masks [P, 7, 7] (see mask_to_roi)
-        -> mask-RoI features: roi_align of the box on the FPN level of its size,
-           times the patch's own 7x7 mask, MLP to D, + sine/MLP encoding of the box
+    patch boxes [P, 4] + patch masks [P, m, m] (m = mask_size or 7; see mask_to_roi)
+        -> mask-RoI features: roi_align of the box on the FPN level of its size (7x7),
+           times the patch's own mask at 7x7, MLP over them and the m x m mask to D,
+           + sine/MLP encoding of the box
         -> patch encoder (transformer encoder over the patch tokens)  -> tokens [P, D]
     queries: C class embeddings (Type-I) + the P patch tokens (Type-II)
         -> decoder layers: self-attention, cross-attention to the tokens (masked by
@@ -105,6 +106,10 @@ class SamcpInfo:
         encoder_layers: patch encoder layers.
         ffn_dim: hidden width of the transformer FFNs.
         roi_size: side of the RoI grid (7 in the paper).
+        mask_size: side of the patch-mask input (0: ``roi_size``, the paper's). A multiple of
+            ``roi_size``: the token sees the patch's shape at this finer grid, and the mask-RoI
+            weights are its block means. The shapes world's classes differ mostly by silhouette,
+            which a 7 x 7 mask blurs (a star, a circle and a crescent look alike at 7 x 7).
         roi_channels: channels the FPN features are reduced to before the RoI MLP.
         backbone: ``"small_fpn"`` (built here, trained from scratch) or
             ``"custom:NAME"`` (the caller passes the module to the head and to load).
@@ -134,6 +139,7 @@ class SamcpInfo:
     encoder_layers: int = 2
     ffn_dim: int = 256
     roi_size: int = 7
+    mask_size: int = 0
     roi_channels: int = 32
     backbone: str = SMALL_FPN
     backbone_channels: Tuple[int, ...] = (32, 64, 96, 128)
@@ -164,6 +170,9 @@ class SamcpInfo:
             raise ValueError(f"d_model must be a positive multiple of heads, got d_model={self.d_model}, heads={self.heads}")
         if self.layers < 1:
             raise ValueError(f"layers must be >= 1, got {self.layers}")
+        if self.roi_size < 1 or self.mask_size < 0 or (self.mask_size and self.mask_size % self.roi_size):
+            raise ValueError(f"mask_size must be 0 or a positive multiple of roi_size ({self.roi_size}), "
+                             f"got {self.mask_size}")
         if self.backbone != SMALL_FPN and not self.backbone.startswith("custom:"):
             raise ValueError(f"backbone must be {SMALL_FPN!r} or 'custom:NAME', got {self.backbone!r}")
         if self.backbone == SMALL_FPN and len(self.backbone_channels) != 4:
@@ -177,6 +186,11 @@ class SamcpInfo:
     @property
     def num_classes(self) -> int:
         return len(self.classes) + len(self.stuff)
+
+    @property
+    def mask_side(self) -> int:
+        """Side of the patch masks the head takes (``mask_size``, or ``roi_size`` when that is 0)."""
+        return int(self.mask_size or self.roi_size)
 
     def config(self) -> Dict[str, Any]:
         skip = {"classes", "stuff", "model", "extra"}
@@ -381,12 +395,12 @@ class MaskRoiEmbed(nn.Module):
 
     def __init__(self, info: SamcpInfo, strides: Sequence[int], in_channels: int) -> None:
         super().__init__()
-        d, r = info.d_model, info.roi_size
+        d, r, ms = info.d_model, info.roi_size, info.mask_side
         self.info = info
         self.strides = tuple(strides)
         self.reduce = nn.Conv2d(in_channels, info.roi_channels, 1)
         # the mask itself is appended: the token knows the patch's shape, not only its look
-        self.mlp = _mlp([info.roi_channels * r * r + r * r, 2 * d, d])
+        self.mlp = _mlp([info.roi_channels * r * r + ms * ms, 2 * d, d])
         self.pos = _mlp([4 * (d // 4), d, d])
         self.norm = nn.LayerNorm(d)
 
@@ -412,16 +426,23 @@ class MaskRoiEmbed(nn.Module):
                                      sampling_ratio=2, aligned=True)
         return out
 
-    def forward(self, feats: List[torch.Tensor], rois: torch.Tensor, roi_masks: torch.Tensor,
-                image_hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """rois ``[N, 5]`` (batch index, xyxy), roi_masks ``[N, r, r]`` -> (tokens ``[N, D]``, pos ``[N, D]``)."""
-        x = self.roi_features(feats, rois)
+    def content(self, x: torch.Tensor, roi_masks: torch.Tensor) -> torch.Tensor:
+        """RoI features ``[N, c, r, r]`` and patch masks ``[N, m, m]`` -> content embedding ``[N, D]``."""
+        r, ms = self.info.roi_size, self.info.mask_side
         m = roi_masks.to(x.dtype)
         if self.info.mask_roi:
-            x = x * m[:, None]
+            # the mask-RoI weights: the finer mask's block means (reshape + mean, so ONNX exports it as is)
+            w = m if ms == r else m.reshape(-1, r, ms // r, r, ms // r).mean(dim=(2, 4))
+            x = x * w[:, None]
         else:
             m = torch.ones_like(m)
-        x = self.mlp(torch.cat([x.flatten(1), m.flatten(1)], 1))
+        return self.mlp(torch.cat([x.flatten(1), m.flatten(1)], 1))
+
+    def forward(self, feats: List[torch.Tensor], rois: torch.Tensor, roi_masks: torch.Tensor,
+                image_hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """rois ``[N, 5]`` (batch index, xyxy), roi_masks ``[N, m, m]`` (m: ``info.mask_side``) ->
+        (tokens ``[N, D]``, pos ``[N, D]``)."""
+        x = self.content(self.roi_features(feats, rois), roi_masks)
         h, w = image_hw
         b01 = rois[:, 1:] / torch.tensor([w, h, w, h], dtype=rois.dtype, device=rois.device)
         pos = self.pos(_sine_box_encoding(b01.clamp(0, 1), self.info.d_model // 4))
@@ -632,7 +653,7 @@ class SamcpHead(nn.Module):
         b = feats[0].shape[0]
         if len(boxes) != b or len(patch_masks) != b:
             raise ValueError(f"need boxes and patch_masks for each of the {b} images, got {len(boxes)} and {len(patch_masks)}")
-        r = self.info.roi_size
+        r = self.info.mask_side
         counts = []
         for i, (bx, pm) in enumerate(zip(boxes, patch_masks)):
             if bx.ndim != 2 or bx.shape[-1] != 4:
@@ -745,7 +766,7 @@ class SamcpHead(nn.Module):
         Args:
             images: float ``[B, 3, H, W]`` in [0, 1] (images of one batch share a size; pad smaller ones).
             boxes: per image ``Tensor[P_i, 4]`` xyxy in pixels of ``images``.
-            patch_masks: per image ``Tensor[P_i, roi_size, roi_size]`` in [0, 1]: each
+            patch_masks: per image ``Tensor[P_i, m, m]`` in [0, 1] (m: ``info.mask_side``): each
                 patch's mask inside its box, from :func:`mask_to_roi`.
             class_embeddings: optional ``Tensor[C, text_dim]`` (open vocabulary); default
                 the queries of ``info.names`` (:meth:`class_queries`).

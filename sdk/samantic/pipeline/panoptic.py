@@ -181,7 +181,7 @@ class TorchSamcpScorer:
             images, bx = head.resize_input(im.to(self.device), [boxes])
             feats = head.features(images)
             t1 = time.perf_counter()
-            _, roi = patch_inputs(rles, patch_boxes, (h, w), head.info.roi_size)
+            _, roi = patch_inputs(rles, patch_boxes, (h, w), head.info.mask_side)
             tokens, pos, valid = head.encode_patches(feats, bx, [torch.from_numpy(roi).to(self.device)],
                                                      tuple(images.shape[-2:]))
             t2 = time.perf_counter()

@@ -68,6 +68,7 @@ class OnnxSamcpScorer:
         self.model = entry.get("model") or ""
         self.input_size = int(entry["input_size"])
         self.roi_size = int(entry["roi_size"])
+        self.mask_size = int(entry.get("mask_size", self.roi_size))  # bundles before mask_size: the RoI grid
         self.queries, self.text_embeddings = read_queries(bundle)
         self.inference = dict(entry.get("inference") or {})  # tuned options (samantic samcp tune)
         options = session_options(ort, threads)
@@ -98,7 +99,7 @@ class OnnxSamcpScorer:
         feats = self.sessions["samcp_backbone"].run(None, {"image": x})
         t1 = time.perf_counter()
         boxes = head_boxes(patch_boxes)
-        roi = roi_align_masks(patch_rles, boxes, self.roi_size)
+        roi = roi_align_masks(patch_rles, boxes, self.mask_size)
         scaled = (boxes * np.array([sx, sy, sx, sy], np.float32)).astype(np.float32)
         feeds = {f"feat{i}": f for i, f in enumerate(feats)}
         feeds.update({"boxes": scaled, "roi_masks": roi,
