@@ -374,6 +374,9 @@ def test_evaluate_samcp_scores_the_ground_truth_as_perfect(nano, tmp_path, monke
     assert r1.miou == pytest.approx(1.0) and r1.ap50 == pytest.approx(1.0)
     with pytest.raises(ValueError, match="training seed"):
         evaluate_samcp(_Oracle([]), nano, [1_000_000], tmp_path, progress=False)
+    # a training scene only when asked for (benchmarks/samcp_train_gap.py: what a head memorised)
+    rt = evaluate_samcp(_Oracle([1_000_000]), nano, [1_000_000], tmp_path, progress=False, training_seeds=True)
+    assert rt.scenes == 1 and rt.pq["all"]["pq"] == pytest.approx(1.0)
 
 
 class _EmptyPatches:
