@@ -42,6 +42,9 @@ def main() -> None:
 
     sam = create_model(args.model, checkpoint=args.checkpoint)
     head = load_samcp(args.head)
+    mismatch = head.check_weights(sam, str(args.head))
+    if mismatch:  # other weights cut other patches: the training rows would not be the scenes it learned
+        sys.exit(f"error: {mismatch} (give the --checkpoint it was trained with)")
     pred = SamcpPredictor(head)
     po = pred.patch_options()
     oracle = SamcpPredictor(OracleSamcpScorer(PatchCache(args.cache, sam, **po), CATEGORIES))

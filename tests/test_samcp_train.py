@@ -160,6 +160,30 @@ def test_v1_scenes_mixed_in_train_things_only(nano, examples):
     assert np.isfinite(loss)
 
 
+def test_finer_patch_masks_train_and_flip(nano, examples):
+    """mask_size 14: examples carry 14 x 14 masks (the cache is reused), flipped ones mirror them, a step
+    trains every parameter, and the file keeps the size; a 7 x 7 head's file does not name it (older
+    readers know no mask_size)."""
+    _, cache = examples
+    info = small_info(mask_size=14)
+    ex, report = load_examples(nano, PanopticStream(1_000_000, 3, size=SIZE), cache, info.names,
+                               roi_size=info.mask_side, points_per_side=GRID, progress=False, **LOW)
+    assert report.computed == 0 and all(e.roi_masks.shape[1:] == (14, 14) for e in ex)
+    e = next(e for e in ex if len(e.boxes))
+    np.testing.assert_array_equal(e.flipped().roi_masks, e.roi_masks[:, :, ::-1])
+    torch.manual_seed(0)
+    head = SamcpHead(info)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    trainer = SamcpTrainer(head, SamcpTrainConfig(steps=2, images_per_step=3, warmup_steps=1), ex)
+    loss, _ = trainer.train_step([x.flipped() for x in ex])
+    assert np.isfinite(loss)
+    assert not torch.equal(before["roi_embed.mlp.0.weight"], head.state_dict()["roi_embed.mlp.0.weight"])
+    assert head.roi_embed.mlp[0].in_features == info.roi_channels * 49 + 196
+    assert json.loads(info.to_metadata()["config"])["mask_size"] == 14
+    assert "mask_size" not in json.loads(small_info().to_metadata()["config"])
+    assert SamcpInfo.from_metadata(small_info().to_metadata()).mask_side == 7
+
+
 def test_losses_fall_when_fitting_a_few_scenes(examples):
     ex, _ = examples
     ex = [e for e in ex if e.boxes.shape[0]]

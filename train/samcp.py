@@ -220,6 +220,9 @@ def load_examples(model, dataset, cache_dir, vocabulary: Sequence[str], *, roi_s
                   progress: bool = True, on_error=None) -> Tuple[List[SamcpExample], Any]:
     """Builds (or reuses) the patch cache of ``dataset`` and turns every entry into an example.
 
+    ``roi_size`` is the side of the examples' patch masks: the head's ``info.mask_side`` (its RoI
+    grid, or the finer ``mask_size``).
+
     Returns:
         (examples, the cache's :class:`~samantic.train.samcp_cache.CacheReport`).
     """

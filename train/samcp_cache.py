@@ -688,7 +688,7 @@ def build_patch_cache(
     Args:
         model: a SAM from :func:`~samantic.models.create_model`.
         dataset: ``DIR`` (written by ``samantic data shapes --kind panoptic``), ``shapes-panoptic:SEED[:N]``,
-            or a :class:`PanopticFolder` / :class:`PanopticStream`.
+            ``shapes:SEED[:N]``, several joined by commas (:func:`open_panoptic`), or a dataset object.
         out_dir: cache root; entries go to ``out_dir/<model_key>/<image_sha256>.npz``.
         points_per_side: prompt grid side (the paper prompts 48 x 48; segment-anything's default is 32).
         pred_iou_thresh, stability_score_thresh: None for :func:`~samantic.models.recommended_thresholds`.

@@ -194,6 +194,8 @@ class SamcpInfo:
 
     def config(self) -> Dict[str, Any]:
         skip = {"classes", "stuff", "model", "extra"}
+        if not self.mask_size:  # the paper's 7 x 7 masks: a file older samantic reads too
+            skip.add("mask_size")
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in fields(self) if f.name not in skip}
 
