@@ -82,6 +82,7 @@ __all__ = [
     "image_sha256",
     "load_patches",
     "open_panoptic",
+    "parse_stream",
     "patch_overlaps",
     "state_sha256",
     "weights_sha256",
@@ -198,9 +199,11 @@ class PanopticFolder:
         return PanopticSample(self.key(i), image, GroundTruth.from_panoptic(panoptic, segments, self.things))
 
 
-class PanopticStream:
-    """``n`` v2 scenes rendered on the fly from seeds ``seed .. seed + n - 1``
-    (:func:`~samantic.train.data.panoptic.render_panoptic`; ``size`` (H, W) or a random one)."""
+class _SeededScenes:
+    """``n`` scenes rendered on the fly from seeds ``seed .. seed + n - 1`` (``size`` (H, W) or a random
+    one), keyed ``PREFIX + seed``; subclasses render and annotate them (:meth:`load`)."""
+
+    prefix = ""
 
     def __init__(self, seed: int, n: int, size: Optional[Sequence[int]] = None) -> None:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -220,10 +223,20 @@ class PanopticStream:
         return self.n
 
     def __repr__(self) -> str:
-        return f"{STREAM_PREFIX}{self.seed}:{self.n}"
+        return f"{self.prefix}{self.seed}:{self.n}"
 
     def key(self, i: int) -> str:
-        return f"{STREAM_PREFIX}{self.seed + i}"
+        return f"{self.prefix}{self.seed + i}"
+
+    def load(self, i: int) -> PanopticSample:
+        raise NotImplementedError
+
+
+class PanopticStream(_SeededScenes):
+    """``n`` v2 scenes rendered on the fly from seeds ``seed .. seed + n - 1``
+    (:func:`~samantic.train.data.panoptic.render_panoptic`; ``size`` (H, W) or a random one)."""
+
+    prefix = STREAM_PREFIX
 
     def load(self, i: int) -> PanopticSample:
         from samantic.train.data.panoptic import CATEGORIES, render_panoptic
@@ -234,37 +247,17 @@ class PanopticStream:
         return PanopticSample(self.key(i), scene.image, gt)
 
 
-class ShapesStream:
+class ShapesStream(_SeededScenes):
     """``n`` v1 scenes (:func:`~samantic.train.data.shapes.render_scene`, seeds ``seed .. seed + n - 1``;
-    ``size`` (H, W) or a random one) as panoptic samples in the v2 vocabulary: their things carry the v2 category of the same name,
-    the background and the distractor blobs are unlabelled (no segment), there is no stuff.
+    ``size`` (H, W) or a random one) as panoptic samples in the v2 vocabulary: their things carry the v2
+    category of the same name, the background and the distractor blobs are unlabelled (no segment),
+    there is no stuff.
 
     Mixed into a v2 set (``shapes-panoptic:A:N,shapes:B:M``) it shows a SAM-CP head the v1 shapes on
     v1 backgrounds, where it is asked to name them by class (``eval samcp --v1-seeds``).
     """
 
-    def __init__(self, seed: int, n: int, size: Optional[Sequence[int]] = None) -> None:
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed, self.n, self.size = int(seed), int(n), size
-
-    @property
-    def categories(self) -> List[dict]:
-        """The v2 world's COCO categories (v1's classes are among its things)."""
-        from samantic.train.data.panoptic import CATEGORIES
-
-        return [dict(c) for c in CATEGORIES]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __repr__(self) -> str:
-        return f"{V1_STREAM_PREFIX}{self.seed}:{self.n}"
-
-    def key(self, i: int) -> str:
-        return f"{V1_STREAM_PREFIX}{self.seed + i}"
+    prefix = V1_STREAM_PREFIX
 
     def load(self, i: int) -> PanopticSample:
         from samantic.ops import rle_encode
@@ -326,7 +319,9 @@ class ConcatPanoptic:
         return part.load(j)
 
 
-def _parse_stream(text: str, prefix: str) -> Tuple[int, int]:
+def parse_stream(text: str, prefix: str, lead: str, tail: str = "") -> Tuple[int, int]:
+    """(seed, n) of ``PREFIX + SEED[:N]`` (N defaults to ``DEFAULT_STREAM_N``); a malformed spec raises
+    ``ValueError(f"{lead} with SEED >= 0 and N >= 1{tail}, got {text!r}")``."""
     parts = text[len(prefix):].split(":")
     try:
         if len(parts) > 2:
@@ -337,8 +332,12 @@ def _parse_stream(text: str, prefix: str) -> Tuple[int, int]:
             raise ValueError
         return seed, n
     except ValueError:
-        raise ValueError(f"data spec must be DIR, {STREAM_PREFIX}SEED[:N] or {V1_STREAM_PREFIX}SEED[:N] with "
-                         f"SEED >= 0 and N >= 1 (several joined by commas), got {text!r}") from None
+        raise ValueError(f"{lead} with SEED >= 0 and N >= 1{tail}, got {text!r}") from None
+
+
+def _parse_stream(text: str, prefix: str) -> Tuple[int, int]:
+    return parse_stream(text, prefix, f"data spec must be DIR, {STREAM_PREFIX}SEED[:N] or {V1_STREAM_PREFIX}SEED[:N]",
+                        " (several joined by commas)")
 
 
 def open_panoptic(spec: Union[str, Path, PanopticFolder, PanopticStream, ShapesStream, ConcatPanoptic]

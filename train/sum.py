@@ -106,8 +106,7 @@ PathLike = Union[str, Path]
 # Seeds: training scenes come from >= 1,000,000 (samantic.train.metrics.TRAIN_SEED_START), held-out ones below.
 LABELLED_SEED = 3_000_000
 POOL_SEED = 4_000_000
-STREAM_PREFIX = "shapes-panoptic:"
-DEFAULT_STREAM_N = 100
+from samantic.train.samcp_cache import DEFAULT_STREAM_N, STREAM_PREFIX, parse_stream  # noqa: E402  (one spec syntax)
 
 UNSPECIFIED, SALIENT, ENTITY, PART = (TASKS.index(t) for t in ("unspecified", "salient", "entity", "part"))
 
@@ -127,18 +126,7 @@ def _parse_stream(spec: str, what: str) -> Optional[Tuple[int, int]]:
     """(seed, n) of ``shapes-panoptic:SEED[:N]``, or None for a folder."""
     if not spec.startswith(STREAM_PREFIX):
         return None
-    parts = spec[len(STREAM_PREFIX):].split(":")
-    try:
-        if len(parts) > 2:
-            raise ValueError
-        seed = int(parts[0])
-        n = int(parts[1]) if len(parts) == 2 else DEFAULT_STREAM_N
-        if seed < 0 or n < 1:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{what} must be DIR or {STREAM_PREFIX}SEED[:N] with SEED >= 0 and N >= 1, "
-                         f"got {spec!r}") from None
-    return seed, n
+    return parse_stream(spec, STREAM_PREFIX, f"{what} must be DIR or {STREAM_PREFIX}SEED[:N]")
 
 
 # ---------------------------------------------------------------- labelled set
