@@ -132,6 +132,16 @@ class GroundTruth:
         isthing = np.array([int(c) in thing_categories for c in categories.tolist()], bool)
         return GroundTruth(rle_encode(masks), ids, categories, isthing)
 
+    @staticmethod
+    def from_scene(scene: Any, category_ids: Sequence[int]) -> "GroundTruth":
+        """A v1 scene's objects (:func:`~samantic.train.data.shapes.render_scene`), all things, ids 1..n,
+        with the given category id per object (its label mapped onto the caller's categories)."""
+        from samantic.ops import rle_encode
+
+        n = len(scene.labels)
+        return GroundTruth(rle_encode(np.asarray(scene.masks, bool)), np.arange(1, n + 1, dtype=np.int32),
+                           np.asarray(category_ids, np.int32).reshape(n), np.ones(n, bool))
+
 
 @dataclass
 class PanopticSample:
@@ -260,16 +270,12 @@ class ShapesStream(_SeededScenes):
     prefix = V1_STREAM_PREFIX
 
     def load(self, i: int) -> PanopticSample:
-        from samantic.ops import rle_encode
         from samantic.train.data.panoptic import CATEGORIES
         from samantic.train.data.shapes import CLASSES, render_scene
 
         scene = render_scene(self.seed + i, size=self.size)
         ids = {c["name"]: int(c["id"]) for c in CATEGORIES}
-        n = len(scene.labels)
-        cats = np.array([ids[CLASSES[int(k)]] for k in scene.labels], np.int32)
-        gt = GroundTruth(rle_encode(np.asarray(scene.masks, bool)), np.arange(1, n + 1, dtype=np.int32), cats,
-                         np.ones(n, bool))
+        gt = GroundTruth.from_scene(scene, [ids[CLASSES[int(k)]] for k in scene.labels])
         return PanopticSample(self.key(i), scene.image, gt)
 
 
@@ -345,7 +351,7 @@ def open_panoptic(spec: Union[str, Path, PanopticFolder, PanopticStream, ShapesS
     """``DIR`` (a panoptic dataset folder), ``shapes-panoptic:SEED[:N]`` (N v2 scenes rendered on the
     fly, default 100), ``shapes:SEED[:N]`` (N v1 scenes, things only, see :class:`ShapesStream`), or
     several of them joined by commas (:class:`ConcatPanoptic`); a dataset object is returned as it is."""
-    if isinstance(spec, (PanopticFolder, PanopticStream, ShapesStream, ConcatPanoptic)):
+    if isinstance(spec, (PanopticFolder, _SeededScenes, ConcatPanoptic)):
         return spec
     text = str(spec)
     if "," in text and not Path(text).is_dir():

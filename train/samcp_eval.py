@@ -154,15 +154,12 @@ class OracleSamcpScorer:
 
 
 def _gt_v1(seed: int):
-    from samantic.ops import rle_encode
     from samantic.train.data.shapes import render_scene
-    from samantic.train.samcp_cache import GroundTruth, PanopticSample
+    from samantic.train.samcp_cache import V1_STREAM_PREFIX, GroundTruth, PanopticSample
 
     scene = render_scene(seed)
-    n = len(scene.labels)
-    gt = GroundTruth(rle_encode(scene.masks.astype(bool)), np.arange(1, n + 1, dtype=np.int32),
-                     (np.asarray(scene.labels) + 1).astype(np.int32), np.ones(n, bool))
-    return scene, PanopticSample(f"shapes:{seed}", scene.image, gt)
+    gt = GroundTruth.from_scene(scene, np.asarray(scene.labels) + 1)  # v1's category ids
+    return scene, PanopticSample(f"{V1_STREAM_PREFIX}{seed}", scene.image, gt)
 
 
 def evaluate_samcp(predictor, model, seeds: Iterable[int], cache_dir, *, kind: str = "v2", points_per_side: int = 32,

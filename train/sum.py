@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from samantic.models.tasks import TASKS
+from samantic.train.samcp_cache import DEFAULT_STREAM_N, STREAM_PREFIX, parse_stream  # one spec syntax for streams
 from samantic.train.sam import MaskLoss, PointSampler, Sample
 
 __all__ = [
@@ -106,7 +107,6 @@ PathLike = Union[str, Path]
 # Seeds: training scenes come from >= 1,000,000 (samantic.train.metrics.TRAIN_SEED_START), held-out ones below.
 LABELLED_SEED = 3_000_000
 POOL_SEED = 4_000_000
-from samantic.train.samcp_cache import DEFAULT_STREAM_N, STREAM_PREFIX, parse_stream  # noqa: E402  (one spec syntax)
 
 UNSPECIFIED, SALIENT, ENTITY, PART = (TASKS.index(t) for t in ("unspecified", "salient", "entity", "part"))
 

@@ -237,7 +237,7 @@ def patches_cmd(
         defaults.append(f"--pred-iou-thresh {meta['pred_iou_thresh']:g} (the model's)")
     if stability_score_thresh is None:
         defaults.append(f"--stability-score-thresh {meta['stability_score_thresh']:g} (the model's)")
-    if "," not in data and data.startswith((sdk.STREAM_PREFIX, "shapes:")) and data.count(":") == 1:
+    if "," not in data and data.startswith((sdk.STREAM_PREFIX, sdk.V1_STREAM_PREFIX)) and data.count(":") == 1:
         defaults.append(f"N {len(dataset)}")
     _err.print("defaults used: " + "  ".join(defaults), highlight=False, soft_wrap=True)
 
