@@ -25,6 +25,7 @@ from samantic.train.samcp import (
     SamcpTrainer,
     assign_patches,
     class_membership,
+    collate_examples,
     hungarian_match,
     load_examples,
     samcp_losses,
@@ -153,9 +154,30 @@ def test_v1_scenes_mixed_in_train_things_only(nano, examples):
         assert [names[c] for c in e.gt_classes] == [CLASSES[k] for k in labels]
         assert e.gt_isthing.all()
         stuff_rows = [names.index(n) for n in STUFF_CLASSES]
-        assert not e.class_targets[stuff_rows].any()  # no stuff on a v1 background
+        # a v1 background is not annotated for stuff: those rows are ignored, not negatives
+        assert (e.class_targets[stuff_rows] == -1).all()
+        assert e.class_known.tolist() == [n not in STUFF_CLASSES for n in names]
+        assert (e.class_targets[e.class_known] >= 0).any()  # thing rows keep their targets
+        np.testing.assert_array_equal(e.flipped().class_known, e.class_known)
+    assert ex[0].class_known is None  # v2 scenes: every class annotated
     torch.manual_seed(0)
-    trainer = SamcpTrainer(SamcpHead(small_info()), SamcpTrainConfig(steps=2, images_per_step=3, warmup_steps=1), ex)
+    head = SamcpHead(small_info())
+    trainer = SamcpTrainer(head, SamcpTrainConfig(steps=2, images_per_step=3, warmup_steps=1), ex)
+    # the loss of a v1 image does not reach the stuff classes' presence or Type-I affinity rows
+    v1 = [e for e in ex[1:] if len(e.boxes)][:1]
+    assert v1
+    images, boxes, masks = collate_examples(v1, torch.device("cpu"))
+    out = head(images, boxes, masks)
+    for t in out.presence_logits + out.affinity:
+        t.retain_grad()
+    samcp_losses(out, v1, trainer.config)[0].backward()
+    stuff = torch.tensor(stuff_rows)
+    things = torch.tensor([names.index(n) for n in THING_CLASSES])
+    for l in range(len(out.affinity)):
+        assert out.presence_logits[l].grad[0, stuff].abs().max() == 0
+        assert out.presence_logits[l].grad[0, things].abs().max() > 0
+        assert out.affinity[l].grad[0, stuff].abs().max() == 0
+        assert out.affinity[l].grad[0, things].abs().max() > 0
     loss, _ = trainer.train_step(ex)
     assert np.isfinite(loss)
 

@@ -183,6 +183,7 @@ class SamcpExample:
     gt_classes: np.ndarray       # int64 [G], index into the head's vocabulary (-1: not in it)
     gt_isthing: np.ndarray       # bool [G]
     class_targets: np.ndarray    # int8 [C, P]
+    class_known: Optional[np.ndarray] = None  # bool [C]: classes the image is annotated for (None: all)
 
     def flipped(self) -> "SamcpExample":
         w = self.image.shape[1]
@@ -190,17 +191,21 @@ class SamcpExample:
         boxes[:, 0], boxes[:, 2] = w - self.boxes[:, 2], w - self.boxes[:, 0]
         return SamcpExample(self.key, np.ascontiguousarray(self.image[:, ::-1]), boxes,
                             np.ascontiguousarray(self.roi_masks[:, :, ::-1]), self.membership, self.gt_classes,
-                            self.gt_isthing, self.class_targets)
+                            self.gt_isthing, self.class_targets, self.class_known)
 
 
 def example_from_patches(key: str, image: np.ndarray, entry: Any, vocabulary: Sequence[str],
                          categories: Sequence[dict], roi_size: int = 7, pos_thresh: float = 0.8,
-                         neg_thresh: float = 0.5) -> SamcpExample:
+                         neg_thresh: float = 0.5, stuff_annotated: bool = True) -> SamcpExample:
     """A training example from an image and its patch cache entry (:class:`~samantic.train.samcp_cache.Patches`).
 
     ``vocabulary`` is the head's ``classes + stuff``; ``categories`` the dataset's COCO categories,
     whose names map the entry's ``gt_categories`` onto it (segments of other categories get -1:
     their patches are negatives of every class).
+
+    ``stuff_annotated=False`` (v1 scenes: things only) leaves the stuff classes of ``categories``
+    unknown in this image: their Type-I rows and presence get no loss, rather than teaching that
+    nothing here is wall or grass.
     """
     names = {int(c["id"]): c["name"] for c in categories}
     index = {n: i for i, n in enumerate(vocabulary)}
@@ -210,8 +215,13 @@ def example_from_patches(key: str, image: np.ndarray, entry: Any, vocabulary: Se
     membership = assign_patches(entry.iop, entry.box_iop, entry.iou, pos_thresh, neg_thresh)
     boxes, roi = patch_inputs(entry.patch_rles, entry.patch_boxes, entry.size, roi_size)
     class_targets = class_membership(entry.iop, gt_classes, len(vocabulary), pos_thresh, neg_thresh, membership)
+    known = None
+    if not stuff_annotated:
+        stuff = {c["name"] for c in categories if not c.get("isthing", 1)}
+        known = np.array([n not in stuff for n in vocabulary], bool)
+        class_targets[~known] = -1
     return SamcpExample(key, image, boxes, roi, membership, gt_classes, np.asarray(entry.gt_isthing, bool),
-                        class_targets)
+                        class_targets, known)
 
 
 def load_examples(model, dataset, cache_dir, vocabulary: Sequence[str], *, roi_size: int = 7,
@@ -242,7 +252,7 @@ def load_examples(model, dataset, cache_dir, vocabulary: Sequence[str], *, roi_s
         sample = data.load(i)
         entry = Patches.from_file(by_key[key])
         examples.append(example_from_patches(key, sample.image, entry, vocabulary, categories, roi_size,
-                                             pos_thresh, neg_thresh))
+                                             pos_thresh, neg_thresh, sample.stuff_annotated))
     return examples, report
 
 
@@ -327,6 +337,8 @@ def samcp_losses(out, batch: Sequence[SamcpExample], config: SamcpTrainConfig) -
         sem = torch.from_numpy(ex.class_targets).to(device)                               # [C, P]
         sem_t, sem_w = (sem == 1).float(), (sem >= 0).float()
         present = (sem == 1).any(1).float()
+        known = (torch.ones(c, device=device) if ex.class_known is None
+                 else torch.from_numpy(ex.class_known.astype(np.float32)).to(device))              # [C]
         # the same for every stage: the thing each query's own patch belongs to (one_to_many), and
         # queries whose patch lies half in a thing
         own_thing = np.full(p, -1, np.int64)
@@ -366,9 +378,11 @@ def samcp_losses(out, batch: Sequence[SamcpExample], config: SamcpTrainConfig) -
             lc = (_focal(logits, target) * cls_w).sum() / n
             # Type-I queries: every class row; dice only where the class has members
             srows = aff[:c]
-            sf = ((_focal(srows, sem_t) * sem_w).sum(-1) / sem_w.sum(-1).clamp(min=1)).mean()
+            sf = (_focal(srows, sem_t) * sem_w).sum(-1) / sem_w.sum(-1).clamp(min=1)
+            sf = (sf * known).sum() / known.sum().clamp(min=1)
             sd = (_dice(srows, sem_t, sem_w) * present).sum() / present.sum().clamp(min=1)
-            lp = F.binary_cross_entropy_with_logits(out.presence_logits[l][b], present)
+            lp = (F.binary_cross_entropy_with_logits(out.presence_logits[l][b], present, reduction="none")
+                  * known).sum() / known.sum().clamp(min=1)
             part = (config.class_weight * lc + config.focal_weight * (lf + sf) + config.dice_weight * (ld + sd)
                     + config.presence_weight * lp)
             loss = loss + part

@@ -150,6 +150,7 @@ class PanopticSample:
     key: str
     image: np.ndarray
     gt: GroundTruth
+    stuff_annotated: bool = True  # False: things only (v1 scenes); stuff classes are unknown, not absent
 
 
 class PanopticFolder:
@@ -276,7 +277,7 @@ class ShapesStream(_SeededScenes):
         scene = render_scene(self.seed + i, size=self.size)
         ids = {c["name"]: int(c["id"]) for c in CATEGORIES}
         gt = GroundTruth.from_scene(scene, [ids[CLASSES[int(k)]] for k in scene.labels])
-        return PanopticSample(self.key(i), scene.image, gt)
+        return PanopticSample(self.key(i), scene.image, gt, stuff_annotated=False)
 
 
 class ConcatPanoptic:

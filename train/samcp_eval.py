@@ -159,7 +159,7 @@ def _gt_v1(seed: int):
 
     scene = render_scene(seed)
     gt = GroundTruth.from_scene(scene, np.asarray(scene.labels) + 1)  # v1's category ids
-    return scene, PanopticSample(f"{V1_STREAM_PREFIX}{seed}", scene.image, gt)
+    return scene, PanopticSample(f"{V1_STREAM_PREFIX}{seed}", scene.image, gt, stuff_annotated=False)
 
 
 def evaluate_samcp(predictor, model, seeds: Iterable[int], cache_dir, *, kind: str = "v2", points_per_side: int = 32,
