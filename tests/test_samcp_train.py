@@ -235,9 +235,11 @@ def test_loss_reaches_every_stage_and_the_backbone(examples):
         assert aff.head_mlp[-1].weight.grad is not None and aff.head_mlp[-1].weight.grad.abs().sum() > 0
 
 
-def test_resume_gives_the_same_weights(examples, tmp_path):
+@pytest.mark.parametrize("patch_drop", [0.0, 0.4])
+def test_resume_gives_the_same_weights(examples, tmp_path, patch_drop):
     ex, _ = examples
-    cfg = SamcpTrainConfig(steps=4, images_per_step=2, lr=1e-3, warmup_steps=1, checkpoint_every=2, log_every=1)
+    cfg = SamcpTrainConfig(steps=4, images_per_step=2, lr=1e-3, warmup_steps=1, checkpoint_every=2, log_every=1,
+                           patch_drop=patch_drop)
 
     class Interrupted(SamcpTrainer):
         def train_step(self, batch):
@@ -258,9 +260,46 @@ def test_resume_gives_the_same_weights(examples, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), k
     meta = resumed.info.extra
     assert meta["steps_done"] == "4" and json.loads(meta["train_config"])["steps"] == 4
+    assert json.loads(meta["train_config"])["patch_drop"] == patch_drop
     # steps 1-2 of the interrupted run, then 3-4 after the resume
     steps = [json.loads(l)["step"] for l in (tmp_path / "b.safetensors.log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_patch_drop_subsets_patches_and_their_targets(examples):
+    """A dropped patch leaves every array it has a row or column in; a thing left without member patches
+    sits the step out; drops are drawn per step (the same batch for the same step, others differ)."""
+    ex, _ = examples
+    e = max(ex, key=lambda x: len(x.boxes))
+    p = len(e.boxes)
+    keep = np.arange(p) % 2 == 0
+    s = e.subset(keep)
+    np.testing.assert_array_equal(s.boxes, e.boxes[keep])
+    np.testing.assert_array_equal(s.roi_masks, e.roi_masks[keep])
+    np.testing.assert_array_equal(s.membership, e.membership[keep])
+    np.testing.assert_array_equal(s.class_targets, e.class_targets[:, keep])
+    for g in range(len(e.gt_classes)):
+        kept_member = (e.membership[keep, g] == 1).any()
+        expect = e.gt_classes[g] if (kept_member or not e.gt_isthing[g]) else -1
+        assert s.gt_classes[g] == expect
+    # a thing whose only member patches are all dropped
+    g = next(g for g in range(len(e.gt_classes)) if e.gt_isthing[g] and e.gt_classes[g] >= 0)
+    gone = e.subset(e.membership[:, g] != 1)
+    assert gone.gt_classes[g] == -1 and e.gt_classes[g] >= 0
+    with pytest.raises(ValueError, match="patch_drop"):
+        SamcpTrainConfig(patch_drop=1.0)
+    cfg = SamcpTrainConfig(steps=10, images_per_step=len(ex), warmup_steps=1, patch_drop=0.5, flip_prob=0.0)
+    trainer = SamcpTrainer(SamcpHead(small_info()), cfg, ex)
+    full = {x.key: len(x.boxes) for x in trainer.examples}
+    sizes = [sorted((x.key, len(x.boxes)) for x in trainer.batch_at(step)) for step in range(4)]
+    assert sizes[0] == sorted((x.key, len(x.boxes)) for x in trainer.batch_at(0))
+    assert len({tuple(z) for z in sizes}) > 1
+    for z in sizes:
+        for key, n in z:
+            assert 1 <= n <= full[key]
+    assert sum(n for z in sizes for _, n in z) < 0.8 * sum(full[k] for z in sizes for k, _ in z)
+    loss, _ = trainer.train_step(trainer.batch_at(0))
+    assert np.isfinite(loss)
 
 
 # ---------------------------------------------------------------- inference
@@ -460,7 +499,7 @@ def trained(examples, tmp_path_factory):
     r = _samantic("train", "samcp", "--data", str(data), "--out", str(out), "--cache", str(cache), "--points-per-side",
                   str(GRID), "--pred-iou-thresh", str(LOW["pred_iou_thresh"]), "--stability-score-thresh",
                   str(LOW["stability_score_thresh"]), "--steps", "3", "--images-per-step", "2", "--layers", "1",
-                  "--threads", "1", "--no-progress")
+                  "--patch-drop", "0.25", "--weight-decay", "0.1", "--threads", "1", "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 computed, 3 reused" in r.stdout
     return out
@@ -474,6 +513,8 @@ def test_train_samcp_writes_a_head_with_its_vocabulary_and_patches(trained, nano
     assert head.info.layers == 1 and head.info.model == "sam_nano"
     assert json.loads(head.info.extra["patches"]) == {"points_per_side": GRID, **LOW}
     assert head.info.extra["steps_done"] == "3"
+    cfg = json.loads(head.info.extra["train_config"])
+    assert (cfg["patch_drop"], cfg["weight_decay"]) == (0.25, 0.1)
     assert head.info.extra["sam_state_sha256"] == state_sha256(nano)  # the SAM whose patches it learned from
     assert head.check_weights(nano) is None
 

@@ -69,6 +69,9 @@ class SamcpTrainConfig:
             steps on 300 scenes): which of an instance's look-alike patch queries is "the one"
             is arbitrary. Duplicates are removed at inference (NMS, panoptic fusion).
         flip_prob: probability of a horizontal flip of an image with its patches.
+        patch_drop: fraction of an image's patches left out of a step, drawn anew each step
+            (at least one kept; a thing left without a member patch sits the step out): a
+            regulariser against memorising whole scenes, whose patch sets repeat every epoch.
         checkpoint_every, log_every: steps between resumable checkpoints / log lines.
         seed: data order, augmentation and initialisation.
         time_budget: seconds of training (0: no limit); the cosine decay then follows time.
@@ -90,6 +93,7 @@ class SamcpTrainConfig:
     locality_weight: float = 2.0
     one_to_many: bool = True
     flip_prob: float = 0.5
+    patch_drop: float = 0.0
     checkpoint_every: int = 200
     log_every: int = 20
     seed: int = 0
@@ -103,6 +107,8 @@ class SamcpTrainConfig:
             raise ValueError(f"need 0 <= neg_thresh <= pos_thresh <= 1, got {self.neg_thresh}, {self.pos_thresh}")
         if self.time_budget < 0:
             raise ValueError(f"time_budget must be >= 0 seconds, got {self.time_budget}")
+        if not 0.0 <= self.patch_drop < 1.0:
+            raise ValueError(f"patch_drop must be in [0, 1), got {self.patch_drop}")
 
 
 # ---------------------------------------------------------------- assignment
@@ -192,6 +198,17 @@ class SamcpExample:
         return SamcpExample(self.key, np.ascontiguousarray(self.image[:, ::-1]), boxes,
                             np.ascontiguousarray(self.roi_masks[:, :, ::-1]), self.membership, self.gt_classes,
                             self.gt_isthing, self.class_targets, self.class_known)
+
+    def subset(self, keep: np.ndarray) -> "SamcpExample":
+        """The example with only the patches ``keep`` (bool ``[P]``); a thing none of whose member
+        patches is kept leaves the instance targets (its class becomes -1)."""
+        keep = np.asarray(keep, bool)
+        membership = self.membership[keep]
+        gt_classes = self.gt_classes.copy()
+        lost = self.gt_isthing & ~(membership == 1).any(0)
+        gt_classes[lost] = -1
+        return SamcpExample(self.key, self.image, self.boxes[keep], self.roi_masks[keep], membership, gt_classes,
+                            self.gt_isthing, self.class_targets[:, keep], self.class_known)
 
 
 def example_from_patches(key: str, image: np.ndarray, entry: Any, vocabulary: Sequence[str],
@@ -459,8 +476,8 @@ class SamcpTrainer:
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def batch_at(self, step: int) -> List[SamcpExample]:
-        """The images of ``step``: epochs of seeded permutations, flips seeded by step (so a resumed
-        run sees exactly the batches an uninterrupted one would)."""
+        """The images of ``step``: epochs of seeded permutations, flips and patch drops seeded by step
+        (so a resumed run sees exactly the batches an uninterrupted one would)."""
         n, k = len(self.examples), self.config.images_per_step
         idx = []
         for j in range(step * k, (step + 1) * k):
@@ -471,7 +488,16 @@ class SamcpTrainer:
                 self._perms = {epoch: perm}
             idx.append(self._perms[epoch][pos])
         rng = random.Random(self.config.seed * 7_919 + step)
-        return [self.examples[i].flipped() if rng.random() < self.config.flip_prob else self.examples[i] for i in idx]
+        batch = [self.examples[i].flipped() if rng.random() < self.config.flip_prob else self.examples[i] for i in idx]
+        if self.config.patch_drop > 0:
+            drop = np.random.default_rng([self.config.seed, step])
+            out = []
+            for ex in batch:
+                keep = drop.random(len(ex.boxes)) >= self.config.patch_drop
+                keep[drop.integers(len(ex.boxes))] = True
+                out.append(ex.subset(keep))
+            batch = out
+        return batch
 
     def train_step(self, batch: Sequence[SamcpExample]) -> Tuple[float, Dict[str, float]]:
         self.head.train()

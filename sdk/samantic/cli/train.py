@@ -174,6 +174,8 @@ def train_samcp(
     text_encoder: Annotated[Optional[str], typer.Option(help="Open vocabulary: class queries from text embeddings of the names, by open_clip:MODEL[:PRETRAINED] (PRETRAINED: a tag or a checkpoint file) or open_clip:local-dir:DIR; stored in the head, so inference needs no encoder. Needs pip install 'samantic[clip]'.")] = None,
     prompt_template: Annotated[str, typer.Option(help="Prompt each class name is encoded in (with --text-encoder).")] = "a photo of a {name}.",
     time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay of the weight matrices.")] = 0.05,
+    patch_drop: Annotated[float, typer.Option(min=0, max=0.95, help="Fraction of each image's patches left out of a step, drawn anew every step (a regulariser; 0: off).")] = 0.0,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
@@ -208,7 +210,8 @@ def train_samcp(
             if bad:
                 raise ValueError(f"unknown {what} class(es) {bad}; {data} has: {', '.join(known) or '(none)'}")
         config = SamcpTrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, warmup_steps=warmup_steps,
-                                  seed=seed, time_budget=time_budget * 60)
+                                  seed=seed, time_budget=time_budget * 60, weight_decay=weight_decay,
+                                  patch_drop=patch_drop)
         text, text_info = None, {}
         if text_encoder is not None:
             # encoded once (on the CPU: a few prompts), before the slow patch cache, so a bad encoder fails fast
