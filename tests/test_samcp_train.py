@@ -636,11 +636,12 @@ def test_eval_samcp_command_with_the_oracle_row(trained, examples, tmp_path):
     _, cache = examples
     out = tmp_path / "ev"
     r = _samantic("eval", "samcp", "--samcp", str(trained), "--seeds", "0:1", "--v1-seeds", "0:1", "--cache", str(cache),
-                  "--oracle", "--out", str(out), "--no-progress")
+                  "--flip", "--oracle", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((out / "eval_samcp.json").read_text())
     assert [h["head"] for h in res["heads"]] == [str(trained), "oracle"]
-    assert res["command"].endswith("--oracle")
+    assert res["command"].endswith("--flip --oracle")
+    assert res["heads"][0]["setting"].endswith("test-time flip")  # the head mirrored, the oracle not
     head, oracle = res["heads"][0]["v2"], res["heads"][1]["v2"]
     assert 0.0 < oracle["pq"]["all"]["pq"] <= 1.0
     assert oracle["semantic"]["miou"] > head["semantic"]["miou"]  # a 3-step head is far from perfect

@@ -92,12 +92,69 @@ def test_bundles_carry_the_tuned_options(nano, head_file, tmp_path):
     from samantic.export.bundle import export_bundle
     from samantic.runtime import Bundle, Segmenter
 
-    tuned = write_inference(head_file, {"score_thresh": 0.07, "nms_thresh": 0.6}, out=tmp_path / "t.safetensors")
+    tuned = write_inference(head_file, {"score_thresh": 0.07, "nms_thresh": 0.6, "flip": True},
+                            out=tmp_path / "t.safetensors")
     bundle = export_bundle(nano, tmp_path / "b", samcp=tuned, int8=False)
-    assert Bundle.load(bundle).samcp["inference"] == {"score_thresh": 0.07, "nms_thresh": 0.6}
+    assert Bundle.load(bundle).samcp["inference"] == {"score_thresh": 0.07, "nms_thresh": 0.6, "flip": True}
     seg = Segmenter.from_bundle(bundle, backend="onnxruntime")
-    assert seg.samcp.score_thresh == 0.07 and seg.samcp.nms_thresh == 0.6
+    assert seg.samcp.score_thresh == 0.07 and seg.samcp.nms_thresh == 0.6 and seg.samcp.flip is True
+    # the mirrored pass runs on onnxruntime as on torch
+    image, rles, boxes = _scene_with_patches()
+    got = seg.samcp.scores(image, rles, boxes)
+    want = SamcpPredictor(load_samcp(tuned)).scores(image, rles, boxes)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=2e-3)
     assert Segmenter.from_bundle(bundle, backend="onnxruntime", score_thresh=0.5).samcp.score_thresh == 0.5
+
+
+def _scene_with_patches():
+    """A v2 scene and a few made-up patches (boxes XYXY inclusive, from the masks)."""
+    from samantic.ops import rle_encode
+    from samantic.train.data.panoptic import render_panoptic
+
+    scene = render_panoptic(7, size=(96, 128))
+    ids = np.unique(scene.panoptic)
+    masks = np.stack([scene.panoptic == i for i in ids[:6]])
+    masks[0, 10:30, 5:50] = True  # not symmetric, not a segment
+    boxes = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+    return scene.image, rle_encode(masks), np.array(boxes, np.float32)
+
+
+def test_flip_averages_the_image_and_its_mirror(head_file):
+    from samantic.ops import rle_decode
+    from samantic.pipeline.panoptic import flip_patches
+
+    image, rles, boxes = _scene_with_patches()
+    masks = rle_decode(rles)
+    fr, fb = flip_patches(rles, boxes)
+    np.testing.assert_array_equal(rle_decode(fr), masks[:, :, ::-1])
+    for m, b in zip(rle_decode(fr), fb):
+        ys, xs = np.nonzero(m)
+        assert b.tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+    back_r, back_b = flip_patches(fr, fb)
+    np.testing.assert_array_equal(rle_decode(back_r), masks)
+    np.testing.assert_array_equal(back_b, boxes)
+
+    head = load_samcp(head_file)
+    plain, flip = SamcpPredictor(head), SamcpPredictor(head, flip=True)
+    assert plain.flip is False and flip.flip is True
+    mirror = np.ascontiguousarray(image[:, ::-1])
+    one, other = plain.scores(image, rles, boxes), plain.scores(mirror, fr, fb)
+    both = flip.scores(image, rles, boxes)
+    for a, b, m in zip(one, other, both):
+        np.testing.assert_allclose(m, (a + b) / 2, atol=1e-5)
+    assert max(np.abs(a - b).max() for a, b in zip(one, other)) > 1e-3  # the head is not mirror-invariant ...
+    for a, b in zip(both, flip.scores(mirror, fr, fb)):  # ... its flip-averaged scores are
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    out = flip(image, rles, boxes)
+    assert out.panoptic.shape == image.shape[:2]
+    empty = flip.scores(image, [], np.zeros((0, 4), np.float32))
+    assert empty[1].shape[0] == 0
+    with pytest.raises(ValueError, match="flip"):
+        SamcpPredictor(head, flip="yes")
 
 
 def test_tune_cli_writes_the_head_and_a_report(head_file, tmp_path):
@@ -105,11 +162,15 @@ def test_tune_cli_writes_the_head_and_a_report(head_file, tmp_path):
     out = tmp_path / "tuned.safetensors"
     proc = subprocess.run([exe, "samcp", "tune", str(head_file), "--seeds", "100:101", "--score-thresh", "0.1,0.5",
                            "--affinity-thresh", "0.5", "--overlap-thresh", "0.5", "--cache", str(tmp_path / "cache"),
-                           "--out", str(out), "--report", str(tmp_path / "rep"), "--no-progress"],
+                           "--out", str(out), "--report", str(tmp_path / "rep"), "--try-flip", "--no-progress"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads((tmp_path / "rep" / "samcp_tune.json").read_text())
-    assert len(rep["rows"]) == 2 and "samantic samcp tune" in rep["command"]
+    assert len(rep["rows"]) == 4 and "samantic samcp tune" in rep["command"] and "--try-flip" in rep["command"]
+    assert {r["flip"] for r in rep["rows"]} == {False, True}
+    md = (tmp_path / "rep" / "samcp_tune.md").read_text()
+    assert "| flip |" in md and "| on |" in md and "| off |" in md
+    assert SamcpPredictor(load_samcp(out)).flip == rep["best"]["flip"]
     assert SamcpPredictor(load_samcp(out)).score_thresh == rep["best"]["score_thresh"]
     bad = subprocess.run([exe, "samcp", "tune", str(head_file), "--seeds", "5:2"], capture_output=True, text=True,
                          timeout=120)

@@ -235,6 +235,7 @@ def eval_samcp(
     usam: Annotated[Optional[Path], typer.Option(help="A U-SAM head to score on the same v1 scenes, side by side.")] = None,
     cache: Annotated[Path, typer.Option(help="Patch cache root (shared with `samantic train samcp`).")] = Path("runs/cache/samcp"),
     score_thresh: Annotated[Optional[float], typer.Option(help="Segment score threshold (default 0.3).")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Heads also score the mirrored image, averaged (test-time augmentation) [default: as recorded with each head, else off].")] = None,
     oracle: Annotated[bool, typer.Option("--oracle/--no-oracle", help="Also a row for a perfect head (the training targets as scores, read from the cached overlaps with the ground truth): the ceiling the patches set.")] = False,
     out: Annotated[Path, typer.Option(help="Directory for eval_samcp.json and eval_samcp.md.")] = Path("runs/eval"),
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -257,6 +258,8 @@ def eval_samcp(
     v1_range = parse_seeds(v1_seeds) if v1_seeds else None
     rows = []
     opts = {} if score_thresh is None else {"score_thresh": score_thresh}
+    head_opts = {**opts, **({} if flip is None else {"flip": flip})}
+    opts["flip"] = False  # the oracle scores patches, not the image: nothing to mirror
     try:
         sam = create_model(model, checkpoint=checkpoint)
         patch_opts = None
@@ -266,7 +269,7 @@ def eval_samcp(
             mismatch = head.check_weights(sam, path)
             if mismatch:
                 typer.echo(f"warning: {mismatch}", err=True)
-            pred = SamcpPredictor(head, **opts)
+            pred = SamcpPredictor(head, **head_opts)
             po = pred.patch_options()
             if patch_opts is None:
                 patch_opts = po
@@ -277,9 +280,9 @@ def eval_samcp(
             v1 = None
             if v1_range is not None:
                 wanted = [n for n in head.info.classes if n in CLASSES]
-                v1 = evaluate_samcp(SamcpPredictor(head, classes=wanted, **opts), sam, v1_range, cache, kind="v1",
+                v1 = evaluate_samcp(SamcpPredictor(head, classes=wanted, **head_opts), sam, v1_range, cache, kind="v1",
                                     progress=progress, **po) if wanted else None
-            rows.append((path.name, ablation(head), str(path), v2, v1))
+            rows.append((path.name, ablation(head) + (", test-time flip" if pred.flip else ""), str(path), v2, v1))
         if oracle:
             from samantic.train.data.panoptic import CATEGORIES
             from samantic.train.samcp_cache import PatchCache
@@ -310,7 +313,8 @@ def eval_samcp(
     command = (f"samantic eval samcp --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "")
                + "".join(f" --samcp {p}" for p in samcp) + f" --seeds {seeds}"
                + (f" --v1-seeds {v1_seeds}" if v1_seeds else " --v1-seeds ''") + (f" --usam {usam}" if usam else "")
-               + (f" --score-thresh {score_thresh}" if score_thresh is not None else "") + (" --oracle" if oracle else ""))
+               + (f" --score-thresh {score_thresh}" if score_thresh is not None else "")
+               + ("" if flip is None else " --flip" if flip else " --no-flip") + (" --oracle" if oracle else ""))
 
     payload = {"model": model, "checkpoint": checkpoint, "seeds": seeds, "v1_seeds": v1_seeds, "command": command,
                "patches": patch_opts,

@@ -47,6 +47,10 @@ def add_classes(
 
 
 
+def _cell(v) -> str:
+    return ("on" if v else "off") if isinstance(v, bool) else f"{v:g}"
+
+
 @app.command("tune")
 def tune(
     head: Annotated[Path, typer.Argument(help="SAM-CP head (.safetensors).")],
@@ -59,6 +63,7 @@ def tune(
     score_thresh: Annotated[Optional[str], typer.Option(help="Values to try, comma-separated [default: 0.15,0.25,0.35,0.5].")] = None,
     affinity_thresh: Annotated[Optional[str], typer.Option(help="Values to try [default: 0.3,0.5,0.7].")] = None,
     overlap_thresh: Annotated[Optional[str], typer.Option(help="Values to try [default: 0.3,0.5].")] = None,
+    try_flip: Annotated[bool, typer.Option("--try-flip", help="Also try test-time flip (the head scores the mirrored image too, averaged; twice the head's cost).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the head here (default: update HEAD, atomically).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write samcp_tune.json and samcp_tune.md into this folder.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -87,6 +92,8 @@ def tune(
     grid = {"score_thresh": values(score_thresh, "score_thresh", "--score-thresh"),
             "affinity_thresh": values(affinity_thresh, "affinity_thresh", "--affinity-thresh"),
             "overlap_thresh": values(overlap_thresh, "overlap_thresh", "--overlap-thresh")}
+    if try_flip:
+        grid["flip"] = (False, True)
     try:
         a, b = (int(v) for v in seeds.split(":"))
         if b <= a:
@@ -118,7 +125,7 @@ def tune(
     rows = sorted(result.rows, key=lambda r: -(score_of(r, metric) if not math.isnan(score_of(r, metric)) else -1.0))
     for r in rows:
         mark = "bold" if all(r[k] == v for k, v in result.best.items()) else None
-        table.add_row(*[f"{r[k]:g}" for k in keys], *[f"{r[m]:.3f}" for m in ("pq", "sq", "rq", "miou", "ap50")],
+        table.add_row(*[_cell(r[k]) for k in keys], *[f"{r[m]:.3f}" for m in ("pq", "sq", "rq", "miou", "ap50")],
                       style=mark)
     Console().print(table)
     if report is not None:
@@ -128,14 +135,14 @@ def tune(
 
         report.mkdir(parents=True, exist_ok=True)
         command = (f"samantic samcp tune {head} --seeds {seeds} --model {model} --metric {metric}"
-                   + (f" --checkpoint {checkpoint}" if checkpoint else ""))
+                   + (f" --checkpoint {checkpoint}" if checkpoint else "") + (" --try-flip" if try_flip else ""))
         atomic_write_json(report / "samcp_tune.json", {"command": command, "grid": {k: list(v) for k, v in grid.items()},
                                                        "best": result.best, "rows": result.rows}, indent=2)
         lines = [f"`{command}`", "", f"Best by {metric}: {_json.dumps(result.best)}", "",
                  "| " + " | ".join(keys + ["PQ", "SQ", "RQ", "mIoU", "AP50"]) + " |",
                  "|" + "---|" * (len(keys) + 5)]
         for r in rows:
-            lines.append("| " + " | ".join([f"{r[k]:g}" for k in keys] + [f"{r[m]:.3f}" for m in
+            lines.append("| " + " | ".join([_cell(r[k]) for k in keys] + [f"{r[m]:.3f}" for m in
                                                                           ("pq", "sq", "rq", "miou", "ap50")]) + " |")
         atomic_write_bytes(report / "samcp_tune.md", ("\n".join(lines) + "\n").encode())
     typer.echo(f"recorded in {written}: {result.best}")

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["INFERENCE_DEFAULTS", "PanopticOutput", "SamcpPredictor", "inference_options", "TorchSamcpScorer", "check_names", "panoptic_fusion", "patch_options"]
+__all__ = ["INFERENCE_DEFAULTS", "PanopticOutput", "SamcpPredictor", "inference_options", "TorchSamcpScorer", "check_names", "flip_patches", "panoptic_fusion", "patch_options"]
 
 
 @dataclass
@@ -89,7 +89,7 @@ def panoptic_fusion(masks: np.ndarray, scores: np.ndarray, overlap_thresh: float
 
 
 INFERENCE_DEFAULTS: Dict[str, Any] = {"score_thresh": 0.3, "affinity_thresh": 0.5, "overlap_thresh": 0.5, "top_k": 100,
-                                      "min_area": 16, "instance_thresh": 0.05, "nms_thresh": 0.5}
+                                      "min_area": 16, "instance_thresh": 0.05, "nms_thresh": 0.5, "flip": False}
 INFERENCE_KEY = "inference"  # head-file header entry / manifest field of tuned inference options
 
 
@@ -226,18 +226,21 @@ class SamcpPredictor:
         instance_thresh: minimum score of the unfused thing candidates in ``instances``.
         nms_thresh: a thing candidate overlapping a better one of its class at mask IoU above
             this is dropped (1 keeps all).
+        flip: test-time augmentation: the head also scores the mirrored image with its mirrored
+            patches, and the two outputs (probabilities) are averaged; the head's cost doubles.
         device: where a torch head runs.
     """
 
     def __init__(self, head: Any, *, classes: Optional[Sequence[str]] = None, score_thresh: Optional[float] = None,
                  affinity_thresh: Optional[float] = None, overlap_thresh: Optional[float] = None,
                  top_k: Optional[int] = None, min_area: Optional[int] = None, instance_thresh: Optional[float] = None,
-                 nms_thresh: Optional[float] = None, device: str = "cpu") -> None:
+                 nms_thresh: Optional[float] = None, flip: Optional[bool] = None, device: str = "cpu") -> None:
         scorer = head if callable(getattr(head, "scores", None)) else TorchSamcpScorer(head, device)
         self.scorer = scorer
         # defaults: the library's, then those recorded with the head (`samantic samcp tune`), then the arguments
         given = {"score_thresh": score_thresh, "affinity_thresh": affinity_thresh, "overlap_thresh": overlap_thresh,
-                 "top_k": top_k, "min_area": min_area, "instance_thresh": instance_thresh, "nms_thresh": nms_thresh}
+                 "top_k": top_k, "min_area": min_area, "instance_thresh": instance_thresh, "nms_thresh": nms_thresh,
+                 "flip": flip}
         opts = {**INFERENCE_DEFAULTS, **inference_options(scorer)}
         opts.update({k: v for k, v in given.items() if v is not None})
         self.options = opts
@@ -260,6 +263,10 @@ class SamcpPredictor:
         if not 0.0 <= float(nms_thresh) <= 1.0:
             raise ValueError(f"nms_thresh must be in [0, 1], got {nms_thresh!r}")
         self.nms_thresh = float(nms_thresh)
+        if not isinstance(opts["flip"], (bool, np.bool_)):
+            raise ValueError(f"flip must be true or false, got {opts['flip']!r}")
+        self.flip = bool(opts["flip"])
+        self._timings: Dict[str, float] = {}
 
     def patch_options(self) -> Dict[str, Any]:
         """The segment-everything options the head was trained with (see :func:`patch_options`)."""
@@ -281,8 +288,17 @@ class SamcpPredictor:
 
     def scores(self, image: np.ndarray, patch_rles: Any, patch_boxes: np.ndarray):
         """The head's last-layer outputs for one image: (affinity sigmoid ``[C + P, P]``,
-        thing class probabilities ``[P, C]``, presence ``[C]``) as numpy."""
-        return self.scorer.scores(image, patch_rles, patch_boxes)
+        thing class probabilities ``[P, C]``, presence ``[C]``) as numpy; with ``flip`` the mean of
+        the image's and its mirror's (patches in the same order, so the rows and columns agree)."""
+        out = self.scorer.scores(image, patch_rles, patch_boxes)
+        self._timings = dict(getattr(self.scorer, "timings", {}) or {})
+        if not self.flip or len(patch_boxes) == 0:
+            return out
+        rles, boxes = flip_patches(patch_rles, patch_boxes)
+        mirrored = self.scorer.scores(np.ascontiguousarray(image[:, ::-1]), rles, boxes)
+        for k, v in (getattr(self.scorer, "timings", {}) or {}).items():
+            self._timings[k] = self._timings.get(k, 0.0) + v
+        return tuple((np.asarray(a, np.float32) + np.asarray(b, np.float32)) / 2 for a, b in zip(out, mirrored))
 
     def candidates(self, aff: np.ndarray, cls: np.ndarray, presence: np.ndarray
                    ) -> List[Tuple[int, float, np.ndarray]]:
@@ -415,7 +431,7 @@ class SamcpPredictor:
                              "bbox": [int(v) for v in boxes[sid]], "patches": np.flatnonzero(sel).tolist()})
         t3 = time.perf_counter()
         return PanopticOutput(panoptic, segments, semantic, instances, self.names, self.things,
-                              {"head": t1 - t0, **dict(getattr(self.scorer, "timings", {}) or {}),
+                              {"head": t1 - t0, **self._timings,
                                "merge": t2 - t1, "fusion": t3 - t2})
 
 
@@ -437,6 +453,20 @@ def _label_boxes(labels: np.ndarray, n: int, within: Optional[np.ndarray] = None
         xs = np.flatnonzero(crop.any(0))
         boxes[k] = [x0 + xs[0], y0 + ys[0], xs[-1] - xs[0] + 1, ys[-1] - ys[0] + 1]
     return boxes, areas
+
+
+def flip_patches(patch_rles: Any, patch_boxes: np.ndarray) -> Tuple[Any, np.ndarray]:
+    """Patches of the horizontally mirrored image: (RLEs as an :class:`~samantic.ops.RleBatch`,
+    XYXY inclusive boxes), in the same order."""
+    from samantic.ops import rle_decode, rle_encode
+    from samantic.ops.rle import _batch
+
+    batch = _batch(patch_rles, "patch_rles")
+    w = int(batch.size[1])
+    boxes = np.array(patch_boxes, copy=True)
+    boxes[:, 0], boxes[:, 2] = w - 1 - np.asarray(patch_boxes)[:, 2], w - 1 - np.asarray(patch_boxes)[:, 0]
+    masks = rle_decode(batch)
+    return rle_encode(np.ascontiguousarray(masks[:, :, ::-1])), boxes
 
 
 def _xywh(box: np.ndarray) -> List[int]:
