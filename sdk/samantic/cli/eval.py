@@ -259,7 +259,7 @@ def eval_samcp(
     rows = []
     opts = {} if score_thresh is None else {"score_thresh": score_thresh}
     head_opts = {**opts, **({} if flip is None else {"flip": flip})}
-    opts["flip"] = False  # the oracle scores patches, not the image: nothing to mirror
+    oracle_opts = {**opts, "flip": False}  # the oracle scores patches, not the image: nothing to mirror
     try:
         sam = create_model(model, checkpoint=checkpoint)
         patch_opts = None
@@ -288,12 +288,12 @@ def eval_samcp(
             from samantic.train.samcp_cache import PatchCache
 
             pc = PatchCache(cache, sam, **patch_opts)
-            v2 = evaluate_samcp(SamcpPredictor(OracleSamcpScorer(pc, CATEGORIES), **opts), sam, v2_range, cache,
+            v2 = evaluate_samcp(SamcpPredictor(OracleSamcpScorer(pc, CATEGORIES), **oracle_opts), sam, v2_range, cache,
                                 kind="v2", progress=progress, **patch_opts)
             v1 = None
             if v1_range is not None:
                 v1_cats = [{"id": i + 1, "name": n, "isthing": 1} for i, n in enumerate(CLASSES)]
-                v1 = evaluate_samcp(SamcpPredictor(OracleSamcpScorer(pc, v1_cats), **opts), sam, v1_range, cache,
+                v1 = evaluate_samcp(SamcpPredictor(OracleSamcpScorer(pc, v1_cats), **oracle_opts), sam, v1_range, cache,
                                     kind="v1", progress=progress, **patch_opts)
             rows.append(("oracle", "the training targets as scores (the patches' ceiling)", None, v2, v1))
         usam_row = None

@@ -463,10 +463,10 @@ def flip_patches(patch_rles: Any, patch_boxes: np.ndarray) -> Tuple[Any, np.ndar
 
     batch = _batch(patch_rles, "patch_rles")
     w = int(batch.size[1])
-    boxes = np.array(patch_boxes, copy=True)
-    boxes[:, 0], boxes[:, 2] = w - 1 - np.asarray(patch_boxes)[:, 2], w - 1 - np.asarray(patch_boxes)[:, 0]
-    masks = rle_decode(batch)
-    return rle_encode(np.ascontiguousarray(masks[:, :, ::-1])), boxes
+    src = np.asarray(patch_boxes)
+    boxes = src.copy()
+    boxes[:, 0], boxes[:, 2] = w - 1 - src[:, 2], w - 1 - src[:, 0]
+    return rle_encode(np.ascontiguousarray(rle_decode(batch)[:, :, ::-1])), boxes
 
 
 def _xywh(box: np.ndarray) -> List[int]:
