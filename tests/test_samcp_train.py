@@ -235,11 +235,11 @@ def test_loss_reaches_every_stage_and_the_backbone(examples):
         assert aff.head_mlp[-1].weight.grad is not None and aff.head_mlp[-1].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("patch_drop", [0.0, 0.4])
-def test_resume_gives_the_same_weights(examples, tmp_path, patch_drop):
+@pytest.mark.parametrize("patch_drop,crop_scale", [(0.0, 1.0), (0.4, 0.6)])
+def test_resume_gives_the_same_weights(examples, tmp_path, patch_drop, crop_scale):
     ex, _ = examples
     cfg = SamcpTrainConfig(steps=4, images_per_step=2, lr=1e-3, warmup_steps=1, checkpoint_every=2, log_every=1,
-                           patch_drop=patch_drop)
+                           patch_drop=patch_drop, crop_scale=crop_scale)
 
     class Interrupted(SamcpTrainer):
         def train_step(self, batch):
@@ -299,6 +299,59 @@ def test_patch_drop_subsets_patches_and_their_targets(examples):
             assert 1 <= n <= full[key]
     assert sum(n for z in sizes for _, n in z) < 0.8 * sum(full[k] for z in sizes for k, _ in z)
     loss, _ = trainer.train_step(trainer.batch_at(0))
+    assert np.isfinite(loss)
+
+
+def test_crop_keeps_the_part_of_each_patch_inside_the_window():
+    """A patch cut by the crop window gets its clipped box and the RoI mask of its inside part (what
+    mask_to_roi gives on the cropped full-resolution mask); patches mostly outside leave with their
+    targets; the full window changes nothing."""
+    from samantic.heads.samcp import mask_to_roi
+    from samantic.train.samcp import SamcpExample
+
+    h, w, r = 120, 160, 14
+    yy, xx = np.mgrid[:h, :w]
+    masks = np.stack([(xx - 60) ** 2 + (yy - 60) ** 2 < 40 ** 2,            # a disc the window cuts
+                      (xx >= 100) & (xx < 130) & (yy >= 20) & (yy < 50),    # a square inside it
+                      (xx < 12) & (yy >= 90)])                               # a corner mostly outside
+    boxes = np.array([[20, 20, 100, 100], [100, 20, 130, 50], [0, 90, 12, 120]], np.float32)
+    roi = mask_to_roi(torch.from_numpy(masks), torch.from_numpy(boxes), size=r).numpy()
+    member = np.array([[1, -1], [0, 1], [0, 0]], np.int8)
+    ex = SamcpExample("k", np.zeros((h, w, 3), np.uint8), boxes, roi, member, np.array([2, 5]),
+                      np.array([True, True]), np.array([[1, 0, 0], [0, 1, -1]], np.int8))
+    same = ex.cropped(0, 0, w, h)
+    np.testing.assert_array_equal(same.boxes, ex.boxes)
+    np.testing.assert_allclose(same.roi_masks, ex.roi_masks)
+    x0, y0, x1, y1 = 50, 10, 150, 100
+    c = ex.cropped(x0, y0, x1, y1)
+    assert c.image.shape == (y1 - y0, x1 - x0, 3)
+    np.testing.assert_array_equal(c.boxes, [[0, 10, 50, 90], [50, 10, 80, 40]])  # the corner patch left
+    np.testing.assert_array_equal(c.membership, member[:2])
+    np.testing.assert_array_equal(c.class_targets, ex.class_targets[:, :2])
+    np.testing.assert_allclose(c.roi_masks[1], roi[1])  # inside: unchanged
+    inside = mask_to_roi(torch.from_numpy(masks[:1, y0:y1, x0:x1]), torch.from_numpy(c.boxes[:1]), size=r).numpy()
+    assert np.abs(c.roi_masks[0] - inside[0]).mean() < 0.04
+    assert np.abs(roi[0] - inside[0]).mean() > 0.12  # the uncut mask would be wrong
+    # a thing whose only member patch leaves is out of the step's instance targets
+    gone = ex.cropped(100, 0, 160, 60)
+    assert list(gone.gt_classes) == [-1, 5]
+    with pytest.raises(ValueError, match="crop_scale"):
+        SamcpTrainConfig(crop_scale=0.0)
+
+
+def test_crop_scale_zooms_into_half_the_images_per_step(examples):
+    ex, _ = examples
+    cfg = SamcpTrainConfig(steps=10, images_per_step=len(ex), warmup_steps=1, crop_scale=0.5, flip_prob=0.0)
+    trainer = SamcpTrainer(SamcpHead(small_info()), cfg, ex)
+    shapes = [[x.image.shape[:2] for x in trainer.batch_at(step)] for step in range(8)]
+    assert shapes[0] == [x.image.shape[:2] for x in trainer.batch_at(0)]  # drawn per step, reproducibly
+    cropped = [s for z in shapes for s in z if s != SIZE]
+    assert 0 < len(cropped) < sum(len(z) for z in shapes)
+    assert all(SIZE[0] * 0.5 - 1 <= a <= SIZE[0] and SIZE[1] * 0.5 - 1 <= b <= SIZE[1] for a, b in cropped)
+    for x in trainer.batch_at(3):
+        assert (x.boxes[:, 2:] > x.boxes[:, :2]).all() and x.boxes.min() >= 0
+        assert (x.boxes[:, 2] <= x.image.shape[1]).all() and (x.boxes[:, 3] <= x.image.shape[0]).all()
+    loss, _ = trainer.train_step(trainer.batch_at(3))
     assert np.isfinite(loss)
 
 
@@ -499,7 +552,8 @@ def trained(examples, tmp_path_factory):
     r = _samantic("train", "samcp", "--data", str(data), "--out", str(out), "--cache", str(cache), "--points-per-side",
                   str(GRID), "--pred-iou-thresh", str(LOW["pred_iou_thresh"]), "--stability-score-thresh",
                   str(LOW["stability_score_thresh"]), "--steps", "3", "--images-per-step", "2", "--layers", "1",
-                  "--patch-drop", "0.25", "--weight-decay", "0.1", "--threads", "1", "--no-progress")
+                  "--patch-drop", "0.25", "--weight-decay", "0.1", "--crop-scale", "0.7", "--threads", "1",
+                  "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 computed, 3 reused" in r.stdout
     return out
@@ -514,7 +568,7 @@ def test_train_samcp_writes_a_head_with_its_vocabulary_and_patches(trained, nano
     assert json.loads(head.info.extra["patches"]) == {"points_per_side": GRID, **LOW}
     assert head.info.extra["steps_done"] == "3"
     cfg = json.loads(head.info.extra["train_config"])
-    assert (cfg["patch_drop"], cfg["weight_decay"]) == (0.25, 0.1)
+    assert (cfg["patch_drop"], cfg["weight_decay"], cfg["crop_scale"]) == (0.25, 0.1, 0.7)
     assert head.info.extra["sam_state_sha256"] == state_sha256(nano)  # the SAM whose patches it learned from
     assert head.check_weights(nano) is None
 

@@ -72,6 +72,10 @@ class SamcpTrainConfig:
         patch_drop: fraction of an image's patches left out of a step, drawn anew each step
             (at least one kept; a thing left without a member patch sits the step out): a
             regulariser against memorising whole scenes, whose patch sets repeat every epoch.
+        crop_scale: random zoom-in: half the images of a step are cropped to a window whose sides
+            are a fraction in ``[crop_scale, 1]`` of the image's (the head scales it back up to its
+            input size); patches cut by the window keep the part inside (box clipped, mask
+            resampled), those left with under a quarter of their box leave the step. 1: off.
         checkpoint_every, log_every: steps between resumable checkpoints / log lines.
         seed: data order, augmentation and initialisation.
         time_budget: seconds of training (0: no limit); the cosine decay then follows time.
@@ -94,6 +98,7 @@ class SamcpTrainConfig:
     one_to_many: bool = True
     flip_prob: float = 0.5
     patch_drop: float = 0.0
+    crop_scale: float = 1.0
     checkpoint_every: int = 200
     log_every: int = 20
     seed: int = 0
@@ -109,6 +114,8 @@ class SamcpTrainConfig:
             raise ValueError(f"time_budget must be >= 0 seconds, got {self.time_budget}")
         if not 0.0 <= self.patch_drop < 1.0:
             raise ValueError(f"patch_drop must be in [0, 1), got {self.patch_drop}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
 
 
 # ---------------------------------------------------------------- assignment
@@ -209,6 +216,50 @@ class SamcpExample:
         gt_classes[lost] = -1
         return SamcpExample(self.key, self.image, self.boxes[keep], self.roi_masks[keep], membership, gt_classes,
                             self.gt_isthing, self.class_targets[:, keep], self.class_known)
+
+    def cropped(self, x0: int, y0: int, x1: int, y1: int, min_keep: float = 0.25) -> "SamcpExample":
+        """The example seen through the window ``[x0, x1) x [y0, y1)`` (pixels).
+
+        A patch cut by the window keeps its part inside: the box is clipped and its RoI mask
+        resampled over the clipped box. Patches left with less than ``min_keep`` of their box
+        area (or nothing) leave the example as in :meth:`subset`. Targets are the full image's:
+        a patch's membership is a property of the whole patch.
+        """
+        h, w = self.image.shape[:2]
+        x0, y0, x1, y1 = max(0, int(x0)), max(0, int(y0)), min(w, int(x1)), min(h, int(y1))
+        if x1 - x0 < 1 or y1 - y0 < 1:
+            raise ValueError(f"empty crop window ({x0}, {y0}, {x1}, {y1}) of a {w}x{h} image")
+        b = self.boxes.astype(np.float64)
+        clipped = np.stack([np.clip(b[:, 0], x0, x1), np.clip(b[:, 1], y0, y1),
+                            np.clip(b[:, 2], x0, x1), np.clip(b[:, 3], y0, y1)], 1)
+        area = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
+        inside = np.maximum(clipped[:, 2] - clipped[:, 0], 0) * np.maximum(clipped[:, 3] - clipped[:, 1], 0)
+        keep = (inside > 0) & (inside >= min_keep * np.maximum(area, 1e-9))
+        if not keep.any():  # keep the patch with the most of its box inside: a step needs a patch
+            keep[int(np.argmax(inside / np.maximum(area, 1e-9)))] = True
+        ex = self.subset(keep)
+        b, c = b[keep], clipped[keep]
+        roi = ex.roi_masks
+        cut = np.any(np.abs(c - b) > 1e-6, 1)
+        if cut.any():
+            import torch as _torch
+            from torchvision.ops import roi_align
+
+            r = roi.shape[-1]
+            bw = np.maximum(b[cut, 2] - b[cut, 0], 1e-6)
+            bh = np.maximum(b[cut, 3] - b[cut, 1], 1e-6)
+            win = np.stack([(c[cut, 0] - b[cut, 0]) / bw * r, (c[cut, 1] - b[cut, 1]) / bh * r,
+                            (c[cut, 2] - b[cut, 0]) / bw * r, (c[cut, 3] - b[cut, 1]) / bh * r], 1)
+            rois = _torch.cat([_torch.arange(int(cut.sum()), dtype=_torch.float32)[:, None],
+                               _torch.from_numpy(win.astype(np.float32))], 1)
+            sub = roi_align(_torch.from_numpy(np.ascontiguousarray(roi[cut]))[:, None].float(), rois, (r, r),
+                            spatial_scale=1.0, sampling_ratio=2, aligned=True)[:, 0].numpy()
+            roi = roi.copy()
+            roi[cut] = sub
+        boxes = (c - np.array([x0, y0, x0, y0], np.float64)).astype(np.float32)
+        image = np.ascontiguousarray(self.image[y0:y1, x0:x1])
+        return SamcpExample(self.key, image, boxes, roi.astype(np.float32), ex.membership, ex.gt_classes,
+                            ex.gt_isthing, ex.class_targets, ex.class_known)
 
 
 def example_from_patches(key: str, image: np.ndarray, entry: Any, vocabulary: Sequence[str],
@@ -489,6 +540,18 @@ class SamcpTrainer:
             idx.append(self._perms[epoch][pos])
         rng = random.Random(self.config.seed * 7_919 + step)
         batch = [self.examples[i].flipped() if rng.random() < self.config.flip_prob else self.examples[i] for i in idx]
+        if self.config.crop_scale < 1:
+            crop = np.random.default_rng([self.config.seed, step, 2])
+            out = []
+            for ex in batch:
+                if crop.random() < 0.5:
+                    h, w = ex.image.shape[:2]
+                    f = crop.uniform(self.config.crop_scale, 1.0)
+                    cw, ch = max(1, int(round(w * f))), max(1, int(round(h * f)))
+                    x0, y0 = int(crop.integers(0, w - cw + 1)), int(crop.integers(0, h - ch + 1))
+                    ex = ex.cropped(x0, y0, x0 + cw, y0 + ch)
+                out.append(ex)
+            batch = out
         if self.config.patch_drop > 0:
             drop = np.random.default_rng([self.config.seed, step])
             out = []

@@ -176,6 +176,7 @@ def train_samcp(
     time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
     weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay of the weight matrices.")] = 0.05,
     patch_drop: Annotated[float, typer.Option(min=0, max=0.95, help="Fraction of each image's patches left out of a step, drawn anew every step (a regulariser; 0: off).")] = 0.0,
+    crop_scale: Annotated[float, typer.Option(min=0.1, max=1.0, help="Random zoom-in: half the images of a step are cropped to a window of this to 1 times their sides (1: off).")] = 1.0,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
@@ -211,7 +212,7 @@ def train_samcp(
                 raise ValueError(f"unknown {what} class(es) {bad}; {data} has: {', '.join(known) or '(none)'}")
         config = SamcpTrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, warmup_steps=warmup_steps,
                                   seed=seed, time_budget=time_budget * 60, weight_decay=weight_decay,
-                                  patch_drop=patch_drop)
+                                  patch_drop=patch_drop, crop_scale=crop_scale)
         text, text_info = None, {}
         if text_encoder is not None:
             # encoded once (on the CPU: a few prompts), before the slow patch cache, so a bad encoder fails fast
