@@ -242,7 +242,6 @@ class SamcpExample:
         roi = ex.roi_masks
         cut = np.any(np.abs(c - b) > 1e-6, 1)
         if cut.any():
-            import torch as _torch
             from torchvision.ops import roi_align
 
             r = roi.shape[-1]
@@ -250,9 +249,9 @@ class SamcpExample:
             bh = np.maximum(b[cut, 3] - b[cut, 1], 1e-6)
             win = np.stack([(c[cut, 0] - b[cut, 0]) / bw * r, (c[cut, 1] - b[cut, 1]) / bh * r,
                             (c[cut, 2] - b[cut, 0]) / bw * r, (c[cut, 3] - b[cut, 1]) / bh * r], 1)
-            rois = _torch.cat([_torch.arange(int(cut.sum()), dtype=_torch.float32)[:, None],
-                               _torch.from_numpy(win.astype(np.float32))], 1)
-            sub = roi_align(_torch.from_numpy(np.ascontiguousarray(roi[cut]))[:, None].float(), rois, (r, r),
+            rois = torch.cat([torch.arange(int(cut.sum()), dtype=torch.float32)[:, None],
+                              torch.from_numpy(win.astype(np.float32))], 1)
+            sub = roi_align(torch.from_numpy(np.ascontiguousarray(roi[cut]))[:, None].float(), rois, (r, r),
                             spatial_scale=1.0, sampling_ratio=2, aligned=True)[:, 0].numpy()
             roi = roi.copy()
             roi[cut] = sub
