@@ -335,6 +335,8 @@ def test_crop_keeps_the_part_of_each_patch_inside_the_window():
     # a thing whose only member patch leaves is out of the step's instance targets
     gone = ex.cropped(100, 0, 160, 60)
     assert list(gone.gt_classes) == [-1, 5]
+    with pytest.raises(ValueError, match="no patch of k lies in the crop window"):
+        ex.cropped(140, 60, 160, 80)
     with pytest.raises(ValueError, match="crop_scale"):
         SamcpTrainConfig(crop_scale=0.0)
 

@@ -222,7 +222,8 @@ class SamcpExample:
 
         A patch cut by the window keeps its part inside: the box is clipped and its RoI mask
         resampled over the clipped box. Patches left with less than ``min_keep`` of their box
-        area (or nothing) leave the example as in :meth:`subset`. Targets are the full image's:
+        area leave the example as in :meth:`subset` (the one with the most inside stays if all
+        would leave; a window that misses every patch is an error). Targets are the full image's:
         a patch's membership is a property of the whole patch.
         """
         h, w = self.image.shape[:2]
@@ -235,6 +236,8 @@ class SamcpExample:
         area = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
         inside = np.maximum(clipped[:, 2] - clipped[:, 0], 0) * np.maximum(clipped[:, 3] - clipped[:, 1], 0)
         keep = (inside > 0) & (inside >= min_keep * np.maximum(area, 1e-9))
+        if not (inside > 0).any():
+            raise ValueError(f"no patch of {self.key} lies in the crop window ({x0}, {y0}, {x1}, {y1})")
         if not keep.any():  # keep the patch with the most of its box inside: a step needs a patch
             keep[int(np.argmax(inside / np.maximum(area, 1e-9)))] = True
         ex = self.subset(keep)
@@ -548,7 +551,10 @@ class SamcpTrainer:
                     f = crop.uniform(self.config.crop_scale, 1.0)
                     cw, ch = max(1, int(round(w * f))), max(1, int(round(h * f)))
                     x0, y0 = int(crop.integers(0, w - cw + 1)), int(crop.integers(0, h - ch + 1))
-                    ex = ex.cropped(x0, y0, x0 + cw, y0 + ch)
+                    try:
+                        ex = ex.cropped(x0, y0, x0 + cw, y0 + ch)
+                    except ValueError:  # the window misses every patch: the image stays whole
+                        pass
                 out.append(ex)
             batch = out
         if self.config.patch_drop > 0:
