@@ -231,13 +231,12 @@ class SamcpExample:
         if x1 - x0 < 1 or y1 - y0 < 1:
             raise ValueError(f"empty crop window ({x0}, {y0}, {x1}, {y1}) of a {w}x{h} image")
         b = self.boxes.astype(np.float64)
-        clipped = np.stack([np.clip(b[:, 0], x0, x1), np.clip(b[:, 1], y0, y1),
-                            np.clip(b[:, 2], x0, x1), np.clip(b[:, 3], y0, y1)], 1)
+        clipped = np.clip(b, [x0, y0, x0, y0], [x1, y1, x1, y1])
         area = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
         inside = np.maximum(clipped[:, 2] - clipped[:, 0], 0) * np.maximum(clipped[:, 3] - clipped[:, 1], 0)
-        keep = (inside > 0) & (inside >= min_keep * np.maximum(area, 1e-9))
         if not (inside > 0).any():
             raise ValueError(f"no patch of {self.key} lies in the crop window ({x0}, {y0}, {x1}, {y1})")
+        keep = (inside > 0) & (inside >= min_keep * np.maximum(area, 1e-9))
         if not keep.any():  # keep the patch with the most of its box inside: a step needs a patch
             keep[int(np.argmax(inside / np.maximum(area, 1e-9)))] = True
         ex = self.subset(keep)
@@ -245,22 +244,17 @@ class SamcpExample:
         roi = ex.roi_masks
         cut = np.any(np.abs(c - b) > 1e-6, 1)
         if cut.any():
-            from torchvision.ops import roi_align
+            from samantic.heads.samcp import mask_to_roi
 
+            # the clipped box in the RoI mask's own pixels, resampled like the full-image masks were
             r = roi.shape[-1]
-            bw = np.maximum(b[cut, 2] - b[cut, 0], 1e-6)
-            bh = np.maximum(b[cut, 3] - b[cut, 1], 1e-6)
-            win = np.stack([(c[cut, 0] - b[cut, 0]) / bw * r, (c[cut, 1] - b[cut, 1]) / bh * r,
-                            (c[cut, 2] - b[cut, 0]) / bw * r, (c[cut, 3] - b[cut, 1]) / bh * r], 1)
-            rois = torch.cat([torch.arange(int(cut.sum()), dtype=torch.float32)[:, None],
-                              torch.from_numpy(win.astype(np.float32))], 1)
-            sub = roi_align(torch.from_numpy(np.ascontiguousarray(roi[cut]))[:, None].float(), rois, (r, r),
-                            spatial_scale=1.0, sampling_ratio=2, aligned=True)[:, 0].numpy()
+            size = np.maximum(b[cut, 2:] - b[cut, :2], 1e-6)
+            win = (c[cut] - np.tile(b[cut, :2], 2)) / np.tile(size, 2) * r
             roi = roi.copy()
-            roi[cut] = sub
+            roi[cut] = mask_to_roi(torch.from_numpy(np.ascontiguousarray(roi[cut])), torch.from_numpy(win), size=r).numpy()
         boxes = (c - np.array([x0, y0, x0, y0], np.float64)).astype(np.float32)
         image = np.ascontiguousarray(self.image[y0:y1, x0:x1])
-        return SamcpExample(self.key, image, boxes, roi.astype(np.float32), ex.membership, ex.gt_classes,
+        return SamcpExample(self.key, image, boxes, roi, ex.membership, ex.gt_classes,
                             ex.gt_isthing, ex.class_targets, ex.class_known)
 
 
