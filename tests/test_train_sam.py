@@ -321,3 +321,46 @@ def test_freeze_batchnorm_keeps_running_statistics_and_trains_the_affine(tmp_pat
     assert stats and affine
     assert all(torch.equal(before[k], after[k]) for k in stats) == freeze
     assert any(not torch.equal(before[k], after[k]) for k in affine)  # the scales train either way
+
+
+def test_soft_stability_approaches_segment_anythings_score():
+    from segment_anything.utils.amg import calculate_stability_score
+
+    from samantic.train.sam import soft_stability
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, 40, generator=gen) * 4
+    logits[3] = -5.0  # empty at both offsets
+    sharp = logits[4].clone()
+    logits[4, :10] = 0.5  # a band between -1 and +1: unstable
+    logits = torch.where((logits.abs() - 1).abs() < 0.05, logits * 1.2, logits)  # none at a step
+    want = calculate_stability_score(logits, 0.0, 1.0)
+    got = soft_stability(logits, slope=200.0)
+    ok = ~torch.isnan(want)
+    assert torch.allclose(got[ok], want[ok], atol=2e-3)
+    assert got[3] == pytest.approx(1.0)  # an empty mask is stable, not nan
+    assert soft_stability(logits)[4] < soft_stability(sharp) - 0.05  # the band costs stability at the default slope
+    # a steeper boundary scores higher at the default slope
+    ramp = torch.linspace(-3, 3, 40)[None, None, :].expand(1, 40, 40)
+    assert soft_stability(ramp * 4) > soft_stability(ramp)
+
+
+def test_stability_term_adds_weight_times_one_minus_the_soft_stability():
+    import copy
+
+    from samantic.models import create_model
+
+    base = create_model("sam_nano").eval()
+    batch = _anchor_batch([False, False], base.prompt_encoder.mask_input_size[0])
+
+    def step(weight):
+        config = SamTrainConfig(images_per_step=2, masks_per_image=2, iterations=1, box_prob=0.0, lr=1e-4,
+                                trainable=("mask_decoder",), stability_weight=weight)
+        return SamTrainer(copy.deepcopy(base), config, data=None).train_step(batch)
+
+    plain, plain_stats = step(0.0)
+    two, two_stats = step(2.0)
+    assert "soft_stability" not in plain_stats and 0.0 < two_stats["soft_stability"] < 1.0
+    assert two - plain == pytest.approx(2.0 * (1.0 - two_stats["soft_stability"]), rel=1e-3, abs=1e-6)
+    with pytest.raises(ValueError, match="stability_weight"):
+        SamTrainConfig(stability_weight=-1.0)

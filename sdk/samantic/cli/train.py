@@ -36,6 +36,7 @@ def train_sam(
     focal_gamma: Annotated[float, typer.Option(help="Focal exponent (SAM: 2; 0 = cross-entropy).")] = 2.0,
     dice_weight: Annotated[float, typer.Option(help="Weight of the dice term.")] = 1.0,
     freeze_batchnorm: Annotated[bool, typer.Option("--freeze-batchnorm/--train-batchnorm", help="Batch-norm layers keep their running statistics while their scales and shifts train (fine-tuning with small batches).")] = False,
+    stability_weight: Annotated[float, typer.Option(min=0, help="Weight of a soft stability-score term on the first round's masks (keeps boundaries as sharp as segment-everything's stability filter expects; 0: off).")] = 0.0,
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 50,
     log_every: Annotated[int, typer.Option(min=1)] = 10,
     seed: Annotated[int, typer.Option()] = 0,
@@ -57,6 +58,7 @@ def train_sam(
             checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, box_prob=box_prob, zoom_prob=zoom_prob,
             flat_steps=flat_steps, focal_weight=focal_weight, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
             dice_weight=dice_weight, time_budget=time_budget * 60, freeze_batchnorm=freeze_batchnorm,
+            stability_weight=stability_weight,
         )
         dataset = open_dataset(data)
         torch_device = torch.device(device)
@@ -298,6 +300,7 @@ def train_sum_cmd(
     dice_weight: Annotated[Optional[float], typer.Option(help="Weight of the dice term (default: the base's recipe; else 1).")] = None,
     trainable: Annotated[str, typer.Option(help="Comma-separated parts to train besides the task table: image_encoder,prompt_encoder,mask_decoder.")] = "prompt_encoder,mask_decoder",
     freeze_batchnorm: Annotated[bool, typer.Option("--freeze-batchnorm/--train-batchnorm", help="Batch-norm layers keep their running statistics while their scales and shifts train (fine-tuning with small batches).")] = False,
+    stability_weight: Annotated[float, typer.Option(min=0, help="Weight of a soft stability-score term on the first round's masks (keeps boundaries as sharp as segment-everything's stability filter expects; 0: off).")] = 0.0,
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 25,
     log_every: Annotated[int, typer.Option(min=1)] = 10,
     seed: Annotated[int, typer.Option()] = 0,
@@ -328,7 +331,7 @@ def train_sum_cmd(
             steps=steps, images_per_step=images_per_step, masks_per_image=masks_per_image, iterations=iterations,
             lr=lr, warmup_steps=warmup_steps, trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
             checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, time_budget=time_budget * 60,
-            freeze_batchnorm=freeze_batchnorm, **loss,
+            freeze_batchnorm=freeze_batchnorm, stability_weight=stability_weight, **loss,
         )
         sum_config = SumTrainConfig(variant=variant, task_lr_scale=task_lr_scale, encoder_lr_scale=encoder_lr_scale,
                                     points_per_side=points_per_side,
