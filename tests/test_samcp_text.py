@@ -267,7 +267,10 @@ def test_add_classes_grows_the_vocabulary_and_keeps_old_queries(trained, extende
     qo, qn = old.class_queries(), new.class_queries()
     assert qn.shape == (old.info.num_classes + 3, old.info.d_model)
     for i, name in enumerate(old.info.names):
-        assert torch.equal(qo[i], qn[new.info.names.index(name)]), name
+        j = new.info.names.index(name)
+        # bit for bit: the stored rows are not normalised again (which moved their last bit on an AMD EPYC)
+        assert torch.equal(old.text_embeddings[i], new.text_embeddings[j]), name
+        assert torch.equal(qo[i], qn[j]), name
     enc = open_text_encoder(TINY_SPEC)
     for name in ("kite", "boat", "sky"):
         assert torch.allclose(new.text_embeddings[new.info.names.index(name)], enc.encode([name])[0], atol=1e-6)

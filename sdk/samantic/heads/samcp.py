@@ -832,7 +832,11 @@ def _text_table(embeddings: torch.Tensor, info: SamcpInfo) -> torch.Tensor:
                          f"classes + stuff), got {shape}")
     if not bool(torch.isfinite(embeddings).all()):
         raise ValueError("text_embeddings must be finite")
-    return F.normalize(embeddings.detach().float(), dim=-1).clone()
+    x = embeddings.detach().float().clone()
+    norms = x.norm(dim=-1, keepdim=True)
+    # rows already of unit length stay bit for bit (re-normalising rounds their last bit differently
+    # on some CPUs, and the stored vocabulary must not move when names are added)
+    return torch.where((norms - 1).abs() > 1e-6, x / norms.clamp(min=1e-12), x)
 
 
 def _check_new_names(info: SamcpInfo, names: Sequence[str]) -> Tuple[str, ...]:
