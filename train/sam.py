@@ -794,9 +794,9 @@ class SamTrainer:
             if self.task_answers and tasks is not None and k > 1:
                 chosen = torch.where(tasks > 0, per.mean(1), chosen)
             mask_loss = chosen.mean()
+            sel = torch.arange(m, device=low_res.device)
             if it == 0 and c.stability_weight > 0:
-                sel0 = torch.arange(m, device=low_res.device)
-                stab = soft_stability(low_res[sel0, best])
+                stab = soft_stability(low_res[sel, best])
                 total = total + c.stability_weight * (1.0 - stab).mean()
                 stats["soft_stability"] = stab.mean().detach()
             with torch.no_grad():
@@ -806,7 +806,6 @@ class SamTrainer:
                 true_iou = inter / union.clamp(min=1)
             iou_loss = F.mse_loss(iou_pred, true_iou)
             total = total + mask_loss + c.iou_weight * iou_loss
-            sel = torch.arange(m, device=low_res.device)
             prev_pred = pred[sel, best]
             mask_input = low_res[sel, best][:, None].detach()
             stats[f"iou_{it}"] = true_iou[sel, best].mean().detach()
