@@ -278,6 +278,30 @@ def test_ctrl_c_on_the_command_keeps_what_was_written(tmp_path):
     assert "interrupted" in stderr and "Traceback" not in stderr
 
 
+def test_held_sigint_delivers_ctrl_c_after_the_writes_to_the_handler_before():
+    """Ctrl-C inside the held block waits for its end; then it is what it was before (KeyboardInterrupt, or ignored)."""
+    import signal
+
+    from samantic.cli.stream import _HeldSigint
+
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _HeldSigint():
+            signal.raise_signal(signal.SIGINT)
+            done.append("written")  # not interrupted here
+    assert done == ["written"] and signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _HeldSigint():
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # ignored before: ignored after
+    finally:
+        signal.signal(signal.SIGINT, before)
+    with _HeldSigint():  # nothing held: nothing delivered
+        pass
+
+
 def test_fake_camera_faster_than_the_model_drops_and_counts(fake_cv2, tmp_path):
     opened = fake_cv2(n=10_000, pause=0.002)
     out = tmp_path / "out"

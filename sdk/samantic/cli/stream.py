@@ -232,6 +232,36 @@ def frame_record(frame: Any) -> Dict[str, Any]:
             "latency_ms": round(frame.latency * 1000.0, 3), "height": h, "width": w, "instances": instances}
 
 
+class _HeldSigint:
+    """Holds Ctrl-C (SIGINT) for a few writes and delivers it after them, to whatever handled it before.
+
+    Only in the main thread (the only one Python runs signal handlers in); elsewhere a no-op.
+    """
+
+    def __enter__(self) -> "_HeldSigint":
+        import signal
+        import threading
+
+        self._old: Any = None
+        self._pending = False
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(signal.SIGINT, self._hold)
+            self._old = signal.SIG_DFL if old is None else old  # None: a handler installed outside Python
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self._pending = True
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._old is None:
+            return
+        signal.signal(signal.SIGINT, self._old)
+        if self._pending:  # delivered now as if it came now: KeyboardInterrupt, ignored, or whatever the handler does
+            signal.raise_signal(signal.SIGINT)
+
+
 def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, overlay_video: bool = False,
                queue_size: int = 2, max_frames: Optional[int] = None, progress: bool = True,
                info: Optional[Dict[str, Any]] = None) -> int:
@@ -269,6 +299,7 @@ def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, ove
     # step: segment, one flushed JSON line per frame (+ an overlay frame)
     writer = None
     width = height = None
+    saved = 0  # frames whose line (and overlay frame) were written
     ending: Optional[str] = None
     error: Optional[BaseException] = None
     columns = [TextColumn("segment"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -278,16 +309,24 @@ def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, ove
                 Progress(*columns, console=err, disable=not progress) as bar:
             task = bar.add_task("segment", total=total, info=source.label)
             for fr in stream:
-                f.write(json.dumps(frame_record(fr), separators=(",", ":"), default=_json_default) + "\n")
-                f.flush()
+                # step: the frame's outputs, made first (Ctrl-C here loses only this frame) ...
+                line = json.dumps(frame_record(fr), separators=(",", ":"), default=_json_default) + "\n"
                 height, width = fr.frame.shape[:2]
+                image = None
                 if overlay_video:
                     if writer is None:
                         writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), fps or 30.0,
                                                  (width, height))
                         if not writer.isOpened():
                             raise ValueError(f"{video_path}: OpenCV cannot write an mp4v video here")
-                    writer.write(cv2.cvtColor(fr.result.overlay(fr.frame), cv2.COLOR_RGB2BGR))
+                    image = cv2.cvtColor(fr.result.overlay(fr.frame), cv2.COLOR_RGB2BGR)
+                # ... then written together, Ctrl-C held, so the lines and the video stay frame for frame
+                with _HeldSigint():
+                    if image is not None:
+                        writer.write(image)
+                    f.write(line)
+                    f.flush()
+                    saved += 1
                 bar.update(task, advance=1, info=f"{source.label}, {fr.dropped} dropped")
     except KeyboardInterrupt:
         ending = "interrupted"
@@ -302,6 +341,10 @@ def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, ove
     s = stream.summary.to_dict()
     if ending == "interrupted":  # Ctrl-C while this loop wrote a frame's outputs: the stream only saw its consumer stop
         s["ended"] = "interrupted"
+    if s["segmented"] > saved:  # segmented, then interrupted before its outputs were written: not kept
+        s["discarded"] = s.get("discarded", 0) + s["segmented"] - saved
+        s["segmented"] = saved
+        s["fps"] = round(saved / s["seconds"], 4) if s.get("seconds") else 0.0
     meta = {"source": source.label, "kind": source.kind, "name": source.name, "source_fps": fps,
             "width": width, "height": height, "started_at": started_at,
             "timestamps": ("media time, seconds" if source.kind == "file"
