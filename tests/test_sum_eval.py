@@ -163,6 +163,25 @@ def test_cli_eval_sum(tmp_path, nano):
     assert f["recall_50_own"] == pytest.approx(again.metrics["recall_50"])
     assert f["masks_per_image_own"] == again.metrics["masks_per_image"]
     assert "own thresholds" in (tmp_path / "own" / "eval_sum.md").read_text()
+    # a stability grid of the user's: the own pair is searched on it (fine-tunes trained for stability need > 0.95)
+    r = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--points", "1",
+                            "--forgetting-seeds", "", "--amg-seeds", "0:1", "--calibration-seeds", "500:501",
+                            "--calibration-stability", "0.96,0.98", "--out", str(tmp_path / "grid"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "grid" / "eval_sum.json").read_text())
+    cal = calibrate_thresholds(create_model("sam_nano"), range(500, 501), stability_grid=(0.96, 0.98), progress=False)
+    assert data["forgetting"]["base"]["own_thresholds"]["stability_score_thresh"] in (0.96, 0.98)
+    assert data["forgetting"]["base"]["own_thresholds"] == {k: cal.best[k] for k in ("pred_iou_thresh",
+                                                                                       "stability_score_thresh")}
+    assert "--calibration-stability 0.96,0.98" in data["command"]
+    for grid, msg in (("0.9,x", "--calibration-stability"), ("1.5", "--calibration-stability")):
+        bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--amg-seeds", "0:1",
+                                  "--calibration-seeds", "500:501", "--calibration-stability", grid,
+                                  "--out", str(tmp_path / "x")])
+        assert bad.exit_code == 1 and msg in bad.output, bad.output
+    bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1",
+                              "--calibration-stability", "0.96", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "needs --calibration-seeds" in bad.output
     bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--amg-seeds", "0:2",
                               "--calibration-seeds", "1:3", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "overlaps --amg-seeds" in bad.output

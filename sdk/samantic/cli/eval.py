@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, List, Optional, Sequence
 
 import typer
 
@@ -352,14 +352,16 @@ def eval_samcp(
     typer.echo(f"saved: {out / 'eval_samcp.json'} and {out / 'eval_samcp.md'}")
 
 
-def _own_thresholds_recall(sam, calib_seeds, recall_seeds, progress: bool, shared: dict, at_shared: dict) -> dict:
+def _own_thresholds_recall(sam, calib_seeds, recall_seeds, progress: bool, shared: dict, at_shared: dict,
+                           stability_grid: Optional[Sequence[float]] = None) -> dict:
     """Segment-everything recall of ``sam`` at its own thresholds, chosen on ``calib_seeds`` as
     ``samantic eval thresholds`` chooses them: a fine-tuned model's scores shift, and one setting for
     every column measures that shift along with the segmentation. ``at_shared``: its metrics at the
-    ``shared`` setting, reused when its own pair is that one."""
-    from samantic.train.metrics import calibrate_thresholds, evaluate_sam
+    ``shared`` setting, reused when its own pair is that one. ``stability_grid``: the stability
+    thresholds tried (default: ``samantic eval thresholds``' grid)."""
+    from samantic.train.metrics import STABILITY_GRID, calibrate_thresholds, evaluate_sam
 
-    cal = calibrate_thresholds(sam, calib_seeds, progress=progress)
+    cal = calibrate_thresholds(sam, calib_seeds, stability_grid=stability_grid or STABILITY_GRID, progress=progress)
     own = {k: float(cal.best[k]) for k in ("pred_iou_thresh", "stability_score_thresh")}
     if own == {k: float(shared[k]) for k in own} and set(shared) <= set(own):
         metrics = at_shared
@@ -383,6 +385,7 @@ def eval_sum(
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting of the forgetting recall, the same for every column [default: --model's recommended, else segment-anything's 0.88].")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting of the forgetting recall [default: --model's recommended, else 0.95].")] = None,
     calibration_seeds: Annotated[str, typer.Option(help="Held-out v1 scenes, START:STOP, disjoint from --amg-seeds: each forgetting column's own thresholds are chosen on them by `samantic eval thresholds`' rule (best F1 at IoU 0.5) and its recall is measured again at them ('' to skip).")] = "",
+    calibration_stability: Annotated[str, typer.Option(help="Comma-separated stability_score_thresh values the --calibration-seeds search tries (a fine-tune trained for stability scores above the default grid needs more) [default: `samantic eval thresholds`' grid].")] = "",
     out: Annotated[Path, typer.Option(help="Directory for eval_sum.json and eval_sum.md.")] = Path("runs/eval"),
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -418,6 +421,14 @@ def eval_sum(
     try:
         if len(calib_seeds) and not len(recall_seeds):
             raise ValueError("--calibration-seeds needs --amg-seeds (the scenes the calibrated thresholds are measured on)")
+        try:
+            stab_grid = [float(v) for v in calibration_stability.split(",") if v.strip()]
+        except ValueError:
+            stab_grid = [-1.0]
+        if not all(0 <= v <= 1 for v in stab_grid):
+            raise ValueError(f"--calibration-stability takes comma-separated numbers in [0, 1], got {calibration_stability!r}")
+        if stab_grid and not len(calib_seeds):
+            raise ValueError("--calibration-stability needs --calibration-seeds (the scenes the grid is searched on)")
         if set(calib_seeds) & set(recall_seeds):
             raise ValueError(f"--calibration-seeds {calibration_seeds} overlaps --amg-seeds {amg_seeds}: thresholds chosen "
                              "on the scenes they are measured on overstate the recall")
@@ -462,7 +473,7 @@ def eval_sum(
                                                                      "masks_per_image")}
                 if len(calib_seeds):
                     result.forgetting[name].update(_own_thresholds_recall(models[name], calib_seeds, recall_seeds, progress,
-                                                                           amg, r.metrics))
+                                                                           amg, r.metrics, stab_grid))
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
@@ -470,7 +481,8 @@ def eval_sum(
         (f" --model {model}" if model != "sam_nano" else "") + f" --seeds {seeds} --points {points}" + \
         f" --forgetting-seeds '{forgetting_seeds}' --amg-seeds '{amg_seeds}'" + \
         "".join(f" --{k.replace('_', '-')} {v}" for k, v in amg.items()) + \
-        (f" --calibration-seeds {calibration_seeds}" if calibration_seeds else "")
+        (f" --calibration-seeds {calibration_seeds}" if calibration_seeds else "") + \
+        (f" --calibration-stability {','.join(f'{v:g}' for v in stab_grid)}" if stab_grid else "")
     payload = {"command": command, "columns": sources, "segment_everything": amg, **result.to_dict()}
     atomic_write_json(out / "eval_sum.json", payload, indent=2)
     md = [f"`{command}`", "",
