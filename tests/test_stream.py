@@ -284,15 +284,16 @@ def test_held_sigint_delivers_ctrl_c_after_the_writes_to_the_handler_before():
 
     from samantic.cli.stream import _HeldSigint
 
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job (CI)
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with _HeldSigint():
-            signal.raise_signal(signal.SIGINT)
-            done.append("written")  # not interrupted here
-    assert done == ["written"] and signal.getsignal(signal.SIGINT) is before
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's Ctrl-C handler
+        with pytest.raises(KeyboardInterrupt):
+            with _HeldSigint():
+                signal.raise_signal(signal.SIGINT)
+                done.append("written")  # not interrupted here
+        assert done == ["written"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with _HeldSigint():
             signal.raise_signal(signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # ignored before: ignored after
