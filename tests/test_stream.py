@@ -293,14 +293,49 @@ def test_held_sigint_delivers_ctrl_c_after_the_writes_to_the_handler_before():
                 signal.raise_signal(signal.SIGINT)
                 done.append("written")  # not interrupted here
         assert done == ["written"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with _HeldSigint():  # nothing held: nothing delivered, the handler put back
+            done.append("quiet")
+        assert done == ["written", "quiet"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         with _HeldSigint():
             signal.raise_signal(signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # ignored before: ignored after
     finally:
-        signal.signal(signal.SIGINT, before)
-    with _HeldSigint():  # nothing held: nothing delivered
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
+def test_held_sigint_lets_an_error_of_the_block_through():
+    """A write that fails while a Ctrl-C is held: the caller sees the write's error, not a KeyboardInterrupt."""
+    import signal
+
+    from samantic.cli.stream import _HeldSigint
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(OSError, match="disk full"):
+            with _HeldSigint():
+                signal.raise_signal(signal.SIGINT)
+                raise OSError("disk full")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
+def test_held_sigint_leaves_a_handler_from_outside_python_alone(monkeypatch):
+    """getsignal() None: the handler was installed outside Python and could not be put back, so nothing is held."""
+    import signal
+
+    from samantic.cli.stream import _HeldSigint
+
+    calls = []
+    monkeypatch.setattr(signal, "getsignal", lambda sig: None)
+    monkeypatch.setattr(signal, "signal", lambda *a: calls.append(a))
+    with _HeldSigint():
         pass
+    assert calls == []
 
 
 def test_fake_camera_faster_than_the_model_drops_and_counts(fake_cv2, tmp_path):

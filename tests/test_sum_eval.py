@@ -166,15 +166,16 @@ def test_cli_eval_sum(tmp_path, nano):
     # a stability grid of the user's: the own pair is searched on it (fine-tunes trained for stability need > 0.95)
     r = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--points", "1",
                             "--forgetting-seeds", "", "--amg-seeds", "0:1", "--calibration-seeds", "500:501",
-                            "--calibration-stability", "0.96,0.98", "--out", str(tmp_path / "grid"), "--no-progress"])
+                            "--calibration-stability", "0.96,0.9812345", "--out", str(tmp_path / "grid"), "--no-progress"])
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "grid" / "eval_sum.json").read_text())
-    cal = calibrate_thresholds(create_model("sam_nano"), range(500, 501), stability_grid=(0.96, 0.98), progress=False)
-    assert data["forgetting"]["base"]["own_thresholds"]["stability_score_thresh"] in (0.96, 0.98)
+    cal = calibrate_thresholds(create_model("sam_nano"), range(500, 501), stability_grid=(0.96, 0.9812345), progress=False)
+    assert data["forgetting"]["base"]["own_thresholds"]["stability_score_thresh"] in (0.96, 0.9812345)
     assert data["forgetting"]["base"]["own_thresholds"] == {k: cal.best[k] for k in ("pred_iou_thresh",
                                                                                        "stability_score_thresh")}
-    assert "--calibration-stability 0.96,0.98" in data["command"]
-    for grid, msg in (("0.9,x", "--calibration-stability"), ("1.5", "--calibration-stability")):
+    assert "--calibration-stability 0.96,0.9812345 " in data["command"] + " "  # as given, to the last digit
+    for grid, msg in (("0.9,x", "--calibration-stability"), ("1.5", "--calibration-stability"),
+                      (",", "--calibration-stability")):  # a grid with no value is refused, not taken as the default
         bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--amg-seeds", "0:1",
                                   "--calibration-seeds", "500:501", "--calibration-stability", grid,
                                   "--out", str(tmp_path / "x")])

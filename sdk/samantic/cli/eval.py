@@ -425,7 +425,7 @@ def eval_sum(
             stab_grid = [float(v) for v in calibration_stability.split(",") if v.strip()]
         except ValueError:
             stab_grid = [-1.0]
-        if not all(0 <= v <= 1 for v in stab_grid):
+        if not all(0 <= v <= 1 for v in stab_grid) or (calibration_stability.strip() and not stab_grid):
             raise ValueError(f"--calibration-stability takes comma-separated numbers in [0, 1], got {calibration_stability!r}")
         if stab_grid and not len(calib_seeds):
             raise ValueError("--calibration-stability needs --calibration-seeds (the scenes the grid is searched on)")
@@ -482,7 +482,7 @@ def eval_sum(
         f" --forgetting-seeds '{forgetting_seeds}' --amg-seeds '{amg_seeds}'" + \
         "".join(f" --{k.replace('_', '-')} {v}" for k, v in amg.items()) + \
         (f" --calibration-seeds {calibration_seeds}" if calibration_seeds else "") + \
-        (f" --calibration-stability {','.join(f'{v:g}' for v in stab_grid)}" if stab_grid else "")
+        (f" --calibration-stability {','.join(repr(v) for v in stab_grid)}" if stab_grid else "")  # repr: exact
     payload = {"command": command, "columns": sources, "segment_everything": amg, **result.to_dict()}
     atomic_write_json(out / "eval_sum.json", payload, indent=2)
     md = [f"`{command}`", "",

@@ -235,7 +235,11 @@ def frame_record(frame: Any) -> Dict[str, Any]:
 class _HeldSigint:
     """Holds Ctrl-C (SIGINT) for a few writes and delivers it after them, to whatever handled it before.
 
-    Only in the main thread (the only one Python runs signal handlers in); elsewhere a no-op.
+    Only in the main thread (the only one Python runs signal handlers in), and only when the handler
+    before is one Python can put back (not one installed outside Python); elsewhere a no-op. Delivered
+    means raised again on exit: with Python's handler a KeyboardInterrupt, ignored when it was ignored,
+    and with SIG_DFL the process ends as a Ctrl-C would have ended it. When the block itself raises, that
+    error goes on and a Ctrl-C held meanwhile is dropped (the error ends the work anyway).
     """
 
     def __enter__(self) -> "_HeldSigint":
@@ -244,21 +248,20 @@ class _HeldSigint:
 
         self._old: Any = None
         self._pending = False
-        if threading.current_thread() is threading.main_thread():
-            old = signal.signal(signal.SIGINT, self._hold)
-            self._old = signal.SIG_DFL if old is None else old  # None: a handler installed outside Python
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None:
+            self._old = signal.signal(signal.SIGINT, self._hold)
         return self
 
     def _hold(self, signum: int, frame: Any) -> None:
         self._pending = True
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         import signal
 
         if self._old is None:
             return
         signal.signal(signal.SIGINT, self._old)
-        if self._pending:  # delivered now as if it came now: KeyboardInterrupt, ignored, or whatever the handler does
+        if self._pending and exc_type is None:  # delivered now as if it came now
             signal.raise_signal(signal.SIGINT)
 
 

@@ -355,3 +355,21 @@ def train_sum_cmd(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(f"saved: {result.output} (steps {result.steps}, {result.seconds / 60:.1f} min); log: {result.log}")
+
+
+@app.command("blend")
+def train_blend(
+    fine_tune: Annotated[Path, typer.Argument(help="A fine-tune's weights (e.g. from `samantic train sum`).")],
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of the fine-tune's change kept: 0 is the base model, 1 the fine-tune (SUM: 0.8 kept the tasks and gave back the plain scenes).")],
+    out: Annotated[Path, typer.Option(help="Output weights (.safetensors), written atomically.")],
+    base: Annotated[Optional[str], typer.Option(help="Base weights (default: the shipped weights of the model the fine-tune's header names).")] = None,
+) -> None:
+    """Blend a fine-tune with its base model in weight space (WiSE-FT): base + alpha x (fine-tune - base)."""
+    from samantic.train.blend import blend_checkpoint
+
+    try:
+        path = blend_checkpoint(fine_tune, alpha, out, base=base)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"saved: {path} ({alpha:g} of {fine_tune}'s change from its base)")

@@ -1,0 +1,112 @@
+"""How much can a task prompt add? The one-click oracle over SAM's three outputs, per task (issue 18).
+
+A task prompt can only help where the model's own pick among its three outputs (the highest predicted
+IoU) is the wrong granularity. For every held-out v2 task mask, one click at its centre, asked as
+"unspecified" and as its own task: the IoU of the picked output (what ``samantic eval sum`` scores at one
+point) and of the best of the three against the ground truth (the oracle, which no prompt can beat
+without better masks). The gap between the unspecified pick and the unspecified oracle bounds what
+choosing the granularity can give; the oracle itself bounds what a task prompt that only chooses can reach.
+
+    python benchmarks/sum_task_ceiling.py --column base=sam_nano --column ft=runs/sum/ft/X.safetensors \
+        --seeds 0:30 --out benchmarks/results/sum_stability/task_ceiling
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from samantic.models import TASKS, create_model
+from samantic.pipeline.predictor import Predictor
+from samantic.train.data.panoptic import render_panoptic
+from samantic.train.metrics import TRAIN_SEED_START, centre_point, mask_iou
+from samantic.train.sum import scene_task_masks
+
+
+def _column(spec: str):
+    name, _, ref = spec.partition("=")
+    if not ref:
+        raise SystemExit(f"--column {spec!r}: expected NAME=MODEL_OR_FILE")
+    if ref.endswith(".safetensors"):
+        from samantic.models import read_metadata
+        return name, create_model(read_metadata(ref).get("model", "sam_nano"), ref)
+    return name, create_model(ref)
+
+
+def one_click(predictor: Predictor, image: np.ndarray, masks: np.ndarray, task_ids: np.ndarray):
+    """IoU of each of the three outputs and the predicted IoUs: ``(iou [N, 3], score [N, 3])``."""
+    coords = np.array([[centre_point(m)] for m in masks], np.float64)
+    c = torch.as_tensor(predictor.transform.apply_coords(coords.reshape(-1, 2), image.shape[:2]),
+                        dtype=torch.float32).reshape(len(masks), 1, 2)
+    lab = torch.ones(len(masks), 1, dtype=torch.int)
+    pred, scores, _ = predictor.predict_torch(c, lab, multimask_output=True, task=torch.as_tensor(task_ids))
+    pred = pred.cpu().numpy()
+    iou = np.array([[mask_iou(p, g) for p in ps] for ps, g in zip(pred, masks)])
+    return iou, scores.cpu().numpy()
+
+
+def main(argv: List[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--column", action="append", required=True, help="NAME=registered model or .safetensors file")
+    p.add_argument("--seeds", default="0:30")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    lo, hi = (int(x) for x in a.seeds.split(":"))
+    if hi > TRAIN_SEED_START:
+        raise SystemExit(f"--seeds {a.seeds}: reaches the training seeds (>= {TRAIN_SEED_START})")
+    cols = dict(_column(s) for s in a.column)
+    t0 = time.perf_counter()
+    # rows: column -> prompt -> task -> lists of (picked IoU, oracle IoU)
+    acc: Dict[str, Dict[str, Dict[int, List[List[float]]]]] = {
+        c: {q: {t: [[], []] for t in range(len(TASKS))} for q in ("unspecified", "own")} for c in cols}
+    predictors = {c: Predictor(m.eval()) for c, m in cols.items()}
+    with torch.no_grad():
+        for seed in range(lo, hi):
+            scene = render_panoptic(seed)
+            masks, tasks = scene_task_masks(scene)
+            if not len(masks):
+                continue
+            for c, pr in predictors.items():
+                pr.set_image(scene.image)
+                for q, ids in (("unspecified", np.zeros(len(masks), np.int64)), ("own", tasks.astype(np.int64))):
+                    iou, score = one_click(pr, scene.image, masks, ids)
+                    picked = iou[np.arange(len(iou)), score.argmax(1)]
+                    for t in range(len(TASKS)):
+                        sel = tasks == t
+                        acc[c][q][t][0].extend(picked[sel].tolist())
+                        acc[c][q][t][1].extend(iou[sel].max(1).tolist())
+    res = {c: {q: {TASKS[t]: {"picked": float(np.mean(v[0])) if v[0] else None,
+                              "oracle": float(np.mean(v[1])) if v[1] else None, "masks": len(v[0])}
+                   for t, v in per.items()} for q, per in d.items()} for c, d in acc.items()}
+    cmd = "python benchmarks/sum_task_ceiling.py " + " ".join(f"--column {s}" for s in a.column) + f" --seeds {a.seeds}"
+    lines = [f"`{cmd}`", "", f"Held-out v2 scenes {a.seeds}; one click at each task mask's centre; mIoU of the output "
+             "with the highest predicted IoU (picked, what `samantic eval sum` scores) and of the best of the three "
+             "against the ground truth (oracle).", "",
+             "| column | task | masks | unspecified prompt: picked | oracle | own task prompt: picked | oracle |",
+             "|---|---|---|---|---|---|---|"]
+    for c, d in res.items():
+        for t in TASKS:
+            u, o = d["unspecified"][t], d["own"][t]
+            if not u["masks"]:
+                continue
+            lines.append(f"| {c} | {t} | {u['masks']} | {u['picked']:.3f} | {u['oracle']:.3f} | "
+                         f"{o['picked']:.3f} | {o['oracle']:.3f} |")
+    lines += ["", f"({time.perf_counter() - t0:.0f} s)"]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    a.out.with_suffix(".json").write_text(json.dumps({"command": cmd, "seeds": a.seeds, "results": res}, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
