@@ -112,3 +112,17 @@ def test_cli(tuned, tmp_path):
     r = subprocess.run([samantic_exe(), "train", "blend", str(tuned), "--alpha", "1.2", "--out",
                         str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert r.returncode == 2 and not (tmp_path / "c.safetensors").exists()
+
+
+def test_two_fine_tunes_average_into_a_soup(tuned, tmp_path):
+    """--base another fine-tune of the same model: alpha 0.5 is the mean of the two, task tables included."""
+    ft = read_state_dict(tuned)
+    torch.manual_seed(6)
+    other = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ft.items()}
+    other_path = save_checkpoint(other, tmp_path / "other.safetensors", metadata={"model": "sam_nano"})
+    soup = read_state_dict(blend_checkpoint(tuned, 0.5, tmp_path / "soup.safetensors", base=str(other_path)))
+    for k, v in ft.items():
+        want = (v + other[k]) / 2 if v.is_floating_point() else v  # counters: the fine-tune's
+        assert soup[k].dtype == v.dtype and torch.allclose(soup[k].double(), want.double(), atol=1e-6), k
+    assert not torch.equal(soup[TABLE_KEY], ft[TABLE_KEY])
+    create_model("sam_nano", tmp_path / "soup.safetensors")  # loads

@@ -364,7 +364,10 @@ def train_blend(
     out: Annotated[Path, typer.Option(help="Output weights (.safetensors), written atomically.")],
     base: Annotated[Optional[str], typer.Option(help="Base weights (default: the shipped weights of the model the fine-tune's header names).")] = None,
 ) -> None:
-    """Blend a fine-tune with its base model in weight space (WiSE-FT): base + alpha x (fine-tune - base)."""
+    """Blend a fine-tune with its base model in weight space (WiSE-FT): base + alpha x (fine-tune - base).
+
+    With --base another fine-tune of the same model, a uniform "soup" of the two at alpha 0.5.
+    """
     from samantic.train.blend import blend_checkpoint
 
     try:
@@ -372,4 +375,4 @@ def train_blend(
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"saved: {path} ({alpha:g} of {fine_tune}'s change from its base)")
+    typer.echo(f"saved: {path} ({alpha:g} of {fine_tune}'s change from {base or 'its base'})")
