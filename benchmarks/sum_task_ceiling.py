@@ -22,28 +22,18 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from samantic.models import TASKS, create_model
+from samantic.cli.eval import load_column, parse_seeds
+from samantic.models import TASKS
 from samantic.pipeline.predictor import Predictor
 from samantic.train.data.panoptic import render_panoptic
 from samantic.train.metrics import TRAIN_SEED_START, centre_point, mask_iou
 from samantic.train.sum import scene_task_masks
-
-
-def _column(spec: str):
-    name, _, ref = spec.partition("=")
-    if not ref:
-        raise SystemExit(f"--column {spec!r}: expected NAME=MODEL_OR_FILE")
-    if ref.endswith(".safetensors"):
-        from samantic.models import read_metadata
-        return name, create_model(read_metadata(ref).get("model", "sam_nano"), ref)
-    return name, create_model(ref)
+from samantic.train.sum_eval import prompt_coords
 
 
 def one_click(predictor: Predictor, image: np.ndarray, masks: np.ndarray, task_ids: np.ndarray):
     """IoU of each of the three outputs and the predicted IoUs: ``(iou [N, 3], score [N, 3])``."""
-    coords = np.array([[centre_point(m)] for m in masks], np.float64)
-    c = torch.as_tensor(predictor.transform.apply_coords(coords.reshape(-1, 2), image.shape[:2]),
-                        dtype=torch.float32).reshape(len(masks), 1, 2)
+    c = prompt_coords(predictor, np.array([[centre_point(m)] for m in masks], np.float64), image.shape[:2])
     lab = torch.ones(len(masks), 1, dtype=torch.int)
     pred, scores, _ = predictor.predict_torch(c, lab, multimask_output=True, task=torch.as_tensor(task_ids))
     pred = pred.cpu().numpy()
@@ -53,24 +43,24 @@ def one_click(predictor: Predictor, image: np.ndarray, masks: np.ndarray, task_i
 
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--column", action="append", required=True, help="NAME=registered model or .safetensors file")
+    p.add_argument("--column", action="append", required=True, help="NAME=registered model or sam_nano weights file")
     p.add_argument("--seeds", default="0:30")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    lo, hi = (int(x) for x in a.seeds.split(":"))
-    if hi > TRAIN_SEED_START:
+    seeds = parse_seeds(a.seeds)
+    if seeds.stop > TRAIN_SEED_START:
         raise SystemExit(f"--seeds {a.seeds}: reaches the training seeds (>= {TRAIN_SEED_START})")
-    cols = dict(_column(s) for s in a.column)
+    cols = {name: sam for name, _, sam in (load_column(s) for s in a.column)}
     t0 = time.perf_counter()
     # rows: column -> prompt -> task -> lists of (picked IoU, oracle IoU)
     acc: Dict[str, Dict[str, Dict[int, List[List[float]]]]] = {
         c: {q: {t: [[], []] for t in range(len(TASKS))} for q in ("unspecified", "own")} for c in cols}
     predictors = {c: Predictor(m.eval()) for c, m in cols.items()}
     with torch.no_grad():
-        for seed in range(lo, hi):
+        for seed in seeds:
             scene = render_panoptic(seed)
             masks, tasks = scene_task_masks(scene)
             if not len(masks):

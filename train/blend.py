@@ -20,7 +20,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from samantic.models.loading import read_metadata, read_state_dict, resolve_checkpoint, save_checkpoint
+from samantic.models.loading import SAFETENSORS_SUFFIX, read_metadata, read_state_dict, resolve_checkpoint, save_checkpoint
 
 __all__ = ["blend_state_dicts", "blend_checkpoint"]
 
@@ -77,9 +77,7 @@ def blend_checkpoint(fine_tune: Union[str, Path], alpha: float, out: Union[str, 
     """
     from samantic.models import get_model_entry
 
-    fine_tune = Path(fine_tune)
-    if not fine_tune.is_file():
-        raise FileNotFoundError(f"{fine_tune}: no such fine-tune checkpoint")
+    fine_tune = resolve_checkpoint(Path(fine_tune))
     meta = read_metadata(fine_tune)
     model = meta.get("model")
     if base is None:
@@ -88,7 +86,7 @@ def blend_checkpoint(fine_tune: Union[str, Path], alpha: float, out: Union[str, 
                              "pass the base weights")
         base = get_model_entry(model).default_weights
     base_path = resolve_checkpoint(base, model)
-    base_model = read_metadata(base_path).get("model") if str(base_path).endswith(".safetensors") else None
+    base_model = read_metadata(base_path).get("model") if base_path.suffix == SAFETENSORS_SUFFIX else None
     if model is not None and base_model is not None and base_model != model:
         raise ValueError(f"{base_path} holds weights of {base_model!r}, {fine_tune} of {model!r}: not its base")
     try:

@@ -27,7 +27,7 @@ import numpy as np
 
 from samantic.models.tasks import TASKS
 
-__all__ = ["POINTS", "SumEvalResult", "boundary_iou", "evaluate_sum", "mask_boundary", "sum_table"]
+__all__ = ["POINTS", "SumEvalResult", "boundary_iou", "evaluate_sum", "mask_boundary", "prompt_coords", "sum_table"]
 
 POINTS = (1, 3, 5)
 
@@ -87,6 +87,15 @@ def _click(gt: np.ndarray, cur: np.ndarray) -> Tuple[Tuple[float, float], int]:
     return centre_point(fn if positive else fp), int(positive)
 
 
+def prompt_coords(predictor, coords: np.ndarray, image_shape: Tuple[int, int]):
+    """Point prompts ``[N, K, 2]`` (x, y in the image) as the predictor's float32 tensor in its input frame."""
+    import torch
+
+    n = coords.shape[0]
+    return torch.as_tensor(predictor.transform.apply_coords(coords.reshape(-1, 2), image_shape),
+                           dtype=torch.float32).reshape(n, -1, 2)
+
+
 def evaluate_scene(predictor, image: np.ndarray, masks: np.ndarray, tasks: np.ndarray,
                    points: Sequence[int] = POINTS, ask_task: bool = True) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
     """IoU and boundary IoU of every mask after each number of points in ``points``.
@@ -114,8 +123,7 @@ def evaluate_scene(predictor, image: np.ndarray, masks: np.ndarray, tasks: np.nd
     logits = None
     last = max(points)
     for k in range(1, last + 1):
-        c = torch.as_tensor(predictor.transform.apply_coords(coords.reshape(-1, 2), image.shape[:2]),
-                            dtype=torch.float32).reshape(n, -1, 2)
+        c = prompt_coords(predictor, coords, image.shape[:2])
         lab = torch.as_tensor(labels, dtype=torch.int)
         multimask = k == 1
         pred, scores, low = predictor.predict_torch(c, lab, mask_input=logits, multimask_output=multimask,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, List, Optional, Sequence
+from typing import Annotated, Any, List, Optional, Sequence, Tuple
 
 import typer
 
@@ -27,6 +27,25 @@ def parse_seeds(spec: str) -> range:
     return range(a, b)
 
 
+
+
+def load_column(spec: str, model: str = "sam_nano") -> Tuple[str, str, Any]:
+    """``NAME=WEIGHTS`` (a registered model, or a file of ``model``'s) -> ``(name, weights, Sam)``.
+
+    Raises:
+        ValueError: not NAME=WEIGHTS. FileNotFoundError: WEIGHTS is neither a model nor a file.
+    """
+    from samantic.models import create_model, list_models
+
+    name, sep, weights = spec.partition("=")
+    name, weights = name.strip(), weights.strip()
+    if not sep or not name or not weights:
+        raise ValueError(f"--column must be NAME=WEIGHTS, got {spec!r}")
+    if weights in list_models():
+        return name, weights, create_model(weights)
+    if Path(weights).is_file():
+        return name, weights, create_model(model, checkpoint=weights)
+    raise FileNotFoundError(f"--column {spec}: {weights!r} is neither a registered model nor a file")
 
 
 def _thresholds(sam, pred_iou_thresh: Optional[float], stability_score_thresh: Optional[float]) -> dict:
@@ -394,7 +413,7 @@ def eval_sum(
     import torch
 
     from samantic.io import atomic_write_bytes, atomic_write_json
-    from samantic.models import create_model, get_model_entry, list_models
+    from samantic.models import get_model_entry
     from samantic.models.registry import SAM_THRESHOLDS
     from samantic.train.metrics import evaluate_sam
     from samantic.train.sum_eval import evaluate_sum, sum_table
@@ -433,18 +452,9 @@ def eval_sum(
             raise ValueError(f"--calibration-seeds {calibration_seeds} overlaps --amg-seeds {amg_seeds}: thresholds chosen "
                              "on the scenes they are measured on overstate the recall")
         for spec in specs:
-            name, sep, weights = spec.partition("=")
-            name, weights = name.strip(), weights.strip()
-            if not sep or not name or not weights:
-                raise ValueError(f"--column must be NAME=WEIGHTS, got {spec!r}")
+            name, weights, sam = load_column(spec, model)
             if name in models:
                 raise ValueError(f"--column {name!r} given twice")
-            if weights in list_models():
-                sam = create_model(weights)
-            elif Path(weights).is_file():
-                sam = create_model(model, checkpoint=weights)
-            else:
-                raise FileNotFoundError(f"--column {spec}: {weights!r} is neither a registered model nor a file")
             models[name] = sam
             sources[name] = weights
         base_name = next(iter(models))
