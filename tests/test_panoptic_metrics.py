@@ -325,8 +325,31 @@ def test_perfect_prediction_has_pq_one_whatever_the_ids():
     result = _pq(pred, {13: 1, 31: 7}, GT, GT_TABLE)
     assert result["all"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 2}
     assert result["things"]["n"] == result["stuff"]["n"] == 1
-    assert result["per_class"]["a"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "tp": 1, "fp": 0, "fn": 0}
-    assert result["per_class"]["b"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "tp": 0, "fp": 0, "fn": 0}
+    none = {"missed": 0, "misnamed": 0, "spurious": 0}
+    assert result["per_class"]["a"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "tp": 1, "fp": 0, "fn": 0, **none}
+    assert result["per_class"]["b"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "tp": 0, "fp": 0, "fn": 0, **none}
+    assert result["confusion"] == {"names": ["a", "b", "s"], "matrix": [[1, 0, 0], [0, 0, 0], [0, 0, 1]]}
+
+
+def test_errors_split_into_misnamed_missed_and_spurious():
+    gt = [[1, 1, 2, 2, 7, 7],
+          [1, 1, 2, 2, 7, 7],
+          [3, 3, 0, 0, 7, 7]]  # things: 1 (a), 2 (b), 3 (a); stuff 7 (s); two void pixels
+    gt_table = {1: 1, 2: 1, 3: 1, 7: 7}
+    pred = [[5, 5, 6, 6, 7, 7],
+            [5, 5, 6, 6, 7, 7],
+            [8, 8, 9, 9, 7, 7]]  # 5 names segment 1 right, 6 calls segment 2 (an a) b, 8 cuts segment 3 in half,
+    #                              9 lies on void only, 7 is the stuff
+    pred[2][1] = 4  # the other half of segment 3: a b that covers nothing at IoU > 0.5
+    result = _pq(pred, {5: 1, 6: 2, 8: 1, 4: 2, 9: 2, 7: 7}, gt, gt_table)
+    a, b, st = (result["per_class"][k] for k in ("a", "b", "s"))
+    assert (a["tp"], a["fn"], a["misnamed"], a["missed"]) == (1, 2, 1, 1)  # 2 misnamed as b, 3 missed (IoU 1/2)
+    assert (a["fp"], a["spurious"]) == (1, 1)  # 8: half of segment 3, no pair above 0.5
+    assert (b["tp"], b["fn"], b["fp"], b["spurious"]) == (0, 0, 2, 1)  # 6 names an a; 4 spurious; 9 on void: ignored
+    assert (st["tp"], st["fp"], st["fn"]) == (1, 0, 0)
+    assert result["confusion"]["matrix"] == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
+    # the breakdown never changes PQ itself: the same counts as without it
+    assert a["pq"] == pytest.approx(1.0 * 1 / (1 + 0.5 * 1 + 0.5 * 2))
 
 
 def test_one_false_positive():
@@ -486,6 +509,9 @@ def test_semantic_confusion_matches_numpy():
         assert result["per_class"][name] == pytest.approx(iou)
     assert result["miou"] == pytest.approx(np.mean(list(expected.values())))
     assert result["pixel_accuracy"] == pytest.approx(correct / labelled)
+    matrix = np.array(result["matrix"])
+    assert matrix.shape == (n, n + 1) and matrix.sum() == labelled
+    assert [matrix[c - 1, c] for c in range(1, n + 1)] == [inter[c] for c in range(1, n + 1)]
 
 
 def test_semantic_confusion_ignores_unlabelled_and_penalises_void_predictions():

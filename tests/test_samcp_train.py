@@ -702,4 +702,21 @@ def test_eval_samcp_command_with_the_oracle_row(trained, examples, tmp_path):
     assert 0.0 < oracle["pq"]["all"]["pq"] <= 1.0
     assert oracle["semantic"]["miou"] > head["semantic"]["miou"]  # a 3-step head is far from perfect
     assert res["heads"][1]["v1"]["scenes"] == 1
-    assert "| oracle | the training targets as scores" in (out / "eval_samcp.md").read_text()
+    md = (out / "eval_samcp.md").read_text()
+    assert "| oracle | the training targets as scores" in md
+    # the error breakdown: every false negative is missed or misnamed, misnamed ones are the confusion's off-diagonal
+    pq = head["pq"]
+    matrix = np.array(pq["confusion"]["matrix"])
+    per = list(pq["per_class"].values())
+    assert all(r["missed"] + r["misnamed"] == r["fn"] and 0 <= r["spurious"] <= r["fp"] for r in per)
+    assert [r["misnamed"] for r in per] == (matrix.sum(1) - np.diag(matrix)).tolist()
+    assert np.diag(matrix).tolist() == [r["tp"] for r in per]
+    assert "| class | PQ | SQ | RQ | IoU | AP50 | TP | missed | misnamed (as) | spurious |" in md
+
+
+def test_named_as_lists_the_other_classes_most_often_first():
+    from samantic.cli.eval import _named_as
+
+    confusion = {"names": ["a", "b", "c"], "matrix": [[4, 1, 3], [0, 2, 0], [0, 0, 0]]}
+    assert _named_as(confusion, 0) == " (c 3, b 1)"
+    assert _named_as(confusion, 1) == "" and _named_as({}, 0) == ""

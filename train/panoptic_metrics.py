@@ -101,6 +101,13 @@ class PanopticQuality:
         self.tp = np.zeros(n, np.int64)
         self.fp = np.zeros(n, np.int64)
         self.fn = np.zeros(n, np.int64)
+        # the errors broken down (not part of PQ): pairs of segments overlapping at IoU > 0.5 whatever
+        # their categories, rows ground truth, columns prediction (the diagonal is ``tp``); an unmatched
+        # ground-truth segment without such a pair is ``missed``, an unmatched (counted) prediction
+        # without one is ``spurious``
+        self.confusion = np.zeros((n, n), np.int64)
+        self.missed = np.zeros(n, np.int64)
+        self.spurious = np.zeros(n, np.int64)
         self.images = 0
 
     def update(
@@ -151,17 +158,22 @@ class PanopticQuality:
         on_gt_void = dict(zip(pred_ids.tolist(), inter[0].tolist())) if gt_ids[0] == 0 else {}
         overlaps = {(int(gt_ids[g]), int(pred_ids[p])): int(inter[g, p]) for g, p in zip(*np.nonzero(inter))}
 
-        # step: matches, same category and IoU > 0.5 (a segment can match at most once at that threshold)
+        # step: matches, same category and IoU > 0.5 (a segment can match at most once at that threshold);
+        # pairs above 0.5 of other categories are kept for the error breakdown
         gt_matched, pred_matched = set(), set()
+        gt_paired, pred_paired = set(), set()
         for (g, p), intersection in overlaps.items():
             if g == 0 or p == 0 or gt_table[g]["iscrowd"] == 1:
                 continue
             cat = gt_table[g]["category"]
-            if cat != pred_table[p]["category"]:
-                continue
             union = pred_area[p] + gt_area[g] - intersection - on_gt_void.get(p, 0)
             iou = intersection / union
-            if iou > MATCH_IOU:
+            if iou <= MATCH_IOU:
+                continue
+            self.confusion[cat, pred_table[p]["category"]] += 1
+            gt_paired.add(g)
+            pred_paired.add(p)
+            if cat == pred_table[p]["category"]:
                 self.tp[cat] += 1
                 self.iou_sum[cat] += iou
                 gt_matched.add(g)
@@ -174,6 +186,8 @@ class PanopticQuality:
                 crowd.setdefault(info["category"], []).append(g)
             elif g not in gt_matched:
                 self.fn[info["category"]] += 1
+                if g not in gt_paired:
+                    self.missed[info["category"]] += 1
 
         # step: false positives, unless mostly on void or on the crowd region of their category
         for p, info in pred_table.items():
@@ -183,6 +197,8 @@ class PanopticQuality:
             if ignored / pred_area[p] > IGNORE_FRACTION:
                 continue
             self.fp[info["category"]] += 1
+            if p not in pred_paired:
+                self.spurious[info["category"]] += 1
         self.images += 1
 
     def _average(self, chosen: np.ndarray) -> Dict[str, float]:
@@ -205,15 +221,25 @@ class PanopticQuality:
 
         Returns:
             ``{"all" | "things" | "stuff": {"pq", "sq", "rq", "n"}, "per_class": {name: {"pq",
-            "sq", "rq", "tp", "fp", "fn"}}}``. Averages run over the ``n`` categories with
+            "sq", "rq", "tp", "fp", "fn", "missed", "misnamed", "spurious"}}, "confusion":
+            {"names", "matrix"}}``. Averages run over the ``n`` categories with
             ``tp + fp + fn > 0`` (NaN when ``n == 0``, e.g. no stuff at all); ``per_class``
             lists every category, with zeros for those that never occurred (panopticapi's
             convention). Values are fractions in [0, 1], not percentages.
+
+            The error breakdown: of a class's ``fn``, ``misnamed`` ground-truth segments were
+            covered at IoU > 0.5 by a prediction of another class and ``missed`` ones by none;
+            of its ``fp``, ``spurious`` predictions overlap no ground-truth segment at IoU > 0.5
+            (the rest name another class's segment). ``confusion["matrix"][i][j]`` counts the
+            ground-truth segments of class ``names[i]`` covered at IoU > 0.5 by a prediction of
+            class ``names[j]`` (the diagonal is ``tp``).
         """
         pq, sq, rq = self._per_class()
         per_class = {
             name: {"pq": float(pq[k]), "sq": float(sq[k]), "rq": float(rq[k]),
-                   "tp": int(self.tp[k]), "fp": int(self.fp[k]), "fn": int(self.fn[k])}
+                   "tp": int(self.tp[k]), "fp": int(self.fp[k]), "fn": int(self.fn[k]),
+                   "missed": int(self.missed[k]), "misnamed": int(self.fn[k] - self.missed[k]),
+                   "spurious": int(self.spurious[k])}
             for k, name in enumerate(self._names)
         }
         everything = np.ones_like(self._isthing)
@@ -222,6 +248,7 @@ class PanopticQuality:
             "things": self._average(self._isthing),
             "stuff": self._average(~self._isthing),
             "per_class": per_class,
+            "confusion": {"names": list(self._names), "matrix": self.confusion.tolist()},
         }
 
 
@@ -277,8 +304,10 @@ class SemanticConfusion:
         """mIoU over the classes present in the ground truth or the (counted) prediction.
 
         Returns:
-            ``{"miou", "pixel_accuracy", "per_class": {name: iou}}``; ``per_class`` holds the
-            present classes only. NaN when nothing was counted.
+            ``{"miou", "pixel_accuracy", "per_class": {name: iou}, "matrix"}``; ``per_class``
+            holds the present classes only. NaN when nothing was counted. ``matrix[i][j]`` is
+            the number of pixels of ground-truth label ``i + 1`` predicted as label ``j``
+            (column 0: unlabelled).
         """
         m = self.matrix
         inter = np.diag(m)[1:]
@@ -291,4 +320,5 @@ class SemanticConfusion:
             "miou": float(iou[present].mean()) if present.any() else float("nan"),
             "pixel_accuracy": float(inter.sum() / total) if total else float("nan"),
             "per_class": per_class,
+            "matrix": m[1:].tolist(),
         }

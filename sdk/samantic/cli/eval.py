@@ -244,6 +244,15 @@ def eval_probe(
     typer.echo(f"saved: {out / 'eval_probe.json'} and {out / 'eval_probe.md'}")
 
 
+def _named_as(confusion: dict, row: int) -> str:
+    """`` (b 3, c 1)``: the other classes a class's ground-truth segments were named as, most often first."""
+    names, matrix = confusion.get("names", []), confusion.get("matrix", [])
+    if row >= len(matrix):
+        return ""
+    others = sorted(((n, names[j]) for j, n in enumerate(matrix[row]) if j != row and n), key=lambda t: (-t[0], t[1]))
+    return f" ({', '.join(f'{name} {n}' for n, name in others)})" if others else ""
+
+
 @app.command("samcp")
 def eval_samcp(
     samcp: Annotated[List[Path], typer.Option(help="SAM-CP head file(s) (repeatable: rows side by side, e.g. ablations).")],
@@ -356,14 +365,19 @@ def eval_samcp(
                   f"{f(usam_row.miou)} | {f(usam_row.map50)} | - | - |")
     md.append("")
     for name, _, _, v2, v1 in rows:
-        md += [f"**{name}** per class (v2): PQ / SQ / RQ, IoU, AP50", "", "| class | PQ | SQ | RQ | IoU | AP50 |",
-               "|---|---|---|---|---|---|"]
-        for name, r in v2.pq.get("per_class", {}).items():
+        md += [f"**{name}** per class (v2): PQ / SQ / RQ, IoU, AP50, and the errors: ground-truth segments missed "
+               "(no prediction at IoU > 0.5) or misnamed (a prediction of another class at IoU > 0.5, as which), "
+               "spurious predictions (on no segment)", "",
+               "| class | PQ | SQ | RQ | IoU | AP50 | TP | missed | misnamed (as) | spurious |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+        confusion = v2.pq.get("confusion", {})
+        for k, (cls, r) in enumerate(v2.pq.get("per_class", {}).items()):
             if r.get("tp", 0) + r.get("fp", 0) + r.get("fn", 0) == 0:
                 continue
-            md.append(f"| {name} | {f(r['pq'])} | {f(r['sq'])} | {f(r['rq'])} | "
-                      f"{f(v2.semantic.get('per_class', {}).get(name, float('nan')))} | "
-                      f"{f(v2.ap50_per_class.get(name, float('nan')))} |")
+            md.append(f"| {cls} | {f(r['pq'])} | {f(r['sq'])} | {f(r['rq'])} | "
+                      f"{f(v2.semantic.get('per_class', {}).get(cls, float('nan')))} | "
+                      f"{f(v2.ap50_per_class.get(cls, float('nan')))} | {r['tp']} | {r['missed']} | "
+                      f"{r['misnamed']}{_named_as(confusion, k)} | {r['spurious']} |")
         md.append("")
     text = "\n".join(md)
     atomic_write_bytes(out / "eval_samcp.md", text.encode())
