@@ -40,8 +40,10 @@ def main() -> None:
     ap.add_argument("--model", default="sam_nano")
     ap.add_argument("--checkpoint", default=None, help="weights (default: the shipped ones)")
     ap.add_argument("--seeds", default="500000:500006", help="v2 scene seeds START:STOP (not the eval seeds 0:60)")
-    ap.add_argument("--point-seeds", default="0:10", help="v1 and v2 scene seeds for the single-point part")
+    ap.add_argument("--point-seeds", default="0:10", help="v1 and v2 scene seeds for the single-point part ('' skips it)")
     ap.add_argument("--grid", type=int, default=16)
+    ap.add_argument("--box-nms-thresh", type=float, default=None,
+                    help="segment-everything's box NMS (default: the patch cache's, 0.7); higher keeps more overlapping patches")
     ap.add_argument("--thresholds", nargs="+", default=["0.6,0.95", "0.4,0.85", "0.3,0.8"],
                     help="pred_iou_thresh,stability_score_thresh pairs")
     ap.add_argument("--name", default="samcp_ceiling")
@@ -62,7 +64,7 @@ def main() -> None:
     # single point
     point = {"v1 things": [], "v2 things": [], "v2 stuff": []}
     best3 = {k: [] for k in point}
-    a, b = (int(v) for v in args.point_seeds.split(":"))
+    a, b = (int(v) for v in args.point_seeds.split(":")) if args.point_seeds else (0, 0)
     for kind in ("v1", "v2"):
         for seed in range(a, b):
             if kind == "v1":
@@ -84,10 +86,13 @@ def main() -> None:
     a, b = (int(v) for v in args.seeds.split(":"))
     data = PanopticStream(a, b - a)
     ceiling = []
+    options = dict(GENERATOR_OPTIONS)
+    if args.box_nms_thresh is not None:
+        options["box_nms_thresh"] = args.box_nms_thresh
     for pair in args.thresholds:
         iou_t, stab_t = (float(v) for v in pair.split(","))
         gen = AutomaticMaskGenerator(sam, points_per_side=args.grid, pred_iou_thresh=iou_t,
-                                     stability_score_thresh=stab_t, **GENERATOR_OPTIONS)
+                                     stability_score_thresh=stab_t, **options)
         things, stuff, counts, seconds = [], [], [], 0.0
         for i in range(len(data)):
             s = data.load(i)
@@ -107,10 +112,11 @@ def main() -> None:
                         "things_union_iou": float(np.mean(things)), "things_at_0.5": float(np.mean(np.array(things) >= 0.5)),
                         "stuff_union_iou": float(np.mean(stuff)), "stuff_at_0.5": float(np.mean(np.array(stuff) >= 0.5)),
                         "seconds_per_image": seconds / len(data)})
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
     payload = {"machine": machine(), "model": args.model, "checkpoint": args.checkpoint, "grid": args.grid,
-               "seeds": args.seeds, "point_seeds": args.point_seeds,
-               "single_point": {k: float(np.mean(v)) for k, v in point.items()},
-               "single_point_best_of_3": {k: float(np.mean(v)) for k, v in best3.items()}, "ceiling": ceiling}
+               "box_nms_thresh": options["box_nms_thresh"], "seeds": args.seeds, "point_seeds": args.point_seeds,
+               "single_point": {k: mean(v) for k, v in point.items()},
+               "single_point_best_of_3": {k: mean(v) for k, v in best3.items()}, "ceiling": ceiling}
     header = ["pred_iou / stability", "patches / image", "things: union IoU", "things >= 0.5", "stuff: union IoU",
               "stuff >= 0.5", "s / image"]
     table = [[f"{c['pred_iou_thresh']} / {c['stability_score_thresh']}", f"{c['patches_per_image']:.1f}",
@@ -118,12 +124,14 @@ def main() -> None:
               f"{c['stuff_at_0.5']:.2f}", f"{c['seconds_per_image']:.1f}"] for c in ceiling]
     command = ("python benchmarks/samcp_ceiling.py --model " + args.model
                + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") + f" --seeds {args.seeds} --point-seeds "
-               f"{args.point_seeds} --grid {args.grid} --thresholds {' '.join(args.thresholds)} --name {args.name}")
+               f"'{args.point_seeds}' --grid {args.grid}" + (f" --box-nms-thresh {args.box_nms_thresh}" if args.box_nms_thresh
+               is not None else "") + f" --thresholds {' '.join(args.thresholds)} --name {args.name}")
     sp, b3 = payload["single_point"], payload["single_point_best_of_3"]
     pre = (f"`{command}`\n\nSingle-point IoU (highest-scoring mask / best of 3) on scenes {args.point_seeds}: v1 things "
            f"{sp['v1 things']:.3f} / {b3['v1 things']:.3f}, v2 things {sp['v2 things']:.3f} / {b3['v2 things']:.3f}, "
            f"v2 stuff {sp['v2 stuff']:.3f} / {b3['v2 stuff']:.3f}.\n\nOracle merge of the {args.grid}x{args.grid}-grid "
-           f"patches on v2 scenes {args.seeds} (union of the patches >= 80% inside each GT segment):\n")
+           f"patches on v2 scenes {args.seeds}, box NMS {options['box_nms_thresh']} (union of the patches >= 80% inside each GT "
+           "segment):\n")
     _, md = write_report(args.out, args.name, payload, table, header, pre)
     print(md.read_text())
 
