@@ -105,3 +105,32 @@ def test_overlay_of_no_masks_is_the_image():
     image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     out = overlay_masks(image, np.zeros((0, 20, 30), bool))
     assert np.array_equal(out, image) and out is not image
+
+
+def test_read_image_refuses_pipes_and_sockets_without_blocking(tmp_path):
+    import os
+    import socket
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    with pytest.raises(ImageReadError, match="pipe.png: not a regular file"):
+        read_image(fifo)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(tmp_path / "s.png"))
+        with pytest.raises(ImageReadError, match="s.png: not a regular file"):
+            read_image(tmp_path / "s.png")
+    finally:
+        sock.close()
+
+
+def test_read_image_turns_os_errors_into_image_read_errors(tmp_path, monkeypatch):
+    path = tmp_path / "a.png"
+    path.write_bytes(b"x")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(path), "read_bytes", denied)
+    with pytest.raises(ImageReadError, match="a.png: cannot be read \\(Permission denied\\)"):
+        read_image(path)

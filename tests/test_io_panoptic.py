@@ -187,10 +187,18 @@ def test_semantic_png_is_a_voc_palette_image(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["a.png"]
 
 
+def test_semantic_png_of_more_than_255_classes_is_16_bit(tmp_path):
+    labels = np.array([[0, 3], [255, 300]], np.int64)
+    path = write_semantic_png(tmp_path / "a.png", labels)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")  # 16-bit grayscale, the labels themselves
+        assert np.array_equal(np.asarray(img), labels)
+
+
 @pytest.mark.parametrize(
     "labels, message",
     [
-        (np.full((2, 2), 256), "label 256"),
+        (np.full((2, 2), 65536), "label 65536"),
         (np.full((2, 2), -1), "label -1"),
         (np.zeros((2, 2, 3), np.uint8), r"\[H, W\]"),
         (np.zeros((2, 2), np.float32), "integer"),

@@ -254,6 +254,8 @@ def test_resume_gives_the_same_weights(examples, tmp_path, patch_drop, crop_scal
     trainer(SamcpTrainer).train(tmp_path / "a.safetensors", progress=False)
     with pytest.raises(KeyboardInterrupt):
         trainer(Interrupted).train(tmp_path / "b.safetensors", progress=False)  # checkpoint at step 2
+    # the interrupt itself saved the finished steps (not only the step-2 checkpoint)
+    assert torch.load(tmp_path / "b.safetensors.ckpt", weights_only=True)["step"] == 3
     trainer(SamcpTrainer).train(tmp_path / "b.safetensors", resume=True, progress=False)
     straight, resumed = load_samcp(tmp_path / "a.safetensors"), load_samcp(tmp_path / "b.safetensors")
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -264,6 +266,31 @@ def test_resume_gives_the_same_weights(examples, tmp_path, patch_drop, crop_scal
     # steps 1-2 of the interrupted run, then 3-4 after the resume
     steps = [json.loads(l)["step"] for l in (tmp_path / "b.safetensors.log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_resume_refuses_another_runs_checkpoint_and_may_only_lengthen(examples, tmp_path):
+    from dataclasses import asdict, replace
+
+    ex, _ = examples
+    cfg = SamcpTrainConfig(steps=2, images_per_step=2, warmup_steps=1, checkpoint_every=1, log_every=1)
+    out = tmp_path / "h.safetensors"
+    SamcpTrainer(SamcpHead(small_info()), cfg, ex, metadata={"data": "A"}).train(out, progress=False)
+    # more steps: allowed, the run goes on from step 2
+    more = SamcpTrainer(SamcpHead(small_info()), replace(cfg, steps=3, time_budget=60.0), ex, metadata={"data": "A"})
+    assert more.train(out, resume=True, progress=False).steps_run == 1
+    # other classes of the same count, other data, another recipe: another run's checkpoint
+    info = small_info()
+    renamed = SamcpInfo(**{**asdict(info), "classes": list(reversed(info.classes))})
+    for head, config, meta, what in ((SamcpHead(renamed), cfg, {"data": "A"}, "names"),
+                                     (SamcpHead(small_info()), cfg, {"data": "B"}, "data 'A' -> 'B'"),
+                                     (SamcpHead(small_info()), replace(cfg, lr=1.0), {"data": "A"}, "config.lr")):
+        with pytest.raises(ValueError, match=f"another run .*{what}"):
+            SamcpTrainer(head, replace(config, steps=4), ex, metadata=meta).train(out, resume=True, progress=False)
+    # --resume without a checkpoint: a fresh start with a fresh log
+    (tmp_path / "n.safetensors.log.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
+    SamcpTrainer(SamcpHead(small_info()), cfg, ex).train(tmp_path / "n.safetensors", resume=True, progress=False)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "n.safetensors.log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
 
 
 def test_patch_drop_subsets_patches_and_their_targets(examples):
@@ -458,6 +485,20 @@ def test_segmenter_with_samcp_returns_a_panoptic_result(nano, examples, tmp_path
     with pytest.raises(ValueError, match="either a U-SAM head"):
         Segmenter(nano, head=object(), samcp=head)
 
+    # classes and score_thresh as on the U-SAM path: a comma string, a list; an empty choice is an error
+    names = head.info.names
+    assert Segmenter(nano, samcp=head, classes=f"{names[0]}, {names[-1]}").samcp.wanted.tolist() == \
+        [n in (names[0], names[-1]) for n in names]
+    assert Segmenter(nano, samcp=head, classes=[names[1]]).samcp.wanted.sum() == 1
+    for empty in ([], "", " , "):
+        with pytest.raises(ValueError, match="names no class"):
+            Segmenter(nano, samcp=head, classes=empty)
+    with pytest.raises(ValueError, match="blob"):
+        Segmenter(nano, samcp=head, classes="blob")
+    assert Segmenter(nano, samcp=head, score_thresh=0.9).samcp.score_thresh == 0.9
+    with pytest.raises(ValueError, match="contradict"):
+        Segmenter(nano, samcp=head, score_thresh=0.9, samcp_options={"score_thresh": 0.2})
+
 
 # ---------------------------------------------------------------- evaluation
 
@@ -575,6 +616,36 @@ def test_train_samcp_writes_a_head_with_its_vocabulary_and_patches(trained, nano
     assert head.check_weights(nano) is None
 
 
+def test_train_samcp_sigterm_saves_the_checkpoint_and_resume_goes_on(examples, tmp_path):
+    import signal
+    import time
+
+    _, cache = examples
+    out = tmp_path / "h.safetensors"
+    base = ["train", "samcp", "--data", "shapes-panoptic:1000000:3", "--out", str(out), "--cache", str(cache),
+            "--points-per-side", str(GRID), "--pred-iou-thresh", str(LOW["pred_iou_thresh"]),
+            "--stability-score-thresh", str(LOW["stability_score_thresh"]), "--images-per-step", "1", "--layers", "1",
+            "--threads", "1", "--no-progress"]
+    args = [sys.executable, "-m", "samantic.cli.main", *base, "--steps", "100000", "--checkpoint-every", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "h.safetensors.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    assert "interrupted at step" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    step = torch.load(tmp_path / "h.safetensors.ckpt", weights_only=True)["step"]
+    assert step >= 1 and f"interrupted at step {step}:" in stderr  # the step it stopped at is the one saved
+    r = _samantic(*base, "--steps", str(step + 1), "--checkpoint-every", "1", "--resume")
+    assert r.returncode == 0 and f"steps {step + 1}," in r.stdout, r.stdout + r.stderr
+    r = _samantic(*base, "--steps", str(step + 1), "--checkpoint-every", "1", "--resume")
+    assert r.returncode == 0 and "no step trained" in r.stderr, r.stdout + r.stderr
+
+
 def test_samcp_head_on_other_sam_weights_warns(trained, nano, tmp_path):
     """Patches of other weights than the head was trained on: Segmenter warns, segment notes it, heads
     without the record (trained before it existed) pass."""
@@ -650,6 +721,60 @@ def test_segment_with_samcp_writes_coco_semantic_and_panoptic_files(trained, tmp
     r = _samantic("segment", str(src / "a.png"), "--out", str(tmp_path / "o2"), "--samcp", str(trained),
                   "--classes", "circle,blob", "--no-progress")
     assert r.returncode == 1 and "blob" in r.stderr and "lollipop" in r.stderr
+
+
+def test_segment_rerun_redoes_missing_files_and_refuses_another_runs_results(trained, tmp_path):
+    """A rerun into the same folder: done images are skipped only when every file this run writes exists and
+    the results came from the same weights, head, classes and settings; --mask-pngs writes one PNG per segment."""
+    import csv
+    import socket
+
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(render_panoptic(21, size=SIZE).image).save(src / "a.png")
+    out = tmp_path / "out"
+    plain = _samantic("segment", str(src / "a.png"), "--out", str(out), "--points-per-side", "4", "--no-progress")
+    assert plain.returncode == 0, plain.stderr
+    # the same folder with a SAM-CP head: another run's results, not skipped as done
+    r = _samantic("segment", str(src / "a.png"), "--out", str(out), "--samcp", str(trained), "--no-progress")
+    assert r.returncode == 1 and "another run" in r.stderr and "head None ->" in r.stderr, r.stderr
+    assert not (out / "a.png.panoptic.png").exists()
+    args = ["segment", str(src / "a.png"), "--out", str(out), "--samcp", str(trained), "--score-thresh", "0",
+            "--no-progress"]
+    assert _samantic(*args, "--overwrite").returncode == 0
+    stamp = (out / "a.png.json").stat().st_mtime_ns
+    assert _samantic(*args).returncode == 0 and (out / "a.png.json").stat().st_mtime_ns == stamp  # skipped
+    # --mask-pngs asks for files that are not there: the image is redone, one PNG per segment
+    assert _samantic(*args, "--mask-pngs").returncode == 0
+    assert (out / "a.png.json").stat().st_mtime_ns != stamp
+    rows = list(csv.DictReader((out / "a.png.masks" / "metadata.csv").open()))
+    ids = np.asarray(Image.open(out / "a.png.panoptic.png").convert("RGB")).astype(np.int64)
+    ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
+    assert len(rows) == len(json.loads((out / "a.png.panoptic.json").read_text())["annotations"][0]["segments_info"])
+    for row in rows:
+        m = np.asarray(Image.open(out / "a.png.masks" / f"{row['id']}.png")) > 0
+        assert (m == (ids == int(row["segment_id"]))).all() and int(row["area"]) == m.sum()
+    # other classes: another run again
+    r = _samantic(*args, "--classes", trained_names(trained)[0])
+    assert r.returncode == 1 and "another run (classes [" in r.stderr, r.stderr
+    # a socket among the inputs fails alone; the batch goes on
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(src / "s.png"))
+        r = _samantic("segment", str(src / "s.png"), str(src / "a.png"), "--out", str(tmp_path / "o3"), "--samcp",
+                      str(trained), "--no-progress")
+    finally:
+        sock.close()
+    assert r.returncode == 1 and "s.png: not a regular file" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "o3" / "a.png.panoptic.png").is_file()
+    pan = json.loads((tmp_path / "o3" / "a.png.panoptic.json").read_text())
+    assert pan["images"][0]["file_name"] == "a.png" and pan["images"][0]["source"] == str(src / "a.png")
+
+
+def trained_names(path):
+    return load_samcp(path).info.names
 
 
 def test_oracle_selects_exactly_each_segments_member_patches(nano, examples):

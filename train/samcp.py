@@ -484,6 +484,12 @@ class SamcpTrainResult:
     last_loss: float
     seconds: float
     log: Path
+    steps_run: int = 0  # by this call (0: a resumed run that had already reached its steps)
+
+
+# options a resumed run may change: how long it trains and how often it saves and logs; any other difference
+# (the classes, the data, the patches, the recipe) means OUT.ckpt belongs to another run
+RESUMABLE_OPTIONS = ("steps", "time_budget", "checkpoint_every", "log_every")
 
 
 class SamcpTrainer:
@@ -584,10 +590,12 @@ class SamcpTrainer:
             if log.is_file():  # lines past the checkpoint are done again: keep the log one line per step
                 kept = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.step]
                 log.write_text("".join(l + "\n" for l in kept))
-        elif log.exists() and not resume:
+        elif log.exists():  # a fresh start (nothing to resume from): a fresh log
             log.unlink()
         start, last = time.perf_counter() - self.elapsed, float("nan")
-        with _progress(progress, self.config.steps, self.step) as advance, open(log, "a") as logf:
+        first = self.step
+        with _progress(progress, self.config.steps, self.step) as advance, open(log, "a") as logf, \
+                _save_on_interrupt(self, ckpt):
             window: List[float] = []
             while self.step < self.config.steps:
                 elapsed = time.perf_counter() - start
@@ -613,7 +621,15 @@ class SamcpTrainer:
         meta = {**self.metadata, "steps_done": str(self.step),
                 "train_config": json.dumps(asdict(self.config), sort_keys=True)}
         save_samcp(self.head.eval(), out, metadata=meta)
-        return SamcpTrainResult(out, self.step, last, self.elapsed, log)
+        return SamcpTrainResult(out, self.step, last, self.elapsed, log, steps_run=self.step - first)
+
+    def run_record(self) -> Dict[str, Any]:
+        """What a checkpoint must share with the run that resumes from it."""
+        return json.loads(json.dumps({
+            "names": list(self.head.info.names),
+            "head": {k: v for k, v in asdict(self.head.info).items() if k not in ("classes", "stuff", "extra")},
+            "data": self.metadata.get("data"), "patches": self.metadata.get("patches"),
+            "config": {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_OPTIONS}}, default=str))
 
     def save_state(self, path: Path) -> None:
         import io
@@ -622,7 +638,8 @@ class SamcpTrainer:
 
         buf = io.BytesIO()
         torch.save({"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                    "elapsed": self.elapsed, "torch_rng": torch.get_rng_state()}, buf)
+                    "elapsed": self.elapsed, "torch_rng": torch.get_rng_state(),
+                    "run": json.dumps(self.run_record())}, buf)
         atomic_write_bytes(path, buf.getvalue())
 
     def load_state(self, path: Path) -> None:
@@ -632,9 +649,41 @@ class SamcpTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint names its file
             raise ValueError(f"{path}: cannot resume from this checkpoint ({e})") from None
+        if "run" in state:  # checkpoints before 2026-12-03 do not record their run
+            theirs, ours = json.loads(state["run"]), self.run_record()
+            diffs = _record_diffs(theirs, ours)
+            if diffs:
+                raise ValueError(f"{path} is the checkpoint of another run ({'; '.join(diffs[:6])}): resume with the "
+                                 "options it was started with, or train into another --out (or delete the checkpoint)")
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
         torch.set_rng_state(state["torch_rng"])
+
+
+def _record_diffs(theirs: Any, ours: Any, where: str = "") -> List[str]:
+    """``"key: old -> new"`` for each leaf where two JSON-like records differ."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        out: List[str] = []
+        for k in sorted(set(theirs) | set(ours)):
+            out += _record_diffs(theirs.get(k), ours.get(k), f"{where}.{k}" if where else k)
+        return out
+    return [] if theirs == ours else [f"{where or 'value'} {theirs!r} -> {ours!r}"]
+
+
+class _save_on_interrupt:
+    """Ctrl-C (or SIGTERM, which the CLI turns into it) during training saves the checkpoint before the
+    interrupt goes on, so ``--resume`` continues from the last finished step."""
+
+    def __init__(self, trainer: "SamcpTrainer", ckpt: Path) -> None:
+        self.trainer, self.ckpt = trainer, ckpt
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc) -> bool:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self.trainer.save_state(self.ckpt)
+        return False
 
 
 class _progress:

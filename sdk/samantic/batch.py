@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from samantic.pipeline.config import AmgConfig
 
 STATUSES = ("ok", "skipped", "failed")
+# settings that leave an image's results as they are (where they run, how prompts are batched): a rerun may change them
+_SAME_RESULTS = ("device", "points_per_batch")
 INDEX_NAME = "index.parquet"
 
 
@@ -143,6 +145,39 @@ class Prepared:
     @property
     def settings(self) -> Dict[str, Any]:
         return {k: v for k, v in vars(self.config).items() if k != "point_grids"}
+
+    @property
+    def classes(self) -> tuple:
+        """The class names this run labels: a SAM-CP head's ``--classes`` subset of its vocabulary, else ``names``."""
+        samcp = getattr(self.segmenter, "samcp", None)
+        wanted = getattr(samcp, "wanted", None)
+        if samcp is not None and wanted is not None:
+            return tuple(n for n, w in zip(samcp.names, wanted) if w)
+        return tuple(self.names)
+
+    @property
+    def run_record(self) -> Dict[str, Any]:
+        """What made an image's results (in every results JSON as ``run``): a rerun into the same folder with
+        other weights, head, classes or settings does not take them for its own."""
+        import json
+
+        o = self.options
+        record = {"model": self.model, "checkpoint": o.checkpoint, "bundle": None if o.bundle is None else str(o.bundle),
+                  "head": self.head_name, "classes": list(self.classes),
+                  "settings": {k: v for k, v in self.settings.items() if k not in _SAME_RESULTS}}
+        return json.loads(json.dumps(record, default=str))  # as it reads back from the file
+
+    def expected_outputs(self, out: Path, name: str) -> List[Path]:
+        """The files :func:`write_outputs` writes for the image ``name`` (its results JSON last, not listed)."""
+        out = Path(out)
+        files = [out / f"{name}.overlay.png"]
+        if self.panoptic:
+            files += [out / f"{name}.semantic.png", out / f"{name}.panoptic.png", out / f"{name}.panoptic.json"]
+        elif self.names:
+            files.append(out / f"{name}.semantic.png")
+        if self.options.mask_pngs:
+            files.append(out / f"{name}.masks" / "metadata.csv")
+        return files
 
 
 def _class_list(classes: Optional[str]) -> Optional[List[str]]:
@@ -305,8 +340,13 @@ def write_outputs(prepared: Prepared, out: Path, job: Job, image: Any, result: A
     h, w = image.shape[:2]
     records = result.instances
     if prepared.panoptic:
+        if o.mask_pngs:
+            from samantic.io.panoptic import write_segment_pngs
+
+            write_segment_pngs(out / f"{job.name}.masks", result.panoptic_map, result.segments_info)
         write_samcp_outputs(out, job, image, result, prepared.model, o.checkpoint, prepared.head_name,
-                            prepared.config, extra=prepared.run_extra)
+                            prepared.config, extra={**prepared.run_extra, "classes": list(prepared.classes),
+                                                    "run": prepared.run_record})
         return len(records)
     names = prepared.names
     masks = rle_decode(result.masks.rles) if records else None  # the batch, not the records' strings
@@ -324,7 +364,7 @@ def write_outputs(prepared: Prepared, out: Path, job: Job, image: Any, result: A
             r["score"] = r["class_score"]
     write_results_json(out / f"{job.name}.json", {"file_name": str(job.source), "height": h, "width": w},
                        coco_results(records), model=prepared.model, checkpoint=o.checkpoint,
-                       settings=prepared.settings, **extra)
+                       settings=prepared.settings, run=prepared.run_record, **extra)
     return len(records)
 
 
@@ -343,7 +383,8 @@ def write_samcp_outputs(out: Path, job: Job, image: Any, result: Any, model: str
     write_semantic_png(out / f"{job.name}.semantic.png", result.semantic_map)
     png = out / f"{job.name}.panoptic.png"
     write_panoptic(png, out / f"{job.name}.panoptic.json", result.panoptic_map, result.segments_info,
-                   {"id": 1, "file_name": str(job.source), "height": h, "width": w}, categories)
+                   {"id": 1, "file_name": Path(job.name).name, "source": str(job.source), "height": h, "width": w},
+                   categories)
     write_results_json(out / f"{job.name}.json", {"file_name": str(job.source), "height": h, "width": w},
                        result.to_coco(), model=model, checkpoint=checkpoint, samcp=str(samcp), categories=categories,
                        settings={k: v for k, v in vars(config).items() if k != "point_grids"}, **(extra or {}))
@@ -385,9 +426,19 @@ def segment_file(prepared: Prepared, out: Path, job: Job, *, overwrite: bool = F
     done = result_path(out, job.name)
     if done.exists():
         earlier_attempt = since is not None and done.stat().st_mtime >= since  # a retried task: not redone
-        if earlier_attempt or not overwrite:
-            row.update(status="ok" if earlier_attempt else "skipped", masks=_count_masks(done))
+        if earlier_attempt:
+            row.update(status="ok", masks=_count_masks(done))
             return row
+        if not overwrite:
+            other = _other_run(done, prepared.run_record)
+            if other:
+                row.update(status="failed", error=f"{done} holds the results of another run ({other}); pass "
+                           "--overwrite to replace them, or write to another --out")
+                return row
+            if all(p.exists() for p in prepared.expected_outputs(out, job.name)):
+                row.update(status="skipped", masks=_count_masks(done))
+                return row
+            # some of this run's files are missing (removed, or asked for now, e.g. --mask-pngs): redone
     if image is None:
         notes: List[str] = []
         try:
@@ -403,9 +454,39 @@ def segment_file(prepared: Prepared, out: Path, job: Job, *, overwrite: bool = F
     except ValueError as e:  # an image the pipeline refuses (shape, dtype)
         row.update(status="failed", error=f"cannot segment: {e}")
         return row
+    except Exception as e:  # noqa: BLE001 -- one image's failure must not end the batch; it is reported
+        row.update(status="failed", error=f"cannot segment: {type(e).__name__}: {e}")
+        return row
     row["seconds"] = time.perf_counter() - t0
-    row["masks"] = write_outputs(prepared, Path(out), job, image, result)
+    try:
+        row["masks"] = write_outputs(prepared, Path(out), job, image, result)
+    except Exception as e:  # noqa: BLE001 -- a full disk, a permission: every write is atomic, nothing half-written
+        row.update(status="failed", error=f"cannot write its results: {type(e).__name__}: {e}")
     return row
+
+
+def _other_run(path: Path, record: Dict[str, Any]) -> str:
+    """How the run that wrote the results JSON ``path`` differs from ``record`` ('' when it does not, or when the
+    file predates the record and cannot tell)."""
+    import json
+
+    try:
+        theirs = json.loads(Path(path).read_bytes()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return ""  # unreadable: the files are written again (atomically) below
+    if not isinstance(theirs, dict):
+        return ""
+    diffs = []
+    for key, ours in record.items():
+        if key == "settings":
+            changed = sorted(k for k in set(ours) | set(theirs.get(key) or {})
+                             if ours.get(k) != (theirs.get(key) or {}).get(k))
+            if changed:
+                diffs.append("settings " + ", ".join(f"{k} {(theirs.get(key) or {}).get(k)!r} -> {ours.get(k)!r}"
+                                                     for k in changed[:4]))
+        elif theirs.get(key) != ours:
+            diffs.append(f"{key} {theirs.get(key)!r} -> {ours!r}")
+    return "; ".join(diffs)
 
 
 def _count_masks(path: Path) -> int:

@@ -291,7 +291,8 @@ def eval_samcp(
     try:
         sam = create_model(model, checkpoint=checkpoint)
         patch_opts = None
-        for path in samcp:
+        heads = []
+        for path in samcp:  # every head checked before any is scored: a mismatch costs no evaluation
             head = load_samcp(path)
             head.check_model(model, path)
             mismatch = head.check_weights(sam, path)
@@ -304,6 +305,9 @@ def eval_samcp(
             elif po != patch_opts:
                 raise ValueError(f"{path}: trained on other patches ({po}) than {samcp[0]} ({patch_opts}); "
                                  "side-by-side rows need the same patches")
+            heads.append((path, head, pred))
+        for path, head, pred in heads:
+            po = patch_opts
             v2 = evaluate_samcp(pred, sam, v2_range, cache, kind="v2", progress=progress, **po)
             v1 = None
             if v1_range is not None:

@@ -175,7 +175,7 @@ def segment(
 def _banner(prepared, adaptive: bool) -> str:
     from rich.markup import escape
 
-    config, names = prepared.config, prepared.names
+    config, names = prepared.config, prepared.classes
     return (f"model {prepared.model} ({escape(str(prepared.weights))}), {config.points_per_side}x{config.points_per_side} "
             f"points, pred_iou_thresh {config.pred_iou_thresh}, stability_score_thresh {config.stability_score_thresh}"
             + (f", adaptive prompting (margin {config.adaptive_margin})" if adaptive else "")
@@ -226,6 +226,10 @@ def _report(console, prepared, out: Path, done: int, skipped: int, n_masks: int,
         else:
             console.print(f"results in {out}/ (NAME.json: COCO results with RLE masks; NAME.overlay.png"
                           + ("; NAME.semantic.png: label map, 0 = background, k = category k)" if prepared.names else ")"))
+    if done and not n_masks and prepared.panoptic:
+        typer.echo(f"note: no segments in {done} image(s): the head scored none above --score-thresh "
+                   f"{prepared.segmenter.samcp.score_thresh}; lower it, or check that the images resemble what the "
+                   "head was trained on.", err=True)
     if done and not n_masks and not prepared.names:
         # a silent empty result is the most confusing outcome for a new user: say which filter to loosen
         typer.echo(f"note: no masks kept in {done} image(s): the filters (--pred-iou-thresh {config.pred_iou_thresh}, "

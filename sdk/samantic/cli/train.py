@@ -182,7 +182,8 @@ def train_samcp(
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Save OUT.ckpt every this many steps (Ctrl-C and SIGTERM save it too).")] = 200,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists (the same options; --steps and --time-budget may grow).")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Train a SAM-CP head (labels and merges SAM's patches) on a panoptic dataset."""
@@ -214,7 +215,7 @@ def train_samcp(
                 raise ValueError(f"unknown {what} class(es) {bad}; {data} has: {', '.join(known) or '(none)'}")
         config = SamcpTrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, warmup_steps=warmup_steps,
                                   seed=seed, time_budget=time_budget * 60, weight_decay=weight_decay,
-                                  patch_drop=patch_drop, crop_scale=crop_scale)
+                                  patch_drop=patch_drop, crop_scale=crop_scale, checkpoint_every=checkpoint_every)
         text, text_info = None, {}
         if text_encoder is not None:
             # encoded once (on the CPU: a few prompts), before the slow patch cache, so a bad encoder fails fast
@@ -253,12 +254,24 @@ def train_samcp(
              SAM_STATE_KEY: meta["state_sha256"],  # the cache keyed its entries by this digest of `sam`
              "patches": json.dumps({k: meta[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh")}),
              "images": str(len(examples))}
+    from samantic.cli.segment import _sigterm_as_interrupt
+
+    trainer = None
     try:
         trainer = SamcpTrainer(head, config, examples, device=device, metadata=extra)
-        result = trainer.train(out, resume=resume, progress=progress)
+        with _sigterm_as_interrupt():
+            result = trainer.train(out, resume=resume, progress=progress)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
+    except KeyboardInterrupt:
+        if trainer is not None:
+            typer.echo(f"interrupted at step {trainer.step}: saved {out}.ckpt; run the same command with --resume to "
+                       "continue", err=True)
+        raise typer.Exit(130)
+    if result.steps_run == 0:
+        typer.echo(f"warning: no step trained: {out}.ckpt had already reached {result.steps} steps (raise --steps to "
+                   "train on)", err=True)
     vocabulary = "text embeddings" if text is not None else "learned embeddings"
     typer.echo(f"saved: {result.output} ({len(info.classes)} thing + {len(info.stuff)} stuff classes ({vocabulary}), steps "
                f"{result.steps}, last loss {result.last_loss:.4f}, {result.seconds / 60:.1f} min); log: {result.log}")

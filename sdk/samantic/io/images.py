@@ -79,7 +79,12 @@ def read_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS,
         raise ImageReadError(f"{p}: no such file")
     if p.is_dir():
         raise ImageReadError(f"{p}: is a directory, not an image")
-    data = p.read_bytes()
+    if not p.is_file():  # a FIFO would block the read, a socket or device is no image either
+        raise ImageReadError(f"{p}: not a regular file (a pipe, socket or device)")
+    try:
+        data = p.read_bytes()
+    except OSError as e:  # no permission, a socket or FIFO, an I/O error
+        raise ImageReadError(f"{p}: cannot be read ({e.strerror or e})") from None
     if not data:
         raise ImageReadError(f"{p}: file is empty (0 bytes)")
     too_large = "{}x{} pixels is more than the limit of {:,}"

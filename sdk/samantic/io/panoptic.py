@@ -24,6 +24,7 @@ __all__ = [
     "read_panoptic",
     "rgb_to_id",
     "write_panoptic",
+    "write_segment_pngs",
     "write_semantic_png",
 ]
 
@@ -224,20 +225,57 @@ def write_semantic_png(path: PathLike, labels: np.ndarray) -> Path:
     """Writes a label map as a palette ("P") PNG with the PASCAL VOC palette, atomically.
 
     The pixel values are the labels (0 = unlabelled, black); the palette only colours them.
+    A map with labels above 255 (a vocabulary of 256 classes or more) is written as a 16-bit
+    grayscale PNG instead, the labels unchanged.
 
     Args:
         path: Where to write (``.png``).
-        labels: int ``[H, W]`` labels in ``0..255``.
+        labels: int ``[H, W]`` labels in ``0..65535``.
 
     Raises:
-        ValueError: for a map that is not ``[H, W]``, not integer, or has labels outside 0..255.
+        ValueError: for a map that is not ``[H, W]``, not integer, or has labels outside 0..65535.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"a semantic label map must be [H, W], got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"a semantic label map must hold integer labels, got dtype {labels.dtype}")
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
+    if labels.size and (labels.min() < 0 or labels.max() > 65535):
         bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
-        raise ValueError(f"label {bad} does not fit an 8-bit palette PNG (labels 0..255)")
-    return write_label_png(Path(path), labels.astype(np.uint8))
+        raise ValueError(f"label {bad} does not fit a PNG label map (labels 0..65535)")
+    return write_label_png(Path(path), labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16))
+
+
+def write_segment_pngs(folder: PathLike, panoptic: np.ndarray, segments_info: Sequence[Mapping[str, Any]]) -> Path:
+    """One binary PNG per panoptic segment (``0.png``, ``1.png``, ... in the order of ``segments_info``) and
+    ``metadata.csv`` (``id``, ``segment_id``, ``category_id``, ``category_name``, ``isthing``, ``score``,
+    ``area``, ``bbox_x0``, ``bbox_y0``, ``bbox_w``, ``bbox_h``), atomically: ``segment --mask-pngs`` with a
+    SAM-CP head, as segment-anything's amg.py writes its masks.
+
+    Raises:
+        ValueError: a map that is not ``[H, W]`` integer ids, or a listed segment without ``id``.
+    """
+    import csv
+    import io
+
+    from samantic.io.atomic import atomic_write_bytes
+
+    panoptic = _segment_ids(panoptic)
+    folder = Path(folder)
+    fields = ["id", "segment_id", "category_id", "category_name", "isthing", "score", "area",
+              "bbox_x0", "bbox_y0", "bbox_w", "bbox_h"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(fields)
+    for i, seg in enumerate(segments_info):
+        if "id" not in seg:
+            raise ValueError(f"segments_info[{i}] has no 'id'")
+        mask = panoptic == int(seg["id"])
+        atomic_write_image(folder / f"{i}.png", mask.astype(np.uint8) * 255)
+        ys, xs = np.nonzero(mask)
+        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] if len(xs) \
+            else [0, 0, 0, 0]
+        writer.writerow([i, int(seg["id"]), seg.get("category_id", ""), seg.get("category_name", ""),
+                         int(bool(seg.get("isthing", 0))), seg.get("score", ""), int(mask.sum()), *bbox])
+    atomic_write_bytes(folder / "metadata.csv", buf.getvalue().encode())
+    return folder

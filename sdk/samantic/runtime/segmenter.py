@@ -221,7 +221,8 @@ class Segmenter:
             patches are then labelled and merged into a :class:`PanopticResult`; segment-everything
             uses the grid and thresholds the head was trained with (``config`` / ``options`` override).
         samcp_options: :class:`~samantic.pipeline.panoptic.SamcpPredictor` options
-            (``score_thresh``, ``affinity_thresh``, ``overlap_thresh``, ``top_k``, ``min_area``).
+            (``score_thresh``, ``affinity_thresh``, ``overlap_thresh``, ``top_k``, ``min_area``);
+            ``score_thresh=`` and ``classes=`` (a list or ``"a,b"``) apply to a SAM-CP head too.
         **options: :class:`AmgConfig` fields overriding ``config``, e.g. ``task="part"`` (SUM's task
             prompt for every call; a call can pass its own).
 
@@ -246,8 +247,20 @@ class Segmenter:
             if model is None and not callable(getattr(samcp, "scores", None)):
                 raise ValueError("a SAM-CP head (module or file) runs on torch: pass model=, or give an engine "
                                  "with a SAM-CP scorer (Segmenter.from_bundle does)")
-            self.samcp = SamcpPredictor(samcp, classes=[classes] if isinstance(classes, str) else classes,
-                                        **dict(samcp_options or {}))
+            wanted = None
+            if classes is not None:  # "house,grass" as the CLI and the U-SAM path take it, or a list
+                wanted = ([n.strip() for n in classes.split(",") if n.strip()] if isinstance(classes, str)
+                          else list(classes))
+                if not wanted:
+                    raise ValueError("classes= names no class: give at least one of the SAM-CP head's names "
+                                     "(or None for all of them)")
+            opts = dict(samcp_options or {})
+            if score_thresh is not None:
+                if opts.get("score_thresh", score_thresh) != score_thresh:
+                    raise ValueError(f"score_thresh={score_thresh} and samcp_options['score_thresh']="
+                                     f"{opts['score_thresh']} contradict each other")
+                opts["score_thresh"] = score_thresh
+            self.samcp = SamcpPredictor(samcp, classes=wanted, **opts)
             name = (getattr(model, "samantic_name", None) if model is not None
                     else getattr(getattr(engine, "bundle", None), "model_id", None))
             source = str(samcp) if isinstance(samcp, (str, Path)) else "SAM-CP head"
