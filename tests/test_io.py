@@ -134,3 +134,21 @@ def test_read_image_turns_os_errors_into_image_read_errors(tmp_path, monkeypatch
     monkeypatch.setattr(type(path), "read_bytes", denied)
     with pytest.raises(ImageReadError, match="a.png: cannot be read \\(Permission denied\\)"):
         read_image(path)
+
+
+def test_overlay_of_a_segment_map_is_the_overlay_of_its_masks():
+    from samantic.io.visualize import overlay_masks, overlay_segments
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    seg = np.zeros((40, 50), np.int32)
+    seg[5:20, 5:30] = 7
+    seg[10:15, 10:15] = 3  # inside 7: drawn after the larger segment
+    seg[25:38, 20:48] = 12
+    ids, labels = [12, 3, 7], ["floor", "cup", "table"]
+    stacked = np.stack([seg == i for i in ids])
+    assert np.array_equal(overlay_segments(image, seg, ids, labels), overlay_masks(image, stacked, labels))
+    assert np.array_equal(overlay_segments(image, seg, ids), overlay_masks(image, stacked))
+    assert np.array_equal(overlay_segments(image, seg, []), image)
+    with pytest.raises(ValueError, match="segment_map"):
+        overlay_segments(image, seg[:10], ids)

@@ -66,15 +66,53 @@ def overlay_masks(
         raise ValueError(f"masks must be [N, {image.shape[0]}, {image.shape[1]}], got {masks.shape}")
     if len(masks) == 0:
         return image.copy()
+    return _draw(image, len(masks), masks.__getitem__, masks.reshape(len(masks), -1).sum(1), labels, alpha)
+
+
+def overlay_segments(
+    image: np.ndarray,
+    segment_map: np.ndarray,
+    ids: Sequence[int],
+    labels: Optional[Sequence[str]] = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """:func:`overlay_masks` of the segments of a label map (e.g. a panoptic map), mask ``i`` being
+    ``segment_map == ids[i]``, the same picture without an ``[N, H, W]`` stack (one mask at a time).
+
+    Args:
+        image: uint8 ``[H, W, 3]`` RGB.
+        segment_map: int ``[H, W]`` segment ids.
+        ids: the segments to draw, in the order of ``labels`` (their colours follow this order).
+        labels: optional text per segment.
+        alpha: fill opacity.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    segment_map = np.asarray(segment_map)
+    if segment_map.shape != image.shape[:2]:
+        raise ValueError(f"segment_map must be [{image.shape[0]}, {image.shape[1]}], got {segment_map.shape}")
+    ids = [int(i) for i in ids]
+    uniq, counts = np.unique(segment_map, return_counts=True)
+    area = dict(zip(uniq.tolist(), counts.tolist()))
+    return _draw(image, len(ids), lambda i: segment_map == ids[i], np.array([area.get(i, 0) for i in ids]),
+                 labels, alpha)
+
+
+def _draw(image: np.ndarray, n: int, mask_of, areas: np.ndarray, labels: Optional[Sequence[str]],
+          alpha: float) -> np.ndarray:
+    """Fills, outlines and labels ``n`` masks (``mask_of(i)``, bool ``[H, W]``), largest first."""
+    if n == 0:
+        return image.copy()
     out = image.astype(np.float32)
-    colours = palette(len(masks))
-    order = np.argsort(-masks.reshape(len(masks), -1).sum(1), kind="stable")
+    colours = palette(n)
+    order = np.argsort(-np.asarray(areas), kind="stable")
     for i in order:
-        m = masks[i]
+        m = mask_of(i)
         out[m] = out[m] * (1 - alpha) + colours[i].astype(np.float32) * alpha
     out = out.clip(0, 255).astype(np.uint8)
     for i in order:
-        out[outline(masks[i])] = colours[i]
+        out[outline(mask_of(i))] = colours[i]
     if labels is not None:
         from PIL import Image, ImageDraw
 
@@ -82,7 +120,7 @@ def overlay_masks(
         draw = ImageDraw.Draw(canvas)
         font = _font(12)
         for i in order:
-            ys, xs = np.nonzero(masks[i])
+            ys, xs = np.nonzero(mask_of(i))
             if len(xs) == 0:
                 continue
             org = (int(xs.min()), max(0, int(ys.min()) - 14))

@@ -147,8 +147,9 @@ class PanopticResult(Result):
         self.output = output
         self.panoptic_map = output.panoptic
         self.segments_info = [{k: v for k, v in s.items() if k != "patches"} for s in output.segments_info]
-        ids = np.array([s["id"] for s in output.segments_info], np.int32)
-        rles = rle_encode(output.panoptic[None] == ids[:, None, None]).to_dicts(compressed=True) if len(ids) else []
+        # one segment at a time: never an [N, H, W] stack (100 segments of a 4K frame would be 830 MB)
+        rles = [rle_encode((output.panoptic == s["id"])[None]).to_dicts(compressed=True)[0]
+                for s in output.segments_info]
         instances = []
         for s, rle in zip(output.segments_info, rles):
             instances.append({"id": s["id"], "category_id": s["category_id"], "category": s["category_name"],
@@ -181,15 +182,14 @@ class PanopticResult(Result):
 
     def overlay(self, image: Optional[np.ndarray] = None, alpha: float = 0.5) -> np.ndarray:
         """The panoptic segments drawn on the image, each labelled once with its class name."""
-        from samantic.io.visualize import overlay_masks
+        from samantic.io.visualize import overlay_segments
 
         image = self._image if image is None else image
         if image is None:
             raise ValueError("overlay() needs the image: pass overlay(image)")
-        masks = (self.panoptic_map[None] == np.array([r["id"] for r in self.instances])[:, None, None]
-                 if self.instances else np.zeros((0, *image.shape[:2]), bool))
         labels = [r["category"] for r in self.instances]
-        return overlay_masks(image, masks, labels or None, alpha=alpha)
+        return overlay_segments(image, self.panoptic_map, [r["id"] for r in self.instances], labels or None,
+                                alpha=alpha)
 
 
 def _head_info(head: Any) -> Dict[str, Any]:
