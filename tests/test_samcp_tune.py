@@ -178,3 +178,15 @@ def test_tune_cli_writes_the_head_and_a_report(head_file, tmp_path):
     bad = subprocess.run([exe, "samcp", "tune", str(head_file), "--score-thresh", "0.2,x"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "comma-separated" in bad.stderr
+
+
+def test_grid_edges_note_a_best_value_at_the_end_of_three_or_more():
+    from samantic.train.samcp_tune import grid_edges
+
+    grid = {"score_thresh": (0.15, 0.25, 0.5), "affinity_thresh": (0.3, 0.5, 0.7), "overlap_thresh": (0.3, 0.5),
+            "flip": (False, True)}
+    notes = grid_edges({"score_thresh": 0.5, "affinity_thresh": 0.3, "overlap_thresh": 0.5, "flip": True}, grid)
+    assert len(notes) == 2  # two values tried (overlap) and booleans (flip) say nothing
+    assert "score_thresh 0.5 is the largest" in notes[0] and "larger" in notes[0]
+    assert "affinity_thresh 0.3 is the smallest" in notes[1] and "smaller" in notes[1]
+    assert grid_edges({"score_thresh": 0.25, "affinity_thresh": 0.5}, grid) == []

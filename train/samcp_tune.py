@@ -64,6 +64,22 @@ class TuneResult:
     seeds: Tuple[int, int]
 
 
+def grid_edges(best: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> List[str]:
+    """A note per numeric option whose best value is the largest or smallest of three or more tried (the best
+    may lie beyond the grid: worth a wider sweep)."""
+    notes = []
+    for key, values in grid.items():
+        nums = sorted({float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if len(nums) < 3 or key not in best:
+            continue
+        v = float(best[key])
+        if v in (nums[0], nums[-1]):
+            side = "largest" if v == nums[-1] else "smallest"
+            notes.append(f"{key} {best[key]} is the {side} value tried: the best may lie beyond it; sweep "
+                         f"{'larger' if side == 'largest' else 'smaller'} values too")
+    return notes
+
+
 def score_of(row: Mapping[str, float], metric: str) -> float:
     if metric == "mean":
         return (row["pq"] + row["miou"] + row["ap50"]) / 3.0

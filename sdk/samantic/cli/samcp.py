@@ -74,7 +74,7 @@ def tune(
 
     from samantic.heads.samcp import load_samcp
     from samantic.models import create_model
-    from samantic.train.samcp_tune import DEFAULT_GRID, METRICS, score_of, tune_samcp, write_inference
+    from samantic.train.samcp_tune import DEFAULT_GRID, METRICS, grid_edges, score_of, tune_samcp, write_inference
 
     def values(raw: Optional[str], key: str, hint: str):
         if raw is None:
@@ -144,5 +144,8 @@ def tune(
         for r in rows:
             lines.append("| " + " | ".join([_cell(r[k]) for k in keys] + [f"{r[m]:.3f}" for m in
                                                                           ("pq", "sq", "rq", "miou", "ap50")]) + " |")
+        lines += [""] + [f"Note: {n}." for n in grid_edges(result.best, grid)]
         atomic_write_bytes(report / "samcp_tune.md", ("\n".join(lines) + "\n").encode())
     typer.echo(f"recorded in {written}: {result.best}")
+    for n in grid_edges(result.best, grid):
+        typer.echo(f"note: {n}", err=True)
