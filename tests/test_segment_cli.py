@@ -85,6 +85,21 @@ def test_resume_skips_done_images_and_overwrite_redoes_them(inputs, tmp_path):
         assert (out / "good.png.masks" / "0.png").exists()
 
 
+def test_a_damaged_results_json_is_redone_not_skipped(inputs, tmp_path):
+    out = tmp_path / "out"
+    good = str(inputs / "good.png")
+    assert run_segment([good, "--out", str(out), *FAST]).returncode == 0
+    (out / "good.png.json").write_text("{not json")
+    again = run_segment([good, "--out", str(out), *FAST])
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "good.png.json").read_text())["run"]["settings"]["points_per_side"] == 4
+    # settings that change the masks make it another run's result; where it ran does not
+    other = run_segment([good, "--out", str(out), "--points-per-side", "5", "--no-progress"])
+    assert other.returncode == 1 and "another run (settings points_per_side 4 -> 5)" in other.stderr, other.stderr
+    batch = run_segment([good, "--out", str(out), "--points-per-batch", "7", *FAST])
+    assert batch.returncode == 0 and "another run" not in batch.stderr
+
+
 def test_missing_inputs_and_globs(inputs, tmp_path):
     r = run_segment([str(tmp_path / "nope.png"), "--out", str(tmp_path / "o"), *FAST])
     assert r.returncode == 1 and "nope.png" in r.stderr and "no images to segment" in r.stderr

@@ -435,10 +435,11 @@ def segment_file(prepared: Prepared, out: Path, job: Job, *, overwrite: bool = F
                 row.update(status="failed", error=f"{done} holds the results of another run ({other}); pass "
                            "--overwrite to replace them, or write to another --out")
                 return row
-            if all(p.exists() for p in prepared.expected_outputs(out, job.name)):
+            if other is not None and all(p.exists() for p in prepared.expected_outputs(out, job.name)):
                 row.update(status="skipped", masks=_count_masks(done))
                 return row
-            # some of this run's files are missing (removed, or asked for now, e.g. --mask-pngs): redone
+            # an unreadable results JSON, or some of this run's files missing (removed, or asked for now,
+            # e.g. --mask-pngs): the image is done again
     if image is None:
         notes: List[str] = []
         try:
@@ -465,15 +466,18 @@ def segment_file(prepared: Prepared, out: Path, job: Job, *, overwrite: bool = F
     return row
 
 
-def _other_run(path: Path, record: Dict[str, Any]) -> str:
-    """How the run that wrote the results JSON ``path`` differs from ``record`` ('' when it does not, or when the
-    file predates the record and cannot tell)."""
+def _other_run(path: Path, record: Dict[str, Any]) -> Optional[str]:
+    """How the run that wrote the results JSON ``path`` differs from ``record``: '' when it does not (or when the
+    file predates the record and cannot tell), None when the file cannot be read as a results JSON."""
     import json
 
     try:
-        theirs = json.loads(Path(path).read_bytes()).get("run")
-    except (OSError, ValueError, AttributeError):
-        return ""  # unreadable: the files are written again (atomically) below
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    theirs = data.get("run")
     if not isinstance(theirs, dict):
         return ""
     diffs = []
