@@ -95,6 +95,12 @@ def test_torch_free_preprocess_matches_segment_anything(nano, shape):
     assert np.array_equal(apply_coords(pts, shape, 384), ref_t.apply_coords(pts, shape))
 
 
+def test_an_image_too_elongated_for_the_model_is_one_clear_error(nano):
+    image = np.zeros((1, 2000, 3), np.uint8)  # 1 pixel high: resized to the model's side, 0 pixels high
+    with pytest.raises(ValueError, match="1x2000 pixels is too elongated"):
+        Segmenter(nano, points_per_side=2)(image)
+
+
 # --- ONNX graphs --------------------------------------------------------------------------------
 
 
@@ -229,6 +235,26 @@ def test_torch_backend_from_bundle(nano, bundle_dir):
     seg = Segmenter.from_bundle(bundle_dir, backend="torch", **PARITY_KW)
     assert seg.engine.name == "torch"
     assert matched_fraction(ref.masks, seg(image).masks) == 1.0
+
+
+def test_auto_backend_picks_tensorrt_only_for_a_gpu_with_an_engine(bundle_dir, monkeypatch):
+    """backend="auto": an engine for GPU N is looked up with N, and never on device="cpu" (it would fail there)."""
+    import samantic.runtime.tensorrt as trt
+
+    asked = []
+
+    def find_engine(bundle, precision, device=0, quiet=False):
+        asked.append(device)
+        return None  # no engine for that GPU here: onnxruntime
+
+    monkeypatch.setattr(trt, "find_engine", find_engine)
+    assert Segmenter.from_bundle(bundle_dir, backend="auto", device="cpu").engine.name == "onnxruntime"
+    assert asked == []
+    try:
+        Segmenter.from_bundle(bundle_dir, backend="auto", device="cuda:1")
+    except Exception:  # noqa: BLE001 -- no GPU provider (or no second GPU) here: past the lookup, the point
+        pass
+    assert asked == [1]
 
 
 RUN_BUNDLE = '''

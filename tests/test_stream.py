@@ -58,8 +58,9 @@ class FakeCapture:
 
     opened = []
 
-    def __init__(self, target, n=40, fps=30.0, fail=None, ok=True, pause=0.0):
+    def __init__(self, target, n=40, fps=30.0, fail=None, ok=True, pause=0.0, declared=None):
         self.target, self.n, self.fps, self.fail, self.ok, self.pause = target, n, fps, fail, ok, pause
+        self.declared = n if declared is None else declared
         self.i = 0
         self.released = False
         FakeCapture.opened.append(self)
@@ -78,7 +79,7 @@ class FakeCapture:
         return True, frame
 
     def get(self, prop):
-        return {cv2.CAP_PROP_FPS: self.fps, cv2.CAP_PROP_FRAME_COUNT: float(self.n)}.get(prop, 0.0)
+        return {cv2.CAP_PROP_FPS: self.fps, cv2.CAP_PROP_FRAME_COUNT: float(self.declared)}.get(prop, 0.0)
 
     def release(self):
         self.released = True
@@ -202,6 +203,10 @@ def test_bad_arguments_and_frames():
         list(FrameStream(lambda f: 0, [good, good.astype(np.float32)]))
     with pytest.raises(ValueError, match=r"frame 0: a tuple must be \(timestamp, frame\)"):
         list(FrameStream(lambda f: 0, [(0.0, good, "extra")]))
+    with pytest.raises(ValueError, match=r"frame 0: .*looks like OpenCV's cap.read\(\)"):
+        list(FrameStream(lambda f: 0, [(True, good)]))  # `yield cap.read()`
+    with pytest.raises(ValueError, match="frame 0: a \\(timestamp, frame\\) pair needs a number first, got str"):
+        list(FrameStream(lambda f: 0, [("noon", good)]))
 
 
 # --- samantic segment VIDEO | --camera | URL ----------------------------------------------------------------------
@@ -351,6 +356,52 @@ def test_fake_camera_faster_than_the_model_drops_and_counts(fake_cv2, tmp_path):
     assert len(frames) == s["segmented"] and frames == sorted(set(frames))
     assert frames[-1] == 29  # dropping the oldest keeps the newest frame
     assert "timestamps" in s and s["kind"] == "camera"
+
+
+def test_a_camera_that_stops_delivering_is_lost_not_ended(fake_cv2, tmp_path, monkeypatch):
+    from samantic.cli import stream as cli_stream
+
+    monkeypatch.setattr(cli_stream._Frames, "RETRY_WAIT", 0.0)
+    opened = fake_cv2(n=5)  # five frames, then every read fails (unplugged)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["segment", "--camera", "0", "--out", str(out), *FAST])
+    assert res.exit_code == 1, res.output
+    assert "stopped delivering frames after 5 frame(s)" in _said(res.output) and opened[0].released
+    assert opened[0].i == 5  # and it was asked again before giving up (the fake counts only good reads)
+    s = json.loads((out / "camera0.summary.json").read_text())
+    assert s["ended"] == "source_lost" and s["frames_read"] == 5 and "SourceLost" in s["error"]
+    assert len(_lines(out / "camera0.jsonl")) == s["segmented"]
+
+
+def test_live_overlay_video_covers_the_dropped_frames(fake_cv2, tmp_path):
+    """A live camera drops frames; its overlay video still spans every frame read (the last overlay repeated),
+    so it plays at the camera's pace."""
+    real_capture = cv2.VideoCapture  # to read the video back
+    fake_cv2(n=10_000, pause=0.002)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["segment", "--camera", "0", "--out", str(out), "--max-frames", "30",
+                                   "--overlay-video", *FAST])
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "camera0.summary.json").read_text())
+    frames = [l["frame"] for l in _lines(out / "camera0.jsonl")]
+    assert s["dropped"] > 0 and len(frames) < 30
+    cap = real_capture(str(out / "camera0.overlay.mp4"))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    assert n == frames[-1] - frames[0] + 1
+
+
+def test_a_video_file_shorter_than_it_declares_is_noted(fake_cv2, tmp_path):
+    fake_cv2(n=4, declared=9)
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"")
+    res = CliRunner().invoke(app, ["segment", str(video), "--out", str(tmp_path / "out"), *FAST])
+    assert res.exit_code == 0, res.output
+    assert "read 4 of the 9 frames the file declares" in _said(res.output)
+    s = json.loads((tmp_path / "out" / "clip.mp4.summary.json").read_text())
+    assert s["ended"] == "end" and s["frames_declared"] == 9 and s["segmented"] == 4
 
 
 def test_ctrl_c_keeps_the_frames_written_and_the_summary(fake_cv2, tmp_path):

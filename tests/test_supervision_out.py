@@ -142,3 +142,31 @@ def test_result_methods_give_the_same_detections(result, panoptic):
         a, b = res.to_supervision(), to_supervision(res)
         assert len(a) == len(b) > 0
         assert (a.xyxy == b.xyxy).all() and (a.mask == b.mask).all() and (a.class_id == b.class_id).all()
+
+
+def test_result_overlay_and_semantic_map_decode_one_mask_at_a_time_and_match_the_stacked_ones(result):
+    """The overlay and the semantic map, drawn one decoded mask at a time, are those of all masks stacked."""
+    from samantic.io import overlay_masks
+
+    result, image = result
+    stacked = rle_decode(result.masks.rles).astype(bool)
+    labels = [result.names[int(c) - 1] for c in result.masks.fields["category_id"]]
+    assert np.array_equal(result.overlay(), overlay_masks(image, stacked, labels))
+    expected = np.zeros(result.image_size, np.uint8)
+    for i in np.argsort(result.masks.fields["class_score"], kind="stable"):
+        expected[stacked[i]] = result.masks.fields["category_id"][i]
+    assert np.array_equal(result.semantic_map, expected)
+    with pytest.raises(ValueError, match="the masks"):
+        result.overlay(image[:10])
+
+
+def test_a_result_keeps_its_own_frame_and_its_own_timings(nano):
+    frame = disk_image(103, size=SIZE)
+    seg = Segmenter(nano, points_per_side=4)
+    res = seg(frame)
+    before = res.overlay()
+    frame[:] = 0  # the caller reuses its buffer for the next frame
+    assert np.array_equal(res.overlay(), before)
+    assert res.timings["encoder"] > 0 and res.timings == seg.timings and res.stats == seg.stats
+    other = seg(disk_image(104, size=SIZE))
+    assert other.timings is not res.timings and res.timings["encoder"] > 0

@@ -171,14 +171,23 @@ def prepare_stream(paths: Optional[List[str]], camera: Optional[int], out: Path,
         raise typer.Exit(1)
 
 
+class SourceLost(RuntimeError):
+    """A camera or stream URL stopped delivering frames."""
+
+
 class _Frames:
     """(timestamp, RGB frame) pairs from a capture; iterated by the stream's reader thread, which closes it
     (releasing the capture) at the end. ``close()`` also releases a capture that was never read."""
 
+    RETRIES = 10  # failed reads of a live source retried before it counts as lost
+    RETRY_WAIT = 0.2  # seconds between them
+
     def __init__(self, cv2: Any, cap: Any, source: StreamSource, fps: Optional[float], max_frames: Optional[int],
-                 t0: float) -> None:
+                 t0: float, total: int = 0) -> None:
         self.cv2, self.cap, self.source, self.fps, self.max_frames, self.t0 = cv2, cap, source, fps, max_frames, t0
+        self.total = total  # frames a video file declares (0: unknown)
         self.i = 0
+        self.short: Optional[Tuple[int, int]] = None  # (read, declared) when a file ended early
 
     def __iter__(self) -> "_Frames":
         return self
@@ -188,7 +197,20 @@ class _Frames:
         if self.max_frames is not None and self.i >= self.max_frames:
             raise StopIteration
         ok, bgr = self.cap.read()
+        if not ok and self.source.kind != "file":
+            # a camera or stream that stops delivering: a glitch, or unplugged / dropped; not an end
+            for _ in range(self.RETRIES):
+                time.sleep(self.RETRY_WAIT)
+                ok, bgr = self.cap.read()
+                if ok:
+                    break
+            else:
+                raise SourceLost(f"the source stopped delivering frames after {self.i} frame(s) ({self.RETRIES} "
+                                 f"more reads over {self.RETRIES * self.RETRY_WAIT:.0f} s failed): unplugged, or the "
+                                 "stream dropped?")
         if not ok:
+            if self.total and self.i < self.total and self.max_frames is None:
+                self.short = (self.i, self.total)
             raise StopIteration
         if self.source.kind == "file":
             # media time: where the frame is in the video (OpenCV's position, else index / fps)
@@ -271,7 +293,10 @@ def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, ove
     """Segments an opened source (:func:`open_stream`) frame by frame into ``out``; returns the exit code.
 
     0 when the stream ended, 130 after Ctrl-C (everything written so far kept, the summary
-    written), 1 when no frame could be read or segmenting failed.
+    written), 1 when no frame could be read, segmenting failed, or a camera / stream stopped
+    delivering frames (``ended: "source_lost"``: retried for 2 s first). A live stream's overlay
+    video repeats the last segmented frame over the frames it dropped, so it plays at the
+    source's pace.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -291,18 +316,20 @@ def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, ove
     # step: what the source says about itself (cameras and streams often say nothing useful)
     fps = cap.get(cv2.CAP_PROP_FPS)
     fps = float(fps) if fps and math.isfinite(fps) and 0 < fps < 1000 else None
-    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "file" else 0
-    total = min(total, max_frames) if total > 0 and max_frames else (total if total > 0 else max_frames)
+    declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "file" else 0
+    declared = declared if declared > 0 else 0
+    total = min(declared, max_frames) if declared and max_frames else (declared or max_frames)
     out.mkdir(parents=True, exist_ok=True)
     started_at = time.time()
     t0 = time.perf_counter()
-    frames = _Frames(cv2, cap, source, fps, max_frames, t0)
+    frames = _Frames(cv2, cap, source, fps, max_frames, t0, total=declared)
     stream = segmenter.stream(frames, live=source.live, queue_size=queue_size)
 
     # step: segment, one flushed JSON line per frame (+ an overlay frame)
     writer = None
     width = height = None
     saved = 0  # frames whose line (and overlay frame) were written
+    last_index: Optional[int] = None  # source index of the last frame written
     ending: Optional[str] = None
     error: Optional[BaseException] = None
     columns = [TextColumn("segment"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -323,10 +350,15 @@ def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, ove
                         if not writer.isOpened():
                             raise ValueError(f"{video_path}: OpenCV cannot write an mp4v video here")
                     image = cv2.cvtColor(fr.result.overlay(fr.frame), cv2.COLOR_RGB2BGR)
+                # a live stream drops frames: the overlay covers them (the last segmented frame shown until the
+                # next), so the video plays at the source's pace; a file or list drops none (one write per frame)
+                repeat = 1 if last_index is None else max(1, fr.index - last_index)
+                last_index = fr.index
                 # ... then written together, Ctrl-C held, so the lines and the video stay frame for frame
                 with _HeldSigint():
                     if image is not None:
-                        writer.write(image)
+                        for _ in range(repeat):
+                            writer.write(image)
                     f.write(line)
                     f.flush()
                     saved += 1
@@ -356,6 +388,10 @@ def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, ove
                                                   if writer is not None else None}}
     if error is not None:
         meta["error"] = f"{type(error).__name__}: {error}"
+        if isinstance(error, SourceLost):
+            s["ended"] = "source_lost"
+    if frames.short is not None:
+        meta["frames_declared"] = frames.short[1]
     atomic_write_json(summary_path, {**s, **meta, **(info or {})}, indent=2)
     table = Table(title="samantic segment (stream)")
     for col in ("frames read", "segmented", "dropped", "latency p50 ms", "latency p99 ms", "fps"):
@@ -372,6 +408,9 @@ def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, ove
     if ending == "interrupted":
         err.print(f"interrupted: {s['segmented']} frame(s) segmented and saved in {escape(str(jsonl))}")
         return 130
+    if frames.short is not None:
+        typer.echo(f"note: {source.label}: read {frames.short[0]} of the {frames.short[1]} frames the file declares "
+                   "(a damaged frame ends the read; some containers only estimate their count)", err=True)
     if error is not None:
         typer.echo(f"error: {source.label}: {error}", err=True)
         return 1

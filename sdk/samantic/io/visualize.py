@@ -66,7 +66,7 @@ def overlay_masks(
         raise ValueError(f"masks must be [N, {image.shape[0]}, {image.shape[1]}], got {masks.shape}")
     if len(masks) == 0:
         return image.copy()
-    return _draw(image, len(masks), masks.__getitem__, masks.reshape(len(masks), -1).sum(1), labels, alpha)
+    return overlay_each(image, len(masks), masks.__getitem__, masks.reshape(len(masks), -1).sum(1), labels, alpha)
 
 
 def overlay_segments(
@@ -95,13 +95,15 @@ def overlay_segments(
     ids = [int(i) for i in ids]
     uniq, counts = np.unique(segment_map, return_counts=True)
     area = dict(zip(uniq.tolist(), counts.tolist()))
-    return _draw(image, len(ids), lambda i: segment_map == ids[i], np.array([area.get(i, 0) for i in ids]),
-                 labels, alpha)
+    return overlay_each(image, len(ids), lambda i: segment_map == ids[i], np.array([area.get(i, 0) for i in ids]),
+                        labels, alpha)
 
 
-def _draw(image: np.ndarray, n: int, mask_of, areas: np.ndarray, labels: Optional[Sequence[str]],
-          alpha: float) -> np.ndarray:
-    """Fills, outlines and labels ``n`` masks (``mask_of(i)``, bool ``[H, W]``), largest first."""
+def overlay_each(image: np.ndarray, n: int, mask_of, areas: Sequence[int], labels: Optional[Sequence[str]] = None,
+                 alpha: float = 0.5) -> np.ndarray:
+    """:func:`overlay_masks` of ``n`` masks made one at a time by ``mask_of(i)`` (bool ``[H, W]``; called a few
+    times per mask), with their ``areas`` (for the drawing order, largest first): the same picture without
+    holding every mask at once (RLE masks decoded one by one, segments of a label map)."""
     if n == 0:
         return image.copy()
     out = image.astype(np.float32)

@@ -23,6 +23,9 @@ def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     from PIL import Image
 
     h, w = preprocess_shape(image.shape[0], image.shape[1], long_side)
+    if h < 1 or w < 1:
+        raise ValueError(f"image of {image.shape[0]}x{image.shape[1]} pixels is too elongated: resized to the model's "
+                         f"input side {long_side}, its short side would be 0 pixels")
     return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR))
 
 

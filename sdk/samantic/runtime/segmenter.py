@@ -48,8 +48,11 @@ class Result:
         self.instances = instances
         self.names = tuple(names)
         self.image_size = tuple(int(v) for v in masks.rles.size)
-        self._image = image
+        # a copy: a caller that reuses its frame buffer still gets this frame's overlay
+        self._image = None if image is None else np.array(image, copy=True)
         self._semantic: Optional[np.ndarray] = None
+        self.timings: Dict[str, float] = {}  # seconds per stage of the call that made it (set by the Segmenter)
+        self.stats: Dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -75,9 +78,8 @@ class Result:
             if len(self.masks):
                 ids = self.masks.fields["category_id"]
                 order = np.argsort(self.masks.fields["class_score"], kind="stable")  # best painted last
-                decoded = rle_decode(self.masks.rles.select(order)).astype(bool)
-                for m, label in zip(decoded, ids[order]):
-                    out[m] = label
+                for i in order:  # one mask at a time: never every mask of the image at once
+                    out[rle_decode(self.masks.rles.select([int(i)]))[0].astype(bool)] = ids[i]
             self._semantic = out
         return self._semantic
 
@@ -112,18 +114,23 @@ class Result:
         return to_supervision(self, coordinate_convention=coordinate_convention)
 
     def overlay(self, image: Optional[np.ndarray] = None, alpha: float = 0.5) -> np.ndarray:
-        """The masks drawn on the image (uint8 RGB), labelled with class names when a head ran."""
-        from samantic.io.visualize import overlay_masks
-        from samantic.ops import rle_decode
+        """The masks drawn on the image (uint8 RGB), labelled with class names when a head ran (the masks
+        are decoded one at a time)."""
+        from samantic.io.visualize import overlay_each
+        from samantic.ops import rle_area, rle_decode
 
         image = self._image if image is None else image
         if image is None:
             raise ValueError("overlay() needs the image: pass overlay(image)")
-        masks = rle_decode(self.masks.rles).astype(bool) if len(self) else np.zeros((0, *image.shape[:2]), bool)
+        image = np.asarray(image)
+        if image.shape[:2] != self.image_size:
+            raise ValueError(f"overlay(image): the image is {image.shape[:2]}, the masks {self.image_size}")
         labels = None
         if self.names and len(self):
             labels = [self.names[int(c) - 1] for c in self.masks.fields["category_id"]]
-        return overlay_masks(image, masks, labels, alpha=alpha)
+        rles = self.masks.rles
+        return overlay_each(image, len(self), lambda i: rle_decode(rles.select([i]))[0].astype(bool),
+                            rle_area(rles) if len(self) else [], labels, alpha=alpha)
 
 
 class PanopticResult(Result):
@@ -324,7 +331,8 @@ class Segmenter:
 
     @property
     def timings(self) -> Dict[str, float]:
-        """Seconds per stage of the last call (preprocess, encoder, decoder, postprocess, nms, output)."""
+        """Seconds per stage of the last call (preprocess, encoder, decoder, postprocess, nms, output); with
+        threads sharing a Segmenter, read ``result.timings`` (the call's own) instead."""
         return dict(self.generator.timings)
 
     @property
@@ -347,7 +355,10 @@ class Segmenter:
             ValueError: a bad image, an unknown task or one the engine cannot run.
         """
         with self._lock:
-            return self._segment(image, task)
+            result = self._segment(image, task)
+            # this call's own numbers, read while no other call can reset them
+            result.timings, result.stats = dict(self.generator.timings), dict(self.generator.stats)
+            return result
 
     def _segment(self, image: np.ndarray, task: Union[str, int, None]) -> Result:
         import time
@@ -448,9 +459,13 @@ class Segmenter:
         if backend == "torch":
             return Segmenter._torch_from_bundle(bundle, **kw)
         if backend == "auto":
+            from samantic.runtime.onnxruntime import parse_device
             from samantic.runtime.tensorrt import find_engine
 
-            backend = "tensorrt" if find_engine(bundle, precision, quiet=True) is not None else "onnxruntime"
+            kind, index = parse_device(device)
+            # TensorRT only on a GPU asked for, with an engine built for that GPU
+            backend = ("tensorrt" if kind != "cpu" and find_engine(bundle, precision, device=index, quiet=True)
+                       is not None else "onnxruntime")
         if backend == "tensorrt":
             from samantic.runtime.tensorrt import TensorRTEngine
 

@@ -144,7 +144,16 @@ class _Reader(threading.Thread):
                 if isinstance(item, tuple):
                     if len(item) != 2:
                         raise ValueError(f"frame {self.read}: a tuple must be (timestamp, frame), got {len(item)} items")
-                    timestamp, frame = float(item[0]), item[1]
+                    if isinstance(item[0], (bool, np.bool_)):
+                        raise ValueError(f"frame {self.read}: a (timestamp, frame) pair whose first item is a bool "
+                                         "looks like OpenCV's cap.read() (ok, frame): yield the frame alone (and stop "
+                                         "when ok is False), or (timestamp, frame)")
+                    try:
+                        timestamp = float(item[0])
+                    except (TypeError, ValueError):
+                        raise ValueError(f"frame {self.read}: a (timestamp, frame) pair needs a number first, got "
+                                         f"{type(item[0]).__name__}") from None
+                    frame = item[1]
                 else:
                     timestamp, frame = t_read - self.t0, item
                 self.read += 1
