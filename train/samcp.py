@@ -651,23 +651,15 @@ class SamcpTrainer:
             raise ValueError(f"{path}: cannot resume from this checkpoint ({e})") from None
         if "run" in state:  # checkpoints before 2026-12-03 do not record their run
             theirs, ours = json.loads(state["run"]), self.run_record()
-            diffs = _record_diffs(theirs, ours)
+            from samantic.io.writers import record_diffs
+
+            diffs = record_diffs(theirs, ours)
             if diffs:
                 raise ValueError(f"{path} is the checkpoint of another run ({'; '.join(diffs[:6])}): resume with the "
                                  "options it was started with, or train into another --out (or delete the checkpoint)")
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
         torch.set_rng_state(state["torch_rng"])
-
-
-def _record_diffs(theirs: Any, ours: Any, where: str = "") -> List[str]:
-    """``"key: old -> new"`` for each leaf where two JSON-like records differ."""
-    if isinstance(theirs, dict) and isinstance(ours, dict):
-        out: List[str] = []
-        for k in sorted(set(theirs) | set(ours)):
-            out += _record_diffs(theirs.get(k), ours.get(k), f"{where}.{k}" if where else k)
-        return out
-    return [] if theirs == ours else [f"{where or 'value'} {theirs!r} -> {ours!r}"]
 
 
 class _save_on_interrupt:

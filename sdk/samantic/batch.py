@@ -18,6 +18,7 @@ imports it until :func:`segment_dataset` runs.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import time
@@ -146,7 +147,7 @@ class Prepared:
     def settings(self) -> Dict[str, Any]:
         return {k: v for k, v in vars(self.config).items() if k != "point_grids"}
 
-    @property
+    @functools.cached_property
     def classes(self) -> tuple:
         """The class names this run labels: a SAM-CP head's ``--classes`` subset of its vocabulary, else ``names``."""
         samcp = getattr(self.segmenter, "samcp", None)
@@ -155,7 +156,7 @@ class Prepared:
             return tuple(n for n, w in zip(samcp.names, wanted) if w)
         return tuple(self.names)
 
-    @property
+    @functools.cached_property
     def run_record(self) -> Dict[str, Any]:
         """What made an image's results (in every results JSON as ``run``): a rerun into the same folder with
         other weights, head, classes or settings does not take them for its own."""
@@ -345,8 +346,7 @@ def write_outputs(prepared: Prepared, out: Path, job: Job, image: Any, result: A
 
             write_segment_pngs(out / f"{job.name}.masks", result.panoptic_map, result.segments_info)
         write_samcp_outputs(out, job, image, result, prepared.model, o.checkpoint, prepared.head_name,
-                            prepared.config, extra={**prepared.run_extra, "classes": list(prepared.classes),
-                                                    "run": prepared.run_record})
+                            prepared.config, extra={**prepared.run_extra, "run": prepared.run_record})
         return len(records)
     names = prepared.names
     masks = rle_decode(result.masks.rles) if records else None  # the batch, not the records' strings
@@ -480,17 +480,9 @@ def _other_run(path: Path, record: Dict[str, Any]) -> Optional[str]:
     theirs = data.get("run")
     if not isinstance(theirs, dict):
         return ""
-    diffs = []
-    for key, ours in record.items():
-        if key == "settings":
-            changed = sorted(k for k in set(ours) | set(theirs.get(key) or {})
-                             if ours.get(k) != (theirs.get(key) or {}).get(k))
-            if changed:
-                diffs.append("settings " + ", ".join(f"{k} {(theirs.get(key) or {}).get(k)!r} -> {ours.get(k)!r}"
-                                                     for k in changed[:4]))
-        elif theirs.get(key) != ours:
-            diffs.append(f"{key} {theirs.get(key)!r} -> {ours!r}")
-    return "; ".join(diffs)
+    from samantic.io.writers import record_diffs
+
+    return "; ".join(record_diffs(theirs, record, sep=" ")[:6])
 
 
 def _count_masks(path: Path) -> int:

@@ -307,13 +307,12 @@ def eval_samcp(
                                  "side-by-side rows need the same patches")
             heads.append((path, head, pred))
         for path, head, pred in heads:
-            po = patch_opts
-            v2 = evaluate_samcp(pred, sam, v2_range, cache, kind="v2", progress=progress, **po)
+            v2 = evaluate_samcp(pred, sam, v2_range, cache, kind="v2", progress=progress, **patch_opts)
             v1 = None
             if v1_range is not None:
                 wanted = [n for n in head.info.classes if n in CLASSES]
                 v1 = evaluate_samcp(SamcpPredictor(head, classes=wanted, **head_opts), sam, v1_range, cache, kind="v1",
-                                    progress=progress, **po) if wanted else None
+                                    progress=progress, **patch_opts) if wanted else None
             rows.append((path.name, ablation(head) + (", test-time flip" if pred.flip else ""), str(path), v2, v1))
         if oracle:
             from samantic.train.data.panoptic import CATEGORIES

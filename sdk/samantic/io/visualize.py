@@ -101,20 +101,24 @@ def overlay_segments(
 
 def overlay_each(image: np.ndarray, n: int, mask_of, areas: Sequence[int], labels: Optional[Sequence[str]] = None,
                  alpha: float = 0.5) -> np.ndarray:
-    """:func:`overlay_masks` of ``n`` masks made one at a time by ``mask_of(i)`` (bool ``[H, W]``; called a few
-    times per mask), with their ``areas`` (for the drawing order, largest first): the same picture without
+    """:func:`overlay_masks` of ``n`` masks made one at a time by ``mask_of(i)`` (bool ``[H, W]``; called once
+    per mask), with their ``areas`` (for the drawing order, largest first): the same picture without
     holding every mask at once (RLE masks decoded one by one, segments of a label map)."""
     if n == 0:
         return image.copy()
     out = image.astype(np.float32)
     colours = palette(n)
     order = np.argsort(-np.asarray(areas), kind="stable")
+    bands, origins = {}, {}  # each mask made once: its outline band and label corner kept for the later passes
     for i in order:
         m = mask_of(i)
         out[m] = out[m] * (1 - alpha) + colours[i].astype(np.float32) * alpha
+        bands[i] = np.nonzero(outline(m))
+        ys, xs = np.nonzero(m)
+        origins[i] = (int(xs.min()), max(0, int(ys.min()) - 14)) if len(xs) else None
     out = out.clip(0, 255).astype(np.uint8)
     for i in order:
-        out[outline(mask_of(i))] = colours[i]
+        out[bands[i]] = colours[i]
     if labels is not None:
         from PIL import Image, ImageDraw
 
@@ -122,10 +126,8 @@ def overlay_each(image: np.ndarray, n: int, mask_of, areas: Sequence[int], label
         draw = ImageDraw.Draw(canvas)
         font = _font(12)
         for i in order:
-            ys, xs = np.nonzero(mask_of(i))
-            if len(xs) == 0:
-                continue
-            org = (int(xs.min()), max(0, int(ys.min()) - 14))
-            draw.text(org, str(labels[i]), fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+            if origins[i] is not None:
+                draw.text(origins[i], str(labels[i]), fill=(255, 255, 255), font=font, stroke_width=2,
+                          stroke_fill=(0, 0, 0))
         out = np.asarray(canvas).copy()
     return out

@@ -36,6 +36,17 @@ def write_results_json(path: Path, image_info: Dict[str, Any], results: List[Dic
     return atomic_write_json(path, {"image": image_info, **extra, "annotations": results})
 
 
+def record_diffs(theirs: Any, ours: Any, where: str = "", sep: str = ".") -> List[str]:
+    """``"key old -> new"`` for each leaf where two JSON-like records differ (nested keys joined by ``sep``):
+    what a results file's or a checkpoint's run record says against this run's."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        out: List[str] = []
+        for k in sorted(set(theirs) | set(ours)):
+            out += record_diffs(theirs.get(k), ours.get(k), f"{where}{sep}{k}" if where else str(k), sep)
+        return out
+    return [] if theirs == ours else [f"{where or 'value'} {theirs!r} -> {ours!r}"]
+
+
 def write_mask_pngs(folder: Path, masks: np.ndarray, records: Sequence[Dict[str, Any]]) -> Path:
     """One binary PNG per mask (``0.png``, ``1.png``, ...) plus ``metadata.csv``, like segment-anything's amg.py."""
     folder = Path(folder)
