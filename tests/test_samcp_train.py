@@ -646,6 +646,27 @@ def test_train_samcp_sigterm_saves_the_checkpoint_and_resume_goes_on(examples, t
     assert r.returncode == 0 and "no step trained" in r.stderr, r.stdout + r.stderr
 
 
+def test_train_samcp_says_when_the_time_budget_cut_the_steps(examples, tmp_path):
+    """A time budget that ends the run before --steps: trained and saved, and a note says how many steps it made
+    and that a step count alone does not depend on the machine's speed; no note when the steps were all made."""
+    _, cache = examples
+    out = tmp_path / "h.safetensors"
+    base = ["train", "samcp", "--data", "shapes-panoptic:1000000:3", "--out", str(out), "--cache", str(cache),
+            "--points-per-side", str(GRID), "--pred-iou-thresh", str(LOW["pred_iou_thresh"]),
+            "--stability-score-thresh", str(LOW["stability_score_thresh"]), "--images-per-step", "1", "--layers", "1",
+            "--threads", "1", "--no-progress"]
+    r = _samantic(*base, "--steps", "100000", "--time-budget", "0.0005")  # 0.03 s: a step or two
+    assert r.returncode == 0 and out.is_file(), r.stdout + r.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        steps = int(f.metadata()["steps_done"])
+    assert 1 <= steps < 100000
+    assert f"ended training at step {steps} of 100000" in r.stderr and "--steps without --time-budget" in r.stderr
+    r = _samantic(*base, "--steps", "1", "--time-budget", "10")
+    assert r.returncode == 0 and "ended training at step" not in r.stderr, r.stdout + r.stderr
+
+
 def test_samcp_head_on_other_sam_weights_warns(trained, nano, tmp_path):
     """Patches of other weights than the head was trained on: Segmenter warns, segment notes it, heads
     without the record (trained before it existed) pass."""

@@ -15,6 +15,15 @@ def _group() -> None:
     """Training commands."""
 
 
+
+def _note_time_budget(minutes: float, done: int, steps: int) -> None:
+    """Says when ``--time-budget`` ended a run before ``--steps``: the learning-rate decay followed time, so how
+    far the run got depends on the machine's speed that day."""
+    if minutes > 0 and done < steps:
+        typer.echo(f"note: the time budget ({minutes:g} min) ended training at step {done} of {steps}; the "
+                   "learning-rate decay followed time, so a slower or busier machine trains fewer steps (for weights "
+                   "that do not depend on the machine's speed, give --steps without --time-budget)", err=True)
+
 @app.command("sam")
 def train_sam(
     data: Annotated[str, typer.Option(help="COCO dataset DIR (from `samantic data shapes`) or scenes rendered on the fly: shapes:SEED (v1), shapes-panoptic:SEED (v2: entities and parts), shapes-mix:SEED (both alternating).")],
@@ -75,6 +84,7 @@ def train_sam(
         torch.backends.cudnn.allow_tf32 = True
     trainer = SamTrainer(sam, config, dataset, device=device, workers=workers)
     result = trainer.train(out, resume=resume, progress=progress)
+    _note_time_budget(time_budget, result.steps, steps)
     typer.echo(f"saved: {result.output} (steps {result.steps}, last loss {result.last_loss:.4f}, "
                f"{result.seconds / 60:.1f} min); log: {result.log}")
 
@@ -272,6 +282,7 @@ def train_samcp(
     if result.steps_run == 0:
         typer.echo(f"warning: no step trained: {out}.ckpt had already reached {result.steps} steps (raise --steps to "
                    "train on)", err=True)
+    _note_time_budget(time_budget, result.steps, steps)
     vocabulary = "text embeddings" if text is not None else "learned embeddings"
     typer.echo(f"saved: {result.output} ({len(info.classes)} thing + {len(info.stuff)} stuff classes ({vocabulary}), steps "
                f"{result.steps}, last loss {result.last_loss:.4f}, {result.seconds / 60:.1f} min); log: {result.log}")
@@ -367,6 +378,7 @@ def train_sum_cmd(
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
+    _note_time_budget(time_budget, result.steps, steps)
     typer.echo(f"saved: {result.output} (steps {result.steps}, {result.seconds / 60:.1f} min); log: {result.log}")
 
 
