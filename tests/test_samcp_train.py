@@ -583,6 +583,14 @@ def _samantic(*args, cwd=None):
                           timeout=900)
 
 
+def _small_train_args(out, cache):
+    """`samantic train samcp` on three cached scenes, one image per step, one decoder layer, one thread."""
+    return ["train", "samcp", "--data", "shapes-panoptic:1000000:3", "--out", str(out), "--cache", str(cache),
+            "--points-per-side", str(GRID), "--pred-iou-thresh", str(LOW["pred_iou_thresh"]),
+            "--stability-score-thresh", str(LOW["stability_score_thresh"]), "--images-per-step", "1", "--layers", "1",
+            "--threads", "1", "--no-progress"]
+
+
 @pytest.fixture(scope="module")
 def trained(examples, tmp_path_factory):
     """`samantic train samcp` on the cached scenes (the cache is reused, nothing recomputed)."""
@@ -622,10 +630,7 @@ def test_train_samcp_sigterm_saves_the_checkpoint_and_resume_goes_on(examples, t
 
     _, cache = examples
     out = tmp_path / "h.safetensors"
-    base = ["train", "samcp", "--data", "shapes-panoptic:1000000:3", "--out", str(out), "--cache", str(cache),
-            "--points-per-side", str(GRID), "--pred-iou-thresh", str(LOW["pred_iou_thresh"]),
-            "--stability-score-thresh", str(LOW["stability_score_thresh"]), "--images-per-step", "1", "--layers", "1",
-            "--threads", "1", "--no-progress"]
+    base = _small_train_args(out, cache)
     args = [sys.executable, "-m", "samantic.cli.main", *base, "--steps", "100000", "--checkpoint-every", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -651,10 +656,7 @@ def test_train_samcp_says_when_the_time_budget_cut_the_steps(examples, tmp_path)
     and that a step count alone does not depend on the machine's speed; no note when the steps were all made."""
     _, cache = examples
     out = tmp_path / "h.safetensors"
-    base = ["train", "samcp", "--data", "shapes-panoptic:1000000:3", "--out", str(out), "--cache", str(cache),
-            "--points-per-side", str(GRID), "--pred-iou-thresh", str(LOW["pred_iou_thresh"]),
-            "--stability-score-thresh", str(LOW["stability_score_thresh"]), "--images-per-step", "1", "--layers", "1",
-            "--threads", "1", "--no-progress"]
+    base = _small_train_args(out, cache)
     r = _samantic(*base, "--steps", "100000", "--time-budget", "0.0005")  # 0.03 s: a step or two
     assert r.returncode == 0 and out.is_file(), r.stdout + r.stderr
     from safetensors import safe_open
