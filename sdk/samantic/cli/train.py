@@ -15,7 +15,6 @@ def _group() -> None:
     """Training commands."""
 
 
-
 def _note_time_budget(minutes: float, done: int, steps: int) -> None:
     """Says when ``--time-budget`` ended a run before ``--steps``: the learning-rate decay followed time, so how
     far the run got depends on the machine's speed that day."""
@@ -23,6 +22,7 @@ def _note_time_budget(minutes: float, done: int, steps: int) -> None:
         typer.echo(f"note: the time budget ({minutes:g} min) ended training at step {done} of {steps}; the "
                    "learning-rate decay followed time, so a slower or busier machine trains fewer steps (for weights "
                    "that do not depend on the machine's speed, give --steps without --time-budget)", err=True)
+
 
 @app.command("sam")
 def train_sam(

@@ -114,8 +114,9 @@ def overlay_each(image: np.ndarray, n: int, mask_of, areas: Sequence[int], label
         m = mask_of(i)
         out[m] = out[m] * (1 - alpha) + colours[i].astype(np.float32) * alpha
         bands[i] = np.nonzero(outline(m))
-        ys, xs = np.nonzero(m)
-        origins[i] = (int(xs.min()), max(0, int(ys.min()) - 14)) if len(xs) else None
+        if labels is not None:
+            ys, xs = np.nonzero(m)
+            origins[i] = (int(xs.min()), max(0, int(ys.min()) - 14)) if len(xs) else None
     out = out.clip(0, 255).astype(np.uint8)
     for i in order:
         out[bands[i]] = colours[i]
