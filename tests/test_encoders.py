@@ -177,3 +177,29 @@ def test_threshold_calibration_on_two_scenes():
     assert "(chosen)" in r.markdown()
     with pytest.raises(ValueError, match="training seed"):
         calibrate_thresholds(create_model("sam_nano"), [2_000_000], progress=False)
+
+
+def test_threshold_calibration_on_panoptic_scenes_counts_entities(tmp_path):
+    """--scenes v2: the objects are a panoptic scene's entities (things and stuff regions); the CLI says so."""
+    from typer.testing import CliRunner
+
+    from samantic.cli.main import app
+    from samantic.train.data.panoptic import render_panoptic
+    from samantic.train.metrics import calibrate_thresholds
+
+    scene = render_panoptic(500)
+    r = calibrate_thresholds(create_model("sam_nano"), [500], (0.3,), (0.8,), points_per_side=4, scenes="v2",
+                             progress=False)
+    assert r.n_objects == len(scene.masks) + len(scene.stuff_masks) > len(scene.masks)
+    assert r.scenes == "v2" and "1 v2 scenes" in r.markdown() and "entities" in r.markdown()
+    with pytest.raises(ValueError, match="scenes must be"):
+        calibrate_thresholds(create_model("sam_nano"), [500], scenes="v3", progress=False)
+    res = CliRunner().invoke(app, ["eval", "thresholds", "--seeds", "500:501", "--pred-iou", "0.3", "--stability",
+                                   "0.8", "--points-per-side", "4", "--scenes", "v2", "--out", str(tmp_path),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "eval_thresholds.md").read_text()
+    assert "--scenes v2" in md and "entities" in md
+    res = CliRunner().invoke(app, ["eval", "thresholds", "--seeds", "500:501", "--scenes", "v3", "--out",
+                                   str(tmp_path / "bad"), "--no-progress"])
+    assert res.exit_code == 1 and "scenes must be" in res.output

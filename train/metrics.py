@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -399,12 +400,14 @@ class ThresholdCalibration:
     n_objects: int
     n_candidates: int
     seconds: float
+    scenes: str = "v1"
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     def markdown(self) -> str:
-        lines = [f"{self.n_images} scenes, {self.n_objects} objects, {self.n_candidates} candidate masks; "
+        what = "entities (things and stuff regions)" if self.scenes == "v2" else "objects"
+        lines = [f"{self.n_images} {self.scenes} scenes, {self.n_objects} {what}, {self.n_candidates} candidate masks; "
                  f"correlation of predicted and true IoU: {self.iou_correlation:.3f}", "",
                  "| pred_iou_thresh | stability_score_thresh | recall@0.5 | recall@0.75 | masks / image | precision@0.5 | F1@0.5 |",
                  "|---|---|---|---|---|---|---|"]
@@ -424,18 +427,32 @@ STABILITY_GRID = (0.7, 0.8, 0.9, 0.92, 0.93, 0.94, 0.95)
 
 def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[float] = PRED_IOU_GRID,
                          stability_grid: Sequence[float] = STABILITY_GRID, *, points_per_side: int = 32,
-                         box_nms_thresh: float = 0.7, progress: bool = True) -> ThresholdCalibration:
+                         box_nms_thresh: float = 0.7, scenes: str = "v1", progress: bool = True) -> ThresholdCalibration:
     """Measures segment-everything on held-out scenes for every pair of thresholds, and picks one.
 
     Each scene is segmented once with the loosest thresholds of the grid and no NMS; each
     grid point then filters those candidates and runs the generator's box NMS (the same
     kept set as running the generator at that grid point, since filtering comes before NMS
     there too).
+
+    Args:
+        scenes: ``"v1"``: plain shapes-world scenes, the objects are the shape instances;
+            ``"v2"``: panoptic scenes, the objects are the entities (every thing as a whole and
+            every stuff region), the masks a model trained on v2 scenes should give one each.
     """
     from samantic.ops import nms, rle_encode, rle_iou
     from samantic.pipeline import AutomaticMaskGenerator
-    from samantic.train.data.shapes import render_scene
 
+    if scenes == "v1":
+        from samantic.train.data.shapes import render_scene
+    elif scenes == "v2":
+        from samantic.train.data.panoptic import render_panoptic
+
+        def render_scene(seed):
+            scene = render_panoptic(seed)
+            return SimpleNamespace(image=scene.image, masks=scene.entity_masks)
+    else:
+        raise ValueError(f"scenes must be 'v1' or 'v2', got {scenes!r}")
     seeds = list(seeds)
     for s in seeds:
         if s >= TRAIN_SEED_START:
@@ -491,4 +508,5 @@ def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[fl
                          "recall_75": hit75 / n_obj if n_obj else float("nan"),
                          "masks_per_image": kept / max(1, len(per_image)), "precision_50": precision, "f1_50": f1})
     best = max(rows, key=lambda r: (round(r["f1_50"], 3), r["recall_75"]))
-    return ThresholdCalibration(rows, best, corr, len(per_image), n_obj, int(len(p)), time.perf_counter() - t0)
+    return ThresholdCalibration(rows, best, corr, len(per_image), n_obj, int(len(p)), time.perf_counter() - t0,
+                              scenes)

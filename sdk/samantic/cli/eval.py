@@ -104,6 +104,7 @@ def eval_thresholds(
     pred_iou: Annotated[str, typer.Option(help="Comma-separated pred_iou_thresh values to try.")] = "0.3,0.4,0.5,0.6,0.7,0.8,0.88",  # = PRED_IOU_GRID
     stability: Annotated[str, typer.Option(help="Comma-separated stability_score_thresh values to try.")] = "0.7,0.8,0.9,0.92,0.93,0.94,0.95",  # = STABILITY_GRID
     points_per_side: Annotated[int, typer.Option(min=1)] = 32,
+    scenes: Annotated[str, typer.Option(help="v1: plain scenes, one mask per shape; v2: panoptic scenes, one mask per entity (thing or stuff region), for models trained on them.")] = "v1",
     out: Annotated[Path, typer.Option(help="Directory for eval_thresholds.json and eval_thresholds.md.")] = Path("runs/eval"),
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
@@ -125,12 +126,13 @@ def eval_thresholds(
     try:
         sam = create_model(model, checkpoint=checkpoint)
         result = calibrate_thresholds(sam, parse_seeds(seeds), grid_iou, grid_stab, points_per_side=points_per_side,
-                                      progress=progress)
+                                      scenes=scenes, progress=progress)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     command = f"samantic eval thresholds --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "") + \
-        f" --seeds {seeds} --pred-iou {pred_iou} --stability {stability} --points-per-side {points_per_side}"
+        f" --seeds {seeds} --pred-iou {pred_iou} --stability {stability} --points-per-side {points_per_side}" + \
+        (f" --scenes {scenes}" if scenes != "v1" else "")
     atomic_write_json(out / "eval_thresholds.json", {"model": model, "checkpoint": checkpoint, "seeds": seeds,
                                                       "command": command, **result.to_dict()}, indent=2)
     md = f"`{command}`\n\n{result.markdown()}\n"
