@@ -52,7 +52,7 @@ def nano_pth(nano, tmp_path):
 
 
 def test_registered_names():
-    assert list_models() == ["sam_nano", "sam_nano_conv", "sam_nano_conv512", "sam_nano_vit",
+    assert list_models() == ["sam_nano", "sam_nano_conv", "sam_nano_conv512", "sam_nano_panoptic", "sam_nano_vit",
                              "sam_vit_b", "sam_vit_h", "sam_vit_l"]
     assert list_models("sam_vit_*") == ["sam_vit_b", "sam_vit_h", "sam_vit_l"]
     assert list_models("nothing*") == []
@@ -73,6 +73,25 @@ def test_build_every_model(name):
     assert model.prompt_encoder.image_embedding_size == (config.image_embedding_size,) * 2
     assert model.prompt_encoder.mask_input_size == (config.low_res_size,) * 2
     assert model.mask_decoder.num_multimask_outputs == config.num_multimask_outputs
+
+
+def test_weights_load_across_models_of_one_architecture_only(tmp_path):
+    """sam_nano and sam_nano_panoptic share an architecture: each loads the other's files; sam_nano_vit does not,
+    and the error names the file, both models and why."""
+    nano = create_model("sam_nano", pretrained=False)
+    path = save_checkpoint(nano, tmp_path / "nano.safetensors")
+    assert read_metadata(path)["model"] == "sam_nano"
+    panoptic = create_model("sam_nano_panoptic", path)
+    assert panoptic.samantic_name == "sam_nano_panoptic"
+    assert all(torch.equal(a, b) for a, b in zip(nano.state_dict().values(), panoptic.state_dict().values()))
+    back = save_checkpoint(panoptic, tmp_path / "panoptic.safetensors")
+    assert create_model("sam_nano", back).samantic_name == "sam_nano"
+    with pytest.raises(ValueError, match=r"nano.safetensors was saved for model 'sam_nano', not 'sam_nano_vit' "
+                                         r"\(another architecture\)"):
+        create_model("sam_nano_vit", path)
+    # one architecture field changed: another architecture, even where the tensors would fit
+    with pytest.raises(ValueError, match="another architecture"):
+        create_model("sam_nano_panoptic", path, encoder_norm_eps=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
@@ -232,9 +251,15 @@ def test_save_checkpoint_rejects_other_suffix(nano, tmp_path):
 
 
 def test_safetensors_saved_for_another_model(nano, tmp_path):
-    path = save_checkpoint(nano, tmp_path / "nano.safetensors", metadata={"model": "sam_other"})
+    """Another model's file is refused unless its recorded architecture is this model's (then see
+    test_weights_load_across_models_of_one_architecture_only)."""
+    other = get_config("sam_nano", encoder_norm_eps=1e-5).to_json()
+    path = save_checkpoint(nano, tmp_path / "nano.safetensors", metadata={"model": "sam_other", "config": other})
     with pytest.raises(ValueError, match="saved for model 'sam_other'"):
         create_model("sam_nano", path)
+    unknown = save_checkpoint(nano, tmp_path / "bare.safetensors", metadata={"model": "sam_other", "config": ""})
+    with pytest.raises(ValueError, match="saved for model 'sam_other'"):
+        create_model("sam_nano", unknown)
 
 
 def test_wrapped_state_dict_is_accepted(nano, tmp_path):

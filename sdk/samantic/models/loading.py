@@ -153,6 +153,17 @@ def read_metadata(path: CheckpointLike) -> Dict[str, str]:
         raise ValueError(f"cannot read safetensors header of {path}: {e}") from None
 
 
+def _same_architecture(saved_config: Optional[str], config) -> bool:
+    """Whether a checkpoint's recorded config is ``config``: registered models that share one architecture
+    (``sam_nano`` and ``sam_nano_panoptic``) load each other's weights."""
+    if not saved_config or config is None:
+        return False
+    try:
+        return json.loads(saved_config) == json.loads(config.to_json())
+    except (TypeError, ValueError):
+        return False
+
+
 def load_checkpoint(
     model: "torch.nn.Module",
     checkpoint: CheckpointLike,
@@ -189,9 +200,12 @@ def load_checkpoint(
     if model_name is None:
         model_name = getattr(model, "samantic_name", None)
     path = resolve_checkpoint(checkpoint, model_name, progress=progress)
-    saved_for = read_metadata(path).get("model")
-    if model_name is not None and saved_for is not None and saved_for != model_name:
-        raise ValueError(f"checkpoint {path} was saved for model {saved_for!r}, not {model_name!r}")
+    meta = read_metadata(path)
+    saved_for = meta.get("model")
+    if model_name is not None and saved_for is not None and saved_for != model_name \
+            and not _same_architecture(meta.get("config"), getattr(model, "samantic_config", None)):
+        raise ValueError(f"checkpoint {path} was saved for model {saved_for!r}, not {model_name!r} (another "
+                         "architecture)")
     state = read_state_dict(path)
     attached = _task_table(model, state)
     expected = model.state_dict()

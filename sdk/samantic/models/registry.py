@@ -74,6 +74,7 @@ def register_model(*, default_weights: Optional[str] = None,
 THRESHOLD_NAMES = ("pred_iou_thresh", "stability_score_thresh")
 SAM_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}  # segment-anything's defaults
 PRED_IOU_V5, STABILITY_V5 = 0.6, 0.95  # sam_nano v5: best F1 at IoU 0.5 on seeds 500-559 (model card)
+PRED_IOU_PANOPTIC, STABILITY_PANOPTIC = 0.5, 0.94  # sam_nano_panoptic: best F1 at IoU 0.5 on v2 seeds 500-523
 
 
 def register_model(fn: Optional[ConfigFn] = None, *, default_weights: Optional[str] = None,
@@ -348,6 +349,17 @@ def sam_vit_b() -> SamConfig:
                 thresholds={"pred_iou_thresh": PRED_IOU_V5, "stability_score_thresh": STABILITY_V5})
 def sam_nano() -> SamConfig:
     """Small SAM for CPUs and tests: 384 px input, conv encoder at stride 8, 3.0M parameters, trained by samantic."""
+    return _nano_conv(384, 8)
+
+
+# sam_nano's architecture with weights fine-tuned on v1 + v2 (panoptic) scenes by `samantic train sam`: it
+# segments stuff regions and the parts of composite things, which sam_nano v5 does not; SAM-CP's patch
+# source. See assets/sam_nano_panoptic.md (the model card). Thresholds: `samantic eval thresholds --scenes v2`
+# on held-out seeds 500-523 (best F1 at IoU 0.5, one mask per entity).
+@register_model(default_weights="pkg:assets/sam_nano_panoptic.safetensors",
+                thresholds={"pred_iou_thresh": PRED_IOU_PANOPTIC, "stability_score_thresh": STABILITY_PANOPTIC})
+def sam_nano_panoptic() -> SamConfig:
+    """sam_nano fine-tuned on panoptic (v2) scenes too: stuff regions and parts; SAM-CP's patch source; trained by samantic."""
     return _nano_conv(384, 8)
 
 
