@@ -268,6 +268,38 @@ def test_resume_gives_the_same_weights(examples, tmp_path, patch_drop, crop_scal
     assert steps == [1, 2, 3, 4]
 
 
+def test_an_interrupt_inside_the_optimizer_step_waits_for_the_step_and_the_checkpoint_resumes(examples, tmp_path):
+    """Ctrl-C landing inside ``optimizer.step()`` (as SIGTERM did in CI) is delivered once the step has finished:
+    the checkpoint saved on it is a whole step (Adam's state complete, the step counted) and resumes."""
+    import signal
+
+    ex, _ = examples
+    cfg = SamcpTrainConfig(steps=5, images_per_step=2, warmup_steps=1, checkpoint_every=100, log_every=1)
+    out = tmp_path / "h.safetensors"
+    trainer = SamcpTrainer(SamcpHead(small_info()), cfg, ex)
+    step = trainer.optimizer.step
+    calls = []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second step: the signal comes before Adam has made or updated anything
+            signal.raise_signal(signal.SIGINT)
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(out, progress=False)
+    assert len(calls) == 2
+    state = torch.load(tmp_path / "h.safetensors.ckpt", weights_only=True)
+    assert state["step"] == 2  # the interrupted step finished and counts
+    assert all({"exp_avg", "exp_avg_sq"} <= set(v) for v in state["optimizer"]["state"].values())
+    again = SamcpTrainer(SamcpHead(small_info()), cfg, ex)
+    result = again.train(out, resume=True, progress=False)
+    assert (result.steps, result.steps_run) == (5, 3)
+    # the handlers are back as they were
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_resume_refuses_another_runs_checkpoint_and_may_only_lengthen(examples, tmp_path):
     from dataclasses import asdict, replace
 
