@@ -287,8 +287,13 @@ def test_an_interrupt_inside_the_optimizer_step_waits_for_the_step_and_the_check
         return step(*args, **kwargs)
 
     trainer.optimizer.step = interrupted_step
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train(out, progress=False)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a fresh Python, whatever
+    try:                                                                # handler an earlier test or library left
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(out, progress=False)
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert len(calls) == 2
     state = torch.load(tmp_path / "h.safetensors.ckpt", weights_only=True)
     assert state["step"] == 2  # the interrupted step finished and counts
@@ -296,8 +301,7 @@ def test_an_interrupt_inside_the_optimizer_step_waits_for_the_step_and_the_check
     again = SamcpTrainer(SamcpHead(small_info()), cfg, ex)
     result = again.train(out, resume=True, progress=False)
     assert (result.steps, result.steps_run) == (5, 3)
-    # the handlers are back as they were
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert restored is signal.default_int_handler  # the handler is back as it was
 
 
 def test_resume_refuses_another_runs_checkpoint_and_may_only_lengthen(examples, tmp_path):
