@@ -5,7 +5,8 @@ bounded by the patches. For a SAM (shipped or ``--checkpoint``) this measures, o
 (panoptic) scenes and, for the single-point part, v1 scenes:
 
   point    single-point IoU of SAM's highest-scoring mask, prompted at the most
-           interior pixel of every thing and stuff segment (and the best of its 3 masks)
+           interior pixel of every thing and stuff segment (and the best of its 3 masks;
+           the image edge not counted as a boundary: samantic.train.metrics.single_point_ious)
   ceiling  per threshold pair: patches per image, and per GT segment the IoU of the
            union of the patches lying at least 80% inside it (SAM-CP's positive
            assignment: a perfect head merges exactly these), averaged over things
@@ -25,14 +26,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_report  # noqa: E402
-
-
-def interior_point(mask: np.ndarray):
-    import cv2
-
-    d = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
-    y, x = np.unravel_index(d.argmax(), d.shape)
-    return x, y
 
 
 def main() -> None:
@@ -57,6 +50,7 @@ def main() -> None:
     from samantic.pipeline import AutomaticMaskGenerator
     from samantic.train.data.panoptic import THING_CLASSES, render_panoptic
     from samantic.train.data.shapes import render_scene
+    from samantic.train.metrics import single_point_ious
     from samantic.train.samcp_cache import GENERATOR_OPTIONS, PanopticStream, patch_overlaps
 
     sam = create_model(args.model, checkpoint=args.checkpoint)
@@ -74,14 +68,10 @@ def main() -> None:
                 sc = render_panoptic(seed)
                 segs = [(sc.panoptic == sid, "v2 things" if cat <= len(THING_CLASSES) else "v2 stuff")
                         for sid, cat in sc.segments]
-            predictor.set_image(sc.image)
-            for m, key in segs:
-                x, y = interior_point(m)
-                masks, scores, _ = predictor.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]),
-                                                     multimask_output=True)
-                ious = [float((p & m).sum() / max((p | m).sum(), 1)) for p in masks]
-                point[key].append(ious[int(np.argmax(scores))])
-                best3[key].append(max(ious))
+            top, b3 = single_point_ious(predictor, sc.image, [m for m, _ in segs], image_edge_is_boundary=False)
+            for (_, key), t, b3_iou in zip(segs, top, b3):
+                point[key].append(t)
+                best3[key].append(b3_iou)
     # ceiling of an oracle merge of the patches
     a, b = (int(v) for v in args.seeds.split(":"))
     data = PanopticStream(a, b - a)

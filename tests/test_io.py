@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from samantic.io import ImageReadError, atomic_write_bytes, atomic_write_image, atomic_write_json, read_image
+from samantic.io.signals import HeldSignals
 
 
 def test_read_image_formats(tmp_path):
@@ -152,3 +153,80 @@ def test_overlay_of_a_segment_map_is_the_overlay_of_its_masks():
     assert np.array_equal(overlay_segments(image, seg, []), image)
     with pytest.raises(ValueError, match="segment_map"):
         overlay_segments(image, seg[:10], ids)
+
+
+def test_held_signals_delivers_ctrl_c_after_the_writes_to_the_handler_before():
+    """Ctrl-C inside the held block waits for its end; then it is what it was before (KeyboardInterrupt, or ignored)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job (CI)
+    done = []
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's Ctrl-C handler
+        with pytest.raises(KeyboardInterrupt):
+            with HeldSignals():
+                signal.raise_signal(signal.SIGINT)
+                done.append("written")  # not interrupted here
+        assert done == ["written"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with HeldSignals():  # nothing held: nothing delivered, the handler put back
+            done.append("quiet")
+        assert done == ["written", "quiet"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with HeldSignals():
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # ignored before: ignored after
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
+def test_held_signals_lets_an_error_of_the_block_through():
+    """A write that fails while a Ctrl-C is held: the caller sees the write's error, not a KeyboardInterrupt."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(OSError, match="disk full"):
+            with HeldSignals():
+                signal.raise_signal(signal.SIGINT)
+                raise OSError("disk full")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
+def test_held_signals_leaves_a_handler_from_outside_python_alone(monkeypatch):
+    """getsignal() None: the handler was installed outside Python and could not be put back, so nothing is held."""
+    import signal
+
+    calls = []
+    monkeypatch.setattr(signal, "getsignal", lambda sig: None)
+    monkeypatch.setattr(signal, "signal", lambda *a: calls.append(a))
+    with HeldSignals():
+        pass
+    assert calls == []
+
+
+def test_held_signals_holds_each_signal_named_and_delivers_each_once():
+    """SIGINT and SIGTERM held over a step; two SIGTERMs delivered as one, each to the handler it had before."""
+    import signal
+
+    got = []
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, lambda n, f: got.append("int"))
+        signal.signal(signal.SIGTERM, lambda n, f: got.append("term"))
+        with HeldSignals("SIGINT", "SIGTERM"):
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+            assert got == []  # nothing delivered inside
+        assert got == ["term", "int"]
+    finally:
+        for s, h in before.items():
+            if h is not None:
+                signal.signal(s, h)
+    with pytest.raises(ValueError, match="SIGNOPE"):
+        HeldSignals("SIGNOPE")

@@ -26,6 +26,43 @@ def test_centre_point_is_inside_the_largest_component():
     assert m[int(y), int(x)] and 15 <= x <= 25 and 20 <= y <= 30
 
 
+def test_centre_point_of_a_region_cut_by_the_image_edge():
+    """A floor along the image's bottom: its centre counting the image edge as a boundary, else its widest part."""
+    m = np.zeros((40, 60), bool)
+    m[30:, :] = True  # 10 rows at the bottom, all the width
+    x, y = centre_point(m)
+    assert 33 <= y <= 37 and m[int(y), int(x)]  # the band's middle row (any column at distance 5 ties)
+    x, y = centre_point(m, image_edge_is_boundary=False)
+    assert m[int(y), int(x)] and y >= 38  # the rows farthest from its only inside edge (row 30)
+
+
+def test_single_point_ious_prompts_each_mask_once_at_its_centre():
+    """The predictor is asked once per mask, at centre_point; top is the highest-scoring of 3, best the best IoU."""
+    from samantic.train.metrics import single_point_ious
+
+    a = np.zeros((20, 20), bool)
+    a[2:8, 2:8] = True
+    b = np.zeros((20, 20), bool)
+    b[10:18, 10:18] = True
+
+    class Predictor:
+        asked = []
+
+        def set_image(self, image):
+            self.image = image
+
+        def predict(self, point_coords, point_labels, multimask_output):
+            self.asked.append(tuple(point_coords[0]))
+            gt = a if point_coords[0][0] < 10 else b
+            half = gt.copy()
+            half[:, :13] = False
+            return np.stack([half, gt, ~gt]), np.array([0.9, 0.5, 0.1]), None
+
+    top, best = single_point_ious(Predictor(), np.zeros((20, 20, 3), np.uint8), [a, b])
+    assert Predictor.asked == [centre_point(a), centre_point(b)]
+    assert top == [0.0, 5 / 8] and best == [1.0, 1.0]
+
+
 def test_evaluate_sam_runs_on_held_out_seeds_only(structured_nano):
     with pytest.raises(ValueError, match="training seed"):
         evaluate_sam(structured_nano, [TRAIN_SEED_START], progress=False)

@@ -22,6 +22,7 @@ from samantic.models import (
     load_checkpoint,
     read_metadata,
     register_model,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from samantic.models import registry, weights
@@ -73,6 +74,25 @@ def test_build_every_model(name):
     assert model.prompt_encoder.image_embedding_size == (config.image_embedding_size,) * 2
     assert model.prompt_encoder.mask_input_size == (config.low_res_size,) * 2
     assert model.mask_decoder.num_multimask_outputs == config.num_multimask_outputs
+
+
+SHIPPED = [n for n in list_models() if (registry.get_model_entry(n).default_weights or "").startswith("pkg:")]
+
+
+def test_the_shipped_models_are_the_embedded_ones():
+    assert SHIPPED == ["sam_nano", "sam_nano_panoptic"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_model_card_names_the_shipped_file(name):
+    """Each weights file in the package has a model card NAME.md beside it that gives the file's full SHA-256."""
+    import re
+
+    path = resolve_checkpoint(registry.get_model_entry(name).default_weights)
+    card = (path.parent / f"{name}.md").read_text()
+    named = re.search(r"SHA-256 `([0-9a-f]{64})`", card)
+    assert named, f"the model card {name}.md gives the shipped file's full SHA-256"
+    assert named.group(1) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_weights_load_across_models_of_one_architecture_only(tmp_path):

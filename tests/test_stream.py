@@ -283,66 +283,6 @@ def test_ctrl_c_on_the_command_keeps_what_was_written(tmp_path):
     assert "interrupted" in stderr and "Traceback" not in stderr
 
 
-def test_held_sigint_delivers_ctrl_c_after_the_writes_to_the_handler_before():
-    """Ctrl-C inside the held block waits for its end; then it is what it was before (KeyboardInterrupt, or ignored)."""
-    import signal
-
-    from samantic.cli.stream import _HeldSigint
-
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job (CI)
-    done = []
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's Ctrl-C handler
-        with pytest.raises(KeyboardInterrupt):
-            with _HeldSigint():
-                signal.raise_signal(signal.SIGINT)
-                done.append("written")  # not interrupted here
-        assert done == ["written"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        with _HeldSigint():  # nothing held: nothing delivered, the handler put back
-            done.append("quiet")
-        assert done == ["written", "quiet"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with _HeldSigint():
-            signal.raise_signal(signal.SIGINT)
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # ignored before: ignored after
-    finally:
-        if before is not None:
-            signal.signal(signal.SIGINT, before)
-
-
-def test_held_sigint_lets_an_error_of_the_block_through():
-    """A write that fails while a Ctrl-C is held: the caller sees the write's error, not a KeyboardInterrupt."""
-    import signal
-
-    from samantic.cli.stream import _HeldSigint
-
-    before = signal.getsignal(signal.SIGINT)
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        with pytest.raises(OSError, match="disk full"):
-            with _HeldSigint():
-                signal.raise_signal(signal.SIGINT)
-                raise OSError("disk full")
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        if before is not None:
-            signal.signal(signal.SIGINT, before)
-
-
-def test_held_sigint_leaves_a_handler_from_outside_python_alone(monkeypatch):
-    """getsignal() None: the handler was installed outside Python and could not be put back, so nothing is held."""
-    import signal
-
-    from samantic.cli.stream import _HeldSigint
-
-    calls = []
-    monkeypatch.setattr(signal, "getsignal", lambda sig: None)
-    monkeypatch.setattr(signal, "signal", lambda *a: calls.append(a))
-    with _HeldSigint():
-        pass
-    assert calls == []
-
-
 def test_fake_camera_faster_than_the_model_drops_and_counts(fake_cv2, tmp_path):
     opened = fake_cv2(n=10_000, pause=0.002)
     out = tmp_path / "out"

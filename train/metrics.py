@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,8 +35,12 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union else 0.0
 
 
-def centre_point(region: np.ndarray) -> Tuple[float, float]:
-    """(x, y) of the pixel of ``region`` farthest from its boundary (the largest component's interior)."""
+def centre_point(region: np.ndarray, *, image_edge_is_boundary: bool = True) -> Tuple[float, float]:
+    """(x, y) of the pixel of ``region`` farthest from its boundary (the largest component's interior).
+
+    With ``image_edge_is_boundary`` False only the region's edges inside the image count, so a region cut by the
+    image edge (a wall, a floor) is prompted near that edge, where it is widest: the single-point measure of
+    benchmarks/samcp_ceiling.py and the sam_nano_panoptic model card."""
     import cv2
 
     r = region.astype(np.uint8)
@@ -45,9 +48,32 @@ def centre_point(region: np.ndarray) -> Tuple[float, float]:
     if n > 2:
         biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
         r = (labels == biggest).astype(np.uint8)
-    dist = cv2.distanceTransform(np.pad(r, 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    if image_edge_is_boundary:
+        dist = cv2.distanceTransform(np.pad(r, 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    else:
+        dist = cv2.distanceTransform(r, cv2.DIST_L2, 3)
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
     return float(x) + 0.5, float(y) + 0.5
+
+
+def single_point_ious(predictor, image: np.ndarray, masks: Sequence[np.ndarray], *,
+                      image_edge_is_boundary: bool = True) -> Tuple[List[float], List[float]]:
+    """Per mask, the IoU of SAM's highest-scoring of its 3 masks and the best of the 3, prompted at one point.
+
+    ``predictor`` is a ``segment_anything.SamPredictor``; each mask is prompted at :func:`centre_point`, the
+    pixel farthest from its boundary (``image_edge_is_boundary`` as there). Returns ``(top, best_of_3)``, one
+    IoU per mask in ``masks``."""
+    predictor.set_image(image)
+    top, best = [], []
+    for gt in masks:
+        gt = np.asarray(gt, bool)
+        x, y = centre_point(gt, image_edge_is_boundary=image_edge_is_boundary)
+        out, scores, _ = predictor.predict(point_coords=np.array([[x, y]], np.float32), point_labels=np.array([1]),
+                                           multimask_output=True)
+        ious = [mask_iou(m, gt) for m in out]
+        top.append(ious[int(np.argmax(scores))])
+        best.append(max(ious))
+    return top, best
 
 
 def recall_at(gt_masks: np.ndarray, pred_masks: np.ndarray, thresholds: Sequence[float]) -> Dict[float, int]:
@@ -425,6 +451,26 @@ PRED_IOU_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88)
 STABILITY_GRID = (0.7, 0.8, 0.9, 0.92, 0.93, 0.94, 0.95)
 
 
+def _v1_objects(seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A plain shapes-world scene: its image and shape instances."""
+    from samantic.train.data.shapes import render_scene
+
+    scene = render_scene(seed)
+    return scene.image, scene.masks
+
+
+def _v2_objects(seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A panoptic scene: its image and entities (every thing as a whole, every stuff region)."""
+    from samantic.train.data.panoptic import render_panoptic
+
+    scene = render_panoptic(seed)
+    return scene.image, scene.entity_masks
+
+
+# calibrate_thresholds' scene kinds: seed -> (image, the masks a model should give one each)
+_CALIBRATION_OBJECTS: Dict[str, Callable[[int], Tuple[np.ndarray, np.ndarray]]] = {"v1": _v1_objects, "v2": _v2_objects}
+
+
 def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[float] = PRED_IOU_GRID,
                          stability_grid: Sequence[float] = STABILITY_GRID, *, points_per_side: int = 32,
                          box_nms_thresh: float = 0.7, scenes: str = "v1", progress: bool = True) -> ThresholdCalibration:
@@ -443,16 +489,9 @@ def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[fl
     from samantic.ops import nms, rle_encode, rle_iou
     from samantic.pipeline import AutomaticMaskGenerator
 
-    if scenes == "v1":
-        from samantic.train.data.shapes import render_scene
-    elif scenes == "v2":
-        from samantic.train.data.panoptic import render_panoptic
-
-        def render_scene(seed):
-            scene = render_panoptic(seed)
-            return SimpleNamespace(image=scene.image, masks=scene.entity_masks)
-    else:
+    if scenes not in _CALIBRATION_OBJECTS:
         raise ValueError(f"scenes must be 'v1' or 'v2', got {scenes!r}")
+    image_and_objects = _CALIBRATION_OBJECTS[scenes]
     seeds = list(seeds)
     for s in seeds:
         if s >= TRAIN_SEED_START:
@@ -464,12 +503,12 @@ def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[fl
     pred_all, true_all = [], []
     with _progress(progress, len(seeds)) as advance:
         for seed in seeds:
-            scene = render_scene(seed)
-            found = generator.generate_masks(scene.image)
-            if len(found) and len(scene.masks):
-                iou = rle_iou(found.rles, rle_encode(scene.masks))  # [P, G]
+            image, objects = image_and_objects(seed)
+            found = generator.generate_masks(image)
+            if len(found) and len(objects):
+                iou = rle_iou(found.rles, rle_encode(objects))  # [P, G]
             else:
-                iou = np.zeros((len(found), len(scene.masks)))
+                iou = np.zeros((len(found), len(objects)))
             per_image.append((np.asarray(found.boxes, np.float32), np.asarray(found.iou_preds, np.float32),
                               np.asarray(found.stability_score, np.float32), iou))
             pred_all.append(np.asarray(found.iou_preds, np.float32))

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from samantic.io.signals import HeldSignals
+
 __all__ = [
     "SamcpTrainConfig",
     "SamcpExample",
@@ -603,7 +605,7 @@ class SamcpTrainer:
                     break
                 for g in self.optimizer.param_groups:
                     g["lr"] = self.lr_at(self.step, elapsed)
-                with _interrupts_between_steps():  # a step is done whole or not at all: the checkpoint stays whole
+                with HeldSignals("SIGINT", "SIGTERM"):  # a step is done whole or not at all: the checkpoint stays whole
                     last, parts = self.train_step(self.batch_at(self.step))
                     self.step += 1
                 window.append(last)
@@ -676,36 +678,6 @@ class _save_on_interrupt:
     def __exit__(self, kind, *exc) -> bool:
         if kind is not None and issubclass(kind, KeyboardInterrupt):
             self.trainer.save_state(self.ckpt)
-        return False
-
-
-class _interrupts_between_steps:
-    """Holds Ctrl-C and SIGTERM back while a step runs and delivers them when it has finished.
-
-    An interrupt that landed inside ``optimizer.step()`` left some parameters updated and Adam's state half made
-    (``exp_avg`` without ``exp_avg_sq``), and the checkpoint saved on it could not be resumed (KeyError). Off the
-    main thread signals cannot be handled, and nothing is held."""
-
-    SIGNALS = ("SIGINT", "SIGTERM")
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        self._old, self._held = {}, []
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                num = getattr(signal, name)
-                self._old[num] = signal.signal(num, lambda signum, frame: self._held.append(signum))
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        import signal
-
-        for num, old in self._old.items():
-            signal.signal(num, signal.SIG_DFL if old is None else old)  # None: a handler not set from Python
-        for num in dict.fromkeys(self._held):  # each held signal once, to the handler it was meant for
-            signal.raise_signal(num)
         return False
 
 

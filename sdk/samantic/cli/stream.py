@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import typer
 
+from samantic.io.signals import HeldSignals
+
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp",
                     ".ogv", ".mjpeg", ".mjpg", ".h264", ".h265", ".hevc")
 # network sources OpenCV's FFmpeg backend reads (HLS and DASH come over http(s))
@@ -254,39 +256,6 @@ def frame_record(frame: Any) -> Dict[str, Any]:
             "latency_ms": round(frame.latency * 1000.0, 3), "height": h, "width": w, "instances": instances}
 
 
-class _HeldSigint:
-    """Holds Ctrl-C (SIGINT) for a few writes and delivers it after them, to whatever handled it before.
-
-    Only in the main thread (the only one Python runs signal handlers in), and only when the handler
-    before is one Python can put back (not one installed outside Python); elsewhere a no-op. Delivered
-    means raised again on exit: with Python's handler a KeyboardInterrupt, ignored when it was ignored,
-    and with SIG_DFL the process ends as a Ctrl-C would have ended it. When the block itself raises, that
-    error goes on and a Ctrl-C held meanwhile is dropped (the error ends the work anyway).
-    """
-
-    def __enter__(self) -> "_HeldSigint":
-        import signal
-        import threading
-
-        self._old: Any = None
-        self._pending = False
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None:
-            self._old = signal.signal(signal.SIGINT, self._hold)
-        return self
-
-    def _hold(self, signum: int, frame: Any) -> None:
-        self._pending = True
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        import signal
-
-        if self._old is None:
-            return
-        signal.signal(signal.SIGINT, self._old)
-        if self._pending and exc_type is None:  # delivered now as if it came now
-            signal.raise_signal(signal.SIGINT)
-
-
 def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, overlay_video: bool = False,
                queue_size: int = 2, max_frames: Optional[int] = None, progress: bool = True,
                info: Optional[Dict[str, Any]] = None) -> int:
@@ -355,7 +324,7 @@ def run_stream(source: StreamSource, cap: Any, segmenter: Any, out: Path, *, ove
                 repeat = 1 if last_index is None else max(1, fr.index - last_index)
                 last_index = fr.index
                 # ... then written together, Ctrl-C held, so the lines and the video stay frame for frame
-                with _HeldSigint():
+                with HeldSignals("SIGINT"):
                     if image is not None:
                         for _ in range(repeat):
                             writer.write(image)
