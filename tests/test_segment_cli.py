@@ -162,3 +162,19 @@ def test_shipped_nano_segments_with_its_own_thresholds(tmp_path):
         " ".join(r.stdout.split())
     anns = json.loads((tmp_path / "o" / "scene.png.json").read_text())["annotations"]
     assert len(anns) >= 1 and "no masks kept" not in r.stderr
+
+
+def test_samcp_head_brings_its_sam_when_no_model_is_named(tmp_path):
+    """--samcp without --model runs the SAM whose patches the head learned from; another named SAM is refused, and
+    without a head the default is sam_nano."""
+    from samantic.batch import SegmentOptions, prepare
+    from samantic.heads.samcp import SamcpHead, SamcpInfo, save_samcp
+
+    head = SamcpHead(SamcpInfo(classes=("circle", "star"), stuff=("wall",), d_model=32, layers=1, encoder_layers=1,
+                               ffn_dim=32, model="sam_nano_panoptic"))
+    path = save_samcp(head, tmp_path / "h.safetensors")
+    prepared = prepare(SegmentOptions(samcp=str(path)))
+    assert prepared.model == "sam_nano_panoptic" and prepared.run_record["model"] == "sam_nano_panoptic"
+    with pytest.raises(ValueError, match="trained on patches of sam_nano_panoptic, not sam_nano"):
+        prepare(SegmentOptions(samcp=str(path), model="sam_nano"))
+    assert prepare(SegmentOptions()).model == "sam_nano"

@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from samantic.pipeline.config import AmgConfig
 
+DEFAULT_MODEL = "sam_nano"  # `samantic segment`'s SAM when neither --model nor a --samcp head names one
+
 STATUSES = ("ok", "skipped", "failed")
 # settings that leave an image's results as they are (where they run, how prompts are batched): a rerun may change them
 _SAME_RESULTS = ("device", "points_per_batch")
@@ -93,7 +95,7 @@ class SegmentOptions:
     """What ``samantic segment`` builds its :class:`~samantic.runtime.Segmenter` from (picklable, so a
     Ray actor builds the same one). The fields are the CLI's options of the same names."""
 
-    model: str = "sam_nano"
+    model: Optional[str] = None  # None: sam_nano, or the SAM a SAM-CP head was trained on
     checkpoint: Optional[str] = None
     bundle: Optional[str] = None
     backend: str = "auto"
@@ -216,9 +218,13 @@ def prepare(options: SegmentOptions) -> Prepared:
         from samantic.pipeline.panoptic import patch_options
 
         samcp_head = load_samcp(o.samcp)
+        if model is None:  # the patches the head learned from
+            model = samcp_head.info.model or DEFAULT_MODEL
         samcp_head.check_model(model, o.samcp)
         if o.classes is not None:
             samcp_head.check_classes(_class_list(o.classes))
+    if model is None:
+        model = DEFAULT_MODEL
     if o.classes is not None:
         from samantic.pipeline.scoring import check_class_names
 

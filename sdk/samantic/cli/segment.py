@@ -30,7 +30,7 @@ class Engine(str, Enum):
 def segment(
     paths: Annotated[Optional[List[str]], typer.Argument(help="Image files, folders (searched recursively) or glob patterns; or one video file (.mp4, .avi, .mov, .mkv, .webm, ...) or stream URL (rtsp://, http(s)://...m3u8, ...).", show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Output folder: NAME.json (COCO results, RLE) and NAME.overlay.png per image; with --head also NAME.semantic.png; with --samcp also NAME.semantic.png, NAME.panoptic.png and NAME.panoptic.json (COCO panoptic). For a video, camera or stream: NAME.jsonl (a line per frame) and NAME.summary.json.")] = ...,
-    model: Annotated[str, typer.Option(help="Registered model (see `samantic weights list`).")] = "sam_nano",
+    model: Annotated[Optional[str], typer.Option(help="Registered model (see `samantic weights list`). [default: sam_nano, or the SAM a --samcp head was trained on]", show_default=False)] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="Weights file or tag (default: the model's shipped weights).")] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Run an exported bundle (`samantic export bundle`) instead of --model: no torch needed with the onnxruntime backend.")] = None,
     backend: Annotated[str, typer.Option(help="With --bundle: auto, onnxruntime, tensorrt or torch.")] = "auto",
