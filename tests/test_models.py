@@ -77,21 +77,26 @@ def test_build_every_model(name):
 
 
 SHIPPED = [n for n in list_models() if (registry.get_model_entry(n).default_weights or "").startswith("pkg:")]
+# every weights file in the package: the registered models' defaults and the SAM-CP head
+SHIPPED_FILES = [registry.get_model_entry(n).default_weights for n in SHIPPED] + [
+    "pkg:assets/samcp_nano_panoptic.safetensors"]
 
 
 def test_the_shipped_models_are_the_embedded_ones():
     assert SHIPPED == ["sam_nano", "sam_nano_panoptic"]
+    assets = resolve_checkpoint(SHIPPED_FILES[0]).parent
+    assert sorted(f"pkg:assets/{p.name}" for p in assets.glob("*.safetensors")) == sorted(SHIPPED_FILES)
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_model_card_names_the_shipped_file(name):
+@pytest.mark.parametrize("ref", SHIPPED_FILES)
+def test_model_card_names_the_shipped_file(ref):
     """Each weights file in the package has a model card NAME.md beside it that gives the file's full SHA-256."""
     import re
 
-    path = resolve_checkpoint(registry.get_model_entry(name).default_weights)
-    card = (path.parent / f"{name}.md").read_text()
+    path = resolve_checkpoint(ref)
+    card = path.with_suffix(".md").read_text()
     named = re.search(r"SHA-256 `([0-9a-f]{64})`", card)
-    assert named, f"the model card {name}.md gives the shipped file's full SHA-256"
+    assert named, f"the model card {path.with_suffix('.md').name} gives the shipped file's full SHA-256"
     assert named.group(1) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 

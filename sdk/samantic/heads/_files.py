@@ -9,6 +9,8 @@ from typing import Dict, Tuple, Union
 def read_head_file(path: Union[str, Path], what: str, map_location: str = "cpu") -> Tuple[Path, Dict[str, str], dict]:
     """``(path, metadata, state dict)`` of a head file; errors name the file and the problem.
 
+    ``path`` may be ``"pkg:assets/NAME.safetensors"``, a head shipped inside the samantic package.
+
     Raises:
         FileNotFoundError: no such file (``what`` names the kind of head).
         ValueError: not a readable safetensors file.
@@ -16,6 +18,10 @@ def read_head_file(path: Union[str, Path], what: str, map_location: str = "cpu")
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if str(path).startswith("pkg:"):
+        from samantic.models.loading import resolve_checkpoint
+
+        path = resolve_checkpoint(str(path))
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {what} file")
