@@ -190,3 +190,26 @@ def test_grid_edges_note_a_best_value_at_the_end_of_three_or_more():
     assert "score_thresh 0.5 is the largest" in notes[0] and "larger" in notes[0]
     assert "affinity_thresh 0.3 is the smallest" in notes[1] and "smaller" in notes[1]
     assert grid_edges({"score_thresh": 0.25, "affinity_thresh": 0.5}, grid) == []
+
+
+def test_tune_and_eval_default_to_the_sam_the_head_was_trained_on(tmp_path):
+    """Without --model, `samcp tune` and `eval samcp` use the head's recorded SAM; naming another is refused."""
+    head = SamcpHead(SamcpInfo(classes=("circle", "star"), stuff=("wall",), d_model=32, layers=1, encoder_layers=1,
+                               ffn_dim=32, model="sam_nano_panoptic",
+                               extra={"patches": json.dumps({"points_per_side": 4})}))
+    path = save_samcp(head, tmp_path / "h.safetensors")
+    exe = str(Path(sys.executable).with_name("samantic"))
+    common = ["--cache", str(tmp_path / "cache"), "--no-progress"]
+    ev = subprocess.run([exe, "eval", "samcp", "--samcp", str(path), "--seeds", "0:1", "--v1-seeds", "",
+                         "--out", str(tmp_path / "ev"), *common], capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    assert json.loads((tmp_path / "ev" / "eval_samcp.json").read_text())["model"] == "sam_nano_panoptic"
+    tu = subprocess.run([exe, "samcp", "tune", str(path), "--seeds", "100:101", "--score-thresh", "0.5",
+                         "--affinity-thresh", "0.5", "--overlap-thresh", "0.5", "--out", str(tmp_path / "t.safetensors"),
+                         "--report", str(tmp_path / "rep"), *common], capture_output=True, text=True, timeout=600)
+    assert tu.returncode == 0, tu.stdout + tu.stderr
+    assert "--model sam_nano_panoptic" in json.loads((tmp_path / "rep" / "samcp_tune.json").read_text())["command"]
+    assert json.loads(load_samcp(tmp_path / "t.safetensors").info.extra["inference_tuning"])["model"] == "sam_nano_panoptic"
+    for cmd in (["eval", "samcp", "--samcp", str(path), "--seeds", "0:1", "--v1-seeds", ""], ["samcp", "tune", str(path)]):
+        bad = subprocess.run([exe, *cmd, "--model", "sam_nano", *common], capture_output=True, text=True, timeout=300)
+        assert bad.returncode != 0 and "trained on patches of sam_nano_panoptic, not sam_nano" in bad.stderr

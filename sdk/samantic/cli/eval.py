@@ -258,7 +258,7 @@ def _named_as(confusion: dict, row: int) -> str:
 @app.command("samcp")
 def eval_samcp(
     samcp: Annotated[List[Path], typer.Option(help="SAM-CP head file(s) (repeatable: rows side by side, e.g. ablations).")],
-    model: Annotated[str, typer.Option(help="Registered SAM whose patches the heads label.")] = "sam_nano",
+    model: Annotated[Optional[str], typer.Option(help="Registered SAM whose patches the heads label. [default: the one the (first) head was trained on, else sam_nano]", show_default=False)] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights (default: the model's shipped weights).")] = None,
     seeds: Annotated[str, typer.Option(help="Held-out v2 (panoptic) scene seeds, START:STOP.")] = "0:60",
     v1_seeds: Annotated[Optional[str], typer.Option(help="Held-out v1 scene seeds for things by class name, START:STOP ('' to skip).")] = "0:60",
@@ -291,6 +291,8 @@ def eval_samcp(
     head_opts = {**opts, **({} if flip is None else {"flip": flip})}
     oracle_opts = {**opts, "flip": False}  # the oracle scores patches, not the image: nothing to mirror
     try:
+        if model is None:  # the SAM whose patches the first head learned from
+            model = load_samcp(samcp[0]).info.model or "sam_nano"
         sam = create_model(model, checkpoint=checkpoint)
         patch_opts = None
         heads = []

@@ -56,7 +56,7 @@ def tune(
     head: Annotated[Path, typer.Argument(help="SAM-CP head (.safetensors).")],
     seeds: Annotated[str, typer.Option(help="Validation v2 scene seeds START:STOP: held out from training, and kept "
                                             "apart from the seeds you report with `samantic eval samcp`.")] = "100:140",
-    model: Annotated[str, typer.Option(help="Registered SAM whose patches the head labels.")] = "sam_nano",
+    model: Annotated[Optional[str], typer.Option(help="Registered SAM whose patches the head labels. [default: the one the head was trained on, else sam_nano]", show_default=False)] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights (default: the model's shipped weights).")] = None,
     cache: Annotated[Path, typer.Option(help="Patch cache root (shared with `samantic train samcp`).")] = Path("runs/cache/samcp"),
     metric: Annotated[str, typer.Option(help="Chosen by: pq, miou, ap50 or mean (of the three).")] = "pq",
@@ -104,6 +104,7 @@ def tune(
         raise typer.BadParameter(f"must end in .safetensors, got {out}", param_hint="--out")
     try:
         module = load_samcp(head)
+        model = model or module.info.model or "sam_nano"
         module.check_model(model, head)
         sam = create_model(model, checkpoint=checkpoint)
         mismatch = module.check_weights(sam, head)
