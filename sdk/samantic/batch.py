@@ -28,8 +28,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from samantic.pipeline.config import AmgConfig
 
-DEFAULT_MODEL = "sam_nano"  # `samantic segment`'s SAM when neither --model nor a --samcp head names one
-
 STATUSES = ("ok", "skipped", "failed")
 # settings that leave an image's results as they are (where they run, how prompts are batched): a rerun may change them
 _SAME_RESULTS = ("device", "points_per_batch")
@@ -196,7 +194,7 @@ def prepare(options: SegmentOptions) -> Prepared:
         FileNotFoundError: a missing file.
         ImportError: a backend's package is missing (the message names the extra).
     """
-    from samantic.models.registry import SAM_THRESHOLDS, get_model_entry
+    from samantic.models.registry import DEFAULT_MODEL, SAM_THRESHOLDS, get_model_entry
     from samantic.runtime import Segmenter
 
     o = options
@@ -218,9 +216,7 @@ def prepare(options: SegmentOptions) -> Prepared:
         from samantic.pipeline.panoptic import patch_options
 
         samcp_head = load_samcp(o.samcp)
-        if model is None:  # the patches the head learned from
-            model = samcp_head.info.model or DEFAULT_MODEL
-        samcp_head.check_model(model, o.samcp)
+        model = samcp_head.sam_for(model, o.samcp)
         if o.classes is not None:
             samcp_head.check_classes(_class_list(o.classes))
     if model is None:

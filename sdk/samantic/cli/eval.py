@@ -291,13 +291,12 @@ def eval_samcp(
     head_opts = {**opts, **({} if flip is None else {"flip": flip})}
     oracle_opts = {**opts, "flip": False}  # the oracle scores patches, not the image: nothing to mirror
     try:
-        if model is None:  # the SAM whose patches the first head learned from
-            model = load_samcp(samcp[0]).info.model or "sam_nano"
+        loaded = [(path, load_samcp(path)) for path in samcp]
+        model = loaded[0][1].sam_for(model, samcp[0])  # without --model: the SAM the first head learned from
         sam = create_model(model, checkpoint=checkpoint)
         patch_opts = None
         heads = []
-        for path in samcp:  # every head checked before any is scored: a mismatch costs no evaluation
-            head = load_samcp(path)
+        for path, head in loaded:  # every head checked before any is scored: a mismatch costs no evaluation
             head.check_model(model, path)
             mismatch = head.check_weights(sam, path)
             if mismatch:

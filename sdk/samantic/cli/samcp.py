@@ -104,8 +104,7 @@ def tune(
         raise typer.BadParameter(f"must end in .safetensors, got {out}", param_hint="--out")
     try:
         module = load_samcp(head)
-        model = model or module.info.model or "sam_nano"
-        module.check_model(model, head)
+        model = module.sam_for(model, head)
         sam = create_model(model, checkpoint=checkpoint)
         mismatch = module.check_weights(sam, head)
         if mismatch:

@@ -18,9 +18,9 @@ def read_head_file(path: Union[str, Path], what: str, map_location: str = "cpu")
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if str(path).startswith("pkg:"):
-        from samantic.models.loading import resolve_checkpoint
+    from samantic.models.loading import PACKAGE_PREFIX, resolve_checkpoint
 
+    if str(path).startswith(PACKAGE_PREFIX):
         path = resolve_checkpoint(str(path))
     path = Path(path)
     if not path.is_file():

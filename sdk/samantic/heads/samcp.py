@@ -789,6 +789,16 @@ class SamcpHead(nn.Module):
 
         return check_names(self.info.names, names)
 
+    def sam_for(self, model_name: Optional[str], source: Union[str, Path] = "head") -> str:
+        """The registered SAM to cut this head's patches with: ``model_name`` when given (refused when it is not the
+        one the head was trained on), else the head's own (``sam_nano`` for a head that records none)."""
+        if model_name is None:
+            from samantic.models.registry import DEFAULT_MODEL
+
+            return self.info.model or DEFAULT_MODEL
+        self.check_model(model_name, source)
+        return model_name
+
     def check_model(self, model_name: str, source: Union[str, Path] = "head") -> None:
         """Refuses patches of a SAM other than the one the head was trained on (other granularity)."""
         if self.info.model and self.info.model != model_name:
