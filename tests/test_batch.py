@@ -294,3 +294,19 @@ def test_sigterm_keeps_every_finished_image_and_the_rerun_completes(engine, many
     assert r.returncode == 0, r.stderr
     assert sorted(q.name for q in out.glob("*.json")) == [f"s{i:02d}.png.json" for i in range(10)]
     assert {n: (out / n).stat().st_mtime_ns for n in after} == after  # the finished ones were skipped, not redone
+
+
+def test_default_threads_follow_omp_num_threads(monkeypatch):
+    """A Ray run divides the threads a local run would use: OMP_NUM_THREADS when set (with it at 1, the
+    Ray workers ran on 2 threads and their scores differed from the local run's at 1e-7)."""
+    from samantic.batch import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    for unset in ("", "0", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert default_threads() == (os.cpu_count() or 1)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == (os.cpu_count() or 1)

@@ -320,6 +320,16 @@ def prepare(options: SegmentOptions) -> Prepared:
                     names=tuple(names), panoptic=segmenter.samcp is not None, notes=notes)
 
 
+def default_threads() -> int:
+    """The intra-op threads a local run would use: ``OMP_NUM_THREADS`` when it is set to a positive
+    integer (torch follows it), else this machine's cores. A Ray run divides these
+    among its workers, so that it computes what a local run computes in the same environment."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return os.cpu_count() or 1
+
+
 def _set_threads(n: int, torch: bool) -> None:
     """torch's (when it runs the model) and an already imported OpenCV's intra-op threads; onnxruntime
     takes ``threads`` when its sessions are created."""
@@ -680,7 +690,7 @@ def segment_dataset(inputs: Any, out: Union[str, os.PathLike], options: Optional
             post-processing runs on ``cuda`` unless ``options.device`` says otherwise.
         cpus_per_worker: CPUs each actor reserves in Ray's scheduler (default 1, leaving room for
             the tasks that read a dataset). Its torch / onnxruntime threads are ``options.threads``
-            (default: this machine's cores divided among the workers, at least 1).
+            (default: :func:`default_threads` divided among the workers, at least 1).
         address: a running cluster (``"auto"`` or ``"ray://HOST:PORT"``); default: the ``RAY_ADDRESS``
             environment variable, else a local Ray started for this run (loopback only) and stopped after.
         overwrite: redo images whose results exist.
@@ -713,7 +723,7 @@ def segment_dataset(inputs: Any, out: Union[str, os.PathLike], options: Optional
     if cpus_per_worker is None:
         cpus_per_worker = 1.0
     if options.threads is None:
-        options = options.replace(threads=max(1, (os.cpu_count() or 1) // workers))
+        options = options.replace(threads=max(1, default_threads() // workers))
     ray = import_ray()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
