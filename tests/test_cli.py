@@ -22,6 +22,34 @@ def test_help_lists_command_groups():
         assert name in r.output
 
 
+def _commands(command, path):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, path + [name])
+
+
+def test_help_texts_survive_rich_markup():
+    """Typer renders help as Rich markup, which silently drops a lowercase [tag]: "[default: 0.6]" or "samantic[ray]"
+    vanished from --help until escaped as \\[."""
+    from rich.text import Text
+    from typer.main import get_command
+
+    checked = 0
+    for path, command in _commands(get_command(app), ["samantic"]):
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        for text in texts:
+            checked += "[" in text
+            assert Text.from_markup(text).plain == text.replace("\\[", "["), (" ".join(path), text)
+    assert checked > 10
+
+
+def test_segment_help_shows_the_documented_defaults():
+    r = runner.invoke(app, ["segment", "--help"], env={"COLUMNS": "400"}, terminal_width=400)
+    assert r.exit_code == 0
+    assert "[default: 32, or the grid a --samcp head was trained with]" in r.output
+    assert "samantic[ray]" in r.output
+
+
 def test_doctor_json_reports_backends():
     r = runner.invoke(app, ["doctor", "--json"])
     assert r.exit_code == 0, r.output
