@@ -43,6 +43,17 @@ def test_help_texts_survive_rich_markup():
     assert checked > 10
 
 
+def test_every_command_and_option_has_help():
+    from typer.main import get_command
+
+    missing = []
+    for path, command in _commands(get_command(app), ["samantic"]):
+        if not command.help:
+            missing.append(" ".join(path))
+        missing += [f"{' '.join(path)} {p.name}" for p in command.params if not getattr(p, "help", None)]
+    assert not missing
+
+
 def test_segment_help_shows_the_documented_defaults():
     r = runner.invoke(app, ["segment", "--help"], env={"COLUMNS": "400"}, terminal_width=400)
     assert r.exit_code == 0

@@ -60,7 +60,7 @@ def _thresholds(sam, pred_iou_thresh: Optional[float], stability_score_thresh: O
     return amg
 
 
-@app.command("sam")
+@app.command("sam", help="Point-prompt mIoU of a SAM on held-out scenes (1 point: top-scored and best of its masks; 3 corrective points) and its segment-everything recall.")
 def eval_sam(
     model: Annotated[str, typer.Option(help="Registered model.")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Weights to evaluate (default: the model's shipped weights).")] = None,
@@ -70,7 +70,7 @@ def eval_sam(
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall \\[default: the model's recommended, else segment-anything's 0.88].")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall \\[default: the model's recommended, else segment-anything's 0.95].")] = None,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Also report the resolution ceiling: the mIoU of ideal low-res logits after the model's post-processing.")] = True,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     from samantic.io import atomic_write_bytes, atomic_write_json
     from samantic.models import create_model
@@ -103,13 +103,13 @@ def eval_thresholds(
     seeds: Annotated[str, typer.Option(help="Held-out scene seeds, START:STOP (keep them apart from the seeds you report on).")] = "500:560",
     pred_iou: Annotated[str, typer.Option(help="Comma-separated pred_iou_thresh values to try.")] = "0.3,0.4,0.5,0.6,0.7,0.8,0.88",  # = PRED_IOU_GRID
     stability: Annotated[str, typer.Option(help="Comma-separated stability_score_thresh values to try.")] = "0.7,0.8,0.9,0.92,0.93,0.94,0.95",  # = STABILITY_GRID
-    points_per_side: Annotated[int, typer.Option(min=1)] = 32,
+    points_per_side: Annotated[int, typer.Option(min=1, help="Segment-everything grid: points per side.")] = 32,
     scenes: Annotated[str, typer.Option(help="v1: plain scenes, one mask per shape; v2: panoptic scenes, one mask per entity (thing or stuff region), for models trained on them.")] = "v1",
     out: Annotated[Path, typer.Option(help="Directory for eval_thresholds.json and eval_thresholds.md.")] = Path("runs/eval"),
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Segment-everything recall, precision and masks per image for a grid of thresholds; the best F1 is the
-    model's recommended default (what a registry entry's ``thresholds`` should say)."""
+    model's recommended default (what a registry entry's `thresholds` should say)."""
     from samantic.io import atomic_write_bytes, atomic_write_json
     from samantic.models import create_model
     from samantic.train.metrics import calibrate_thresholds
@@ -150,12 +150,12 @@ def eval_usam(
     checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights (default: the model's shipped weights).")] = None,
     classes: Annotated[Optional[str], typer.Option(help="Names to segment (default: the head's classes); superclass names use the head's groups.")] = None,
     seeds: Annotated[str, typer.Option(help="Held-out scene seeds, START:STOP.")] = "0:100",
-    points_per_side: Annotated[int, typer.Option(min=1)] = 32,
+    points_per_side: Annotated[int, typer.Option(min=1, help="Segment-everything grid: points per side.")] = 32,
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="\\[default: the model's recommended, else 0.88]")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="\\[default: the model's recommended, else 0.95]")] = None,
     score_thresh: Annotated[Optional[float], typer.Option(help="Class-probability threshold (default: the head's).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for eval_usam.json and eval_usam.md.")] = Path("runs/eval"),
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Semantic mIoU and mask mAP50 of class-name segmentation on held-out scenes."""
     from samantic.heads.usam import load_head
@@ -210,10 +210,10 @@ def eval_probe(
     train_seeds: Annotated[str, typer.Option(help="Scenes the probe is fitted on, START:STOP (disjoint from --seeds).")] = "500000:500080",
     seeds: Annotated[str, typer.Option(help="Held-out scenes it is scored on, START:STOP.")] = "0:40",
     features: Annotated[str, typer.Option(help="Feature sets, comma-separated; join features with '+' (token, pooled, shape).")] = "token,pooled,shape,token+shape",
-    points_per_side: Annotated[int, typer.Option(min=1)] = 16,
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    points_per_side: Annotated[int, typer.Option(min=1, help="Segment-everything grid: points per side.")] = 16,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training data.")] = 30,
     out: Annotated[Path, typer.Option(help="Directory for eval_probe.json and eval_probe.md.")] = Path("runs/eval"),
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """The ceiling of a class head: a probe fitted on mask-level ground truth, per feature set."""
     from samantic.io import atomic_write_bytes, atomic_write_json
@@ -268,7 +268,7 @@ def eval_samcp(
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Heads also score the mirrored image, averaged (test-time augmentation) \\[default: as recorded with each head, else off].")] = None,
     oracle: Annotated[bool, typer.Option("--oracle/--no-oracle", help="Also a row for a perfect head (the training targets as scores, read from the cached overlaps with the ground truth): the ceiling the patches set.")] = False,
     out: Annotated[Path, typer.Option(help="Directory for eval_samcp.json and eval_samcp.md.")] = Path("runs/eval"),
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """PQ / SQ / RQ, mask AP and semantic mIoU of SAM-CP heads on held-out scenes (same patches for every head)."""
     from samantic.heads.samcp import load_samcp
@@ -427,7 +427,7 @@ def eval_sum(
     calibration_stability: Annotated[str, typer.Option(help="Comma-separated stability_score_thresh values the --calibration-seeds search tries (a fine-tune trained for stability scores above the default grid needs more) \\[default: `samantic eval thresholds`' grid].")] = "",
     out: Annotated[Path, typer.Option(help="Directory for eval_sum.json and eval_sum.md.")] = Path("runs/eval"),
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """SUM's ablation: interactive mIoU and boundary IoU per task (salient, entity, part, unspecified) at 1/3/5 points, and forgetting on plain scenes."""
     import torch

@@ -66,7 +66,7 @@ def tune(
     try_flip: Annotated[bool, typer.Option("--try-flip", help="Also try test-time flip (the head scores the mirrored image too, averaged; twice the head's cost).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the head here (default: update HEAD, atomically).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write samcp_tune.json and samcp_tune.md into this folder.")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Sweep inference thresholds on validation scenes; record the best in the head (its new defaults)."""
     from rich.console import Console

@@ -24,18 +24,18 @@ def _note_time_budget(minutes: float, done: int, steps: int) -> None:
                    "that do not depend on the machine's speed, give --steps without --time-budget)", err=True)
 
 
-@app.command("sam")
+@app.command("sam", help="Train or fine-tune a SAM on instance masks with interactive point and box prompts (resumable).")
 def train_sam(
     data: Annotated[str, typer.Option(help="COCO dataset DIR (from `samantic data shapes`) or scenes rendered on the fly: shapes:SEED (v1), shapes-panoptic:SEED (v2: entities and parts), shapes-mix:SEED (both alternating).")],
     out: Annotated[Path, typer.Option(help="Output weights (.safetensors); OUT.ckpt and OUT.log.jsonl go beside it.")],
     model: Annotated[str, typer.Option(help="Registered model to train.")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Start from these weights (fine-tuning).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Total optimizer steps.")] = 1000,
-    images_per_step: Annotated[int, typer.Option(min=1)] = 4,
-    masks_per_image: Annotated[int, typer.Option(min=1)] = 8,
+    images_per_step: Annotated[int, typer.Option(min=1, help="Images per optimizer step.")] = 4,
+    masks_per_image: Annotated[int, typer.Option(min=1, help="Instances prompted per image and step.")] = 8,
     iterations: Annotated[int, typer.Option(min=1, help="Prompting rounds per instance.")] = 3,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 8e-4,
-    warmup_steps: Annotated[int, typer.Option(min=0)] = 100,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear learning-rate warm-up steps.")] = 100,
     trainable: Annotated[str, typer.Option(help="Comma-separated parts to train: image_encoder,prompt_encoder,mask_decoder.")] = "image_encoder,prompt_encoder,mask_decoder",
     box_prob: Annotated[float, typer.Option(help="Probability that an image's first prompts are boxes.")] = 0.3,
     zoom_prob: Annotated[float, typer.Option(help="Probability of training on a crop around one instance.")] = 0.5,
@@ -46,14 +46,14 @@ def train_sam(
     dice_weight: Annotated[float, typer.Option(help="Weight of the dice term.")] = 1.0,
     freeze_batchnorm: Annotated[bool, typer.Option("--freeze-batchnorm/--train-batchnorm", help="Batch-norm layers keep their running statistics while their scales and shifts train (fine-tuning with small batches).")] = False,
     stability_weight: Annotated[float, typer.Option(min=0, help="Weight of a soft stability-score term on the first round's masks (keeps boundaries as sharp as segment-everything's stability filter expects; 0: off).")] = 0.0,
-    checkpoint_every: Annotated[int, typer.Option(min=1)] = 50,
-    log_every: Annotated[int, typer.Option(min=1)] = 10,
-    seed: Annotated[int, typer.Option()] = 0,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Write OUT.ckpt (for --resume) every this many steps.")] = 50,
+    log_every: Annotated[int, typer.Option(min=1, help="Append to OUT.log.jsonl every this many steps.")] = 10,
+    seed: Annotated[int, typer.Option(help="Random seed (sampling, initialisation).")] = 0,
     time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
     device: Annotated[str, typer.Option(help="Where to train: cpu, cuda, cuda:1, ...")] = "cpu",
     workers: Annotated[int, typer.Option(min=0, help="Data-preparation processes (0: in the training process).")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     import torch
 
@@ -100,12 +100,12 @@ def train_usam(
     checkpoint: Annotated[Optional[str], typer.Option(help="SAM weights (default: the model's shipped weights).")] = None,
     per_class: Annotated[int, typer.Option(min=1, help="Example images per class.")] = 60,
     method: Annotated[str, typer.Option(help="naive | mil | mil_ud (MIL + uncertainty distillation).")] = "mil_ud",
-    epochs: Annotated[int, typer.Option(min=1)] = 60,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training data.")] = 60,
     points_per_side: Annotated[int, typer.Option(min=1, help="Grid of prompts per example image.")] = 16,
     min_iou: Annotated[float, typer.Option(help="Instances: grid outputs with predicted IoU at least this.")] = 0.5,
     cache: Annotated[Path, typer.Option(help="Feature cache directory (reused across runs).")] = Path("runs/cache/usam"),
-    seed: Annotated[int, typer.Option()] = 0,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    seed: Annotated[int, typer.Option(help="Random seed (sampling, initialisation).")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Train a U-SAM classifier head from class names and example images (image-level labels only)."""
     import json
@@ -176,9 +176,9 @@ def train_samcp(
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Patches kept at this predicted IoU (default: the model's calibrated one).")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="Patches kept at this stability (default: the model's).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 3000,
-    images_per_step: Annotated[int, typer.Option(min=1)] = 4,
+    images_per_step: Annotated[int, typer.Option(min=1, help="Images per optimizer step.")] = 4,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-4,
-    warmup_steps: Annotated[int, typer.Option(min=0)] = 100,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear learning-rate warm-up steps.")] = 100,
     layers: Annotated[int, typer.Option(min=1, help="Affinity decoder layers.")] = 3,
     mask_roi: Annotated[bool, typer.Option("--mask-roi/--box-roi", help="Multiply RoI features by the patch mask (--box-roi: the ablation).")] = True,
     affinity_residual: Annotated[bool, typer.Option("--affinity-residual/--no-affinity-residual", help="Add each layer's affinities to the previous layer's.")] = True,
@@ -190,11 +190,11 @@ def train_samcp(
     patch_drop: Annotated[float, typer.Option(min=0, max=0.95, help="Fraction of each image's patches left out of a step, drawn anew every step (a regulariser; 0: off).")] = 0.0,
     crop_scale: Annotated[float, typer.Option(min=0.1, max=1.0, help="Random zoom-in: half the images of a step are cropped to a window of this to 1 times their sides (1: off).")] = 1.0,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (sampling, initialisation).")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Save OUT.ckpt every this many steps (Ctrl-C and SIGTERM save it too).")] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists (the same options; --steps and --time-budget may grow).")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Train a SAM-CP head (labels and merges SAM's patches) on a panoptic dataset."""
     import json
@@ -305,8 +305,8 @@ def train_sum_cmd(
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Pseudo-labels kept at this predicted IoU (default: the model's calibrated one).")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="Pseudo-labels kept at this stability (default: the model's).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Total optimizer steps (labelled and pseudo-labelled alternate).")] = 400,
-    images_per_step: Annotated[int, typer.Option(min=1)] = 4,
-    masks_per_image: Annotated[int, typer.Option(min=1)] = 4,
+    images_per_step: Annotated[int, typer.Option(min=1, help="Images per optimizer step.")] = 4,
+    masks_per_image: Annotated[int, typer.Option(min=1, help="Instances prompted per image and step.")] = 4,
     iterations: Annotated[int, typer.Option(min=1, help="Prompting rounds per instance.")] = 2,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
     task_lr_scale: Annotated[float, typer.Option(help="The task table's learning rate relative to --lr (it starts at zero).")] = 10.0,
@@ -317,7 +317,7 @@ def train_sum_cmd(
     distill_weight: Annotated[float, typer.Option(min=0, help="On the replayed plain scenes: pull the outputs of random point prompts (logits and predicted IoUs, asked 'unspecified') toward the base model's with this weight (keeps segment-everything's masks and stability scores; needs --replay; 0: off).")] = 0.0,
     distill_points: Annotated[int, typer.Option(min=1, help="Point prompts per replayed scene for --distill-weight.")] = 16,
     replay_labels: Annotated[bool, typer.Option("--replay-labels/--no-replay-labels", help="Train the replayed scenes' masks too (default), or use them only for --anchor-weight / --distill-weight.")] = True,
-    warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear learning-rate warm-up steps.")] = 20,
     focal_weight: Annotated[Optional[float], typer.Option(help="Weight of the focal term (default: the base weights' own training recipe, read from their header; else SAM's 20).")] = None,
     focal_alpha: Annotated[Optional[float], typer.Option(help="Focal weight of positives (default: the base's recipe; else SAM's 0.25).")] = None,
     focal_gamma: Annotated[Optional[float], typer.Option(help="Focal exponent (default: the base's recipe; else SAM's 2).")] = None,
@@ -325,15 +325,15 @@ def train_sum_cmd(
     trainable: Annotated[str, typer.Option(help="Comma-separated parts to train besides the task table: image_encoder,prompt_encoder,mask_decoder.")] = "prompt_encoder,mask_decoder",
     freeze_batchnorm: Annotated[bool, typer.Option("--freeze-batchnorm/--train-batchnorm", help="Batch-norm layers keep their running statistics while their scales and shifts train (fine-tuning with small batches).")] = False,
     stability_weight: Annotated[float, typer.Option(min=0, help="Weight of a soft stability-score term on the first round's masks (keeps boundaries as sharp as segment-everything's stability filter expects; 0: off).")] = 0.0,
-    checkpoint_every: Annotated[int, typer.Option(min=1)] = 25,
-    log_every: Annotated[int, typer.Option(min=1)] = 10,
-    seed: Annotated[int, typer.Option()] = 0,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Write OUT.ckpt (for --resume) every this many steps.")] = 25,
+    log_every: Annotated[int, typer.Option(min=1, help="Append to OUT.log.jsonl every this many steps.")] = 10,
+    seed: Annotated[int, typer.Option(help="Random seed (sampling, initialisation).")] = 0,
     time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
     device: Annotated[str, typer.Option(help="Where to train: cpu, cuda, ...")] = "cpu",
     workers: Annotated[int, typer.Option(min=0, help="Data-preparation processes per data stream (0: in the training process).")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """SUM: fine-tune a SAM on labelled task masks and uncertainty-weighted pseudo-labels, with task prompts."""
     import torch
