@@ -167,6 +167,9 @@ def test_tune_cli_writes_the_head_and_a_report(head_file, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads((tmp_path / "rep" / "samcp_tune.json").read_text())
     assert len(rep["rows"]) == 4 and "samantic samcp tune" in rep["command"] and "--try-flip" in rep["command"]
+    # the recorded command reproduces the sweep: its grid and where it read and wrote
+    assert "--score-thresh 0.1,0.5 --affinity-thresh 0.5 --overlap-thresh 0.5" in rep["command"]
+    assert f"--cache {tmp_path / 'cache'}" in rep["command"] and f"--out {out}" in rep["command"]
     assert {r["flip"] for r in rep["rows"]} == {False, True}
     md = (tmp_path / "rep" / "samcp_tune.md").read_text()
     assert "| flip |" in md and "| on |" in md and "| off |" in md
