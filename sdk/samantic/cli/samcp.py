@@ -138,7 +138,7 @@ def tune(
                    + "".join(f" --{k.replace('_', '-')} {','.join(_cell(v) for v in grid[k])}"
                              for k in ("score_thresh", "affinity_thresh", "overlap_thresh"))
                    + (f" --checkpoint {checkpoint}" if checkpoint else "") + (" --try-flip" if try_flip else "")
-                   + (f" --cache {cache}" if cache != Path("runs/cache/samcp") else "") + (f" --out {out}" if out else ""))
+                   + f" --cache {cache}" + (f" --out {out}" if out else ""))
         atomic_write_json(report / "samcp_tune.json", {"command": command, "grid": {k: list(v) for k, v in grid.items()},
                                                        "best": result.best, "rows": result.rows}, indent=2)
         lines = [f"`{command}`", "", f"Best by {metric}: {_json.dumps(result.best)}", "",
