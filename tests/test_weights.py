@@ -286,6 +286,23 @@ def test_cli_list(cache, test_spec):
     assert "yes" in line
 
 
+def test_cli_list_shows_the_registered_models(monkeypatch):
+    # `--model` help sends users here: every registered name, where its weights come from and the thresholds
+    # a command uses when given none.
+    from samantic.models import get_model_entry, list_models
+
+    monkeypatch.setenv("COLUMNS", "200")
+    result = runner.invoke(cli.app, ["list"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 4}
+    assert set(list_models()) <= set(rows)
+    assert "shipped" in rows["sam_nano"] and "0.6 / 0.95" in rows["sam_nano"]
+    assert "0.5 / 0.94" in rows["sam_nano_panoptic"]
+    assert "download: sam_vit_b.sa1b" in rows["sam_vit_b"] and "0.88 / 0.95" in rows["sam_vit_b"]
+    assert "none" in rows["sam_nano_vit"]
+    assert get_model_entry("sam_nano").description[:30] in rows["sam_nano"]
+
+
 def test_cli_download(server, cache, test_spec, tmp_path):
     dest = tmp_path / "out"
     result = runner.invoke(cli.app, ["download", "sam_nano", "--dest", str(dest), "--no-progress"])

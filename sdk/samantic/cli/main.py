@@ -27,9 +27,9 @@ app.command("demo", help="Run the embedded default on the bundled demo image.")(
 app.add_typer(_data.app, name="data", help="Datasets: the procedural shapes world.")
 app.add_typer(_eval.app, name="eval", help="Evaluate models on held-out scenes.")
 app.add_typer(_export.app, name="export", help="Export bundles (ONNX), TensorRT engines, TensorRT checks.")
-app.add_typer(_samcp.app, name="samcp", help="SAM-CP head files: add class names to an open-vocabulary head.")
+app.add_typer(_samcp.app, name="samcp", help="SAM-CP head files: tune inference thresholds, add class names to an open-vocabulary head.")
 app.add_typer(_train.app, name="train", help="Train SAM and samantic's heads.")
-app.add_typer(_weights.app, name="weights", help="Official SAM checkpoints: list, download, verify.")
+app.add_typer(_weights.app, name="weights", help="Registered models and official SAM checkpoints: list, download, verify.")
 
 
 def main() -> None:

@@ -10,9 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from samantic.models import weights as sdk
+from samantic.models.loading import PACKAGE_PREFIX
 
 app = typer.Typer(
-    help="Official SAM checkpoints: list, download, verify.",
+    help="Registered models and official SAM checkpoints: list, download, verify.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,7 +46,8 @@ def list_cmd(
         Optional[Path], typer.Option("--dest", help="Folder to look in instead of the cache.")
     ] = None,
 ) -> None:
-    """Show every known checkpoint and whether it is cached (size check, no hashing)."""
+    """Show the registered models (the names `--model` takes) and every known checkpoint, cached or not."""
+    _out.print(_models_table())
     folder = dest if dest is not None else sdk.weights_dir()
     table = Table(title="SAM checkpoints", caption=f"cache: {folder}")
     for column in ("tag", "model", "file", "size", "cached"):
@@ -60,6 +62,32 @@ def list_cmd(
             "[green]yes[/green]" if cached else "no",
         )
     _out.print(table)
+
+
+def _models_table() -> Table:
+    """The registry: each model's weights (shipped in the package, a download, or none) and the
+    segment-everything thresholds used when a command is given none."""
+    from samantic.models import get_model_entry, list_models, list_weights
+    from samantic.models.registry import SAM_THRESHOLDS
+
+    table = Table(title="Models (--model)", caption="default thresholds: pred_iou_thresh / stability_score_thresh")
+    for column in ("model", "weights", "default thresholds", "description"):
+        table.add_column(column)
+    for name in list_models():
+        entry = get_model_entry(name)
+        tags = [spec.tag for spec in list_weights(model=name)]
+        if entry.default_weights and entry.default_weights.startswith(PACKAGE_PREFIX):
+            weights = "shipped"
+        elif entry.default_weights:
+            weights = entry.default_weights
+        elif tags:
+            weights = f"download: {', '.join(tags)}"
+        else:
+            weights = "none (architecture only)"
+        thresholds = entry.thresholds or SAM_THRESHOLDS
+        table.add_row(name, weights, f"{thresholds['pred_iou_thresh']:g} / {thresholds['stability_score_thresh']:g}",
+                      entry.description)
+    return table
 
 
 @app.command("download")
