@@ -498,6 +498,42 @@ def test_predictor_merges_patches_like_pycocotools_and_fuses():
         SamcpPredictor(SamcpHead(info), classes=["blob"])
 
 
+def test_instance_list_takes_each_querys_next_classes_and_the_maps_stay():
+    h, w = 30, 30
+    patches = np.zeros((2, h, w), np.uint8)
+    patches[0, 2:12, 2:12] = 1
+    patches[1, 15:28, 15:28] = 1
+    rles = mask_utils.encode(np.asfortranarray(patches.transpose(1, 2, 0)))
+    for r in rles:
+        r["counts"] = r["counts"].decode()
+    boxes = np.array([[x, y, x + bw - 1, y + bh - 1] for x, y, bw, bh in mask_utils.toBbox(rles).astype(int)])
+    info = small_info()
+    c, p = info.num_classes, 2
+    aff = np.full((c + p, p), 0.01)
+    aff[c + 0, 0] = 0.9
+    aff[c + 1, 1] = 0.8
+    cls = np.full((p, c), 0.01)
+    ring, circle, star = (info.names.index(n) for n in ("ring", "circle", "star"))
+    cls[0, ring], cls[0, circle], cls[0, star] = 0.6, 0.3, 0.04   # star: under instance_thresh
+    cls[1, star] = 0.7
+    presence = np.zeros(c)
+    image = np.zeros((h, w, 3), np.uint8)
+    outs = {k: _FixedScores(SamcpHead(info), aff, cls, presence, instance_classes=k, min_area=0)(image, rles, boxes)
+            for k in (1, 2, 3)}
+    listed = {k: [(d["category_name"], round(d["score"], 4)) for d in o.instances] for k, o in outs.items()}
+    assert listed[1] == [("star", 0.56), ("ring", 0.54)]
+    # query 0 again under its second class, scored by that class's probability; star (0.04) never
+    assert listed[2] == listed[3] == [("star", 0.56), ("ring", 0.54), ("circle", 0.27)]
+    circle_rle = next(d for d in outs[2].instances if d["category_name"] == "circle")["segmentation"]
+    assert (mask_utils.decode(circle_rle).astype(bool) == patches[0].astype(bool)).all()
+    for k in (2, 3):  # the panoptic and semantic maps take the best class only
+        assert (outs[k].panoptic == outs[1].panoptic).all() and (outs[k].semantic == outs[1].semantic).all()
+        assert outs[k].segments_info == outs[1].segments_info
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="instance_classes"):
+            SamcpPredictor(SamcpHead(info), instance_classes=bad)
+
+
 def test_segmenter_with_samcp_returns_a_panoptic_result(nano, examples, tmp_path):
     from samantic.runtime import PanopticResult, Segmenter
 
