@@ -674,7 +674,7 @@ def trained(examples, tmp_path_factory):
     write_panoptic(data, [render_panoptic(1_000_000 + i, size=SIZE) for i in range(3)], progress=False)
     r = _samantic("train", "samcp", "--data", str(data), "--out", str(out), "--cache", str(cache), "--points-per-side",
                   str(GRID), "--pred-iou-thresh", str(LOW["pred_iou_thresh"]), "--stability-score-thresh",
-                  str(LOW["stability_score_thresh"]), "--steps", "3", "--images-per-step", "2", "--layers", "1",
+                  str(LOW["stability_score_thresh"]), "--steps", "3", "--images-per-step", "2", "--layers", "1", "--roi-size", "14",
                   "--patch-drop", "0.25", "--weight-decay", "0.1", "--crop-scale", "0.7", "--threads", "1",
                   "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -688,6 +688,7 @@ def test_train_samcp_writes_a_head_with_its_vocabulary_and_patches(trained, nano
     head = load_samcp(trained)
     assert head.info.classes == THING_CLASSES and head.info.stuff == STUFF_CLASSES
     assert head.info.layers == 1 and head.info.model == "sam_nano"
+    assert head.info.roi_size == head.info.mask_side == 14  # --roi-size (the mask input follows it)
     assert json.loads(head.info.extra["patches"]) == {"points_per_side": GRID, **LOW}
     assert head.info.extra["steps_done"] == "3"
     cfg = json.loads(head.info.extra["train_config"])

@@ -182,7 +182,8 @@ def train_samcp(
     layers: Annotated[int, typer.Option(min=1, help="Affinity decoder layers.")] = 3,
     mask_roi: Annotated[bool, typer.Option("--mask-roi/--box-roi", help="Multiply RoI features by the patch mask (--box-roi: the ablation).")] = True,
     affinity_residual: Annotated[bool, typer.Option("--affinity-residual/--no-affinity-residual", help="Add each layer's affinities to the previous layer's.")] = True,
-    mask_size: Annotated[int, typer.Option(min=0, help="Side of the patch-mask input, a multiple of the 7 x 7 RoI grid (0: 7, the paper's); finer masks show the patch's silhouette.")] = 0,
+    mask_size: Annotated[int, typer.Option(min=0, help="Side of the patch-mask input, a multiple of the RoI grid (0: the RoI grid's side); finer masks show the patch's silhouette.")] = 0,
+    roi_size: Annotated[int, typer.Option(min=1, help="Side of the RoI grid of backbone features each patch token is built from (the paper's 7; finer grids see small shapes in more detail).")] = 7,
     text_encoder: Annotated[Optional[str], typer.Option(help="Open vocabulary: class queries from text embeddings of the names, by open_clip:MODEL[:PRETRAINED] (PRETRAINED: a tag or a checkpoint file) or open_clip:local-dir:DIR; stored in the head, so inference needs no encoder. Needs pip install 'samantic\\[clip]'.")] = None,
     prompt_template: Annotated[str, typer.Option(help="Prompt each class name is encoded in (with --text-encoder).")] = "a photo of a {name}.",
     time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
@@ -244,7 +245,8 @@ def train_samcp(
             del encoder
         sam = create_model(model, checkpoint=checkpoint)
         info = SamcpInfo(classes=thing_names, stuff=stuff_names, layers=layers, mask_roi=mask_roi,
-                         affinity_residual=affinity_residual, mask_size=mask_size, model=model, **text_info)
+                         affinity_residual=affinity_residual, mask_size=mask_size, roi_size=roi_size, model=model,
+                         **text_info)
     except (ValueError, FileNotFoundError, ImportError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
