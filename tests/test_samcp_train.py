@@ -446,6 +446,14 @@ class _FixedScores(SamcpPredictor):
         return self.fixed
 
 
+def _rles_and_boxes(patches):
+    """pycocotools RLEs (str counts) and XYXY-inclusive boxes of binary masks ``[N, H, W]``."""
+    rles = mask_utils.encode(np.asfortranarray(patches.transpose(1, 2, 0)))
+    for r in rles:
+        r["counts"] = r["counts"].decode()
+    return rles, np.array([[x, y, x + bw - 1, y + bh - 1] for x, y, bw, bh in mask_utils.toBbox(rles).astype(int)])
+
+
 def test_predictor_merges_patches_like_pycocotools_and_fuses():
     h, w = 40, 50
     rng = np.random.default_rng(0)
@@ -454,10 +462,7 @@ def test_predictor_merges_patches_like_pycocotools_and_fuses():
     patches[1, 15:30, 10:25] = 1     # overlaps patch 0: one instance with it
     patches[2, 30:38, 30:48] = 1     # another instance
     patches[3, :5, :] = 1            # stuff (wall)
-    rles = mask_utils.encode(np.asfortranarray(patches.transpose(1, 2, 0)))
-    for r in rles:
-        r["counts"] = r["counts"].decode()
-    boxes = np.array([[x, y, x + bw - 1, y + bh - 1] for x, y, bw, bh in mask_utils.toBbox(rles).astype(int)])
+    rles, boxes = _rles_and_boxes(patches)
     info = small_info()
     c, p = info.num_classes, 4
     aff = np.full((c + p, p), 0.01)
@@ -503,10 +508,7 @@ def test_instance_list_takes_each_querys_next_classes_and_the_maps_stay():
     patches = np.zeros((2, h, w), np.uint8)
     patches[0, 2:12, 2:12] = 1
     patches[1, 15:28, 15:28] = 1
-    rles = mask_utils.encode(np.asfortranarray(patches.transpose(1, 2, 0)))
-    for r in rles:
-        r["counts"] = r["counts"].decode()
-    boxes = np.array([[x, y, x + bw - 1, y + bh - 1] for x, y, bw, bh in mask_utils.toBbox(rles).astype(int)])
+    rles, boxes = _rles_and_boxes(patches)
     info = small_info()
     c, p = info.num_classes, 2
     aff = np.full((c + p, p), 0.01)
