@@ -452,6 +452,36 @@ def test_averages_skip_absent_categories_and_accumulate_over_images():
     assert metric.compute()["all"]["n"] == 0
 
 
+def test_bootstrap_resamples_images_and_brackets_the_estimate():
+    metric = PanopticQuality(SMALL)
+    with pytest.raises(ValueError, match="at least one image"):
+        metric.bootstrap()
+    perfect = np.array([[1, 1], [2, 2]])
+    metric.update(perfect, segs({1: 1, 2: 2}), perfect, segs({1: 1, 2: 2}))
+    # one image (or copies of one): every resample is that image, the interval is the point
+    assert metric.bootstrap(samples=50)["things"] == (1.0, 1.0)
+    assert all(math.isnan(v) for v in metric.bootstrap(samples=50)["stuff"])
+    metric.update(perfect, segs({1: 1, 2: 1}), perfect, segs({1: 1, 2: 2}))  # b read as a
+    point = metric.compute()["all"]["pq"]
+    lo, hi = metric.bootstrap(samples=400, seed=1)["all"]
+    assert lo < point < hi and lo >= 0.0 and hi == 1.0  # the resample of the perfect image twice
+    # the same resamples by hand: PQ of the summed counts of the drawn images
+    draws = np.random.default_rng(1).integers(0, 2, size=(400, 2))
+    by_hand = []
+    for d in draws:
+        m = PanopticQuality(SMALL)
+        for i in d:
+            if i == 0:
+                m.update(perfect, segs({1: 1, 2: 2}), perfect, segs({1: 1, 2: 2}))
+            else:
+                m.update(perfect, segs({1: 1, 2: 1}), perfect, segs({1: 1, 2: 2}))
+        by_hand.append(m.compute()["all"]["pq"])
+    assert (lo, hi) == tuple(np.percentile(by_hand, [2.5, 97.5]))
+    metric.reset()
+    with pytest.raises(ValueError):
+        metric.bootstrap()
+
+
 def test_invalid_input_raises_value_error():
     metric = PanopticQuality(SMALL)
     gt = np.array(GT)

@@ -935,6 +935,10 @@ def test_eval_samcp_command_with_the_oracle_row(trained, examples, tmp_path):
     assert [r["misnamed"] for r in per] == (matrix.sum(1) - np.diag(matrix)).tolist()
     assert np.diag(matrix).tolist() == [r["tp"] for r in per]
     assert "| class | PQ | SQ | RQ | IoU | AP50 | TP | missed | misnamed (as) | spurious |" in md
+    # the bootstrap interval over scenes: one scene, so every resample is that scene
+    for h in (head, oracle):
+        assert h["pq_interval_95"]["all"] == pytest.approx([h["pq"]["all"]["pq"]] * 2)
+    assert "PQ, 95% bootstrap interval over the v2 scenes" in md and "oracle " in md
 
 
 def test_named_as_lists_the_other_classes_most_often_first():

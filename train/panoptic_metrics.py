@@ -59,6 +59,16 @@ def _segment_table(name: str, segments: Sequence[Mapping[str, Any]], known: Mapp
     return table
 
 
+def _pq_sq_rq(iou_sum: np.ndarray, tp: np.ndarray, fp: np.ndarray, fn: np.ndarray
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-category PQ, SQ, RQ from the summed IoUs and counts (any leading batch dimensions)."""
+    tp = np.asarray(tp, np.float64)
+    denom = tp + 0.5 * np.asarray(fp, np.float64) + 0.5 * np.asarray(fn, np.float64)
+    sq = np.where(tp > 0, iou_sum / np.maximum(tp, 1), 0.0)
+    rq = np.where(denom > 0, tp / np.where(denom > 0, denom, 1), 0.0)
+    return sq * rq, sq, rq
+
+
 class PanopticQuality:
     """COCO panoptic quality (PQ = SQ x RQ) over a stream of images, as panopticapi computes it.
 
@@ -109,6 +119,7 @@ class PanopticQuality:
         self.missed = np.zeros(n, np.int64)
         self.spurious = np.zeros(n, np.int64)
         self.images = 0
+        self._scenes: List[np.ndarray] = []  # per image: [4, C] its iou_sum, tp, fp, fn (for bootstrap)
 
     def update(
         self,
@@ -151,6 +162,7 @@ class PanopticQuality:
             absent = sorted(set(table) - set(ids.tolist()))
             if absent:
                 raise ValueError(f"{name}_segments lists ids {absent[:10]} that have no pixels in {name}_panoptic")
+        before = np.stack([self.iou_sum, self.tp, self.fp, self.fn]).astype(np.float64)
         pair = np.bincount(gt_inv.ravel() * len(pred_ids) + pred_inv.ravel(), minlength=len(gt_ids) * len(pred_ids))
         inter = pair.reshape(len(gt_ids), len(pred_ids))
         pred_area = dict(zip(pred_ids.tolist(), inter.sum(0).tolist()))
@@ -199,6 +211,7 @@ class PanopticQuality:
             self.fp[info["category"]] += 1
             if p not in pred_paired:
                 self.spurious[info["category"]] += 1
+        self._scenes.append(np.stack([self.iou_sum, self.tp, self.fp, self.fn]).astype(np.float64) - before)
         self.images += 1
 
     def _average(self, chosen: np.ndarray) -> Dict[str, float]:
@@ -210,11 +223,40 @@ class PanopticQuality:
         return {"pq": float(pq[used].mean()), "sq": float(sq[used].mean()), "rq": float(rq[used].mean()), "n": n}
 
     def _per_class(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        tp = self.tp.astype(np.float64)
-        denom = tp + 0.5 * self.fp + 0.5 * self.fn
-        sq = np.where(tp > 0, self.iou_sum / np.maximum(tp, 1), 0.0)
-        rq = np.where(denom > 0, tp / np.where(denom > 0, denom, 1), 0.0)
-        return sq * rq, sq, rq
+        return _pq_sq_rq(self.iou_sum, self.tp, self.fp, self.fn)
+
+    def bootstrap(self, samples: int = 1000, level: float = 0.95, seed: int = 0) -> Dict[str, Tuple[float, float]]:
+        """Percentile bootstrap interval of PQ over the images: ``samples`` resamples of the images
+        passed to :meth:`update`, drawn with replacement, PQ recomputed on each (as :meth:`compute`).
+
+        Returns:
+            ``{"all" | "things" | "stuff": (low, high)}`` at confidence ``level`` (NaN where a
+            resample has no category of that kind).
+
+        Raises:
+            ValueError: without images, or with ``samples < 1`` or ``level`` outside (0, 1).
+        """
+        if not self._scenes:
+            raise ValueError("bootstrap needs at least one image (call update first)")
+        if samples < 1 or not 0.0 < level < 1.0:
+            raise ValueError(f"samples must be >= 1 and level in (0, 1), got {samples}, {level}")
+        scenes = np.stack(self._scenes)  # [N, 4, C]
+        draws = np.random.default_rng(seed).integers(0, len(scenes), size=(samples, len(scenes)))
+        totals = scenes[draws].sum(1)  # [samples, 4, C]
+        pq, _, _ = _pq_sq_rq(totals[:, 0], totals[:, 1], totals[:, 2], totals[:, 3])
+        seen = totals[:, 1:].sum(1) > 0
+        out = {}
+        for key, chosen in (("all", np.ones_like(self._isthing)), ("things", self._isthing), ("stuff", ~self._isthing)):
+            used = seen & chosen[None]
+            n = used.sum(1)
+            means = np.where(n > 0, (pq * used).sum(1) / np.maximum(n, 1), np.nan)
+            if np.isnan(means).all():
+                out[key] = (float("nan"), float("nan"))
+                continue
+            tail = (1.0 - level) / 2 * 100
+            lo, hi = np.nanpercentile(means, [tail, 100 - tail])
+            out[key] = (float(lo), float(hi))
+        return out
 
     def compute(self) -> Dict[str, Any]:
         """PQ, SQ and RQ over every image passed to :meth:`update`.

@@ -33,6 +33,7 @@ class SamcpEvalResult:
     kind: str                       # "v2" or "v1"
     names: Sequence[str]
     pq: Dict[str, Any] = field(default_factory=dict)       # PanopticQuality.compute() (v2)
+    pq_interval: Dict[str, Any] = field(default_factory=dict)  # PanopticQuality.bootstrap(): 95% over scenes (v2)
     semantic: Dict[str, Any] = field(default_factory=dict)  # SemanticConfusion.compute()
     ap: float = float("nan")
     ap50: float = float("nan")
@@ -47,7 +48,8 @@ class SamcpEvalResult:
         return float(self.semantic.get("miou", float("nan")))
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "names": list(self.names), "pq": self.pq, "semantic": self.semantic,
+        return {"kind": self.kind, "names": list(self.names), "pq": self.pq, "pq_interval_95": self.pq_interval,
+                "semantic": self.semantic,
                 "ap": self.ap, "ap50": self.ap50, "ap50_per_class": self.ap50_per_class, "scenes": self.scenes,
                 "patches_per_image": self.patches_per_image, "head_seconds_per_image": self.head_seconds_per_image,
                 "seconds": self.seconds}
@@ -264,5 +266,7 @@ def evaluate_samcp(predictor, model, seeds: Iterable[int], cache_dir, *, kind: s
             advance()
     ap, ap50, per = coco_mask_ap(images, gt_anns, dt_anns, [{"id": c["id"], "name": c["name"]} for c in things])
     n = max(len(seeds), 1)
-    return SamcpEvalResult(kind, tuple(predictor.names), pq.compute() if pq is not None else {}, sem.compute(), ap,
-                           ap50, per, len(seeds), n_patches / n, head_s / n, time.perf_counter() - t0)
+    interval = {k: list(v) for k, v in pq.bootstrap().items()} if pq is not None and seeds else {}
+    return SamcpEvalResult(kind, tuple(predictor.names), pq.compute() if pq is not None else {}, interval,
+                           sem.compute(), ap, ap50, per, len(seeds), n_patches / n, head_s / n,
+                           time.perf_counter() - t0)

@@ -370,6 +370,11 @@ def eval_samcp(
         md.append(f"| {usam.name} (U-SAM) | classifier on mask tokens | - | - | - | - | - | - | - | - | "
                   f"{f(usam_row.miou)} | {f(usam_row.map50)} | - | - |")
     md.append("")
+    intervals = [f"{name} {f(v2.pq_interval['all'][0])}-{f(v2.pq_interval['all'][1])}" for name, _, _, v2, _ in rows
+                 if v2.pq_interval.get("all")]
+    if intervals:
+        md += ["PQ, 95% bootstrap interval over the v2 scenes (1,000 resamples of the scenes; how far another draw "
+               "of as many scenes could move it): " + "; ".join(intervals) + ".", ""]
     for name, _, _, v2, v1 in rows:
         md += [f"**{name}** per class (v2): PQ / SQ / RQ, IoU, AP50, and the errors: ground-truth segments missed "
                "(no prediction at IoU > 0.5) or misnamed (a prediction of another class at IoU > 0.5, as which), "
