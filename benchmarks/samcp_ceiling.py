@@ -102,7 +102,7 @@ def main() -> None:
                         "things_union_iou": float(np.mean(things)), "things_at_0.5": float(np.mean(np.array(things) >= 0.5)),
                         "stuff_union_iou": float(np.mean(stuff)), "stuff_at_0.5": float(np.mean(np.array(stuff) >= 0.5)),
                         "seconds_per_image": seconds / len(data)})
-    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731  (None: JSON null, not NaN)
     payload = {"machine": machine(), "model": args.model, "checkpoint": args.checkpoint, "grid": args.grid,
                "box_nms_thresh": options["box_nms_thresh"], "seeds": args.seeds, "point_seeds": args.point_seeds,
                "single_point": {k: mean(v) for k, v in point.items()},
@@ -117,9 +117,11 @@ def main() -> None:
                f"'{args.point_seeds}' --grid {args.grid}" + (f" --box-nms-thresh {args.box_nms_thresh}" if args.box_nms_thresh
                is not None else "") + f" --thresholds {' '.join(args.thresholds)} --name {args.name}")
     sp, b3 = payload["single_point"], payload["single_point_best_of_3"]
-    pre = (f"`{command}`\n\nSingle-point IoU (highest-scoring mask / best of 3) on scenes {args.point_seeds}: v1 things "
-           f"{sp['v1 things']:.3f} / {b3['v1 things']:.3f}, v2 things {sp['v2 things']:.3f} / {b3['v2 things']:.3f}, "
-           f"v2 stuff {sp['v2 stuff']:.3f} / {b3['v2 stuff']:.3f}.\n\nOracle merge of the {args.grid}x{args.grid}-grid "
+    point_line = "" if not args.point_seeds else (
+        f"Single-point IoU (highest-scoring mask / best of 3) on scenes {args.point_seeds}: "
+        + ", ".join(f"{k} {sp[k]:.3f} / {b3[k]:.3f}" for k in ("v1 things", "v2 things", "v2 stuff")
+                    if sp[k] is not None) + ".\n\n")
+    pre = (f"`{command}`\n\n{point_line}Oracle merge of the {args.grid}x{args.grid}-grid "
            f"patches on v2 scenes {args.seeds}, box NMS {options['box_nms_thresh']} (union of the patches >= 80% inside each GT "
            "segment):\n")
     _, md = write_report(args.out, args.name, payload, table, header, pre)
