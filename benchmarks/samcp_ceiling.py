@@ -119,8 +119,7 @@ def main() -> None:
     sp, b3 = payload["single_point"], payload["single_point_best_of_3"]
     point_line = "" if not args.point_seeds else (
         f"Single-point IoU (highest-scoring mask / best of 3) on scenes {args.point_seeds}: "
-        + ", ".join(f"{k} {sp[k]:.3f} / {b3[k]:.3f}" for k in ("v1 things", "v2 things", "v2 stuff")
-                    if sp[k] is not None) + ".\n\n")
+        + ", ".join(f"{k} {v:.3f} / {b3[k]:.3f}" for k, v in sp.items() if v is not None) + ".\n\n")
     pre = (f"`{command}`\n\n{point_line}Oracle merge of the {args.grid}x{args.grid}-grid "
            f"patches on v2 scenes {args.seeds}, box NMS {options['box_nms_thresh']} (union of the patches >= 80% inside each GT "
            "segment):\n")
