@@ -142,7 +142,7 @@ def _patches(n, h, w, seed):
             y0, x0 = rng.integers(0, h), rng.integers(0, w)
             out[i, y0 : y0 + rng.integers(1, h + 1), x0 : x0 + rng.integers(1, w + 1)] = True
         elif kind == 1:
-            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(1, max(h, w) / 3)
+            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(1, max(2.0, max(h, w) / 3))
             out[i] = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
         elif kind == 2:
             out[i] = rng.random((h, w)) < 0.1
