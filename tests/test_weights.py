@@ -296,7 +296,7 @@ def test_cli_list_shows_the_registered_models(monkeypatch):
     assert result.exit_code == 0, result.output
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 4}
     assert set(list_models()) <= set(rows)
-    assert "shipped" in rows["sam_nano"] and "0.6 / 0.95" in rows["sam_nano"]
+    assert "shipped" in rows["sam_nano"] and "0.7 / 0.95" in rows["sam_nano"]
     assert "0.5 / 0.94" in rows["sam_nano_panoptic"]
     assert "download: sam_vit_b.sa1b" in rows["sam_vit_b"] and "0.88 / 0.95" in rows["sam_vit_b"]
     assert "none" in rows["sam_nano_vit"]
