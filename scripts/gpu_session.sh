@@ -6,7 +6,9 @@
 #   $OUT/results.tar.gz     gpu-check/ (logs, JSON, markdown) and nano/ (training logs, eval.json, summary.md)
 #
 #   scripts/gpu_session.sh continue [MINUTES]          (default) sam_nano trained on from its shipped weights
-#                                                      (6 min; warm restart at lr 5e-4), then evaluated
+#                                                      (6 min; warm restart at lr 5e-4), then evaluated;
+#                                                      NANO_FROM=FILE starts from other weights (a file carried
+#                                                      in the tree, e.g. an earlier call's output copied to .whl/)
 #   scripts/gpu_session.sh ab [AB_MINUTES] [FINAL]     the v5 encoder A/B (sam_nano_vit, sam_nano_conv,
 #                                                      sam_nano_conv512, sam_nano from scratch, 3 min each in
 #                                                      parallel), then the winner trained on (3 min)
@@ -36,7 +38,7 @@ else
     # a fresh data seed each session (scenes never repeat across sessions); eval seeds stay below 1,000,000
     SEED=$(( 3000000 + $(date +%s) % 1000000 * 100 ))
     python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$MINUTES" --final-minutes 0 \
-        --models sam_nano -- "${RECIPE[@]/shapes:1000000/shapes:$SEED}" --checkpoint pkg:assets/sam_nano.safetensors \
+        --models sam_nano -- "${RECIPE[@]/shapes:1000000/shapes:$SEED}" --checkpoint "${NANO_FROM:-pkg:assets/sam_nano.safetensors}" \
         --lr 5e-4 --warmup-steps 50 > "$WORK/nano/train.log" 2>&1 &
 fi
 TRAIN=$!
