@@ -148,6 +148,33 @@ def test_cli_eval_sum(tmp_path, nano):
     assert set(data["forgetting"]) == {"base", "tuned"}
     assert data["forgetting"]["base"]["miou_1pt_top"] == pytest.approx(data["forgetting"]["tuned"]["miou_1pt_top"])
     assert "### mean boundary IoU" in (tmp_path / "ev" / "eval_sum.md").read_text()
+    for grid, msg in (("0.9,x", "--calibration-stability"), ("1.5", "--calibration-stability"),
+                      (",", "--calibration-stability")):  # a grid with no value is refused, not taken as the default
+        bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--amg-seeds", "0:1",
+                                  "--calibration-seeds", "500:501", "--calibration-stability", grid,
+                                  "--out", str(tmp_path / "x")])
+        assert bad.exit_code == 1 and msg in bad.output, bad.output
+    bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1",
+                              "--calibration-stability", "0.96", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "needs --calibration-seeds" in bad.output
+    bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--amg-seeds", "0:2",
+                              "--calibration-seeds", "1:3", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "overlaps --amg-seeds" in bad.output
+    bad = runner.invoke(app, ["eval", "sum", "--seeds", "0:1"])
+    assert bad.exit_code == 1 and "--column NAME=WEIGHTS" in bad.output
+    bad = runner.invoke(app, ["eval", "sum", "--column", "base", "--seeds", "0:1", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "NAME=WEIGHTS" in bad.output
+    bad = runner.invoke(app, ["eval", "sum", "--column", "a=nowhere.safetensors", "--seeds", "0:1"])
+    assert bad.exit_code == 1 and "neither a registered model nor a file" in bad.output
+    bad = runner.invoke(app, ["eval", "sum", "--column", "a=sam_nano", "--points", "0", "--seeds", "0:1"])
+    assert bad.exit_code == 1 and "--points" in bad.output
+
+
+@pytest.mark.slow  # about 3 minutes: four threshold calibrations with segment-everything at 32 x 32 points
+def test_cli_eval_sum_calibrates_each_columns_own_thresholds(tmp_path):
+    from samantic.cli.main import app
+
+    runner = CliRunner()
     # each column's own thresholds, chosen on calibration scenes disjoint from the recall scenes
     r = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--points", "1",
                             "--forgetting-seeds", "", "--amg-seeds", "0:1", "--calibration-seeds", "500:501",
@@ -174,23 +201,3 @@ def test_cli_eval_sum(tmp_path, nano):
     assert data["forgetting"]["base"]["own_thresholds"] == {k: cal.best[k] for k in ("pred_iou_thresh",
                                                                                        "stability_score_thresh")}
     assert "--calibration-stability 0.96,0.9812345 " in data["command"] + " "  # as given, to the last digit
-    for grid, msg in (("0.9,x", "--calibration-stability"), ("1.5", "--calibration-stability"),
-                      (",", "--calibration-stability")):  # a grid with no value is refused, not taken as the default
-        bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--amg-seeds", "0:1",
-                                  "--calibration-seeds", "500:501", "--calibration-stability", grid,
-                                  "--out", str(tmp_path / "x")])
-        assert bad.exit_code == 1 and msg in bad.output, bad.output
-    bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1",
-                              "--calibration-stability", "0.96", "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 1 and "needs --calibration-seeds" in bad.output
-    bad = runner.invoke(app, ["eval", "sum", "--column", "base=sam_nano", "--seeds", "0:1", "--amg-seeds", "0:2",
-                              "--calibration-seeds", "1:3", "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 1 and "overlaps --amg-seeds" in bad.output
-    bad = runner.invoke(app, ["eval", "sum", "--seeds", "0:1"])
-    assert bad.exit_code == 1 and "--column NAME=WEIGHTS" in bad.output
-    bad = runner.invoke(app, ["eval", "sum", "--column", "base", "--seeds", "0:1", "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 1 and "NAME=WEIGHTS" in bad.output
-    bad = runner.invoke(app, ["eval", "sum", "--column", "a=nowhere.safetensors", "--seeds", "0:1"])
-    assert bad.exit_code == 1 and "neither a registered model nor a file" in bad.output
-    bad = runner.invoke(app, ["eval", "sum", "--column", "a=sam_nano", "--points", "0", "--seeds", "0:1"])
-    assert bad.exit_code == 1 and "--points" in bad.output
