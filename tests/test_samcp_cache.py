@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from samantic.cli.data import app as data_app
 from samantic.pipeline.generator import MaskGenerator
-from samantic.models.registry import PRED_IOU_V6, STABILITY_V6
+from samantic.models.registry import PRED_IOU_NANO, STABILITY_NANO
 from samantic.train import samcp_cache
 from samantic.train.data.panoptic import CATEGORIES, render_panoptic, write_panoptic
 from samantic.train.samcp_cache import (
@@ -241,10 +241,10 @@ def test_thresholds_default_to_the_models_recommended_ones(nano, tmp_path):
 
     cache = PatchCache(tmp_path, nano, points_per_side=GRID)
     rec = recommended_thresholds(nano)
-    assert rec == {"pred_iou_thresh": PRED_IOU_V6, "stability_score_thresh": STABILITY_V6}  # the shipped calibration
+    assert rec == {"pred_iou_thresh": PRED_IOU_NANO, "stability_score_thresh": STABILITY_NANO}  # the shipped calibration
     assert {k: cache.metadata[k] for k in rec} == rec
     assert cache.metadata["thresholds_source"] == {"pred_iou_thresh": "model", "stability_score_thresh": "model"}
-    assert PatchCache(tmp_path, nano, points_per_side=GRID, pred_iou_thresh=PRED_IOU_V6).key == cache.key
+    assert PatchCache(tmp_path, nano, points_per_side=GRID, pred_iou_thresh=PRED_IOU_NANO).key == cache.key
     # other weights: another key, and no file to name
     random = PatchCache(tmp_path, create_model("sam_nano", pretrained=False), points_per_side=GRID)
     assert random.key != cache.key and random.metadata["weights_sha256"] == "random"
@@ -343,13 +343,13 @@ def test_cli_writes_the_cache_and_reports_a_corrupt_image(dataset_dir, tmp_path,
                                  "--no-progress"])
     assert r.exit_code == 1, r.output
     assert "000002.png" in r.output and "1 of 2 images failed" in r.output
-    assert "--model sam_nano" in r.output and f"--pred-iou-thresh {PRED_IOU_V6} (the model's)" in r.output
+    assert "--model sam_nano" in r.output and f"--pred-iou-thresh {PRED_IOU_NANO} (the model's)" in r.output
     (key_dir,) = out.iterdir()
     assert str(key_dir) in r.output
     entries = sorted(p.name for p in key_dir.glob("*.npz"))
     assert entries == [image_sha256(render_panoptic(SEEDS[0], size=SIZE).image) + ".npz"]
     meta = json.loads((key_dir / "meta.json").read_text())
-    assert (meta["pred_iou_thresh"], meta["stability_score_thresh"], meta["grid"]) == (PRED_IOU_V6, STABILITY_V6, "4x4")
+    assert (meta["pred_iou_thresh"], meta["stability_score_thresh"], meta["grid"]) == (PRED_IOU_NANO, STABILITY_NANO, "4x4")
     assert len(count_generator) == 1
     # the good image is cached: a rerun computes nothing and still fails on the bad one
     r = runner.invoke(data_app, ["patches", "--data", str(data), "--out", str(out), "--points-per-side", "4",
