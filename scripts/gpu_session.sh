@@ -9,6 +9,12 @@
 #                                                      (6 min; warm restart at lr 5e-4), then evaluated;
 #                                                      NANO_FROM=FILE starts from other weights (a file carried
 #                                                      in the tree, e.g. an earlier call's output copied to .whl/)
+#   scripts/gpu_session.sh panoptic [MINUTES]          sam_nano_panoptic fine-tuned from sam_nano's shipped weights
+#                                                      (or NANO_FROM=FILE) on v1 + v2 scenes alternating
+#                                                      (shapes-mix, batch norm frozen: assets/sam_nano_panoptic.md's
+#                                                      recipe at 32 images a step), 6 min by default; written as
+#                                                      $OUT/sam_nano_panoptic.safetensors, evaluated on v1 scenes
+#                                                      (v2 and SAM-CP's ceiling: on the CPU afterwards, see the card)
 #   scripts/gpu_session.sh ab [AB_MINUTES] [FINAL]     the v5 encoder A/B (sam_nano_vit, sam_nano_conv,
 #                                                      sam_nano_conv512, sam_nano from scratch, 3 min each in
 #                                                      parallel), then the winner trained on (3 min)
@@ -17,9 +23,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-continue}
 case "$MODE" in
-    continue) MINUTES=${2:-6.0} ;;
+    continue|panoptic) MINUTES=${2:-6.0} ;;
     ab) AB=${2:-3.0}; FINAL=${3:-3.0} ;;
-    *) echo "usage: gpu_session.sh continue [MINUTES] | ab [AB_MINUTES] [FINAL_MINUTES]" >&2; exit 2 ;;
+    *) echo "usage: gpu_session.sh continue [MINUTES] | panoptic [MINUTES] | ab [AB_MINUTES] [FINAL_MINUTES]" >&2; exit 2 ;;
 esac
 DEST=${OUT:-runs/gpu-session}
 mkdir -p "$DEST"
@@ -34,6 +40,11 @@ if [ "$MODE" = ab ]; then
     python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$AB" --final-minutes "$FINAL" \
         --models sam_nano_vit,sam_nano_conv,sam_nano_conv512,sam_nano -- \
         "${RECIPE[@]}" --lr 1e-3 --warmup-steps 150 --flat-steps 200 > "$WORK/nano/train.log" 2>&1 &
+elif [ "$MODE" = panoptic ]; then
+    SEED=$(( 7000000 + $(date +%s) % 1000000 * 100 ))
+    python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$MINUTES" --final-minutes 0 \
+        --models sam_nano_panoptic -- "${RECIPE[@]/shapes:1000000/shapes-mix:$SEED}" --freeze-batchnorm --flat-steps 0 \
+        --checkpoint "${NANO_FROM:-pkg:assets/sam_nano.safetensors}" --lr 3e-4 --warmup-steps 50 > "$WORK/nano/train.log" 2>&1 &
 else
     # a fresh data seed each session (scenes never repeat across sessions); eval seeds stay below 1,000,000
     SEED=$(( 3000000 + $(date +%s) % 1000000 * 100 ))
