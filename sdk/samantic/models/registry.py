@@ -74,7 +74,7 @@ def register_model(*, default_weights: Optional[str] = None,
 THRESHOLD_NAMES = ("pred_iou_thresh", "stability_score_thresh")
 DEFAULT_MODEL = "sam_nano"  # the SAM used when none is named (`samantic segment`, a SAM-CP head recording none)
 SAM_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}  # segment-anything's defaults
-PRED_IOU_NANO, STABILITY_NANO = 0.7, 0.95  # sam_nano (v6): best F1 at IoU 0.5 on seeds 500-559 (model card; v5: 0.6 / 0.95)
+PRED_IOU_NANO, STABILITY_NANO = 0.8, 0.95  # sam_nano (v7): best F1 at IoU 0.5 on seeds 500-559 (model card; v6 0.7, v5 0.6 / 0.95)
 PRED_IOU_PANOPTIC, STABILITY_PANOPTIC = 0.5, 0.94  # sam_nano_panoptic: best F1 at IoU 0.5 on v2 seeds 500-523
 
 
