@@ -8,7 +8,9 @@
 #   scripts/gpu_session.sh continue [MINUTES]          (default) sam_nano trained on from its shipped weights
 #                                                      (6 min; warm restart at lr 5e-4), then evaluated;
 #                                                      NANO_FROM=FILE starts from other weights (a file carried
-#                                                      in the tree, e.g. an earlier call's output copied to .whl/)
+#                                                      in the tree, e.g. an earlier call's output copied to .whl/);
+#                                                      NANO_OPTS="--zoom-prob 0.1 ..." appends options of
+#                                                      `samantic train sam` (the last value of an option wins)
 #   scripts/gpu_session.sh panoptic [MINUTES]          sam_nano_panoptic fine-tuned from sam_nano's shipped weights
 #                                                      (or NANO_FROM=FILE) on v1 + v2 scenes alternating
 #                                                      (shapes-mix, batch norm frozen: assets/sam_nano_panoptic.md's
@@ -44,13 +46,13 @@ elif [ "$MODE" = panoptic ]; then
     SEED=$(( 7000000 + $(date +%s) % 1000000 * 100 ))
     python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$MINUTES" --final-minutes 0 \
         --models sam_nano_panoptic -- "${RECIPE[@]/shapes:1000000/shapes-mix:$SEED}" --freeze-batchnorm --flat-steps 0 \
-        --checkpoint "${NANO_FROM:-pkg:assets/sam_nano.safetensors}" --lr 3e-4 --warmup-steps 50 > "$WORK/nano/train.log" 2>&1 &
+        --checkpoint "${NANO_FROM:-pkg:assets/sam_nano.safetensors}" --lr 3e-4 --warmup-steps 50 ${NANO_OPTS:-} > "$WORK/nano/train.log" 2>&1 &
 else
     # a fresh data seed each session (scenes never repeat across sessions); eval seeds stay below 1,000,000
     SEED=$(( 3000000 + $(date +%s) % 1000000 * 100 ))
     python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$MINUTES" --final-minutes 0 \
         --models sam_nano -- "${RECIPE[@]/shapes:1000000/shapes:$SEED}" --checkpoint "${NANO_FROM:-pkg:assets/sam_nano.safetensors}" \
-        --lr 5e-4 --warmup-steps 50 > "$WORK/nano/train.log" 2>&1 &
+        --lr 5e-4 --warmup-steps 50 ${NANO_OPTS:-} > "$WORK/nano/train.log" 2>&1 &
 fi
 TRAIN=$!
 
