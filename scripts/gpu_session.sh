@@ -13,8 +13,9 @@
 #                                                      `samantic train sam` (the last value of an option wins)
 #   scripts/gpu_session.sh panoptic [MINUTES]          sam_nano_panoptic fine-tuned from sam_nano's shipped weights
 #                                                      (or NANO_FROM=FILE) on v1 + v2 scenes alternating
-#                                                      (shapes-mix, batch norm frozen: assets/sam_nano_panoptic.md's
-#                                                      recipe at 32 images a step), 6 min by default; written as
+#                                                      (shapes-mix, batch norm frozen, as assets/sam_nano_panoptic.md;
+#                                                      the batch of `continue`: 32 images x 6 masks x 2 rounds,
+#                                                      lr 3e-4 after 50 warm-up steps), 6 min by default; written as
 #                                                      $OUT/sam_nano_panoptic.safetensors, evaluated on v1 scenes
 #                                                      (v2 and SAM-CP's ceiling: on the CPU afterwards, see the card)
 #   scripts/gpu_session.sh ab [AB_MINUTES] [FINAL]     the v5 encoder A/B (sam_nano_vit, sam_nano_conv,
