@@ -31,19 +31,16 @@ def per_object(model_name: str, weights: str, seeds) -> np.ndarray:
 
     from samantic.models import create_model
     from samantic.train.data.shapes import render_scene
-    from samantic.train.metrics import centre_point, mask_iou
+    from samantic.train.metrics import single_point_ious
 
     predictor = SamPredictor(create_model(model_name, checkpoint=weights).eval())
     rows = []
     with torch.no_grad():
         for seed in seeds:
             scene = render_scene(seed)
-            predictor.set_image(scene.image)
+            top, best = single_point_ious(predictor, scene.image, scene.masks)
             h, w = scene.image.shape[:2]
-            for gt in scene.masks:
-                masks, scores, _ = predictor.predict(np.array([centre_point(gt)]), np.array([1]), multimask_output=True)
-                ious = [mask_iou(m, gt) for m in masks]
-                rows.append((gt.sum() / (h * w), ious[int(np.argmax(scores))], max(ious)))
+            rows += [(gt.sum() / (h * w), t, b) for gt, t, b in zip(scene.masks, top, best)]
     return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
 
