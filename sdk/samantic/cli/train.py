@@ -73,6 +73,7 @@ def train_sam(
         torch_device = torch.device(device)
         if torch_device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device")
+        torch.manual_seed(seed)  # a from-scratch model's initialisation follows --seed
         sam = create_model(model, checkpoint=checkpoint, pretrained=False if checkpoint is None else None)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -85,6 +86,54 @@ def train_sam(
     trainer = SamTrainer(sam, config, dataset, device=device, workers=workers)
     result = trainer.train(out, resume=resume, progress=progress)
     _note_time_budget(time_budget, result.steps, steps)
+    typer.echo(f"saved: {result.output} (steps {result.steps}, last loss {result.last_loss:.4f}, "
+               f"{result.seconds / 60:.1f} min); log: {result.log}")
+
+
+@app.command("encoder", help="Pretrain a SAM's image encoder as an image classifier on shapes-world scenes (image-level class labels only), for `train sam --checkpoint` to start from (resumable).")
+def train_encoder(
+    out: Annotated[Path, typer.Option(help="Output: a full SAM checkpoint (.safetensors) whose encoder is pretrained; OUT.ckpt, OUT.log.jsonl and the classifier layer (OUT-stem.classifier.safetensors) go beside it.")],
+    model: Annotated[str, typer.Option(help="Registered model whose encoder to pretrain.")] = "sam_nano",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Start from these weights (default: random initialisation).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Total optimizer steps.")] = 2000,
+    minutes: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
+    images_per_step: Annotated[int, typer.Option(min=1, help="Scenes per optimizer step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear learning-rate warm-up steps.")] = 50,
+    first_seed: Annotated[int, typer.Option(min=0, help="Scene seed of the first training image (scenes are rendered on the fly).")] = 70_000_000,
+    eval_seeds: Annotated[str, typer.Option(help="Held-out scene seeds START:STOP scored at the end (label accuracy, exact match, mAP; '' to skip).")] = "0:100",
+    seed: Annotated[int, typer.Option(help="Random seed (classifier initialisation, flips).")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Write OUT.ckpt (for --resume) every this many steps.")] = 50,
+    log_every: Annotated[int, typer.Option(min=1, help="Append to OUT.log.jsonl every this many steps.")] = 10,
+    device: Annotated[str, typer.Option(help="Where to train: cpu, cuda, ...")] = "cpu",
+    workers: Annotated[int, typer.Option(min=0, help="Scene-rendering processes (0: in the training process).")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    from samantic.cli.eval import parse_seeds
+    from samantic.models import create_model
+    from samantic.train.pretrain import EncoderPretrainer, PretrainConfig
+
+    try:
+        config = PretrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, warmup_steps=warmup_steps,
+                                time_budget=minutes * 60, first_seed=first_seed, seed=seed,
+                                log_every=log_every, checkpoint_every=checkpoint_every)
+        held_out = list(parse_seeds(eval_seeds)) if eval_seeds else []
+        if held_out and first_seed < max(held_out) + 1 and first_seed + steps * images_per_step > min(held_out):
+            raise ValueError(f"--eval-seeds {eval_seeds} overlap the training scenes {first_seed}:"
+                             f"{first_seed + steps * images_per_step}")
+        import torch
+
+        torch.manual_seed(seed)  # the same --seed gives `train sam` the same random initialisation
+        sam = create_model(model, checkpoint=checkpoint, pretrained=False if checkpoint is None else None)
+        trainer = EncoderPretrainer(sam, config, device=device, workers=workers)
+        typer.echo(f"pretraining {model}'s image encoder on image-level class labels, {images_per_step} scenes a step "
+                   f"from seed {first_seed}" + (f", {minutes:g} min" if minutes else f", {steps} steps"))
+        result = trainer.train(out, resume=resume, progress=progress, eval_seeds=held_out)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    _note_time_budget(minutes, result.steps, steps)
     typer.echo(f"saved: {result.output} (steps {result.steps}, last loss {result.last_loss:.4f}, "
                f"{result.seconds / 60:.1f} min); log: {result.log}")
 
