@@ -61,6 +61,7 @@ import json, sys
 from pathlib import Path
 
 out, minutes, pre, points, probe_seeds = Path(sys.argv[1]), *sys.argv[2:6]
+fmt = lambda v: "-" if v is None or v != v else f"{v:.3f}"  # noqa: E731  (no probe: no mask matched)
 rows = []
 chance = float("nan")
 for arm in ("scratch", "pretrained"):
@@ -79,10 +80,10 @@ for arm in ("scratch", "pretrained"):
         steps = max(r["step"] for r in elog)
         pre_txt = f"{steps} steps; held-out mAP {ho[-1]['mAP']:.3f}" if ho else f"{steps} steps"
     rows.append(f"| {arm} | {pre_txt} | {log[-1]['step']} | {sam['metrics']['miou_1pt_top']:.3f} | {sam['metrics']['miou_3pt']:.3f} "
-                f"| {acc.get('token', float('nan')):.3f} | {acc.get('pooled', float('nan')):.3f} |")
+                f"| {fmt(acc.get('token'))} | {fmt(acc.get('pooled'))} |")
 md = [f"Encoder pretraining A/B: {minutes} minutes per arm ({pre} of them pretraining in the second), "
       f"same random init (--seed 0), recipe and scene stream; held-out scenes {points} (points), {probe_seeds} (probe; chance "
-      f"{chance:.3f}).", "",
+      f"{fmt(chance)}).", "",
       "| arm | pretraining | SAM steps | 1-point mIoU | 3-point mIoU | probe: token | probe: pooled |",
       "|---|---|---|---|---|---|---|", *rows, ""]
 (out / "summary.md").write_text("\n".join(md))
