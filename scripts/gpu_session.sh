@@ -21,6 +21,11 @@
 #   scripts/gpu_session.sh ab [AB_MINUTES] [FINAL]     the v5 encoder A/B (sam_nano_vit, sam_nano_conv,
 #                                                      sam_nano_conv512, sam_nano from scratch, 3 min each in
 #                                                      parallel), then the winner trained on (3 min)
+#   scripts/gpu_session.sh pretrain [AB_MINUTES] [PRE]  the encoder-pretraining A/B (issue 15, item 2): sam_nano from
+#                                                      scratch against sam_nano-pretrain (its first PRE minutes in
+#                                                      `samantic train encoder`, image-level class labels, then SAM's
+#                                                      recipe from that encoder), 6 and 2 min by default, same init;
+#                                                      probe them on the CPU afterwards (`samantic eval probe`)
 # About 9 minutes in all; run with timeout_s 590 and `carry: [".whl"]` (scripts/gpu_check_wheels.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +33,8 @@ MODE=${1:-continue}
 case "$MODE" in
     continue|panoptic) MINUTES=${2:-6.0} ;;
     ab) AB=${2:-3.0}; FINAL=${3:-3.0} ;;
-    *) echo "usage: gpu_session.sh continue [MINUTES] | panoptic [MINUTES] | ab [AB_MINUTES] [FINAL_MINUTES]" >&2; exit 2 ;;
+    pretrain) AB=${2:-6.0}; PRE=${3:-2.0} ;;
+    *) echo "usage: gpu_session.sh continue [MINUTES] | panoptic [MINUTES] | ab [AB_MINUTES] [FINAL_MINUTES] | pretrain [AB_MINUTES] [PRE_MINUTES]" >&2; exit 2 ;;
 esac
 DEST=${OUT:-runs/gpu-session}
 mkdir -p "$DEST"
@@ -42,6 +48,10 @@ RECIPE=(--data shapes:1000000 --steps 1000000 --images-per-step 32 --masks-per-i
 if [ "$MODE" = ab ]; then
     python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$AB" --final-minutes "$FINAL" \
         --models sam_nano_vit,sam_nano_conv,sam_nano_conv512,sam_nano -- \
+        "${RECIPE[@]}" --lr 1e-3 --warmup-steps 150 --flat-steps 200 > "$WORK/nano/train.log" 2>&1 &
+elif [ "$MODE" = pretrain ]; then
+    python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$AB" --final-minutes 0 --pretrain-minutes "$PRE" \
+        --models sam_nano,sam_nano-pretrain -- \
         "${RECIPE[@]}" --lr 1e-3 --warmup-steps 150 --flat-steps 200 > "$WORK/nano/train.log" 2>&1 &
 elif [ "$MODE" = panoptic ]; then
     SEED=$(( 7000000 + $(date +%s) % 1000000 * 100 ))

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import shlex
 import subprocess
 import sys
 import time
@@ -67,16 +68,36 @@ def environment() -> dict:
     return env
 
 
-def train(models, out: Path, minutes: float, workers: int, device: str, options, env, resume=False):
+def base_model(name: str) -> str:
+    """The registered model of a candidate: ``sam_nano-pretrain`` is sam_nano with its encoder pretrained first."""
+    return name[: -len("-pretrain")] if name.endswith("-pretrain") else name
+
+
+def train(models, out: Path, minutes: float, workers: int, device: str, options, env, resume=False,
+          pretrain_minutes: float = 0.0):
+    """Trains every candidate in its own process for ``minutes``; a ``-pretrain`` candidate spends the first
+    ``pretrain_minutes`` of them in `samantic train encoder` (image-level class labels), then starts SAM's
+    recipe from that encoder."""
     procs = {}
     for m in models:
-        cmd = [sys.executable, "-m", "samantic.cli.main", "train", "sam", "--model", m, "--device", device,
-               "--workers", str(workers), "--time-budget", str(minutes), "--no-progress",
+        model, pre = base_model(m), (pretrain_minutes if m.endswith("-pretrain") else 0.0)
+        cmd = [sys.executable, "-m", "samantic.cli.main", "train", "sam", "--model", model, "--device", device,
+               "--workers", str(workers), "--time-budget", str(minutes - pre), "--no-progress",
                "--out", str(out / f"{m}.safetensors"), *options] + (["--resume"] if resume else [])
+        steps = [cmd]
+        if pre > 0:
+            encoder = out / f"{m}.encoder.safetensors"
+            cmd += ["--checkpoint", str(encoder)]  # the last --checkpoint wins over one in the options
+            if not resume:
+                steps.insert(0, [sys.executable, "-m", "samantic.cli.main", "train", "encoder", "--model", model,
+                                 "--device", device, "--workers", str(workers), "--minutes", str(pre),
+                                 "--steps", "1000000", "--images-per-step", "64", "--no-progress",
+                                 "--out", str(encoder)])
         log = open(out / f"{m}.out", "a")
-        log.write(" ".join(cmd) + "\n")
+        script = " && ".join(shlex.join(c) for c in steps)
+        log.write(script + "\n")
         log.flush()
-        procs[m] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        procs[m] = subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     failed = [m for m, p in procs.items() if p.wait() != 0]
     for m in failed:
         print(f"{m}: training failed, see {out / (m + '.out')}", flush=True)
@@ -122,6 +143,8 @@ def main() -> int:
     ap.add_argument("--models", default="sam_nano_vit,sam_nano_conv,sam_nano_conv512,sam_nano")
     ap.add_argument("--ab-minutes", type=float, default=3.5)
     ap.add_argument("--final-minutes", type=float, default=3.0)
+    ap.add_argument("--pretrain-minutes", type=float, default=0.0,
+                    help="minutes of its A/B time a NAME-pretrain candidate spends pretraining the encoder first")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--eval-seeds", default="0:100", help="held-out scene seeds START:STOP (samantic eval sam's)")
     ap.add_argument("options", nargs=argparse.REMAINDER, help="after --: options of `samantic train sam`")
@@ -135,6 +158,7 @@ def main() -> int:
     cores = os.cpu_count() or 2
     t0 = time.time()
     summary = {"models": models, "options": options, "ab_minutes": args.ab_minutes,
+               "pretrain_minutes": args.pretrain_minutes,
                "final_minutes": args.final_minutes, "cores": cores, "eval_seeds": args.eval_seeds}
     try:
         import torch
@@ -146,9 +170,9 @@ def main() -> int:
 
     workers = max(1, (cores - len(models)) // len(models))
     print(f"A/B: {models}, {args.ab_minutes} min each in parallel, {workers} data workers each", flush=True)
-    ok = train(models, out, args.ab_minutes, workers, args.device, options, env)
+    ok = train(models, out, args.ab_minutes, workers, args.device, options, env, pretrain_minutes=args.pretrain_minutes)
     summary["ab_seconds"] = round(time.time() - t0, 1)
-    ab = evaluate([(m, m, out / f"{m}.safetensors") for m in ok], args.device, env, seeds)
+    ab = evaluate([(m, base_model(m), out / f"{m}.safetensors") for m in ok], args.device, env, seeds)
     for m in ok:
         ab.setdefault(m, {}).update(train_log=last_log(out / f"{m}.safetensors.log.jsonl"))
     summary["ab"] = ab
@@ -161,12 +185,12 @@ def main() -> int:
         shutil.copy(out / f"{best}.safetensors", out / f"{best}.ab.safetensors")
         t1 = time.time()
         done = train([best], out, args.ab_minutes + args.final_minutes, max(1, cores - 1), args.device,
-                     options, env, resume=True)
+                     options, env, resume=True, pretrain_minutes=args.pretrain_minutes)
         summary["final_seconds"] = round(time.time() - t1, 1)
         if done:
             shutil.move(out / f"{best}.safetensors", out / "final.safetensors")
             shutil.move(out / f"{best}.ab.safetensors", out / f"{best}.safetensors")
-            final = evaluate([("final", best, out / "final.safetensors")], args.device, env, seeds)
+            final = evaluate([("final", base_model(best), out / "final.safetensors")], args.device, env, seeds)
             summary["final"] = {**final.get("final", {}), "train_log": last_log(out / f"{best}.safetensors.log.jsonl")}
         else:
             status = 1
