@@ -19,7 +19,6 @@ from scratch changes one thing. The classifier layer is not part of it.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samantic.train.data.shapes import CLASSES, render_scene
-from samantic.train.sam import _quiet_worker
+from samantic.train.sam import _quiet_worker, output_files, warmup_cosine_lr
 
 # the scene seeds pretraining renders from by default: far from every evaluation range (0-99, 500-560,
 # 500000-500080) and from the SAM training streams (1,000,000 up in steps of a few hundred thousand)
@@ -168,13 +167,7 @@ class EncoderPretrainer:
         self._std = sam.pixel_std.detach().cpu().flatten()
 
     def lr_at(self, step: int, elapsed: float) -> float:
-        c = self.config
-        if step < c.warmup_steps:
-            return c.lr * (step + 1) / c.warmup_steps
-        t = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
-        if c.time_budget > 0:
-            t = max(t, elapsed / c.time_budget)
-        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+        return warmup_cosine_lr(self.config, step, elapsed)
 
     def logits(self, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         emb = self.sam.image_encoder(images.to(self.device))
@@ -242,16 +235,9 @@ class EncoderPretrainer:
         from samantic.io import atomic_write_bytes
         from samantic.models import save_checkpoint
 
-        out = Path(out)
-        if out.suffix != ".safetensors":
-            raise ValueError(f"--out must end in .safetensors, got {out}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ckpt = out.with_name(out.name + ".ckpt")
-        log_path = out.with_name(out.name + ".log.jsonl")
+        out, ckpt, log_path = output_files(out, resume)
         if resume and ckpt.exists():
             self.load_state(ckpt)
-        elif not resume and log_path.exists():
-            log_path.unlink()
         c = self.config
         last: Dict[str, float] = {}
         window: List[Dict[str, float]] = []

@@ -338,6 +338,32 @@ class MaskLoss:
         return self.focal_weight * focal + self.dice_weight * dice
 
 
+def warmup_cosine_lr(config, step: int, elapsed: float = 0.0) -> float:
+    """The learning rate of ``step`` for a config with ``lr``, ``warmup_steps``, ``steps``, ``time_budget``
+    (seconds, 0: none) and ``min_lr_ratio``: linear warm-up, then cosine decay to ``min_lr_ratio * lr`` over
+    the steps or, with a time budget, over whichever of steps and time runs out first."""
+    c = config
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    t = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+    if c.time_budget > 0:
+        t = max(t, elapsed / c.time_budget)
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def output_files(out, resume: bool) -> Tuple[Path, Path, Path]:
+    """A trainer's ``(out, out.ckpt, out.log.jsonl)``: ``out`` must be .safetensors; its folder is made; a run
+    that does not resume starts a fresh log."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt, log_path = out.with_name(out.name + ".ckpt"), out.with_name(out.name + ".log.jsonl")
+    if not resume and log_path.exists():
+        log_path.unlink()
+    return out, ckpt, log_path
+
+
 # ---------------------------------------------------------------- data preparation (in worker processes)
 
 
@@ -696,13 +722,7 @@ class SamTrainer:
 
     def lr_at(self, step: int, elapsed: float = 0.0) -> float:
         """Linear warm-up, then cosine decay over the steps or, with ``time_budget``, over the time budget."""
-        c = self.config
-        if step < c.warmup_steps:
-            return c.lr * (step + 1) / c.warmup_steps
-        t = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
-        if c.time_budget > 0:
-            t = max(t, elapsed / c.time_budget)
-        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+        return warmup_cosine_lr(self.config, step, elapsed)
 
     # -- data
 
@@ -910,16 +930,9 @@ class SamTrainer:
 
         from samantic.models import save_checkpoint
 
-        out = Path(out)
-        if out.suffix != ".safetensors":
-            raise ValueError(f"--out must end in .safetensors, got {out}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ckpt = out.with_name(out.name + ".ckpt")
-        log_path = out.with_name(out.name + ".log.jsonl")
+        out, ckpt, log_path = output_files(out, resume)
         if resume and ckpt.exists():
             self.load_state(ckpt)
-        elif not resume and log_path.exists():
-            log_path.unlink()
         c = self.config
         self.model.train()
         for name in PARTS:  # a frozen part stays in eval mode: its normalisation statistics do not drift either

@@ -21,7 +21,6 @@ member of another segment), so every GT has a patch whenever SAM found anything 
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -521,14 +520,9 @@ class SamcpTrainer:
         self._perms: Dict[int, List[int]] = {}
 
     def lr_at(self, step: int, elapsed: float = 0.0) -> float:
-        c = self.config
-        if step < c.warmup_steps:
-            return c.lr * (step + 1) / c.warmup_steps
-        progress = (step - c.warmup_steps) / max(c.steps - c.warmup_steps, 1)
-        if c.time_budget > 0:
-            progress = max(progress, elapsed / c.time_budget)
-        progress = min(progress, 1.0)
-        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        from samantic.train.sam import warmup_cosine_lr
+
+        return warmup_cosine_lr(self.config, step, elapsed)
 
     def batch_at(self, step: int) -> List[SamcpExample]:
         """The images of ``step``: epochs of seeded permutations, flips and patch drops seeded by step
