@@ -15,13 +15,13 @@ def _group() -> None:
     """Training commands."""
 
 
-def _note_time_budget(minutes: float, done: int, steps: int) -> None:
+def _note_time_budget(minutes: float, done: int, steps: int, option: str = "--time-budget") -> None:
     """Says when ``--time-budget`` ended a run before ``--steps``: the learning-rate decay followed time, so how
     far the run got depends on the machine's speed that day."""
     if minutes > 0 and done < steps:
         typer.echo(f"note: the time budget ({minutes:g} min) ended training at step {done} of {steps}; the "
                    "learning-rate decay followed time, so a slower or busier machine trains fewer steps (for weights "
-                   "that do not depend on the machine's speed, give --steps without --time-budget)", err=True)
+                   f"that do not depend on the machine's speed, give --steps without {option})", err=True)
 
 
 @app.command("sam", help="Train or fine-tune a SAM on instance masks with interactive point and box prompts (resumable).")
@@ -133,7 +133,7 @@ def train_encoder(
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    _note_time_budget(minutes, result.steps, steps)
+    _note_time_budget(minutes, result.steps, steps, "--minutes")
     typer.echo(f"saved: {result.output} (steps {result.steps}, last loss {result.last_loss:.4f}, "
                f"{result.seconds / 60:.1f} min); log: {result.log}")
 
