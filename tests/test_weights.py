@@ -16,7 +16,7 @@ from http_server import FileServer
 from samantic.cli import weights as cli
 from samantic.models import weights
 from samantic.models.weights import ChecksumError, DownloadError, WeightSpec
-from samantic.models.registry import PRED_IOU_NANO, STABILITY_NANO
+from samantic.models.registry import PRED_IOU_NANO, PRED_IOU_PANOPTIC, STABILITY_NANO, STABILITY_PANOPTIC
 
 # Three 1 MiB download chunks and a bit: interruptions land mid-stream.
 PAYLOAD = random.Random(0).randbytes(3 * (1 << 20) + 12345)
@@ -298,7 +298,7 @@ def test_cli_list_shows_the_registered_models(monkeypatch):
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 4}
     assert set(list_models()) <= set(rows)
     assert "shipped" in rows["sam_nano"] and f"{PRED_IOU_NANO} / {STABILITY_NANO}" in rows["sam_nano"]
-    assert "0.5 / 0.94" in rows["sam_nano_panoptic"]
+    assert f"{PRED_IOU_PANOPTIC} / {STABILITY_PANOPTIC}" in rows["sam_nano_panoptic"]
     assert "download: sam_vit_b.sa1b" in rows["sam_vit_b"] and "0.88 / 0.95" in rows["sam_vit_b"]
     assert "none" in rows["sam_nano_vit"]
     assert get_model_entry("sam_nano").description[:30] in rows["sam_nano"]

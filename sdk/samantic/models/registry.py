@@ -75,7 +75,7 @@ THRESHOLD_NAMES = ("pred_iou_thresh", "stability_score_thresh")
 DEFAULT_MODEL = "sam_nano"  # the SAM used when none is named (`samantic segment`, a SAM-CP head recording none)
 SAM_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}  # segment-anything's defaults
 PRED_IOU_NANO, STABILITY_NANO = 0.8, 0.95  # sam_nano (v7): best F1 at IoU 0.5 on seeds 500-559 (model card; v6 0.7, v5 0.6 / 0.95)
-PRED_IOU_PANOPTIC, STABILITY_PANOPTIC = 0.5, 0.94  # sam_nano_panoptic: best F1 at IoU 0.5 on v2 seeds 500-523
+PRED_IOU_PANOPTIC, STABILITY_PANOPTIC = 0.7, 0.92  # sam_nano_panoptic v2: best F1 at IoU 0.5 on v2 seeds 500-523
 
 
 def register_model(fn: Optional[ConfigFn] = None, *, default_weights: Optional[str] = None,
@@ -353,8 +353,8 @@ def sam_nano() -> SamConfig:
     return _nano_conv(384, 8)
 
 
-# sam_nano's architecture with weights fine-tuned on v1 + v2 (panoptic) scenes by `samantic train sam`: it
-# segments stuff regions and the parts of composite things, which sam_nano (v5, v6) does not; SAM-CP's patch
+# sam_nano's architecture with weights fine-tuned from sam_nano v7 on v1 + v2 (panoptic) scenes by `samantic train sam`:
+# it segments stuff regions and the parts of composite things, which sam_nano does not; SAM-CP's patch
 # source. See assets/sam_nano_panoptic.md (the model card). Thresholds: `samantic eval thresholds --scenes v2`
 # on held-out seeds 500-523 (best F1 at IoU 0.5, one mask per entity).
 @register_model(default_weights="pkg:assets/sam_nano_panoptic.safetensors",
