@@ -155,27 +155,6 @@ def test_overlay_of_a_segment_map_is_the_overlay_of_its_masks():
         overlay_segments(image, seg[:10], ids)
 
 
-def test_labels_sit_inside_their_own_segment_away_from_edges():
-    """Two stuff-like regions that both touch the image's top-left corner: each label is anchored at its own
-    segment's most interior pixel (a box corner would put both names at (0, 0), one over the other)."""
-    from samantic.io.visualize import label_anchor
-
-    top = np.zeros((60, 80), bool)
-    top[:30, :] = True                 # a band along the top edge
-    left = np.zeros((60, 80), bool)
-    left[30:, :40] = True              # a block along the left edge, below it
-    ring = np.zeros((60, 80), bool)
-    ring[35:58, 45:78] = True
-    ring[40:53, 50:73] = False         # a frame: its interior point lies on the frame, not in the hole
-    anchors = [label_anchor(m) for m in (top, left, ring)]
-    for m, (x, y) in zip((top, left, ring), anchors):
-        assert m[y, x]
-    assert len(set(anchors)) == 3
-    assert anchors[0][1] in (14, 15)  # the band's middle row
-    assert 10 <= anchors[1][0] <= 30 and 40 <= anchors[1][1] <= 50  # away from both image edges
-    assert label_anchor(np.zeros((5, 5), bool)) is None
-
-
 def test_held_signals_delivers_ctrl_c_after_the_writes_to_the_handler_before():
     """Ctrl-C inside the held block waits for its end; then it is what it was before (KeyboardInterrupt, or ignored)."""
     import signal

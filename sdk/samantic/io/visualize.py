@@ -115,7 +115,8 @@ def overlay_each(image: np.ndarray, n: int, mask_of, areas: Sequence[int], label
         out[m] = out[m] * (1 - alpha) + colours[i].astype(np.float32) * alpha
         bands[i] = np.nonzero(outline(m))
         if labels is not None:
-            origins[i] = label_anchor(m)
+            ys, xs = np.nonzero(m)
+            origins[i] = (int(xs.min()), max(0, int(ys.min()) - 14)) if len(xs) else None
     out = out.clip(0, 255).astype(np.uint8)
     for i in order:
         out[bands[i]] = colours[i]
@@ -126,25 +127,8 @@ def overlay_each(image: np.ndarray, n: int, mask_of, areas: Sequence[int], label
         draw = ImageDraw.Draw(canvas)
         font = _font(12)
         for i in order:
-            if origins[i] is not None:  # centred on the anchor, kept inside the image
-                left, top, right, bottom = draw.textbbox((0, 0), str(labels[i]), font=font, stroke_width=2)
-                x = min(max(origins[i][0] - (right - left) // 2, 0), max(canvas.width - (right - left), 0))
-                y = min(max(origins[i][1] - (bottom - top) // 2, 0), max(canvas.height - (bottom - top), 0))
-                draw.text((x, y), str(labels[i]), fill=(255, 255, 255), font=font, stroke_width=2,
+            if origins[i] is not None:
+                draw.text(origins[i], str(labels[i]), fill=(255, 255, 255), font=font, stroke_width=2,
                           stroke_fill=(0, 0, 0))
         out = np.asarray(canvas).copy()
     return out
-
-
-def label_anchor(mask: np.ndarray) -> Optional[tuple]:
-    """``(x, y)`` of the pixel of ``mask`` farthest from its boundary and from the image's edge (where a label
-    names this segment and no other: a box corner can sit in another segment, and the corners of regions that
-    touch the same image corner coincide); None for an empty mask."""
-    import cv2
-
-    m = np.asarray(mask, dtype=np.uint8)
-    if not m.any():
-        return None
-    dist = cv2.distanceTransform(np.pad(m, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return int(x), int(y)
