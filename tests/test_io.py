@@ -155,6 +155,58 @@ def test_overlay_of_a_segment_map_is_the_overlay_of_its_masks():
         overlay_segments(image, seg[:10], ids)
 
 
+def test_labels_sit_inside_their_own_segment_away_from_edges():
+    """Two stuff-like regions that both touch the image's top-left corner: each label is anchored deep inside its
+    own segment (a box corner would put both names at (0, 0), one over the other)."""
+    from samantic.io.visualize import label_anchor
+
+    top = np.zeros((60, 80), bool)
+    top[:30, :] = True                 # a band along the top edge
+    left = np.zeros((60, 80), bool)
+    left[30:, :40] = True              # a block along the left edge, below it
+    ring = np.zeros((60, 80), bool)
+    ring[35:58, 45:78] = True
+    ring[40:53, 50:73] = False         # a frame: its anchor lies on the frame, not in the hole
+    anchors = [label_anchor(m) for m in (top, left, ring)]
+    for m, (x, y) in zip((top, left, ring), anchors):
+        assert m[y, x]
+    assert len(set(anchors)) == 3
+    assert anchors[0][1] in (14, 15)  # the band's middle row
+    assert 10 <= anchors[1][0] <= 30 and 40 <= anchors[1][1] <= 50  # away from both image edges
+    assert label_anchor(np.zeros((5, 5), bool)) is None
+    # a large image (reduced to blocks): random blobs and a one-pixel line still get a point of their own
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:700, :1000]
+    for _ in range(20):
+        cy, cx, r = rng.integers(0, 700), rng.integers(0, 1000), rng.integers(3, 300)
+        blob = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        x, y = label_anchor(blob)
+        assert blob[y, x]
+        if r > 60 and 100 < cx < 900 and 100 < cy < 600:  # a disc well inside the image: near its centre
+            assert abs(x - cx) + abs(y - cy) <= 0.3 * r
+    line = np.zeros((700, 1000), bool)
+    line[350, 100:900] = True
+    x, y = label_anchor(line)
+    assert line[y, x] and 400 <= x <= 600
+
+
+def test_overlay_labels_of_regions_sharing_a_corner_do_not_overlap():
+    """The drawn overlay: labels of two regions touching the same image corner land apart, each in its region."""
+    from samantic.io.visualize import overlay_masks
+
+    image = np.full((120, 160, 3), 128, np.uint8)
+    masks = np.zeros((2, 120, 160), bool)
+    masks[0, :60] = True
+    masks[1, 60:, :80] = True
+    plain = overlay_masks(image, masks)
+    labelled = overlay_masks(image, masks, labels=["wall", "floor"])
+    ys, xs = np.nonzero(np.any(plain != labelled, axis=2))  # where text was drawn
+    assert len(ys)
+    assert (ys < 60).any() and (ys >= 60).any()  # one label in each region
+    assert xs[ys >= 60].max() < 80  # the lower label inside its block (x < 80), not across into the grey
+    assert ys.min() > 0 and xs.min() > 0  # neither at the image's corner
+
+
 def test_held_signals_delivers_ctrl_c_after_the_writes_to_the_handler_before():
     """Ctrl-C inside the held block waits for its end; then it is what it was before (KeyboardInterrupt, or ignored)."""
     import signal

@@ -420,6 +420,37 @@ def test_crop_scale_zooms_into_half_the_images_per_step(examples):
     assert np.isfinite(loss)
 
 
+def test_color_perm_permutes_the_channels_of_some_images_and_nothing_else(examples):
+    from itertools import permutations
+
+    ex, _ = examples
+    by_key = {x.key: x for x in ex}
+    cfg = SamcpTrainConfig(steps=10, images_per_step=len(ex), warmup_steps=1, color_perm=0.5, flip_prob=0.0)
+    trainer = SamcpTrainer(SamcpHead(small_info()), cfg, ex)
+    permuted = kept = 0
+    for step in range(8):
+        for x in trainer.batch_at(step):
+            orig = by_key[x.key]
+            assert np.array_equal(x.boxes, orig.boxes) and np.array_equal(x.roi_masks, orig.roi_masks)
+            assert np.array_equal(x.class_targets, orig.class_targets)
+            if np.array_equal(x.image, orig.image):
+                kept += 1
+                continue
+            orders = [o for o in permutations(range(3))
+                      if np.array_equal(x.image, orig.image[..., list(o)])]
+            assert orders and orders[0] != (0, 1, 2)
+            permuted += 1
+    assert permuted > 0 and kept > 0
+    for x, y in zip(trainer.batch_at(5), trainer.batch_at(5)):  # drawn per step, reproducibly
+        assert np.array_equal(x.image, y.image)
+    off = SamcpTrainer(SamcpHead(small_info()), SamcpTrainConfig(steps=10, images_per_step=len(ex), flip_prob=0.0), ex)
+    assert all(np.array_equal(x.image, by_key[x.key].image) for x in off.batch_at(0))
+    # off, it stays out of the run record: checkpoints written before the option existed still resume
+    assert "color_perm" not in off.run_record()["config"] and trainer.run_record()["config"]["color_perm"] == 0.5
+    with pytest.raises(ValueError, match="color_perm"):
+        SamcpTrainConfig(color_perm=1.5)
+
+
 # ---------------------------------------------------------------- inference
 
 
@@ -742,6 +773,34 @@ def test_train_samcp_says_when_the_time_budget_cut_the_steps(examples, tmp_path)
     assert f"ended training at step {steps} of 100000" in r.stderr and "--steps without --time-budget" in r.stderr
     r = _samantic(*base, "--steps", "1", "--time-budget", "10")
     assert r.returncode == 0 and "ended training at step" not in r.stderr, r.stdout + r.stderr
+
+
+def test_train_samcp_init_starts_from_a_head_and_refuses_another_architecture(trained, examples, tmp_path):
+    """--init: the run starts from the file's weights (at lr 0 they come out unchanged), records its digest, and a
+    head of other options is refused before the patch cache, naming the file and what differs."""
+    import hashlib
+
+    from samantic.heads.samcp import save_samcp
+
+    _, cache = examples
+    base = _small_train_args(tmp_path / "h.safetensors", cache)
+    r = _samantic(*base, "--init", str(trained), "--steps", "1")  # `trained` has --roi-size 14; this run 7
+    assert r.returncode == 1 and str(trained) in r.stderr and "roi_size 14 against 7" in r.stderr, r.stdout + r.stderr
+    assert "patches of" not in r.stdout  # refused before the cache
+    r = _samantic(*base, "--init", str(tmp_path / "missing.safetensors"), "--steps", "1")
+    assert r.returncode == 1 and "missing.safetensors" in r.stderr and "Traceback" not in r.stderr
+    r = _samantic(*base, "--roi-size", "14", "--init", str(trained), "--steps", "1", "--lr", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ours, theirs = load_samcp(tmp_path / "h.safetensors"), load_samcp(trained)
+    assert ours.info.extra["init"] == hashlib.sha256(trained.read_bytes()).hexdigest()
+    assert ours.info.extra["init_file"] == str(trained)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the run record holds the starting head: resuming with another one is another run
+    other = tmp_path / "other.safetensors"
+    save_samcp(theirs, other, metadata={"note": "another file"})
+    r = _samantic(*base, "--roi-size", "14", "--init", str(other), "--steps", "2", "--resume")
+    assert r.returncode == 1 and "another run" in r.stderr and "init" in r.stderr, r.stdout + r.stderr
 
 
 def test_samcp_head_on_other_sam_weights_warns(trained, nano, tmp_path):

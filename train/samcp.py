@@ -24,7 +24,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -77,6 +77,9 @@ class SamcpTrainConfig:
             are a fraction in ``[crop_scale, 1]`` of the image's (the head scales it back up to its
             input size); patches cut by the window keep the part inside (box clipped, mask
             resampled), those left with under a quarter of their box leave the step. 1: off.
+        color_perm: probability that an image of a step has its colour channels permuted (one of the five
+            other orders, drawn per image and step): stuff and things must then be told apart by texture and
+            shape, not by colour alone (a teal water region is not grass, a green wall is not grass). 0: off.
         checkpoint_every, log_every: steps between resumable checkpoints / log lines.
         seed: data order, augmentation and initialisation.
         time_budget: seconds of training (0: no limit); the cosine decay then follows time.
@@ -100,6 +103,7 @@ class SamcpTrainConfig:
     flip_prob: float = 0.5
     patch_drop: float = 0.0
     crop_scale: float = 1.0
+    color_perm: float = 0.0
     checkpoint_every: int = 200
     log_every: int = 20
     seed: int = 0
@@ -117,6 +121,8 @@ class SamcpTrainConfig:
             raise ValueError(f"patch_drop must be in [0, 1), got {self.patch_drop}")
         if not 0.0 < self.crop_scale <= 1.0:
             raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
+        if not 0.0 <= self.color_perm <= 1.0:
+            raise ValueError(f"color_perm must be in [0, 1], got {self.color_perm}")
 
 
 # ---------------------------------------------------------------- assignment
@@ -321,6 +327,36 @@ def load_examples(model, dataset, cache_dir, vocabulary: Sequence[str], *, roi_s
     return examples, report
 
 
+def init_from_head(head, path) -> str:
+    """Starts ``head`` from the weights of a trained SAM-CP head file (fine-tuning: more scenes,
+    another SAM's patches) and returns the file's SHA-256.
+
+    The file must describe the same head: the same vocabulary (classes, then stuff, in order) and
+    the same architecture (``SamcpInfo.config``). Its thresholds and other header entries are not
+    taken: the new run's file gets its own (tune it again after training).
+
+    Raises:
+        ValueError: naming the file and what differs (or why it cannot be read).
+    """
+    import hashlib
+
+    from samantic.heads.samcp import load_samcp
+
+    path = Path(path)
+    init = load_samcp(path)  # errors name the file
+    theirs, ours = init.info, head.info
+    diffs = []
+    if tuple(theirs.names) != tuple(ours.names):
+        diffs.append(f"classes {list(theirs.names)} against {list(ours.names)}")
+    a, b = theirs.config(), ours.config()
+    diffs += [f"{k} {a.get(k)!r} against {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diffs:
+        raise ValueError(f"{path}: cannot start from this head, it differs from the one being trained "
+                         f"(the file's against this run's: {'; '.join(diffs)})")
+    head.load_state_dict(init.state_dict())
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 # ---------------------------------------------------------------- matching and losses
 
 
@@ -491,6 +527,8 @@ class SamcpTrainResult:
 # options a resumed run may change: how long it trains and how often it saves and logs; any other difference
 # (the classes, the data, the patches, the recipe) means OUT.ckpt belongs to another run
 RESUMABLE_OPTIONS = ("steps", "time_budget", "checkpoint_every", "log_every")
+# options added after checkpoints recorded their run: left out of the record while off, so those checkpoints resume
+LATER_OPTIONS = {"color_perm": 0.0}
 
 
 class SamcpTrainer:
@@ -551,6 +589,16 @@ class SamcpTrainer:
                         ex = ex.cropped(x0, y0, x0 + cw, y0 + ch)
                     except ValueError:  # the window misses every patch: the image stays whole
                         pass
+                out.append(ex)
+            batch = out
+        if self.config.color_perm > 0:
+            orders = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+            colour = np.random.default_rng([self.config.seed, step, 3])
+            out = []
+            for ex in batch:
+                if colour.random() < self.config.color_perm:
+                    order = list(orders[int(colour.integers(len(orders)))])
+                    ex = replace(ex, image=np.ascontiguousarray(ex.image[..., order]))
                 out.append(ex)
             batch = out
         if self.config.patch_drop > 0:
@@ -626,7 +674,10 @@ class SamcpTrainer:
             "names": list(self.head.info.names),
             "head": {k: v for k, v in asdict(self.head.info).items() if k not in ("classes", "stuff", "extra")},
             "data": self.metadata.get("data"), "patches": self.metadata.get("patches"),
-            "config": {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_OPTIONS}}, default=str))
+            "init": self.metadata.get("init"),
+            "config": {k: v for k, v in asdict(self.config).items()
+                       if k not in RESUMABLE_OPTIONS and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}},
+            default=str))
 
     def save_state(self, path: Path) -> None:
         import io

@@ -233,12 +233,14 @@ def train_samcp(
     affinity_residual: Annotated[bool, typer.Option("--affinity-residual/--no-affinity-residual", help="Add each layer's affinities to the previous layer's.")] = True,
     mask_size: Annotated[int, typer.Option(min=0, help="Side of the patch-mask input, a multiple of the RoI grid (0: the RoI grid's side); finer masks show the patch's silhouette.")] = 0,
     roi_size: Annotated[int, typer.Option(min=1, help="Side of the RoI grid of backbone features each patch token is built from (the paper's 7; finer grids see small shapes in more detail).")] = 7,
+    init: Annotated[Optional[Path], typer.Option(help="Start from the weights of this trained SAM-CP head (fine-tuning: more scenes, new patches); it must have the same classes and architecture options. Tune the result again (`samantic samcp tune`).")] = None,
     text_encoder: Annotated[Optional[str], typer.Option(help="Open vocabulary: class queries from text embeddings of the names, by open_clip:MODEL[:PRETRAINED] (PRETRAINED: a tag or a checkpoint file) or open_clip:local-dir:DIR; stored in the head, so inference needs no encoder. Needs pip install 'samantic\\[clip]'.")] = None,
     prompt_template: Annotated[str, typer.Option(help="Prompt each class name is encoded in (with --text-encoder).")] = "a photo of a {name}.",
     time_budget: Annotated[float, typer.Option(min=0, help="Stop after this many minutes of training (0: no limit); the learning-rate decay follows it.")] = 0.0,
     weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay of the weight matrices.")] = 0.05,
     patch_drop: Annotated[float, typer.Option(min=0, max=0.95, help="Fraction of each image's patches left out of a step, drawn anew every step (a regulariser; 0: off).")] = 0.0,
     crop_scale: Annotated[float, typer.Option(min=0.1, max=1.0, help="Random zoom-in: half the images of a step are cropped to a window of this to 1 times their sides (1: off).")] = 1.0,
+    color_perm: Annotated[float, typer.Option(min=0, max=1.0, help="Probability that an image of a step has its colour channels permuted (stuff told apart by texture, not colour alone; 0: off).")] = 0.0,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, initialisation).")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
@@ -253,7 +255,7 @@ def train_samcp(
 
     from samantic.heads.samcp import SAM_STATE_KEY, SamcpHead, SamcpInfo
     from samantic.models import create_model
-    from samantic.train.samcp import SamcpTrainConfig, SamcpTrainer, load_examples
+    from samantic.train.samcp import SamcpTrainConfig, SamcpTrainer, init_from_head, load_examples
     from samantic.train.samcp_cache import open_panoptic
 
     if threads:
@@ -275,7 +277,8 @@ def train_samcp(
                 raise ValueError(f"unknown {what} class(es) {bad}; {data} has: {', '.join(known) or '(none)'}")
         config = SamcpTrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, warmup_steps=warmup_steps,
                                   seed=seed, time_budget=time_budget * 60, weight_decay=weight_decay,
-                                  patch_drop=patch_drop, crop_scale=crop_scale, checkpoint_every=checkpoint_every)
+                                  patch_drop=patch_drop, crop_scale=crop_scale, color_perm=color_perm,
+                                  checkpoint_every=checkpoint_every)
         text, text_info = None, {}
         if text_encoder is not None:
             # encoded once (on the CPU: a few prompts), before the slow patch cache, so a bad encoder fails fast
@@ -296,6 +299,8 @@ def train_samcp(
         info = SamcpInfo(classes=thing_names, stuff=stuff_names, layers=layers, mask_roi=mask_roi,
                          affinity_residual=affinity_residual, mask_size=mask_size, roi_size=roi_size, model=model,
                          **text_info)
+        head = SamcpHead(info, text_embeddings=text)
+        init_sha = init_from_head(head, init) if init is not None else None  # before the slow patch cache
     except (ValueError, FileNotFoundError, ImportError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
@@ -310,11 +315,12 @@ def train_samcp(
     typer.echo(f"{len(examples)} images, {report.patches} patches ({report.computed} computed, {report.reused} "
                f"reused; grid {meta['grid']}, pred_iou_thresh {meta['pred_iou_thresh']}, stability_score_thresh "
                f"{meta['stability_score_thresh']})")
-    head = SamcpHead(info, text_embeddings=text)
     extra = {"data": data, "checkpoint": checkpoint or "", "patch_cache_key": report.key,
              SAM_STATE_KEY: meta["state_sha256"],  # the cache keyed its entries by this digest of `sam`
              "patches": json.dumps({k: meta[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh")}),
              "images": str(len(examples))}
+    if init is not None:  # the run record holds the digest: --resume refuses another starting head
+        extra.update({"init": init_sha, "init_file": str(init)})
     from samantic.cli.segment import _sigterm_as_interrupt
 
     trainer = None

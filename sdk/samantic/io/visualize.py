@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import colorsys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def overlay_masks(
     Args:
         image: uint8 ``[H, W, 3]`` RGB.
         masks: bool/uint8 ``[N, H, W]``, drawn largest first so small masks stay visible.
-        labels: optional text per mask, drawn at the mask's top-left.
+        labels: optional text per mask, centred on a point deep inside it (:func:`label_anchor`).
         alpha: fill opacity.
 
     Returns:
@@ -115,8 +115,7 @@ def overlay_each(image: np.ndarray, n: int, mask_of, areas: Sequence[int], label
         out[m] = out[m] * (1 - alpha) + colours[i].astype(np.float32) * alpha
         bands[i] = np.nonzero(outline(m))
         if labels is not None:
-            ys, xs = np.nonzero(m)
-            origins[i] = (int(xs.min()), max(0, int(ys.min()) - 14)) if len(xs) else None
+            origins[i] = label_anchor(m)
     out = out.clip(0, 255).astype(np.uint8)
     for i in order:
         out[bands[i]] = colours[i]
@@ -127,8 +126,49 @@ def overlay_each(image: np.ndarray, n: int, mask_of, areas: Sequence[int], label
         draw = ImageDraw.Draw(canvas)
         font = _font(12)
         for i in order:
-            if origins[i] is not None:
-                draw.text(origins[i], str(labels[i]), fill=(255, 255, 255), font=font, stroke_width=2,
+            if origins[i] is not None:  # centred on the anchor, kept inside the image
+                left, top, right, bottom = draw.textbbox((0, 0), str(labels[i]), font=font, stroke_width=2)
+                x = min(max(origins[i][0] - (right - left) // 2, 0), max(canvas.width - (right - left), 0))
+                y = min(max(origins[i][1] - (bottom - top) // 2, 0), max(canvas.height - (bottom - top), 0))
+                draw.text((x, y), str(labels[i]), fill=(255, 255, 255), font=font, stroke_width=2,
                           stroke_fill=(0, 0, 0))
         out = np.asarray(canvas).copy()
     return out
+
+
+def label_anchor(mask: np.ndarray, grid: int = 160) -> Optional[Tuple[int, int]]:
+    """``(x, y)`` of a pixel deep inside ``mask``, away from its boundary and the image's edge: where a label
+    names this segment and no other (a box corner can sit in another segment, and the corners of regions that
+    touch the same image corner coincide). None for an empty mask.
+
+    The mask is reduced to blocks wholly inside it (at most ``grid`` per side), eroded until one more step would
+    empty it, and the block of the last remainder nearest its centre is taken: a point always inside the mask.
+    A mask thinner than a block gets its pixel nearest its centroid. numpy only (the torch-free runtime draws
+    overlays without OpenCV)."""
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return None
+    h, w = m.shape
+    s = max(1, -(-max(h, w) // grid))
+    bh, bw = -(-h // s), -(-w // s)
+    padded = np.zeros((bh * s, bw * s), bool)
+    padded[:h, :w] = m
+    cur = padded.reshape(bh, s, bw, s).all(axis=(1, 3))
+    if not cur.any():
+        ys, xs = np.nonzero(m)
+        k = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+        return int(xs[k]), int(ys[k])
+    while True:  # 4-neighbour erosion, the image's edge counting as outside
+        nxt = cur.copy()
+        nxt[1:] &= cur[:-1]
+        nxt[:-1] &= cur[1:]
+        nxt[:, 1:] &= cur[:, :-1]
+        nxt[:, :-1] &= cur[:, 1:]
+        nxt[0] = nxt[-1] = False
+        nxt[:, 0] = nxt[:, -1] = False
+        if not nxt.any():
+            break
+        cur = nxt
+    ys, xs = np.nonzero(cur)
+    k = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return int(xs[k]) * s + s // 2, int(ys[k]) * s + s // 2
