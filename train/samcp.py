@@ -340,7 +340,7 @@ def init_from_head(head, path) -> str:
     """
     import hashlib
 
-    from samantic.heads.samcp import load_samcp
+    from samantic.heads.samcp import TEXT_ENCODER_KEY, TEXT_TEMPLATE_KEY, load_samcp
 
     path = Path(path)
     init = load_samcp(path)  # errors name the file
@@ -350,6 +350,9 @@ def init_from_head(head, path) -> str:
         diffs.append(f"classes {list(theirs.names)} against {list(ours.names)}")
     a, b = theirs.config(), ours.config()
     diffs += [f"{k} {a.get(k)!r} against {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    for key in (TEXT_ENCODER_KEY, TEXT_TEMPLATE_KEY):  # text queries: the same names encoded the same way
+        if theirs.extra.get(key) != ours.extra.get(key):
+            diffs.append(f"{key} {theirs.extra.get(key)!r} against {ours.extra.get(key)!r}")
     if diffs:
         raise ValueError(f"{path}: cannot start from this head, it differs from the one being trained "
                          f"(the file's against this run's: {'; '.join(diffs)})")
