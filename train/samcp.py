@@ -338,9 +338,8 @@ def init_from_head(head, path) -> str:
     Raises:
         ValueError: naming the file and what differs (or why it cannot be read).
     """
-    import hashlib
-
     from samantic.heads.samcp import TEXT_ENCODER_KEY, TEXT_TEMPLATE_KEY, load_samcp
+    from samantic.models.weights import file_sha256
 
     path = Path(path)
     init = load_samcp(path)  # errors name the file
@@ -357,7 +356,7 @@ def init_from_head(head, path) -> str:
         raise ValueError(f"{path}: cannot start from this head, it differs from the one being trained "
                          f"(the file's against this run's: {'; '.join(diffs)})")
     head.load_state_dict(init.state_dict())
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 # ---------------------------------------------------------------- matching and losses

@@ -155,9 +155,7 @@ def label_anchor(mask: np.ndarray, grid: int = 160) -> Optional[Tuple[int, int]]
     padded[:h, :w] = m
     cur = padded.reshape(bh, s, bw, s).all(axis=(1, 3))
     if not cur.any():
-        ys, xs = np.nonzero(m)
-        k = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
-        return int(xs[k]), int(ys[k])
+        return _nearest_centre(m, 1)
     while True:  # 4-neighbour erosion, the image's edge counting as outside
         nxt = cur.copy()
         nxt[1:] &= cur[:-1]
@@ -169,6 +167,11 @@ def label_anchor(mask: np.ndarray, grid: int = 160) -> Optional[Tuple[int, int]]
         if not nxt.any():
             break
         cur = nxt
-    ys, xs = np.nonzero(cur)
+    return _nearest_centre(cur, s)
+
+
+def _nearest_centre(cells: np.ndarray, s: int) -> Tuple[int, int]:
+    """The cell of ``cells`` (bool; each ``s`` pixels a side) nearest their centroid, as the pixel ``(x, y)`` at its middle."""
+    ys, xs = np.nonzero(cells)
     k = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
     return int(xs[k]) * s + s // 2, int(ys[k]) * s + s // 2
