@@ -111,7 +111,8 @@ class PatchesOnnx(nn.Module):
         for i, (f, s) in enumerate(zip(feats, emb.strides)):
             got = roi_align(emb.reduce(f), rois, (r, r), spatial_scale=1.0 / s, sampling_ratio=2, aligned=True)
             x = x + got * (level == i).to(got.dtype)[:, None, None, None]
-        x = emb.content(x, roi_masks)
+        tex = emb.texture(feats[emb.finest], rois, roi_masks) if emb.texture_mlp is not None else None
+        x = emb.content(x, roi_masks, tex)
         wh = torch.stack([image_hw[1], image_hw[0], image_hw[1], image_hw[0]])
         b01 = (boxes / wh).clamp(0, 1)
         from samantic.heads.samcp import _sine_box_encoding

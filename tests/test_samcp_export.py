@@ -47,6 +47,8 @@ def random_head(seed: int = 0, **kw) -> SamcpHead:
             aff.patch_bias.weight.normal_(0, 0.5)
         head.logit_scale.fill_(np.log(30.0))
         head.presence.weight.normal_(0, 1.0)
+        if head.roi_embed.texture_mlp is not None:  # zero-initialised too
+            head.roi_embed.texture_mlp[-1].weight.normal_(0, 1.0)
     return head
 
 
@@ -111,12 +113,12 @@ def test_roi_align_masks_equals_torchvision():
 # -- the graphs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mask_size", [0, 14])
-def test_exported_graphs_equal_the_torch_head(head, mask_size, tmp_path):
+@pytest.mark.parametrize("mask_size,texture", [(0, 0), (14, 0), (14, 6)])
+def test_exported_graphs_equal_the_torch_head(head, mask_size, texture, tmp_path):
     from samantic.export.samcp import export_samcp
 
-    if mask_size:  # the patch masks at a finer grid than the 7 x 7 RoI
-        head = random_head(mask_size=mask_size)
+    if mask_size:  # the patch masks at a finer grid than the 7 x 7 RoI (+ texture statistics of the finest level)
+        head = random_head(mask_size=mask_size, texture_channels=texture)
     m = head.info.mask_side
     paths = export_samcp(head, tmp_path)
     sess = {g: onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])
@@ -257,11 +259,13 @@ def test_onnxruntime_segments_equal_torch(samcp_bundle):
     assert matched / total >= 0.99
 
 
-def test_a_head_with_finer_patch_masks_runs_the_same_in_its_bundle(nano, tmp_path):
-    """mask_size 14: the manifest records it and the torch-free runtime resamples the patches to it."""
-    head = random_head(seed=3, mask_size=14)
+@pytest.mark.parametrize("texture", [0, 6])
+def test_a_head_with_finer_patch_masks_runs_the_same_in_its_bundle(nano, tmp_path, texture):
+    """mask_size 14: the manifest records it and the torch-free runtime resamples the patches to it (a head with
+    texture statistics too: they are in the patches graph)."""
+    head = random_head(seed=3, mask_size=14, texture_channels=texture)
     path = save_samcp(head, tmp_path / "samcp14.safetensors")
-    assert load_samcp(path).info.mask_side == 14
+    assert load_samcp(path).info.mask_side == 14 and load_samcp(path).info.texture_channels == texture
     bundle_dir = export_bundle(nano, tmp_path / "bundle", samcp=path, int8=False, torch_weights=True)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     assert (manifest["samcp"]["mask_size"], manifest["samcp"]["roi_size"]) == (14, 7)

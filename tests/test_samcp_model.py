@@ -375,3 +375,70 @@ def test_input_size_resizes_images_and_boxes_together():
     # already at the size: untouched
     same_images, same_boxes = head.resize_input(resized, scaled)
     assert same_images is resized and torch.equal(same_boxes[0], scaled[0])
+
+
+# ---------------------------------------------------------------- texture statistics
+
+
+def test_texture_statistics_start_at_zero_and_round_trip(tmp_path):
+    """A head with texture statistics, given a plain head's weights, gives the plain head's tokens (the texture
+    MLP's last layer starts at zero: `--init` from a head without them starts as that head); its file keeps the
+    option, and a head without it writes the config an older samantic reads (no texture_channels key)."""
+    torch.manual_seed(0)
+    plain = SamcpHead(tiny_info()).eval()
+    tex = SamcpHead(tiny_info(texture_channels=4)).eval()
+    missing, unexpected = tex.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("roi_embed.texture_") for k in missing)
+    images, boxes, masks = batch((3, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(tex(images, boxes, masks).patch_tokens, plain(images, boxes, masks).patch_tokens)
+    assert "texture_channels" not in plain.info.config() and tex.info.config()["texture_channels"] == 4
+    tex.train()  # the zero layer still learns: the loss reaches it
+    out = tex(images, boxes, masks)
+    sum(lg.sigmoid().mean() for lg in out.class_logits).backward()
+    assert tex.roi_embed.texture_mlp[-1].weight.grad.abs().sum() > 0
+    tex.eval()
+    with torch.no_grad():
+        tex.roi_embed.texture_mlp[-1].weight.normal_(0, 1.0)
+    back = load_samcp(save_samcp(tex, tmp_path / "tex.safetensors"))
+    assert back.info.texture_channels == 4
+    with torch.no_grad():
+        a, b = tex(images, boxes, masks).patch_tokens, back(images, boxes, masks).patch_tokens
+        assert not torch.allclose(a, plain(images, boxes, masks).patch_tokens, atol=1e-3)  # the texture counts now
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="texture_channels must be >= 0"):
+        tiny_info(texture_channels=-1)
+    with pytest.raises(ValueError, match="no texture statistics"):
+        plain.roi_embed.texture(torch.zeros(1, 32, 8, 8), torch.zeros(1, 5), torch.ones(1, 7, 7))
+
+
+def test_texture_statistics_are_the_masked_mean_and_spread_of_the_finest_level():
+    """With the reduction set to pick channels and the MLP taken out, the statistics are exact: a flat region has
+    spread 0 and a checkered one of the same mean a large spread; pixels under the mask's zeros do not count."""
+    torch.manual_seed(0)
+    emb = SamcpHead(tiny_info(texture_channels=2)).roi_embed.eval()
+    assert emb.strides[emb.finest] == 4
+    with torch.no_grad():
+        emb.texture_reduce.weight.zero_()
+        emb.texture_reduce.bias.zero_()
+        emb.texture_reduce.weight[0, 0] = 1.0  # channel 0 of the map
+        emb.texture_reduce.weight[1, 1] = 1.0  # channel 1
+    emb.texture_mlp = torch.nn.Identity()
+    fmap = torch.full((1, 32, 16, 16), 0.5)        # stride 4: a 64 x 64 image
+    blocks = (torch.arange(16)[:, None] // 4 + torch.arange(16)[None] // 4) % 2  # 4 x 4 checker on the map
+    fmap[0, 0, :, 8:] = blocks[:, 8:].float()       # right half of channel 0 checkered, left half flat 0.5
+    rois = torch.tensor([[0, 0, 0, 32, 64.0], [0, 32, 0, 64, 64.0]])  # left half, right half
+    full = torch.ones(2, 7, 7)
+    with torch.no_grad():
+        st = emb.texture(fmap, rois, full)          # [2, 4]: mean c0, mean c1, spread c0, spread c1
+    assert torch.allclose(st[0], torch.tensor([0.5, 0.5, 0.0, 0.0]), atol=2e-3), st
+    assert 0.3 < st[1, 0] < 0.7 and st[1, 2] > 0.3 and st[1, 3] < 2e-3, st
+    # a mask over the left three columns of cells of the whole image: changing the map right of them changes nothing
+    whole = torch.tensor([[0, 0, 0, 64, 64.0]])
+    left = torch.zeros(1, 7, 7)
+    left[:, :, :3] = 1.0
+    other = fmap.clone()
+    other[0, :, :, 8:] = torch.rand(32, 16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(emb.texture(fmap, whole, left), emb.texture(other, whole, left))
+        assert not torch.allclose(emb.texture(fmap, whole, torch.ones(1, 7, 7)), emb.texture(other, whole, torch.ones(1, 7, 7)))

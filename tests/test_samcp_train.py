@@ -796,6 +796,24 @@ def test_train_samcp_init_starts_from_a_head_and_refuses_another_architecture(tr
     assert ours.info.extra["init_file"] == str(trained)
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # texture statistics may be added to a head without them (they start at zero: the head starts as the file's) ...
+    grown = tmp_path / "grown.safetensors"
+    r = _samantic(*_small_train_args(grown, cache), "--roi-size", "14", "--texture-channels", "4", "--init",
+                  str(trained), "--steps", "1", "--lr", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    g = load_samcp(grown)
+    assert g.info.texture_channels == 4 and g.info.extra["init"] == ours.info.extra["init"]
+    gs = g.state_dict()
+    assert set(gs) - set(b) == {k for k in gs if k.startswith("roi_embed.texture_")} != set()
+    assert all(torch.equal(gs[k], b[k]) for k in b)
+    m = g.info.mask_side
+    args = (torch.rand(1, 3, 64, 64), [torch.tensor([[2.0, 3, 40, 50], [30, 20, 60, 62]])], [torch.rand(2, m, m)])
+    with torch.no_grad():
+        torch.testing.assert_close(g.eval()(*args).class_logits[-1], theirs.eval()(*args).class_logits[-1])
+    # ... but not taken away: a head with them does not start one without
+    r = _samantic(*_small_train_args(tmp_path / "h2.safetensors", cache), "--roi-size", "14", "--init", str(grown),
+                  "--steps", "1")
+    assert r.returncode == 1 and "texture_channels 4 against None" in r.stderr, r.stdout + r.stderr
     # the run record holds the starting head: resuming with another one is another run
     other = tmp_path / "other.safetensors"
     save_samcp(theirs, other, metadata={"note": "another file"})

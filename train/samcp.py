@@ -327,13 +327,20 @@ def load_examples(model, dataset, cache_dir, vocabulary: Sequence[str], *, roi_s
     return examples, report
 
 
+# SamcpInfo options whose modules start as the identity (zero output): `--init` may add them to a head without them
+GROWN_OPTIONS = ("texture_channels",)
+GROWN_MODULES = ("roi_embed.texture_reduce.", "roi_embed.texture_mlp.")
+
+
 def init_from_head(head, path) -> str:
     """Starts ``head`` from the weights of a trained SAM-CP head file (fine-tuning: more scenes,
     another SAM's patches) and returns the file's SHA-256.
 
     The file must describe the same head: the same vocabulary (classes, then stuff, in order) and
-    the same architecture (``SamcpInfo.config``). Its thresholds and other header entries are not
-    taken: the new run's file gets its own (tune it again after training).
+    the same architecture (``SamcpInfo.config``), except that the run may add texture statistics
+    (``texture_channels``: their weights start from zero output, so the head starts as the file's).
+    Its thresholds and other header entries are not taken: the new run's file gets its own (tune it
+    again after training).
 
     Raises:
         ValueError: naming the file and what differs (or why it cannot be read).
@@ -348,14 +355,19 @@ def init_from_head(head, path) -> str:
     if tuple(theirs.names) != tuple(ours.names):
         diffs.append(f"classes {list(theirs.names)} against {list(ours.names)}")
     a, b = theirs.config(), ours.config()
-    diffs += [f"{k} {a.get(k)!r} against {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    # options that add modules whose output starts at zero: a head without them may start one with them
+    grown = [k for k in GROWN_OPTIONS if k not in a and b.get(k)]
+    diffs += [f"{k} {a.get(k)!r} against {b.get(k)!r}" for k in sorted(set(a) | set(b))
+              if a.get(k) != b.get(k) and k not in grown]
     for key in (TEXT_ENCODER_KEY, TEXT_TEMPLATE_KEY):  # text queries: the same names encoded the same way
         if theirs.extra.get(key) != ours.extra.get(key):
             diffs.append(f"{key} {theirs.extra.get(key)!r} against {ours.extra.get(key)!r}")
     if diffs:
         raise ValueError(f"{path}: cannot start from this head, it differs from the one being trained "
                          f"(the file's against this run's: {'; '.join(diffs)})")
-    head.load_state_dict(init.state_dict())
+    missing, unexpected = head.load_state_dict(init.state_dict(), strict=not grown)
+    if unexpected or any(not k.startswith(GROWN_MODULES) for k in missing):  # a bug, not the user's file
+        raise RuntimeError(f"{path}: starting weights do not fit: missing {missing}, unexpected {unexpected}")
     return file_sha256(path)
 
 
@@ -531,6 +543,8 @@ class SamcpTrainResult:
 RESUMABLE_OPTIONS = ("steps", "time_budget", "checkpoint_every", "log_every")
 # options added after checkpoints recorded their run: left out of the record while off, so those checkpoints resume
 LATER_OPTIONS = {"color_perm": 0.0}
+# head options added after checkpoints recorded their run, likewise left out while off
+LATER_HEAD_OPTIONS = {"texture_channels": 0}
 
 
 class SamcpTrainer:
@@ -674,7 +688,8 @@ class SamcpTrainer:
         """What a checkpoint must share with the run that resumes from it."""
         return json.loads(json.dumps({
             "names": list(self.head.info.names),
-            "head": {k: v for k, v in asdict(self.head.info).items() if k not in ("classes", "stuff", "extra")},
+            "head": {k: v for k, v in asdict(self.head.info).items()
+                     if k not in ("classes", "stuff", "extra") and not (k in LATER_HEAD_OPTIONS and v == LATER_HEAD_OPTIONS[k])},
             "data": self.metadata.get("data"), "patches": self.metadata.get("patches"),
             "init": self.metadata.get("init"),
             "config": {k: v for k, v in asdict(self.config).items()

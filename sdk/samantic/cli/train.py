@@ -233,6 +233,7 @@ def train_samcp(
     affinity_residual: Annotated[bool, typer.Option("--affinity-residual/--no-affinity-residual", help="Add each layer's affinities to the previous layer's.")] = True,
     mask_size: Annotated[int, typer.Option(min=0, help="Side of the patch-mask input, a multiple of the RoI grid (0: the RoI grid's side); finer masks show the patch's silhouette.")] = 0,
     roi_size: Annotated[int, typer.Option(min=1, help="Side of the RoI grid of backbone features each patch token is built from (the paper's 7; finer grids see small shapes in more detail).")] = 7,
+    texture_channels: Annotated[int, typer.Option(min=0, help="Texture statistics per patch from the finest FPN level, reduced to this many channels (0: off); they tell large stuff regions apart by texture. May be added to an --init head without them (they start at zero).")] = 0,
     init: Annotated[Optional[Path], typer.Option(help="Start from the weights of this trained SAM-CP head (fine-tuning: more scenes, new patches); it must have the same classes and architecture options. Tune the result again (`samantic samcp tune`).")] = None,
     text_encoder: Annotated[Optional[str], typer.Option(help="Open vocabulary: class queries from text embeddings of the names, by open_clip:MODEL[:PRETRAINED] (PRETRAINED: a tag or a checkpoint file) or open_clip:local-dir:DIR; stored in the head, so inference needs no encoder. Needs pip install 'samantic\\[clip]'.")] = None,
     prompt_template: Annotated[str, typer.Option(help="Prompt each class name is encoded in (with --text-encoder).")] = "a photo of a {name}.",
@@ -298,7 +299,7 @@ def train_samcp(
         sam = create_model(model, checkpoint=checkpoint)
         info = SamcpInfo(classes=thing_names, stuff=stuff_names, layers=layers, mask_roi=mask_roi,
                          affinity_residual=affinity_residual, mask_size=mask_size, roi_size=roi_size, model=model,
-                         **text_info)
+                         texture_channels=texture_channels, **text_info)
         head = SamcpHead(info, text_embeddings=text)
         init_sha = init_from_head(head, init) if init is not None else None  # before the slow patch cache
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -111,6 +111,13 @@ class SamcpInfo:
             weights are its block means. The shapes world's classes differ mostly by silhouette,
             which a 7 x 7 mask blurs (a star, a circle and a crescent look alike at 7 x 7).
         roi_channels: channels the FPN features are reduced to before the RoI MLP.
+        texture_channels: texture statistics of each patch (0: off). The finest FPN level, reduced
+            to this many channels, is sampled on the patch-mask grid over the patch's box; the
+            mask-weighted mean and standard deviation of each channel go through an MLP whose last
+            layer starts at zero and are added to the content embedding. A large region's 7 x 7 RoI
+            on the coarsest level keeps little of its texture (tiles, faint banding, strokes), which
+            is what tells the shapes world's stuff classes apart when colour does not. Zero at
+            initialisation, so a head started from a file without it (``--init``) starts as that file.
         backbone: ``"small_fpn"`` (built here, trained from scratch) or
             ``"custom:NAME"`` (the caller passes the module to the head and to load).
         backbone_channels: stage widths of the small CNN (strides 4, 8, 16, 32).
@@ -141,6 +148,7 @@ class SamcpInfo:
     roi_size: int = 7
     mask_size: int = 0
     roi_channels: int = 32
+    texture_channels: int = 0
     backbone: str = SMALL_FPN
     backbone_channels: Tuple[int, ...] = (32, 64, 96, 128)
     canonical_box: float = 128.0
@@ -173,6 +181,8 @@ class SamcpInfo:
         if self.roi_size < 1 or self.mask_size < 0 or (self.mask_size and self.mask_size % self.roi_size):
             raise ValueError(f"mask_size must be 0 or a positive multiple of roi_size ({self.roi_size}), "
                              f"got {self.mask_size}")
+        if self.texture_channels < 0:
+            raise ValueError(f"texture_channels must be >= 0 (0: off), got {self.texture_channels}")
         if self.backbone != SMALL_FPN and not self.backbone.startswith("custom:"):
             raise ValueError(f"backbone must be {SMALL_FPN!r} or 'custom:NAME', got {self.backbone!r}")
         if self.backbone == SMALL_FPN and len(self.backbone_channels) != 4:
@@ -196,6 +206,8 @@ class SamcpInfo:
         skip = {"classes", "stuff", "model", "extra"}
         if not self.mask_size:  # the paper's 7 x 7 masks: a file older samantic reads too
             skip.add("mask_size")
+        if not self.texture_channels:  # likewise: a head without texture statistics is the one older samantic wrote
+            skip.add("texture_channels")
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in fields(self) if f.name not in skip}
 
@@ -400,11 +412,19 @@ class MaskRoiEmbed(nn.Module):
         d, r, ms = info.d_model, info.roi_size, info.mask_side
         self.info = info
         self.strides = tuple(strides)
+        self.finest = min(range(len(self.strides)), key=self.strides.__getitem__)  # the texture's level
         self.reduce = nn.Conv2d(in_channels, info.roi_channels, 1)
         # the mask itself is appended: the token knows the patch's shape, not only its look
         self.mlp = _mlp([info.roi_channels * r * r + ms * ms, 2 * d, d])
         self.pos = _mlp([4 * (d // 4), d, d])
         self.norm = nn.LayerNorm(d)
+        self.texture_reduce: Optional[nn.Module] = None
+        self.texture_mlp: Optional[nn.Module] = None
+        if info.texture_channels:
+            self.texture_reduce = nn.Conv2d(in_channels, info.texture_channels, 1)
+            self.texture_mlp = _mlp([2 * info.texture_channels, d, d])
+            nn.init.zeros_(self.texture_mlp[-1].weight)  # adds nothing until trained
+            nn.init.zeros_(self.texture_mlp[-1].bias)
 
     def levels(self, boxes: torch.Tensor) -> torch.Tensor:
         """FPN level index (into ``strides``) of each box: coarser for larger boxes."""
@@ -428,8 +448,29 @@ class MaskRoiEmbed(nn.Module):
                                      sampling_ratio=2, aligned=True)
         return out
 
-    def content(self, x: torch.Tensor, roi_masks: torch.Tensor) -> torch.Tensor:
-        """RoI features ``[N, c, r, r]`` and patch masks ``[N, m, m]`` -> content embedding ``[N, D]``."""
+    def texture(self, finest: torch.Tensor, rois: torch.Tensor, roi_masks: torch.Tensor) -> torch.Tensor:
+        """Texture embedding ``[N, D]`` of the patches (``info.texture_channels`` > 0).
+
+        The finest FPN map, reduced, is sampled once per cell of the patch-mask grid over each box
+        (one sample a cell: averaging several would smooth away the texture); the mask-weighted
+        mean and standard deviation of every channel over the cells go through the texture MLP.
+        """
+        from torchvision.ops import roi_align
+
+        if self.texture_reduce is None or self.texture_mlp is None:
+            raise ValueError("this head has no texture statistics (texture_channels 0)")
+        ms = self.info.mask_side
+        x = roi_align(self.texture_reduce(finest), rois, (ms, ms), spatial_scale=1.0 / self.strides[self.finest],
+                      sampling_ratio=1, aligned=True)                     # [N, t, m, m]
+        w = roi_masks.to(x.dtype)[:, None]                                 # [N, 1, m, m]
+        n = w.sum(dim=(2, 3)).clamp(min=1e-3)                              # [N, 1]; an empty mask: zeros
+        mean = (x * w).sum(dim=(2, 3)) / n
+        var = (w * (x - mean[:, :, None, None]) ** 2).sum(dim=(2, 3)) / n
+        return self.texture_mlp(torch.cat([mean, (var + 1e-6).sqrt()], 1))
+
+    def content(self, x: torch.Tensor, roi_masks: torch.Tensor, texture: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """RoI features ``[N, c, r, r]`` and patch masks ``[N, m, m]`` (+ the texture embedding
+        ``[N, D]`` of a head with texture statistics) -> content embedding ``[N, D]``."""
         r, ms = self.info.roi_size, self.info.mask_side
         m = roi_masks.to(x.dtype)
         if self.info.mask_roi:
@@ -438,13 +479,15 @@ class MaskRoiEmbed(nn.Module):
             x = x * w[:, None]
         else:
             m = torch.ones_like(m)
-        return self.mlp(torch.cat([x.flatten(1), m.flatten(1)], 1))
+        out = self.mlp(torch.cat([x.flatten(1), m.flatten(1)], 1))
+        return out if texture is None else out + texture
 
     def forward(self, feats: List[torch.Tensor], rois: torch.Tensor, roi_masks: torch.Tensor,
                 image_hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """rois ``[N, 5]`` (batch index, xyxy), roi_masks ``[N, m, m]`` (m: ``info.mask_side``) ->
         (tokens ``[N, D]``, pos ``[N, D]``)."""
-        x = self.content(self.roi_features(feats, rois), roi_masks)
+        tex = self.texture(feats[self.finest], rois, roi_masks) if self.texture_mlp is not None else None
+        x = self.content(self.roi_features(feats, rois), roi_masks, tex)
         h, w = image_hw
         b01 = rois[:, 1:] / torch.tensor([w, h, w, h], dtype=rois.dtype, device=rois.device)
         pos = self.pos(_sine_box_encoding(b01.clamp(0, 1), self.info.d_model // 4))
