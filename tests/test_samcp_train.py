@@ -319,9 +319,12 @@ def test_resume_refuses_another_runs_checkpoint_and_may_only_lengthen(examples, 
     renamed = SamcpInfo(**{**asdict(info), "classes": list(reversed(info.classes))})
     for head, config, meta, what in ((SamcpHead(renamed), cfg, {"data": "A"}, "names"),
                                      (SamcpHead(small_info()), cfg, {"data": "B"}, "data 'A' -> 'B'"),
-                                     (SamcpHead(small_info()), replace(cfg, lr=1.0), {"data": "A"}, "config.lr")):
+                                     (SamcpHead(small_info()), replace(cfg, lr=1.0), {"data": "A"}, "config.lr"),
+                                     (SamcpHead(small_info(texture_channels=4)), cfg, {"data": "A"}, "texture_channels")):
         with pytest.raises(ValueError, match=f"another run .*{what}"):
             SamcpTrainer(head, replace(config, steps=4), ex, metadata=meta).train(out, resume=True, progress=False)
+    # a head option added later stays out of the record while off: checkpoints from before it still resume
+    assert "texture_channels" not in SamcpTrainer(SamcpHead(small_info()), cfg, ex).run_record()["head"]
     # --resume without a checkpoint: a fresh start with a fresh log
     (tmp_path / "n.safetensors.log.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
     SamcpTrainer(SamcpHead(small_info()), cfg, ex).train(tmp_path / "n.safetensors", resume=True, progress=False)

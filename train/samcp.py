@@ -710,11 +710,10 @@ class SamcpTrainer:
     def load_state(self, path: Path) -> None:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
-            self.head.load_state_dict(state["head"])
-            self.optimizer.load_state_dict(state["optimizer"])
         except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint names its file
             raise ValueError(f"{path}: cannot resume from this checkpoint ({e})") from None
-        if "run" in state:  # checkpoints before 2026-12-03 do not record their run
+        if isinstance(state, dict) and "run" in state:  # checkpoints before 2026-12-03 do not record their run
+            # compared before the weights are loaded: another run's options are named, not its tensor shapes
             theirs, ours = json.loads(state["run"]), self.run_record()
             from samantic.io.writers import record_diffs
 
@@ -722,6 +721,11 @@ class SamcpTrainer:
             if diffs:
                 raise ValueError(f"{path} is the checkpoint of another run ({'; '.join(diffs[:6])}): resume with the "
                                  "options it was started with, or train into another --out (or delete the checkpoint)")
+        try:
+            self.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint names its file
+            raise ValueError(f"{path}: cannot resume from this checkpoint ({e})") from None
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
         torch.set_rng_state(state["torch_rng"])
