@@ -421,3 +421,55 @@ def test_adaptive_keeps_the_shipped_nanos_masks_on_held_out_scenes(shipped_nano)
     assert total >= 20, "the scenes must have masks at these thresholds for the test to mean anything"
     assert found >= 0.95 * total, (found, total)
     assert skipped >= 0.15 * 3 * 1024, skipped  # v5: 598 of 3072 (284 quiet, 314 covered)
+
+
+class _Square(torch.nn.Module):  # not an activation the pixelwise path knows: the modules run as they are
+    def forward(self, x):
+        return x * x
+
+
+@pytest.mark.parametrize("width, activation", [(128, "gelu"), (256, "gelu"), (64, "relu"), (64, "other")])
+def test_mask_logits_of_selected_pairs_match_segment_anything(width, activation, monkeypatch):
+    """PromptMaskDecoder.masks (pixelwise upscaling on the CPU) against segment-anything's MaskDecoder on the same
+    prompts: the selected (prompt, mask) pairs, in any order and with repeats, equal up to float rounding."""
+    from types import SimpleNamespace
+
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    from samantic.pipeline.decoder import PromptMaskDecoder, _pixelwise_upscaling
+
+    torch.manual_seed(width)
+    act = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU, "other": _Square}[activation]
+    decoder = MaskDecoder(transformer_dim=width, transformer=TwoWayTransformer(
+        depth=2, embedding_dim=width, num_heads=4, mlp_dim=2 * width), activation=act)
+    prompts = PromptEncoder(embed_dim=width, image_embedding_size=(12, 10), input_image_size=(48, 40),
+                            mask_in_chans=16)
+    with torch.no_grad():  # random biases and LayerNorm affine terms, so every term of the rewrite is exercised
+        for p in list(decoder.parameters()) + list(prompts.parameters()):
+            p.add_(0.2 * torch.randn_like(p))
+    emb = torch.randn(1, width, 12, 10)
+    coords, labels = torch.rand(6, 1, 2) * torch.tensor([40.0, 48.0]), torch.ones(6, 1, dtype=torch.int)
+    ours = PromptMaskDecoder(SimpleNamespace(mask_decoder=decoder, prompt_encoder=prompts))
+    prompt_idx = torch.tensor([4, 0, 4, 2, 0, 5, 4])
+    mask_idx = torch.tensor([2, 0, 0, 1, 0, 2, 2])
+    with torch.no_grad():
+        sparse, dense = prompts(points=(coords, labels), boxes=None, masks=None)
+        ref, ref_iou = decoder(emb, prompts.get_dense_pe(), sparse, dense, multimask_output=True)
+        out = ours.run(emb, coords, labels)
+        logits = ours.masks(out, prompt_idx, mask_idx)
+        pixelwise = _pixelwise_upscaling(decoder.output_upscaling, out.src)
+        assert _pixelwise_upscaling(decoder.output_upscaling, out.src.double()) is None
+    assert _pixelwise_upscaling(decoder.output_upscaling, out.src) is None  # autograd on: the modules
+    assert (pixelwise is not None) == (activation != "other")
+    assert logits.shape == (7, 48, 40)
+    # the random weights give logits in the hundreds: float rounding relative to their scale
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(out.iou_preds, ref_iou, atol=5e-5 * float(ref_iou.abs().max()), rtol=0)
+    torch.testing.assert_close(logits, ref[prompt_idx, mask_idx], atol=5e-5 * scale, rtol=0)
+    torch.testing.assert_close(logits[0], logits[6])  # a repeated pair
+    # against the modules run on the same transformer output: the upscaling rewrite alone
+    monkeypatch.setattr("samantic.pipeline.decoder._pixelwise_upscaling", lambda *a: None)
+    with torch.no_grad():
+        modules = ours.masks(out, prompt_idx, mask_idx)
+        assert ours.masks(out, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)).shape == (0, 48, 40)
+    torch.testing.assert_close(logits, modules, atol=1e-6 * scale, rtol=0)
