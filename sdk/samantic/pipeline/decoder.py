@@ -9,8 +9,8 @@ selected (prompt, mask) pairs only, with the same modules and weights. The
 transformer itself runs through :func:`samantic.pipeline.transformer.two_way_transformer`,
 which does not copy the image embedding per prompt. On the CPU the upscaling of segment-anything's decoder
 (2 x 2 stride-2 transposed convolutions, LayerNorm2d, activations) runs pixel by pixel on channels-last rows, one
-prompt at a time, equal up to float rounding and about 3x faster than the modules (``benchmarks/upscale_path.py``:
-segment-everything 1.5-1.6x faster end to end where masks survive). A model with SUM's task table
+prompt at a time, equal up to float rounding and 3.4-3.9x faster than the modules (``benchmarks/upscale_path.py``:
+segment-everything 1.6-1.8x faster end to end where masks survive). A model with SUM's task table
 (``sam.task_prompt``) gets the task's embedding added to the dense prompt embedding.
 """
 
@@ -170,7 +170,7 @@ def _upscaled_logits_per_prompt(layers, dec, out: DecoderOutput, uniq: torch.Ten
                                 mask_idx: torch.Tensor) -> torch.Tensor:
     """:meth:`PromptMaskDecoder.masks` on the CPU: the upscaling (see :func:`_pixelwise_upscaling`) one prompt at a
     time on channels-last rows, so each step's [h*w*16, c] block stays in cache instead of five passes over
-    [U, c, 4h, 4w] tensors; 2.5-3x faster than the modules on one thread, equal up to float rounding."""
+    [U, c, 4h, 4w] tensors; equal to the modules up to float rounding."""
     c1, ln, a1, c2, a2 = layers
     w1, b1 = _blocks(c1)
     w2, b2 = _blocks(c2)
@@ -178,15 +178,20 @@ def _upscaled_logits_per_prompt(layers, dec, out: DecoderOutput, uniq: torch.Ten
     _, _, h, w = out.src.shape
     rows = out.src.flatten(2).transpose(1, 2)  # [B, h*w, C]: the transformer's own layout, no copy
     k = int(mask_idx.numel())
+    prompt_idx = uniq[inverse]
+    hyper = out.src.new_empty((k, last))  # each output's hypernetwork, one call per output token
+    for j in range(out.mask_tokens.shape[1]):
+        sel = torch.nonzero(mask_idx == j).flatten()
+        if sel.numel():
+            mlp = dec.output_hypernetworks_mlps[int(out.token_index[j])]
+            hyper[sel] = mlp(out.mask_tokens[prompt_idx[sel], j])
     logits = out.src.new_empty((k, h * w * 16))
     for u in range(int(uniq.numel())):
         pairs = torch.nonzero(inverse == u).flatten()
-        p = int(uniq[u])
-        hyper = torch.stack([dec.output_hypernetworks_mlps[int(out.token_index[int(mask_idx[i])])](
-            out.mask_tokens[p, int(mask_idx[i])]) for i in pairs.tolist()])  # [n, last]
-        x = torch.addmm(b1, rows[p], w1).view(-1, mid)  # [h*w*4, mid], rows (y, x, ky1, kx1)
+        x = torch.addmm(b1, rows[int(uniq[u])], w1).view(-1, mid)  # [h*w*4, mid], rows (y, x, ky1, kx1)
         x = a1(F.layer_norm(x, (mid,), ln.weight, ln.bias, ln.eps))
         x = a2(torch.addmm(b2, x, w2).view(-1, last))  # [h*w*16, last], rows (y, x, ky1, kx1, ky2, kx2)
-        logits[pairs] = hyper @ x.T
-    # output pixel (4y + 2 ky1 + ky2, 4x + 2 kx1 + kx2)
-    return logits.view(k, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(k, 4 * h, 4 * w)
+        logits[pairs] = hyper[pairs] @ x.T
+    # output pixel (4y + 2 ky1 + ky2, 4x + 2 kx1 + kx2), in two re-arrangements of 16-byte and 4-byte runs
+    blocks = logits.view(k, h, w, 2, 2, 4).permute(0, 1, 3, 2, 4, 5).reshape(k, 2 * h, 2 * w, 2, 2)
+    return blocks.permute(0, 1, 3, 2, 4).reshape(k, 4 * h, 4 * w)
