@@ -473,3 +473,9 @@ def test_mask_logits_of_selected_pairs_match_segment_anything(width, activation,
         modules = ours.masks(out, prompt_idx, mask_idx)
         assert ours.masks(out, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)).shape == (0, 48, 40)
     torch.testing.assert_close(logits, modules, atol=1e-6 * scale, rtol=0)
+    # indices outside the outputs are an error on both paths, never uninitialised logits
+    monkeypatch.undo()
+    with torch.no_grad():
+        for pi, mi in (([0, 2], [0, 3]), ([6], [0]), ([0], [-1]), ([0, 1], [0])):
+            with pytest.raises(IndexError):
+                ours.masks(out, torch.tensor(pi), torch.tensor(mi))

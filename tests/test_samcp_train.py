@@ -325,6 +325,15 @@ def test_resume_refuses_another_runs_checkpoint_and_may_only_lengthen(examples, 
             SamcpTrainer(head, replace(config, steps=4), ex, metadata=meta).train(out, resume=True, progress=False)
     # a head option added later stays out of the record while off: checkpoints from before it still resume
     assert "texture_channels" not in SamcpTrainer(SamcpHead(small_info()), cfg, ex).run_record()["head"]
+    # a damaged run record, a checkpoint without its step, a file of something else: named, not a KeyError
+    ckpt = tmp_path / "h.safetensors.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    for name, broken in (("record", {**state, "run": "{not json"}), ("step", {k: v for k, v in state.items() if k != "step"}),
+                         ("other", [1, 2, 3])):
+        bad = tmp_path / f"{name}.safetensors"
+        torch.save(broken, tmp_path / f"{name}.safetensors.ckpt")
+        with pytest.raises(ValueError, match="cannot resume from this checkpoint"):
+            SamcpTrainer(SamcpHead(small_info()), cfg, ex, metadata={"data": "A"}).train(bad, resume=True, progress=False)
     # --resume without a checkpoint: a fresh start with a fresh log
     (tmp_path / "n.safetensors.log.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
     SamcpTrainer(SamcpHead(small_info()), cfg, ex).train(tmp_path / "n.safetensors", resume=True, progress=False)

@@ -712,9 +712,15 @@ class SamcpTrainer:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint names its file
             raise ValueError(f"{path}: cannot resume from this checkpoint ({e})") from None
-        if isinstance(state, dict) and "run" in state:  # checkpoints before 2026-12-03 do not record their run
+        if not isinstance(state, dict) or not {"head", "optimizer", "step", "torch_rng"} <= set(state):
+            raise ValueError(f"{path}: cannot resume from this checkpoint (not a samcp training checkpoint)")
+        if "run" in state:  # checkpoints before 2026-12-03 do not record their run
             # compared before the weights are loaded: another run's options are named, not its tensor shapes
-            theirs, ours = json.loads(state["run"]), self.run_record()
+            try:
+                theirs = json.loads(state["run"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: cannot resume from this checkpoint (its run record is damaged: {e})") from None
+            ours = self.run_record()
             from samantic.io.writers import record_diffs
 
             diffs = record_diffs(theirs, ours)
@@ -724,11 +730,11 @@ class SamcpTrainer:
         try:
             self.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            self.elapsed = float(state.get("elapsed", 0.0))
+            torch.set_rng_state(state["torch_rng"])
         except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint names its file
             raise ValueError(f"{path}: cannot resume from this checkpoint ({e})") from None
-        self.step = int(state["step"])
-        self.elapsed = float(state.get("elapsed", 0.0))
-        torch.set_rng_state(state["torch_rng"])
 
 
 class _save_on_interrupt:

@@ -104,9 +104,20 @@ class PromptMaskDecoder:
 
         Returns:
             Tensor[K, 4h, 4w] float32 logits, equal to the reference decoder's for those masks.
+
+        Raises:
+            IndexError: ``prompt_idx`` and ``mask_idx`` differ in length, or an index is out of range.
         """
         dec = self.decoder
         k = int(prompt_idx.numel())
+        b, m = out.mask_tokens.shape[:2]
+        if int(mask_idx.numel()) != k:
+            raise IndexError(f"prompt_idx and mask_idx must have one length, got {k} and {int(mask_idx.numel())}")
+        if k and not (0 <= int(prompt_idx.min()) and int(prompt_idx.max()) < b
+                      and 0 <= int(mask_idx.min()) and int(mask_idx.max()) < m):
+            raise IndexError(f"prompt_idx must lie in [0, {b}) and mask_idx in [0, {m}), got prompts "
+                             f"{int(prompt_idx.min())}..{int(prompt_idx.max())} and masks "
+                             f"{int(mask_idx.min())}..{int(mask_idx.max())}")
         if k == 0:
             side = out.src.shape[-1] * 4
             return out.src.new_zeros((0, out.src.shape[-2] * 4, side))
@@ -116,7 +127,6 @@ class PromptMaskDecoder:
             return _upscaled_logits_per_prompt(layers, dec, out, uniq, inverse, mask_idx)
         upscaled = dec.output_upscaling(out.src[uniq])  # [U, c, H, W], only for prompts with survivors
         u, c, hh, ww = upscaled.shape
-        m = out.mask_tokens.shape[1]
         hyper = upscaled.new_zeros((u, m, c))
         for j in range(m):
             rows = inverse[mask_idx == j]
@@ -143,9 +153,9 @@ def _pixelwise_upscaling(upscaling: nn.Module, src: torch.Tensor) -> Optional[Tu
     """
     from segment_anything.modeling.common import LayerNorm2d
 
-    if src.device.type != "cpu" or src.dtype != torch.float32 or torch.is_grad_enabled():
+    if src.device.type != "cpu" or src.dtype != torch.float32 or torch.is_grad_enabled():  # grad: a direct caller
         return None
-    if not isinstance(upscaling, nn.Sequential) or len(upscaling) != 5:
+    if type(upscaling) is not nn.Sequential or len(upscaling) != 5:
         return None
     c1, ln, a1, c2, a2 = upscaling
     for conv in (c1, c2):
@@ -179,7 +189,7 @@ def _upscaled_logits_per_prompt(layers, dec, out: DecoderOutput, uniq: torch.Ten
     rows = out.src.flatten(2).transpose(1, 2)  # [B, h*w, C]: the transformer's own layout, no copy
     k = int(mask_idx.numel())
     prompt_idx = uniq[inverse]
-    hyper = out.src.new_empty((k, last))  # each output's hypernetwork, one call per output token
+    hyper = out.src.new_zeros((k, last))  # each output's hypernetwork, one call per output token
     for j in range(out.mask_tokens.shape[1]):
         sel = torch.nonzero(mask_idx == j).flatten()
         if sel.numel():
