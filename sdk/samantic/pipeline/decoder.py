@@ -9,8 +9,8 @@ selected (prompt, mask) pairs only, with the same modules and weights. The
 transformer itself runs through :func:`samantic.pipeline.transformer.two_way_transformer`,
 which does not copy the image embedding per prompt. On the CPU the upscaling of segment-anything's decoder
 (2 x 2 stride-2 transposed convolutions, LayerNorm2d, activations) runs pixel by pixel on channels-last rows, one
-prompt at a time, equal up to float rounding and 3.4-3.9x faster than the modules (``benchmarks/upscale_path.py``:
-segment-everything 1.6-1.8x faster end to end where masks survive). A model with SUM's task table
+prompt at a time, equal up to float rounding and 2.9-3.9x faster than the modules (``benchmarks/upscale_path.py``:
+segment-everything 1.2-1.8x faster end to end where masks survive, 1.6-1.8x in 6 of the 7 cases). A model with SUM's task table
 (``sam.task_prompt``) gets the task's embedding added to the dense prompt embedding.
 """
 
