@@ -10,7 +10,7 @@ transformer itself runs through :func:`samantic.pipeline.transformer.two_way_tra
 which does not copy the image embedding per prompt. On the CPU the upscaling of segment-anything's decoder
 (2 x 2 stride-2 transposed convolutions, LayerNorm2d, activations) runs pixel by pixel on channels-last rows, one
 prompt at a time, equal up to float rounding and 2.9-3.9x faster than the modules (``benchmarks/upscale_path.py``:
-segment-everything 1.2-1.8x faster end to end where masks survive, 1.6-1.8x in 6 of the 7 cases). A model with SUM's task table
+segment-everything 1.6-1.8x faster end to end in the 7 of 10 cases with 4 or more final masks). A model with SUM's task table
 (``sam.task_prompt``) gets the task's embedding added to the dense prompt embedding.
 """
 
