@@ -122,19 +122,30 @@ class PromptMaskDecoder:
             side = out.src.shape[-1] * 4
             return out.src.new_zeros((0, out.src.shape[-2] * 4, side))
         uniq, inverse = torch.unique(prompt_idx, sorted=True, return_inverse=True)
+        hyper = _hypernetwork_rows(dec, out, prompt_idx, mask_idx)  # [K, c]
         layers = _pixelwise_upscaling(dec.output_upscaling, out.src)
         if layers is not None:
-            return _upscaled_logits_per_prompt(layers, dec, out, uniq, inverse, mask_idx)
+            return _upscaled_logits_per_prompt(layers, out, uniq, inverse, hyper)
         upscaled = dec.output_upscaling(out.src[uniq])  # [U, c, H, W], only for prompts with survivors
         u, c, hh, ww = upscaled.shape
-        hyper = upscaled.new_zeros((u, m, c))
-        for j in range(m):
-            rows = inverse[mask_idx == j]
-            if rows.numel():
-                mlp = dec.output_hypernetworks_mlps[int(out.token_index[j])]
-                hyper[rows, j] = mlp(out.mask_tokens[uniq[rows], j])
-        logits = (hyper @ upscaled.view(u, c, hh * ww)).view(u, m, hh, ww)
+        per_prompt = upscaled.new_zeros((u, m, c))
+        per_prompt[inverse, mask_idx] = hyper
+        logits = (per_prompt @ upscaled.view(u, c, hh * ww)).view(u, m, hh, ww)
         return logits[inverse, mask_idx]
+
+
+def _hypernetwork_rows(dec, out: DecoderOutput, prompt_idx: torch.Tensor, mask_idx: torch.Tensor) -> torch.Tensor:
+    """Tensor[K, c]: the hypernetwork output of each selected (prompt, mask) pair, one MLP call per output token."""
+    hyper = None
+    for j in range(out.mask_tokens.shape[1]):
+        sel = torch.nonzero(mask_idx == j).flatten()
+        if sel.numel():
+            mlp = dec.output_hypernetworks_mlps[int(out.token_index[j])]
+            rows = mlp(out.mask_tokens[prompt_idx[sel], j])
+            if hyper is None:
+                hyper = rows.new_zeros((int(mask_idx.numel()), rows.shape[-1]))
+            hyper[sel] = rows
+    return hyper
 
 
 # Elementwise activations: they commute with any re-arrangement of the pixels and channels.
@@ -176,8 +187,8 @@ def _blocks(conv: nn.ConvTranspose2d) -> Tuple[torch.Tensor, torch.Tensor]:
     return conv.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout), conv.bias.repeat(4)
 
 
-def _upscaled_logits_per_prompt(layers, dec, out: DecoderOutput, uniq: torch.Tensor, inverse: torch.Tensor,
-                                mask_idx: torch.Tensor) -> torch.Tensor:
+def _upscaled_logits_per_prompt(layers, out: DecoderOutput, uniq: torch.Tensor, inverse: torch.Tensor,
+                                hyper: torch.Tensor) -> torch.Tensor:
     """:meth:`PromptMaskDecoder.masks` on the CPU: the upscaling (see :func:`_pixelwise_upscaling`) one prompt at a
     time on channels-last rows, so each step's [h*w*16, c] block stays in cache instead of five passes over
     [U, c, 4h, 4w] tensors; equal to the modules up to float rounding."""
@@ -187,14 +198,7 @@ def _upscaled_logits_per_prompt(layers, dec, out: DecoderOutput, uniq: torch.Ten
     mid, last = c1.out_channels, c2.out_channels
     _, _, h, w = out.src.shape
     rows = out.src.flatten(2).transpose(1, 2)  # [B, h*w, C]: the transformer's own layout, no copy
-    k = int(mask_idx.numel())
-    prompt_idx = uniq[inverse]
-    hyper = out.src.new_zeros((k, last))  # each output's hypernetwork, one call per output token
-    for j in range(out.mask_tokens.shape[1]):
-        sel = torch.nonzero(mask_idx == j).flatten()
-        if sel.numel():
-            mlp = dec.output_hypernetworks_mlps[int(out.token_index[j])]
-            hyper[sel] = mlp(out.mask_tokens[prompt_idx[sel], j])
+    k = int(hyper.shape[0])
     logits = out.src.new_empty((k, h * w * 16))
     for u in range(int(uniq.numel())):
         pairs = torch.nonzero(inverse == u).flatten()
