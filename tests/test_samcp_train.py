@@ -833,6 +833,77 @@ def test_train_samcp_init_starts_from_a_head_and_refuses_another_architecture(tr
     assert r.returncode == 1 and "another run" in r.stderr and "init" in r.stderr, r.stdout + r.stderr
 
 
+def test_parse_stages_carries_what_a_stage_leaves_out_and_names_bad_specs():
+    from samantic.train.samcp import parse_stages
+
+    first = {"steps": 100, "minutes": 0.0, "lr": 3e-4, "color_perm": 0.0, "texture_channels": 0}
+    stages = parse_stages(["steps=50,minutes=2.5", "lr=1e-4, color-perm=0.5", "texture_channels=8", ""], first)
+    assert stages == [
+        {"steps": 50, "minutes": 2.5, "lr": 3e-4, "color_perm": 0.0, "texture_channels": 0},
+        {"steps": 50, "minutes": 2.5, "lr": 1e-4, "color_perm": 0.5, "texture_channels": 0},
+        {"steps": 50, "minutes": 2.5, "lr": 1e-4, "color_perm": 0.5, "texture_channels": 8},
+        {"steps": 50, "minutes": 2.5, "lr": 1e-4, "color_perm": 0.5, "texture_channels": 8},
+    ]
+    assert parse_stages([""], first) == [first]  # no --stage: the command's own options, one stage
+    for specs, message in ((["steps=1", "epochs=3"], "--stage 2 ('epochs=3'): 'epochs=3' is not KEY=VALUE"),
+                           (["lr"], "'lr' is not KEY=VALUE with KEY one of steps, minutes"),
+                           (["steps=1.5"], "steps must be an integer, got '1.5'"),
+                           (["lr=fast"], "lr must be a number, got 'fast'"),
+                           (["steps=0"], "steps must be >= 1"), (["minutes=-1"], "minutes must be >= 0"),
+                           (["color_perm=2"], "color_perm must be in [0, 1]"),
+                           (["texture_channels=8", "texture_channels=4"], "--stage 2 ('texture_channels=4'): "
+                            "texture_channels 8 -> 4"),
+                           (["texture_channels=8", "texture_channels=0"], "switched on once")):
+        with pytest.raises(ValueError) as e:
+            parse_stages(specs, first)
+        assert message in str(e.value)
+
+
+def test_train_samcp_stages_give_the_weights_of_separate_runs_chained_by_init(examples, tmp_path):
+    """Two --stage's in one command (the second switching on colour permutations and texture statistics) save
+    exactly the weights of two commands chained by --init, record the recipe and the chain, and --resume with
+    both stages done trains nothing and changes nothing."""
+    from safetensors.torch import load_file
+
+    from samantic.models.weights import state_sha256
+
+    _, cache = examples
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    r = _samantic(*_small_train_args(a, cache), "--steps", "2", "--lr", "1e-3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _samantic(*_small_train_args(b, cache), "--steps", "2", "--lr", "5e-4", "--color-perm", "0.5",
+                  "--texture-channels", "4", "--init", str(a))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    out = tmp_path / "staged.safetensors"
+    staged = [*_small_train_args(out, cache), "--steps", "2", "--lr", "1e-3", "--stage", "",
+              "--stage", "lr=5e-4,color_perm=0.5,texture_channels=4"]
+    r = _samantic(*staged)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = tmp_path / "staged.stage1.safetensors"
+    assert f"stage 1/2: 2 steps, lr 0.001, color_perm 0, texture_channels 0 -> {first}" in r.stdout
+    assert f"stage 2/2: 2 steps, lr 0.0005, color_perm 0.5, texture_channels 4 -> {out}" in r.stdout
+    assert r.stdout.count("patches of") == 1  # one load of the patches for both stages
+    for ours, theirs in ((first, a), (out, b)):
+        x, y = load_file(str(ours)), load_file(str(theirs))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), ours
+    head = load_samcp(out)
+    assert head.info.texture_channels == 4 and head.info.extra["stage"] == "2/2"
+    assert head.info.extra["init"] == state_sha256(load_samcp(first))  # the weights it started from
+    recipe = json.loads(head.info.extra["stages"])
+    assert [(s["lr"], s["color_perm"], s["texture_channels"]) for s in recipe] == [(1e-3, 0.0, 0), (5e-4, 0.5, 4)]
+    assert json.loads(head.info.extra["train_config"])["color_perm"] == 0.5
+    assert (tmp_path / "staged.stage1.safetensors.log.jsonl").is_file() and (tmp_path / "staged.safetensors.ckpt").is_file()
+    before = load_file(str(out))
+    r = _samantic(*staged, "--resume")
+    assert r.returncode == 0 and r.stderr.count("no step trained") == 2, r.stdout + r.stderr
+    after = load_file(str(out))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # a recipe that cannot be run is refused before the patches are loaded
+    r = _samantic(*staged[:-1], "texture_channels=4", "--stage", "texture_channels=2")
+    assert r.returncode == 1 and "--stage 3 ('texture_channels=2')" in r.stderr and "patches of" not in r.stdout
+
+
 def test_samcp_head_on_other_sam_weights_warns(trained, nano, tmp_path):
     """Patches of other weights than the head was trained on: Segmenter warns, segment notes it, heads
     without the record (trained before it existed) pass."""

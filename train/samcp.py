@@ -43,7 +43,10 @@ __all__ = [
     "example_from_patches",
     "hungarian_match",
     "load_examples",
+    "parse_stages",
     "samcp_losses",
+    "stage_output",
+    "train_stages",
 ]
 
 
@@ -735,6 +738,123 @@ class SamcpTrainer:
             torch.set_rng_state(state["torch_rng"])
         except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint names its file
             raise ValueError(f"{path}: cannot resume from this checkpoint ({e})") from None
+
+
+# ---------------------------------------------------------------- staged training
+
+# what a `--stage` may set, and its type; the other options hold for the whole run
+STAGE_KEYS = {"steps": int, "minutes": float, "lr": float, "color_perm": float, "texture_channels": int}
+
+
+def parse_stages(specs: Sequence[str], first: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The stages of a staged training from ``--stage KEY=VALUE,...`` options, in order.
+
+    Each stage is a full dict over :data:`STAGE_KEYS`: the keys a spec leaves out are carried
+    from the stage before, the first stage's from ``first`` (the command's own options).
+    Texture statistics may be switched on once, from 0 (their modules start at zero output,
+    so the head starts as the stage before left it), never changed or taken away.
+
+    Raises:
+        ValueError: naming the stage, its spec and what is wrong with it.
+    """
+    missing = set(STAGE_KEYS) - set(first)
+    if missing:
+        raise ValueError(f"first stage defaults lack {sorted(missing)}")
+    if not specs:
+        raise ValueError("a staged training needs at least one --stage")
+    stages: List[Dict[str, Any]] = []
+    prev = {k: STAGE_KEYS[k](first[k]) for k in STAGE_KEYS}
+    for i, spec in enumerate(specs, 1):
+        where = f"--stage {i} ({spec!r})"
+        cur = dict(prev)
+        for item in (x.strip() for x in spec.split(",")):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in STAGE_KEYS:
+                raise ValueError(f"{where}: {item!r} is not KEY=VALUE with KEY one of {', '.join(STAGE_KEYS)}")
+            kind = STAGE_KEYS[key]
+            try:
+                cur[key] = kind(value.strip())
+            except ValueError:
+                raise ValueError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, "
+                                 f"got {value.strip()!r}") from None
+        if cur["steps"] < 1:
+            raise ValueError(f"{where}: steps must be >= 1, got {cur['steps']}")
+        for key in ("minutes", "lr", "texture_channels"):
+            if cur[key] < 0:
+                raise ValueError(f"{where}: {key} must be >= 0, got {cur[key]}")
+        if not 0.0 <= cur["color_perm"] <= 1.0:
+            raise ValueError(f"{where}: color_perm must be in [0, 1], got {cur['color_perm']}")
+        if i > 1 and cur["texture_channels"] != prev["texture_channels"] and prev["texture_channels"]:
+            raise ValueError(f"{where}: texture_channels {prev['texture_channels']} -> {cur['texture_channels']}: "
+                             "texture statistics may be switched on once (from 0), not changed or taken away")
+        stages.append(cur)
+        prev = cur
+    return stages
+
+
+def stage_output(out: Path, index: int, count: int) -> Path:
+    """Where stage ``index`` (from 1) of ``count`` writes its head: OUT for the last, OUT's stem
+    ``.stageN`` beside it for the others (each with its own .ckpt and .log.jsonl)."""
+    out = Path(out)
+    return out if index == count else out.with_name(f"{out.stem}.stage{index}{out.suffix}")
+
+
+def train_stages(head, config: SamcpTrainConfig, examples: Sequence[SamcpExample], stages: Sequence[Dict[str, Any]],
+                 out: Path, *, seed: int = 0, text_embeddings: Optional[torch.Tensor] = None, device: str = "cpu",
+                 metadata: Optional[Dict[str, Any]] = None, resume: bool = False, progress: bool = True,
+                 on_stage=None) -> List[SamcpTrainResult]:
+    """Trains ``head`` through ``stages`` (:func:`parse_stages`) in turn, on one load of ``examples``.
+
+    Stage ``i`` trains into :func:`stage_output` with ``config`` under the stage's steps, time
+    budget (minutes), learning rate and colour permutations; each stage after the first starts,
+    like ``samantic train samcp --init``, from the file the stage before saved, with a fresh
+    optimizer and learning-rate schedule (warm-up, then decay) and the torch RNG seeded anew
+    from ``seed``: the same weights as separate commands chained by ``--init`` (a test holds
+    it), without loading the patches again for each. ``head`` must have the first stage's
+    ``texture_channels``; a stage that switches them on gets a head with them.
+
+    Each stage's file records the recipe (``stages``), its place (``stage``: "i/n") and, after
+    the first, the stage it started from (``init``: the digest of its weights,
+    :func:`~samantic.models.weights.state_sha256`; ``init_file``).
+
+    ``resume=True`` resumes every stage from its checkpoint: a finished stage trains no step and
+    saves the same weights again, so the next one resumes from the same start. ``on_stage(i, trainer)``
+    is called before each stage trains (a caller's handle on the running trainer).
+
+    Returns:
+        One :class:`SamcpTrainResult` per stage.
+    """
+    from samantic.heads.samcp import SamcpHead
+    from samantic.models.weights import state_sha256
+
+    if head.info.texture_channels != stages[0]["texture_channels"]:
+        raise ValueError(f"the head has texture_channels {head.info.texture_channels}, the first stage "
+                         f"{stages[0]['texture_channels']}")
+    record = json.dumps([dict(s) for s in stages])
+    results: List[SamcpTrainResult] = []
+    for i, stage in enumerate(stages, 1):
+        meta = dict(metadata or {})
+        if len(stages) > 1:  # the recipe goes into every stage's file
+            meta.update({"stages": record, "stage": f"{i}/{len(stages)}"})
+        if i > 1:
+            prev, before = results[-1].output, head
+            torch.manual_seed(seed)  # as the separate command would start: seeded, then the head built
+            head = SamcpHead(replace(head.info, texture_channels=stage["texture_channels"]),
+                             text_embeddings=text_embeddings)
+            init_from_head(head, prev)
+            # the run record holds the digest of the stage before's weights, not of its file: a resumed stage saves
+            # the same weights again, but safetensors writes the header's entries in no fixed order
+            meta.update({"init": state_sha256(before), "init_file": str(prev)})
+        cfg = replace(config, steps=stage["steps"], time_budget=stage["minutes"] * 60, lr=stage["lr"],
+                      color_perm=stage["color_perm"])
+        trainer = SamcpTrainer(head, cfg, examples, device=device, metadata=meta)
+        if on_stage is not None:
+            on_stage(i, trainer)
+        results.append(trainer.train(stage_output(out, i, len(stages)), resume=resume, progress=progress))
+    return results
 
 
 class _save_on_interrupt:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -246,7 +246,8 @@ def train_samcp(
     seed: Annotated[int, typer.Option(help="Random seed (sampling, initialisation).")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Save OUT.ckpt every this many steps (Ctrl-C and SIGTERM save it too).")] = 200,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists (the same options; --steps and --time-budget may grow).")] = False,
+    stage: Annotated[Optional[List[str]], typer.Option(help="One stage of a staged training, as KEY=VALUE,... with KEY one of steps, minutes, lr, color_perm, texture_channels; repeat it for each stage. The stages run in order in this one process, on one load of the patches: each starts from the weights the stage before saved (as --init would) with a fresh optimizer and learning-rate schedule; what a stage leaves out it takes from the stage before, the first from --steps, --time-budget, --lr, --color-perm and --texture-channels; texture_channels may be switched on once. Stage N writes OUT's stem .stageN.safetensors (with its .ckpt and .log.jsonl), the last one OUT.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists (the same options; --steps and --time-budget may grow); with --stage, every stage from its own checkpoint.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Train a SAM-CP head (labels and merges SAM's patches) on a panoptic dataset."""
@@ -256,7 +257,8 @@ def train_samcp(
 
     from samantic.heads.samcp import SAM_STATE_KEY, SamcpHead, SamcpInfo
     from samantic.models import create_model
-    from samantic.train.samcp import SamcpTrainConfig, SamcpTrainer, init_from_head, load_examples
+    from samantic.train.samcp import (SamcpTrainConfig, init_from_head, load_examples, parse_stages, stage_output,
+                                      train_stages)
     from samantic.train.samcp_cache import open_panoptic
 
     if threads:
@@ -276,6 +278,8 @@ def train_samcp(
             bad = [n for n in given if n not in known]
             if bad:
                 raise ValueError(f"unknown {what} class(es) {bad}; {data} has: {', '.join(known) or '(none)'}")
+        stages = parse_stages(stage or [""], {"steps": steps, "minutes": time_budget, "lr": lr,
+                                              "color_perm": color_perm, "texture_channels": texture_channels})
         config = SamcpTrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, warmup_steps=warmup_steps,
                                   seed=seed, time_budget=time_budget * 60, weight_decay=weight_decay,
                                   patch_drop=patch_drop, crop_scale=crop_scale, color_perm=color_perm,
@@ -299,7 +303,8 @@ def train_samcp(
         sam = create_model(model, checkpoint=checkpoint)
         info = SamcpInfo(classes=thing_names, stuff=stuff_names, layers=layers, mask_roi=mask_roi,
                          affinity_residual=affinity_residual, mask_size=mask_size, roi_size=roi_size, model=model,
-                         texture_channels=texture_channels, **text_info)
+                         texture_channels=stages[0]["texture_channels"], **text_info)
+        torch.manual_seed(seed)  # the head's start depends on the seed alone (not on the SAM built before it)
         head = SamcpHead(info, text_embeddings=text)
         init_sha = init_from_head(head, init) if init is not None else None  # before the slow patch cache
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -324,23 +329,41 @@ def train_samcp(
         extra.update({"init": init_sha, "init_file": str(init)})
     from samantic.cli.segment import _sigterm_as_interrupt
 
-    trainer = None
+    running = {}  # the stage in training and its trainer, for the interrupt's message
+
+    def on_stage(index, trainer):
+        running.update(index=index, trainer=trainer)
+        if len(stages) > 1:
+            st = stages[index - 1]
+            typer.echo(f"stage {index}/{len(stages)}: {st['steps']} steps"
+                       + (f", {st['minutes']:g} min" if st["minutes"] else "")
+                       + f", lr {st['lr']:g}, color_perm {st['color_perm']:g}, texture_channels {st['texture_channels']}"
+                       + f" -> {stage_output(out, index, len(stages))}")
+
     try:
-        trainer = SamcpTrainer(head, config, examples, device=device, metadata=extra)
         with _sigterm_as_interrupt():
-            result = trainer.train(out, resume=resume, progress=progress)
+            results = train_stages(head, config, examples, stages, out, seed=seed, text_embeddings=text, device=device,
+                                   metadata=extra, resume=resume, progress=progress, on_stage=on_stage)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:
-        if trainer is not None:
-            typer.echo(f"interrupted at step {trainer.step}: saved {out}.ckpt; run the same command with --resume to "
-                       "continue", err=True)
+        if running:
+            ckpt = stage_output(out, running["index"], len(stages))
+            typer.echo(f"interrupted at step {running['trainer'].step}"
+                       + (f" of stage {running['index']}/{len(stages)}" if len(stages) > 1 else "")
+                       + f": saved {ckpt}.ckpt; run the same command with --resume to continue", err=True)
         raise typer.Exit(130)
-    if result.steps_run == 0:
-        typer.echo(f"warning: no step trained: {out}.ckpt had already reached {result.steps} steps (raise --steps to "
-                   "train on)", err=True)
-    _note_time_budget(time_budget, result.steps, steps)
+    for index, (st, result) in enumerate(zip(stages, results), 1):
+        if result.steps_run == 0:
+            typer.echo(f"warning: no step trained: {result.output}.ckpt had already reached {result.steps} steps "
+                       "(raise --steps to train on)", err=True)
+        _note_time_budget(st["minutes"], result.steps, st["steps"],
+                          "--time-budget" if len(stages) == 1 else f"minutes= in --stage {index}")
+        if len(stages) > 1:
+            typer.echo(f"stage {index}/{len(stages)}: steps {result.steps}, last loss {result.last_loss:.4f}, "
+                       f"{result.seconds / 60:.1f} min; saved {result.output}")
+    result = results[-1]
     vocabulary = "text embeddings" if text is not None else "learned embeddings"
     typer.echo(f"saved: {result.output} ({len(info.classes)} thing + {len(info.stuff)} stuff classes ({vocabulary}), steps "
                f"{result.steps}, last loss {result.last_loss:.4f}, {result.seconds / 60:.1f} min); log: {result.log}")
