@@ -740,6 +740,7 @@ def test_train_samcp_writes_a_head_with_its_vocabulary_and_patches(trained, nano
     assert (cfg["patch_drop"], cfg["weight_decay"], cfg["crop_scale"]) == (0.25, 0.1, 0.7)
     assert head.info.extra["sam_state_sha256"] == state_sha256(nano)  # the SAM whose patches it learned from
     assert head.check_weights(nano) is None
+    assert not {"stages", "stage", "init_weights"} & set(head.info.extra)  # one stage: no recipe of stages
 
 
 def test_train_samcp_sigterm_saves_the_checkpoint_and_resume_goes_on(examples, tmp_path):
@@ -849,7 +850,8 @@ def test_parse_stages_carries_what_a_stage_leaves_out_and_names_bad_specs():
                            (["lr"], "'lr' is not KEY=VALUE with KEY one of steps, minutes"),
                            (["steps=1.5"], "steps must be an integer, got '1.5'"),
                            (["lr=fast"], "lr must be a number, got 'fast'"),
-                           (["steps=0"], "steps must be >= 1"), (["minutes=-1"], "minutes must be >= 0"),
+                           (["steps=0"], "steps must be >= 1"), (["minutes=-1"], "minutes must be a finite number >= 0"),
+                           (["lr=nan"], "lr must be a finite number >= 0"), (["minutes=inf"], "finite"),
                            (["color_perm=2"], "color_perm must be in [0, 1]"),
                            (["texture_channels=8", "texture_channels=4"], "--stage 2 ('texture_channels=4'): "
                             "texture_channels 8 -> 4"),
@@ -857,6 +859,34 @@ def test_parse_stages_carries_what_a_stage_leaves_out_and_names_bad_specs():
         with pytest.raises(ValueError) as e:
             parse_stages(specs, first)
         assert message in str(e.value)
+
+
+def test_train_stages_resume_a_stage_cut_short_and_refuse_a_changed_stage_before(examples, tmp_path):
+    """A staged run cut short in its second stage and resumed with that stage's steps raised ends with the weights
+    of the run never cut; a stage's own checkpoint is refused when its recipe changed, and the second stage's when
+    the first trained on since (other starting weights), naming the stage."""
+    from samantic.train.samcp import parse_stages, stage_output, train_stages
+
+    ex, _ = examples
+    first = {"steps": 2, "minutes": 0.0, "lr": 1e-3, "color_perm": 0.0, "texture_channels": 0}
+    cfg = SamcpTrainConfig(images_per_step=1, checkpoint_every=1, seed=3)
+
+    def run(out, specs, resume=False):
+        torch.manual_seed(3)
+        return train_stages(SamcpHead(small_info()), cfg, ex, parse_stages(specs, first), out, seed=3, resume=resume,
+                            progress=False)
+
+    whole = run(tmp_path / "whole.safetensors", ["", "steps=3,lr=5e-4"])
+    cut = tmp_path / "cut.safetensors"
+    run(cut, ["", "steps=1,lr=5e-4"])
+    results = run(cut, ["", "steps=3,lr=5e-4"], resume=True)
+    assert [r.steps_run for r in results] == [0, 2] and [r.output for r in results] == [stage_output(cut, 1, 2), cut]
+    a, b = load_samcp(whole[-1].output).state_dict(), load_samcp(cut).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"stage 1/2: .*checkpoint of another run.*config.lr 0.001 -> 0.002"):
+        run(cut, ["lr=2e-3", "steps=3,lr=5e-4"], resume=True)  # not a resumable change of stage 1
+    with pytest.raises(ValueError, match=r"stage 2/2: .*checkpoint of another run.*init_weights"):
+        run(cut, ["steps=3", "steps=4,lr=5e-4"], resume=True)  # stage 1 trains on: stage 2 starts elsewhere
 
 
 def test_train_samcp_stages_give_the_weights_of_separate_runs_chained_by_init(examples, tmp_path):
@@ -871,32 +901,34 @@ def test_train_samcp_stages_give_the_weights_of_separate_runs_chained_by_init(ex
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     r = _samantic(*_small_train_args(a, cache), "--steps", "2", "--lr", "1e-3")
     assert r.returncode == 0, r.stdout + r.stderr
-    r = _samantic(*_small_train_args(b, cache), "--steps", "2", "--lr", "5e-4", "--color-perm", "0.5",
+    r = _samantic(*_small_train_args(b, cache), "--steps", "2", "--lr", "5e-4", "--color-perm", "1",
                   "--texture-channels", "4", "--init", str(a))
     assert r.returncode == 0, r.stdout + r.stderr
 
     out = tmp_path / "staged.safetensors"
     staged = [*_small_train_args(out, cache), "--steps", "2", "--lr", "1e-3", "--stage", "",
-              "--stage", "lr=5e-4,color_perm=0.5,texture_channels=4"]
+              "--stage", "lr=5e-4,color_perm=1,texture_channels=4"]  # every image of stage 2 permuted
     r = _samantic(*staged)
     assert r.returncode == 0, r.stdout + r.stderr
     first = tmp_path / "staged.stage1.safetensors"
     assert f"stage 1/2: 2 steps, lr 0.001, color_perm 0, texture_channels 0 -> {first}" in r.stdout
-    assert f"stage 2/2: 2 steps, lr 0.0005, color_perm 0.5, texture_channels 4 -> {out}" in r.stdout
+    assert f"stage 2/2: 2 steps, lr 0.0005, color_perm 1, texture_channels 4 -> {out}" in r.stdout
     assert r.stdout.count("patches of") == 1  # one load of the patches for both stages
     for ours, theirs in ((first, a), (out, b)):
         x, y = load_file(str(ours)), load_file(str(theirs))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), ours
     head = load_samcp(out)
     assert head.info.texture_channels == 4 and head.info.extra["stage"] == "2/2"
-    assert head.info.extra["init"] == state_sha256(load_samcp(first))  # the weights it started from
+    assert head.info.extra["init_weights"] == state_sha256(load_samcp(first))  # the weights it started from
+    assert head.info.extra["init_file"] == str(first) and "init" not in head.info.extra  # `init`: --init's file
     recipe = json.loads(head.info.extra["stages"])
-    assert [(s["lr"], s["color_perm"], s["texture_channels"]) for s in recipe] == [(1e-3, 0.0, 0), (5e-4, 0.5, 4)]
-    assert json.loads(head.info.extra["train_config"])["color_perm"] == 0.5
+    assert [(s["lr"], s["color_perm"], s["texture_channels"]) for s in recipe] == [(1e-3, 0.0, 0), (5e-4, 1.0, 4)]
+    assert json.loads(head.info.extra["train_config"])["color_perm"] == 1.0
     assert (tmp_path / "staged.stage1.safetensors.log.jsonl").is_file() and (tmp_path / "staged.safetensors.ckpt").is_file()
     before = load_file(str(out))
     r = _samantic(*staged, "--resume")
-    assert r.returncode == 0 and r.stderr.count("no step trained") == 2, r.stdout + r.stderr
+    assert r.returncode == 0 and r.stderr.count("no step trained") == 1, r.stdout + r.stderr  # the last stage's
+    assert "steps= of the last --stage" in r.stderr
     after = load_file(str(out))
     assert all(torch.equal(before[k], after[k]) for k in before)
     # a recipe that cannot be run is refused before the patches are loaded

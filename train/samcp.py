@@ -695,6 +695,7 @@ class SamcpTrainer:
                      if k not in ("classes", "stuff", "extra") and not (k in LATER_HEAD_OPTIONS and v == LATER_HEAD_OPTIONS[k])},
             "data": self.metadata.get("data"), "patches": self.metadata.get("patches"),
             "init": self.metadata.get("init"),
+            **({"init_weights": self.metadata["init_weights"]} if "init_weights" in self.metadata else {}),
             "config": {k: v for k, v in asdict(self.config).items()
                        if k not in RESUMABLE_OPTIONS and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}},
             default=str))
@@ -783,9 +784,9 @@ def parse_stages(specs: Sequence[str], first: Dict[str, Any]) -> List[Dict[str, 
         if cur["steps"] < 1:
             raise ValueError(f"{where}: steps must be >= 1, got {cur['steps']}")
         for key in ("minutes", "lr", "texture_channels"):
-            if cur[key] < 0:
-                raise ValueError(f"{where}: {key} must be >= 0, got {cur[key]}")
-        if not 0.0 <= cur["color_perm"] <= 1.0:
+            if not cur[key] >= 0 or cur[key] == float("inf"):
+                raise ValueError(f"{where}: {key} must be a finite number >= 0, got {cur[key]}")
+        if not 0.0 <= cur["color_perm"] <= 1.0:  # NaN fails too
             raise ValueError(f"{where}: color_perm must be in [0, 1], got {cur['color_perm']}")
         if i > 1 and cur["texture_channels"] != prev["texture_channels"] and prev["texture_channels"]:
             raise ValueError(f"{where}: texture_channels {prev['texture_channels']} -> {cur['texture_channels']}: "
@@ -816,9 +817,10 @@ def train_stages(head, config: SamcpTrainConfig, examples: Sequence[SamcpExample
     it), without loading the patches again for each. ``head`` must have the first stage's
     ``texture_channels``; a stage that switches them on gets a head with them.
 
-    Each stage's file records the recipe (``stages``), its place (``stage``: "i/n") and, after
-    the first, the stage it started from (``init``: the digest of its weights,
-    :func:`~samantic.models.weights.state_sha256`; ``init_file``).
+    With more than one stage, each stage's file records the recipe (``stages``), its place
+    (``stage``: "i/n") and, after the first, the stage it started from (``init_weights``: the
+    digest of its weights, :func:`~samantic.models.weights.state_sha256`, also in the run record
+    that ``--resume`` checks; ``init_file``).
 
     ``resume=True`` resumes every stage from its checkpoint: a finished stage trains no step and
     saves the same weights again, so the next one resumes from the same start. ``on_stage(i, trainer)``
@@ -840,20 +842,27 @@ def train_stages(head, config: SamcpTrainConfig, examples: Sequence[SamcpExample
         if len(stages) > 1:  # the recipe goes into every stage's file
             meta.update({"stages": record, "stage": f"{i}/{len(stages)}"})
         if i > 1:
-            prev, before = results[-1].output, head
+            prev = results[-1].output
             torch.manual_seed(seed)  # as the separate command would start: seeded, then the head built
             head = SamcpHead(replace(head.info, texture_channels=stage["texture_channels"]),
                              text_embeddings=text_embeddings)
             init_from_head(head, prev)
-            # the run record holds the digest of the stage before's weights, not of its file: a resumed stage saves
+            # the stage before's weights, by digest rather than its file's (`init` of --init): a resumed stage saves
             # the same weights again, but safetensors writes the header's entries in no fixed order
-            meta.update({"init": state_sha256(before), "init_file": str(prev)})
+            meta.update({"init_weights": digest, "init_file": str(prev)})
         cfg = replace(config, steps=stage["steps"], time_budget=stage["minutes"] * 60, lr=stage["lr"],
                       color_perm=stage["color_perm"])
         trainer = SamcpTrainer(head, cfg, examples, device=device, metadata=meta)
         if on_stage is not None:
             on_stage(i, trainer)
-        results.append(trainer.train(stage_output(out, i, len(stages)), resume=resume, progress=progress))
+        try:
+            results.append(trainer.train(stage_output(out, i, len(stages)), resume=resume, progress=progress))
+        except ValueError as e:  # e.g. a checkpoint of another recipe: say which stage
+            if len(stages) > 1:
+                raise ValueError(f"stage {i}/{len(stages)}: {e}") from None
+            raise
+        digest = state_sha256(trainer.head)
+        del trainer  # its optimizer state: the next stage starts a fresh one
     return results
 
 

@@ -15,13 +15,14 @@ def _group() -> None:
     """Training commands."""
 
 
-def _note_time_budget(minutes: float, done: int, steps: int, option: str = "--time-budget") -> None:
-    """Says when ``--time-budget`` ended a run before ``--steps``: the learning-rate decay followed time, so how
-    far the run got depends on the machine's speed that day."""
+def _note_time_budget(minutes: float, done: int, steps: int, option: str = "--time-budget", where: str = "",
+                      steps_option: str = "--steps") -> None:
+    """Says when ``--time-budget`` ended a run (or ``where``: a stage of one) before ``--steps``: the learning-rate
+    decay followed time, so how far the run got depends on the machine's speed that day."""
     if minutes > 0 and done < steps:
-        typer.echo(f"note: the time budget ({minutes:g} min) ended training at step {done} of {steps}; the "
+        typer.echo(f"note: the time budget{where} ({minutes:g} min) ended training at step {done} of {steps}; the "
                    "learning-rate decay followed time, so a slower or busier machine trains fewer steps (for weights "
-                   f"that do not depend on the machine's speed, give --steps without {option})", err=True)
+                   f"that do not depend on the machine's speed, give {steps_option} without {option})", err=True)
 
 
 @app.command("sam", help="Train or fine-tune a SAM on instance masks with interactive point and box prompts (resumable).")
@@ -278,8 +279,9 @@ def train_samcp(
             bad = [n for n in given if n not in known]
             if bad:
                 raise ValueError(f"unknown {what} class(es) {bad}; {data} has: {', '.join(known) or '(none)'}")
-        stages = parse_stages(stage or [""], {"steps": steps, "minutes": time_budget, "lr": lr,
-                                              "color_perm": color_perm, "texture_channels": texture_channels})
+        own = {"steps": steps, "minutes": time_budget, "lr": lr, "color_perm": color_perm,
+               "texture_channels": texture_channels}
+        stages = parse_stages(stage, own) if stage else [own]
         config = SamcpTrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, warmup_steps=warmup_steps,
                                   seed=seed, time_budget=time_budget * 60, weight_decay=weight_decay,
                                   patch_drop=patch_drop, crop_scale=crop_scale, color_perm=color_perm,
@@ -355,15 +357,17 @@ def train_samcp(
                        + f": saved {ckpt}.ckpt; run the same command with --resume to continue", err=True)
         raise typer.Exit(130)
     for index, (st, result) in enumerate(zip(stages, results), 1):
-        if result.steps_run == 0:
-            typer.echo(f"warning: no step trained: {result.output}.ckpt had already reached {result.steps} steps "
-                       "(raise --steps to train on)", err=True)
-        _note_time_budget(st["minutes"], result.steps, st["steps"],
-                          "--time-budget" if len(stages) == 1 else f"minutes= in --stage {index}")
-        if len(stages) > 1:
+        if len(stages) == 1:
+            _note_time_budget(st["minutes"], result.steps, st["steps"])
+        else:
+            _note_time_budget(st["minutes"], result.steps, st["steps"], "minutes", f" of stage {index}",
+                              "the stage steps=")
             typer.echo(f"stage {index}/{len(stages)}: steps {result.steps}, last loss {result.last_loss:.4f}, "
                        f"{result.seconds / 60:.1f} min; saved {result.output}")
     result = results[-1]
+    if result.steps_run == 0:  # earlier stages that had finished are resumed past in silence
+        typer.echo(f"warning: no step trained: {result.output}.ckpt had already reached {result.steps} steps (raise "
+                   + ("--steps" if len(stages) == 1 else "steps= of the last --stage") + " to train on)", err=True)
     vocabulary = "text embeddings" if text is not None else "learned embeddings"
     typer.echo(f"saved: {result.output} ({len(info.classes)} thing + {len(info.stuff)} stuff classes ({vocabulary}), steps "
                f"{result.steps}, last loss {result.last_loss:.4f}, {result.seconds / 60:.1f} min); log: {result.log}")
