@@ -138,6 +138,27 @@ def test_examples_from_the_cache(examples):
     assert sum(e.boxes.shape[0] for e in ex) > 0
 
 
+def test_examples_load_each_image_once_and_equal_from_a_reused_cache(nano, examples):
+    """Loading examples walks the dataset once (scenes are rendered on the fly: a second pass would render each
+    again); from the cache built by the fixture, nothing is recomputed and the examples are the same."""
+    ex, cache = examples
+
+    class Counted(PanopticStream):
+        loads = 0
+
+        def load(self, i):
+            Counted.loads += 1
+            return super().load(i)
+
+    again, report = load_examples(nano, Counted(1_000_000, 3, size=SIZE), cache, small_info().names,
+                                  points_per_side=GRID, progress=False, **LOW)
+    assert Counted.loads == 3 and (report.computed, report.reused) == (0, 3)
+    assert [e.key for e in again] == [e.key for e in ex]
+    for a, b in zip(again, ex):
+        for name in ("image", "boxes", "roi_masks", "membership", "gt_classes", "class_targets"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
 def test_v1_scenes_mixed_in_train_things_only(nano, examples):
     """``shapes:`` scenes in a mixed set: their shapes are things of the v2 vocabulary, no stuff is present,
     and a training step takes v1 and v2 examples together."""

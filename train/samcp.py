@@ -313,20 +313,16 @@ def load_examples(model, dataset, cache_dir, vocabulary: Sequence[str], *, roi_s
     from samantic.train.samcp_cache import Patches, build_patch_cache, open_panoptic
 
     data = open_panoptic(dataset)
+    categories = data.categories
+    examples = []
+
+    def take(sample, path):  # each image as the cache walks the dataset: loaded (rendered) once, not again here
+        examples.append(example_from_patches(sample.key, sample.image, Patches.from_file(path), vocabulary,
+                                             categories, roi_size, pos_thresh, neg_thresh, sample.stuff_annotated))
+
     report = build_patch_cache(model, data, cache_dir, points_per_side=points_per_side,
                                pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
-                               progress=progress, on_error=on_error)
-    categories = data.categories
-    by_key = dict(report.entries)
-    examples = []
-    for i in range(len(data)):
-        key = data.key(i)
-        if key not in by_key:
-            continue  # a bad file, already reported
-        sample = data.load(i)
-        entry = Patches.from_file(by_key[key])
-        examples.append(example_from_patches(key, sample.image, entry, vocabulary, categories, roi_size,
-                                             pos_thresh, neg_thresh, sample.stuff_annotated))
+                               progress=progress, on_error=on_error, on_entry=take)
     return examples, report
 
 
