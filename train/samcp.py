@@ -310,15 +310,15 @@ def load_examples(model, dataset, cache_dir, vocabulary: Sequence[str], *, roi_s
     Returns:
         (examples, the cache's :class:`~samantic.train.samcp_cache.CacheReport`).
     """
-    from samantic.train.samcp_cache import Patches, build_patch_cache, open_panoptic
+    from samantic.train.samcp_cache import build_patch_cache, open_panoptic
 
     data = open_panoptic(dataset)
     categories = data.categories
     examples = []
 
-    def take(sample, path):  # each image as the cache walks the dataset: loaded (rendered) once, not again here
-        examples.append(example_from_patches(sample.key, sample.image, Patches.from_file(path), vocabulary,
-                                             categories, roi_size, pos_thresh, neg_thresh, sample.stuff_annotated))
+    def take(sample, entry):  # each image as the cache walks the dataset: loaded (rendered) and read once
+        examples.append(example_from_patches(sample.key, sample.image, entry, vocabulary, categories, roi_size,
+                                             pos_thresh, neg_thresh, sample.stuff_annotated))
 
     report = build_patch_cache(model, data, cache_dir, points_per_side=points_per_side,
                                pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
@@ -838,7 +838,7 @@ def train_stages(head, config: SamcpTrainConfig, examples: Sequence[SamcpExample
         if len(stages) > 1:  # the recipe goes into every stage's file
             meta.update({"stages": record, "stage": f"{i}/{len(stages)}"})
         if i > 1:
-            prev = results[-1].output
+            prev, digest = results[-1].output, state_sha256(head)  # `head`: the stage before's, as it saved it
             torch.manual_seed(seed)  # as the separate command would start: seeded, then the head built
             head = SamcpHead(replace(head.info, texture_channels=stage["texture_channels"]),
                              text_embeddings=text_embeddings)
@@ -857,7 +857,6 @@ def train_stages(head, config: SamcpTrainConfig, examples: Sequence[SamcpExample
             if len(stages) > 1:
                 raise ValueError(f"stage {i}/{len(stages)}: {e}") from None
             raise
-        digest = state_sha256(trainer.head)
         del trainer  # its optimizer state: the next stage starts a fresh one
     return results
 

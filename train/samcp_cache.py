@@ -688,7 +688,7 @@ def build_patch_cache(
     checkpoint: Optional[PathLike] = None,
     progress: bool = True,
     on_error: Optional[Callable[[str, str], None]] = None,
-    on_entry: Optional[Callable[[Any, Path], None]] = None,
+    on_entry: Optional[Callable[[Any, "Patches"], None]] = None,
 ) -> CacheReport:
     """Caches the grid-prompted patches of every image of a panoptic dataset and their overlaps with its segments.
 
@@ -702,9 +702,9 @@ def build_patch_cache(
         checkpoint: the file or tag the weights came from, recorded as ``weights_sha256``.
         progress: show a progress bar on stderr (when it is a terminal).
         on_error: called with (source, reason) for an image that cannot be used; it is skipped either way.
-        on_entry: called with (sample, entry path) for every image cached or found in the cache, in the
-            dataset's order: a caller that needs the images too gets them without loading (rendering) each
-            image a second time.
+        on_entry: called with (sample, entry) for every image cached or found in the cache, in the dataset's
+            order: a caller that needs the images and their patches gets them without loading (rendering) each
+            image, or reading its entry, a second time.
 
     Returns:
         A :class:`CacheReport`; entries that exist already are reused, not recomputed.
@@ -741,7 +741,7 @@ def build_patch_cache(
             report.patches += len(entry)
             report.entries.append((sample.key, cache.path(sample.image)))
             if on_entry is not None:
-                on_entry(sample, report.entries[-1][1])
+                on_entry(sample, entry)
             advance()
     report.seconds = time.perf_counter() - start
     return report
