@@ -3,26 +3,33 @@
 card says; missing entries are computed): batch, collate, forward, losses (with the matching), backward and
 optimizer, over 40 steps, then torch's profiler over 8 more, by operator.
 
-    python benchmarks/samcp_step_profile.py
+    python benchmarks/samcp_step_profile.py [--fpn-smooth separable] [--input-size 320] [--steps 40] [--no-profile]
 """
-import time, torch
+import argparse, time, torch
 from samantic.models import create_model
 from samantic.heads.samcp import SamcpHead, SamcpInfo
 from samantic.train.samcp import SamcpTrainConfig, SamcpTrainer, load_examples, collate_examples, samcp_losses
 from samantic.train.samcp_cache import open_panoptic
 
+ap = argparse.ArgumentParser()
+ap.add_argument("--fpn-smooth", default="conv")
+ap.add_argument("--input-size", type=int, default=384)
+ap.add_argument("--steps", type=int, default=40)
+ap.add_argument("--no-profile", action="store_true")
+args = ap.parse_args()
 torch.set_num_threads(2); torch.manual_seed(0)
 sam = create_model("sam_nano_panoptic")
 ds = open_panoptic("shapes-panoptic:1000000:60")
 things = [c["name"] for c in ds.categories if c.get("isthing", 1)]; stuff = [c["name"] for c in ds.categories if not c.get("isthing", 1)]
-info = SamcpInfo(classes=things, stuff=stuff, model="sam_nano_panoptic", mask_size=14, texture_channels=16)
+info = SamcpInfo(classes=things, stuff=stuff, model="sam_nano_panoptic", mask_size=14, texture_channels=16,
+                 fpn_smooth=args.fpn_smooth, input_size=args.input_size)
 head = SamcpHead(info)
 ex, _ = load_examples(sam, ds, "runs/cache/samcp", info.names, roi_size=info.mask_side, points_per_side=16,
                       pred_iou_thresh=0.3, stability_score_thresh=0.8, progress=False)
 tr = SamcpTrainer(head, SamcpTrainConfig(steps=10**6, color_perm=0.2), ex)
-print("images", ex[0].image.shape, "params", sum(p.numel() for p in head.parameters()))
+print("fpn_smooth", info.fpn_smooth, "input_size", info.input_size, "images", ex[0].image.shape, "params", sum(p.numel() for p in head.parameters()))
 T = {"batch": 0.0, "collate": 0.0, "forward": 0.0, "losses": 0.0, "backward": 0.0, "optim": 0.0}
-N = 40
+N = args.steps
 for s in range(N + 5):
     t0 = time.perf_counter(); b = tr.batch_at(s)
     t1 = time.perf_counter(); im, bx, mk = collate_examples(b, tr.device)
@@ -38,6 +45,8 @@ tot = sum(T.values())
 print(f"{tot / N:.3f} s / step over {N} steps")
 for k, v in T.items():
     print(f"  {k:9s} {v / N:.3f} s  {100 * v / tot:.0f}%")
+if args.no_profile:
+    raise SystemExit(0)
 from torch.profiler import profile, ProfilerActivity
 with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
     for s in range(100, 108):

@@ -113,12 +113,14 @@ def test_roi_align_masks_equals_torchvision():
 # -- the graphs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mask_size,texture", [(0, 0), (14, 0), (14, 6)])
-def test_exported_graphs_equal_the_torch_head(head, mask_size, texture, tmp_path):
+@pytest.mark.parametrize("mask_size,texture,smooth", [(0, 0, "conv"), (14, 0, "conv"), (14, 6, "conv"),
+                                                       (14, 6, "separable")])
+def test_exported_graphs_equal_the_torch_head(head, mask_size, texture, smooth, tmp_path):
     from samantic.export.samcp import export_samcp
 
-    if mask_size:  # the patch masks at a finer grid than the 7 x 7 RoI (+ texture statistics of the finest level)
-        head = random_head(mask_size=mask_size, texture_channels=texture)
+    if mask_size:  # the patch masks at a finer grid than the 7 x 7 RoI (+ texture statistics of the finest level,
+        # + the FPN's separable smoothing)
+        head = random_head(mask_size=mask_size, texture_channels=texture, fpn_smooth=smooth)
     m = head.info.mask_side
     paths = export_samcp(head, tmp_path)
     sess = {g: onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])

@@ -442,3 +442,44 @@ def test_texture_statistics_are_the_masked_mean_and_spread_of_the_finest_level()
     with torch.no_grad():
         torch.testing.assert_close(emb.texture(fmap, whole, left), emb.texture(other, whole, left))
         assert not torch.allclose(emb.texture(fmap, whole, torch.ones(1, 7, 7)), emb.texture(other, whole, torch.ones(1, 7, 7)))
+
+
+# ---------------------------------------------------------------- FPN smoothing
+
+
+def test_separable_fpn_smoothing_is_depthwise_then_pointwise_and_round_trips(tmp_path):
+    """`fpn_smooth="separable"` builds each level's smoothing as a depthwise 3 x 3 then a 1 x 1 (a ninth of the full
+    convolution's weights at these widths), computes what those two convolutions compute, trains, and comes back
+    from its file; the default writes the config an older samantic reads (no fpn_smooth key); a bad value is
+    named."""
+    torch.manual_seed(0)
+    full = SamcpHead(tiny_info()).eval()
+    sep = SamcpHead(tiny_info(fpn_smooth="separable")).eval()
+    d = sep.info.d_model
+    for smooth in sep.backbone.smooth:
+        dw, pw = smooth
+        assert dw.groups == d and dw.weight.shape == (d, 1, 3, 3) and pw.weight.shape == (d, d, 1, 1)
+    for smooth in full.backbone.smooth:
+        assert isinstance(smooth, torch.nn.Conv2d) and smooth.weight.shape == (d, d, 3, 3)
+    x = torch.randn(2, d, 9, 11)
+    dw, pw = sep.backbone.smooth[0]
+    expect = F.conv2d(F.conv2d(x, dw.weight, dw.bias, padding=1, groups=d), pw.weight, pw.bias)
+    torch.testing.assert_close(sep.backbone.smooth[0](x), expect)
+    smooth_params = lambda h: sum(p.numel() for p in h.backbone.smooth.parameters())  # noqa: E731
+    assert smooth_params(sep) * 3 < smooth_params(full)
+    assert "fpn_smooth" not in full.info.config() and sep.info.config()["fpn_smooth"] == "separable"
+
+    images, boxes, masks = batch((3, 5))
+    sep.train()
+    out = sep(images, boxes, masks)
+    sum(lg.sigmoid().mean() for lg in out.class_logits).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sep.backbone.smooth[0].parameters())
+    sep.eval()
+    back = load_samcp(save_samcp(sep, tmp_path / "sep.safetensors"))
+    assert back.info.fpn_smooth == "separable"
+    with torch.no_grad():
+        torch.testing.assert_close(back(images, boxes, masks).patch_tokens, sep(images, boxes, masks).patch_tokens)
+    with pytest.raises(ValueError, match="fpn_smooth must be one of conv, separable, got 'depthwise'"):
+        tiny_info(fpn_smooth="depthwise")
+    with pytest.raises(ValueError, match="smooth must be one of"):
+        FpnBackbone(SmallCnn((8, 8, 16, 16)), (8, 8, 16, 16), (4, 8, 16, 32), 32, smooth="none")

@@ -821,6 +821,11 @@ def test_train_samcp_init_starts_from_a_head_and_refuses_another_architecture(tr
     r = _samantic(*base, "--init", str(trained), "--steps", "1")  # `trained` has --roi-size 14; this run 7
     assert r.returncode == 1 and str(trained) in r.stderr and "roi_size 14 against 7" in r.stderr, r.stdout + r.stderr
     assert "patches of" not in r.stdout  # refused before the cache
+    r = _samantic(*base, "--roi-size", "14", "--fpn-smooth", "separable", "--input-size", "96", "--init", str(trained),
+                  "--steps", "1")  # the backbone's options reach the head: another FPN, another input side
+    assert r.returncode == 1 and "fpn_smooth None against 'separable'; input_size 384 against 96" in r.stderr, r.stderr
+    r = _samantic(*base, "--fpn-smooth", "full", "--steps", "1")
+    assert r.returncode == 1 and "fpn_smooth must be one of conv, separable, got 'full'" in r.stderr, r.stderr
     r = _samantic(*base, "--init", str(tmp_path / "missing.safetensors"), "--steps", "1")
     assert r.returncode == 1 and "missing.safetensors" in r.stderr and "Traceback" not in r.stderr
     r = _samantic(*base, "--roi-size", "14", "--init", str(trained), "--steps", "1", "--lr", "0")

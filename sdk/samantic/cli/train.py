@@ -234,6 +234,8 @@ def train_samcp(
     affinity_residual: Annotated[bool, typer.Option("--affinity-residual/--no-affinity-residual", help="Add each layer's affinities to the previous layer's.")] = True,
     mask_size: Annotated[int, typer.Option(min=0, help="Side of the patch-mask input, a multiple of the RoI grid (0: the RoI grid's side); finer masks show the patch's silhouette.")] = 0,
     roi_size: Annotated[int, typer.Option(min=1, help="Side of the RoI grid of backbone features each patch token is built from (the paper's 7; finer grids see small shapes in more detail).")] = 7,
+    input_size: Annotated[int, typer.Option(min=0, help="The backbone sees each image resized so its longer side is this (0: as given); smaller is faster and sees less detail.")] = 384,
+    fpn_smooth: Annotated[str, typer.Option(help="The FPN's smoothing convolutions: conv (full 3x3, the FPN paper's) or separable (depthwise 3x3 + 1x1; about a third less time a training step on the CPU).")] = "conv",
     texture_channels: Annotated[int, typer.Option(min=0, help="Texture statistics per patch from the finest FPN level, reduced to this many channels (0: off); they tell large stuff regions apart by texture. May be added to an --init head without them (they start at zero).")] = 0,
     init: Annotated[Optional[Path], typer.Option(help="Start from the weights of this trained SAM-CP head (fine-tuning: more scenes, new patches); it must have the same classes and architecture options. Tune the result again (`samantic samcp tune`).")] = None,
     text_encoder: Annotated[Optional[str], typer.Option(help="Open vocabulary: class queries from text embeddings of the names, by open_clip:MODEL[:PRETRAINED] (PRETRAINED: a tag or a checkpoint file) or open_clip:local-dir:DIR; stored in the head, so inference needs no encoder. Needs pip install 'samantic\\[clip]'.")] = None,
@@ -305,7 +307,7 @@ def train_samcp(
         sam = create_model(model, checkpoint=checkpoint)
         info = SamcpInfo(classes=thing_names, stuff=stuff_names, layers=layers, mask_roi=mask_roi,
                          affinity_residual=affinity_residual, mask_size=mask_size, roi_size=roi_size, model=model,
-                         texture_channels=stages[0]["texture_channels"], **text_info)
+                         fpn_smooth=fpn_smooth, input_size=input_size, texture_channels=stages[0]["texture_channels"], **text_info)
         torch.manual_seed(seed)  # the head's start depends on the seed alone (not on the SAM built before it)
         head = SamcpHead(info, text_embeddings=text)
         init_sha = init_from_head(head, init) if init is not None else None  # before the slow patch cache
