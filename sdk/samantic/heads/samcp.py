@@ -125,7 +125,8 @@ class SamcpInfo:
             convolution, D to D, per level: the FPN paper's) or ``"separable"`` (a depthwise 3 x 3
             then a pointwise 1 x 1, as EfficientDet's BiFPN fuses). At D = 128 the full convolution
             of the stride-4 level is most of a training step on the CPU; the separable one costs
-            about a ninth of its multiply-adds.
+            about a ninth of its multiply-adds. For the ``small_fpn`` backbone (a custom one is
+            built by its caller: ``FpnBackbone(..., smooth=...)``).
         canonical_box: box side (pixels) that maps to the stride-16 FPN level; smaller
             boxes go to finer levels (FPN paper's level rule, k = 4 + log2(sqrt(wh) / canonical)).
         text_dim: width of text embeddings the head can take as Type-I queries (0: none); a head
