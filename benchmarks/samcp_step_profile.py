@@ -30,13 +30,14 @@ tr = SamcpTrainer(head, SamcpTrainConfig(steps=10**6, color_perm=0.2), ex)
 print("fpn_smooth", info.fpn_smooth, "input_size", info.input_size, "images", ex[0].image.shape, "params", sum(p.numel() for p in head.parameters()))
 T = {"batch": 0.0, "collate": 0.0, "forward": 0.0, "losses": 0.0, "backward": 0.0, "optim": 0.0}
 N = args.steps
+head.train()  # the phases of SamcpTrainer.train_step, timed one by one
 for s in range(N + 5):
     t0 = time.perf_counter(); b = tr.batch_at(s)
     t1 = time.perf_counter(); im, bx, mk = collate_examples(b, tr.device)
     t2 = time.perf_counter(); out = head(im, bx, mk)
     t3 = time.perf_counter(); loss, _ = samcp_losses(out, b, tr.config)
-    t4 = time.perf_counter(); tr.optimizer.zero_grad(); loss.backward()
-    t5 = time.perf_counter(); torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0); tr.optimizer.step()
+    t4 = time.perf_counter(); tr.optimizer.zero_grad(set_to_none=True); loss.backward()
+    t5 = time.perf_counter(); torch.nn.utils.clip_grad_norm_(head.parameters(), tr.config.grad_clip); tr.optimizer.step()
     t6 = time.perf_counter()
     if s >= 5:
         for k, a, z in (("batch", t0, t1), ("collate", t1, t2), ("forward", t2, t3), ("losses", t3, t4), ("backward", t4, t5), ("optim", t5, t6)):
