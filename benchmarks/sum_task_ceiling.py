@@ -6,6 +6,9 @@ IoU) is the wrong granularity. For every held-out v2 task mask, one click at its
 point) and of the best of the three against the ground truth (the oracle, which no prompt can beat
 without better masks). The gap between the unspecified pick and the unspecified oracle bounds what
 choosing the granularity can give; the oracle itself bounds what a task prompt that only chooses can reach.
+The part task is also reported split: composite things' parts (where the unspecified answer, the whole
+thing, scores about 0.5) and simple things (their own part: the same mask as the unspecified answer), since
+only the first can gain from the part prompt.
 
     python benchmarks/sum_task_ceiling.py --column base=sam_nano --column ft=runs/sum/ft/X.safetensors \
         --seeds 0:30 --out benchmarks/results/sum_stability/task_ceiling
@@ -41,6 +44,23 @@ def one_click(predictor: Predictor, image: np.ndarray, masks: np.ndarray, task_i
     return iou, scores.cpu().numpy()
 
 
+# The part task's masks split: a composite thing's parts (the whole thing answers one at IoU about 0.5) and
+# simple things (their own part, the same mask as the unspecified answer): only the first can gain from a prompt.
+COMPOSITE, SIMPLE = "part: of composites", "part: simple things"
+ROWS = tuple(TASKS) + (COMPOSITE, SIMPLE)
+
+
+def rows(masks: np.ndarray, tasks: np.ndarray):
+    """``(row name, bool selection)`` per task, then the part task split into composites' parts and simple things."""
+    for t, name in enumerate(TASKS):
+        yield name, tasks == t
+    things = masks[tasks == TASKS.index("unspecified")]
+    part = tasks == TASKS.index("part")
+    whole = np.array([any(np.array_equal(m, th) for th in things) for m in masks]) & part
+    yield COMPOSITE, part & ~whole
+    yield SIMPLE, whole
+
+
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--column", action="append", required=True, help="NAME=registered model or sam_nano weights file")
@@ -56,8 +76,8 @@ def main(argv: List[str] | None = None) -> int:
     cols = {name: sam for name, _, sam in (load_column(s) for s in a.column)}
     t0 = time.perf_counter()
     # rows: column -> prompt -> task -> lists of (picked IoU, oracle IoU)
-    acc: Dict[str, Dict[str, Dict[int, List[List[float]]]]] = {
-        c: {q: {t: [[], []] for t in range(len(TASKS))} for q in ("unspecified", "own")} for c in cols}
+    acc: Dict[str, Dict[str, Dict[str, List[List[float]]]]] = {
+        c: {q: {t: [[], []] for t in ROWS} for q in ("unspecified", "own")} for c in cols}
     predictors = {c: Predictor(m.eval()) for c, m in cols.items()}
     with torch.no_grad():
         for seed in seeds:
@@ -70,11 +90,10 @@ def main(argv: List[str] | None = None) -> int:
                 for q, ids in (("unspecified", np.zeros(len(masks), np.int64)), ("own", tasks.astype(np.int64))):
                     iou, score = one_click(pr, scene.image, masks, ids)
                     picked = iou[np.arange(len(iou)), score.argmax(1)]
-                    for t in range(len(TASKS)):
-                        sel = tasks == t
+                    for t, sel in rows(masks, tasks):
                         acc[c][q][t][0].extend(picked[sel].tolist())
                         acc[c][q][t][1].extend(iou[sel].max(1).tolist())
-    res = {c: {q: {TASKS[t]: {"picked": float(np.mean(v[0])) if v[0] else None,
+    res = {c: {q: {t: {"picked": float(np.mean(v[0])) if v[0] else None,
                               "oracle": float(np.mean(v[1])) if v[1] else None, "masks": len(v[0])}
                    for t, v in per.items()} for q, per in d.items()} for c, d in acc.items()}
     cmd = "python benchmarks/sum_task_ceiling.py " + " ".join(f"--column {s}" for s in a.column) + f" --seeds {a.seeds}"
@@ -84,7 +103,7 @@ def main(argv: List[str] | None = None) -> int:
              "| column | task | masks | unspecified prompt: picked | oracle | own task prompt: picked | oracle |",
              "|---|---|---|---|---|---|---|"]
     for c, d in res.items():
-        for t in TASKS:
+        for t in ROWS:
             u, o = d["unspecified"][t], d["own"][t]
             if not u["masks"]:
                 continue
