@@ -350,3 +350,56 @@ def test_a_trained_encoder_gets_its_own_learning_rate(nano):
     assert not encoder & {id(p) for p in groups[0]["params"]} and groups[0].get("lr_scale", 1.0) == 1.0
     with pytest.raises(ValueError, match="encoder_lr_scale must be > 0"):
         SumTrainConfig(encoder_lr_scale=0)
+
+
+def test_task_weights_parse_and_refuse_what_they_cannot_mean(tmp_path, nano):
+    from samantic.cli.main import app
+    from samantic.train.sum_train import parse_task_weights
+
+    assert parse_task_weights("") == ()
+    assert parse_task_weights("part=3") == (1.0, 1.0, 1.0, 3.0)
+    assert parse_task_weights(" entity=0.5 , part=2") == (1.0, 1.0, 0.5, 2.0)
+    for spec, msg in (("part", "not TASK=WEIGHT"), ("=2", "not TASK=WEIGHT"), ("parts=2", "Did you mean 'part'"),
+                      ("part=2,part=3", "given twice"), ("part=x", "not a number"), ("part=0", "> 0"),
+                      ("part=-1", "> 0"), ("part=nan", "> 0")):
+        with pytest.raises(ValueError, match=msg):
+            parse_task_weights(spec)
+    with pytest.raises(ValueError, match="task_weights must be finite numbers > 0"):
+        SamTrainConfig(task_weights=(1.0, 0.0))
+    assert SamTrainConfig(task_weights=[1, 2]).task_weights == (1.0, 2.0)  # as read back from a JSON header
+    with pytest.raises(ValueError, match="one weight per task"):
+        train_sum(nano, LABELLED, "shapes-panoptic:4000000:1", tmp_path / "a.safetensors",
+                  _config(task_weights=(1.0, 2.0)), _sum_config("vanilla"))
+    r = CliRunner().invoke(app, ["train", "sum", "--out", str(tmp_path / "x.safetensors"), "--variant", "vanilla",
+                                 "--task-weights", "parts=3", "--no-progress"])
+    assert r.exit_code == 1 and "unknown task 'parts'" in r.output
+
+
+def test_task_weights_choose_which_masks_an_image_prompts():
+    from samantic.train.sam import Preparer, Sample
+
+    rng_img = np.random.default_rng(0)
+    image = rng_img.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    masks = np.zeros((12, 64, 64), bool)
+    for i in range(12):  # twelve separate rectangles
+        y, x = divmod(i, 4)
+        masks[i, 16 * y + 1 : 16 * y + 13, 16 * x + 1 : 16 * x + 13] = True
+    tasks = np.array([0] * 10 + [3] * 2)  # ten unspecified masks, two parts
+
+    def chosen_parts(weights, n=300):
+        prep = Preparer(64, 16, SamTrainConfig(masks_per_image=2, zoom_prob=0.0, task_weights=weights))
+        rng = np.random.default_rng(1)
+        count = 0
+        for _ in range(n):
+            out = prep(Sample(image, masks, tasks=tasks), rng, 0)
+            count += int((out.tasks == 3).sum())
+        return count / (2 * n)  # the fraction of prompted masks that are parts
+
+    uniform, weighted = chosen_parts(()), chosen_parts((1.0, 1.0, 1.0, 20.0))
+    assert 0.1 < uniform < 0.25  # expected 2 / 12
+    # two draws without replacement, parts weighing 20 each against ten masks of 1: expected 0.748 of them parts
+    assert 0.65 < weighted < 0.85
+    # an image with no more masks than are prompted keeps them all, whatever the weights
+    prep = Preparer(64, 16, SamTrainConfig(masks_per_image=16, zoom_prob=0.0, task_weights=(1.0, 1.0, 1.0, 20.0)))
+    out = prep(Sample(image, masks, tasks=tasks), np.random.default_rng(2), 0)
+    assert sorted(out.tasks.tolist()) == sorted(tasks.tolist())

@@ -100,6 +100,10 @@ class SamTrainConfig:
             version of segment-everything's stability score (the area above logit +1 over the area above
             -1, with sigmoids of slope :data:`STABILITY_SLOPE` for the steps), so a fine-tune keeps its
             masks' boundaries as sharp as segment-everything's stability filter expects (0: off).
+        task_weights: with samples that carry task indices (SUM), the relative chance of each task's masks
+            being among an image's ``masks_per_image`` prompted ones (index = task; every weight > 0).
+            Empty (the default): every mask alike. A fine-tune that must learn a granularity its base never
+            draws (sam_nano and a composite thing's parts) sees that task's masks more often.
     """
 
     steps: int = 1000
@@ -126,6 +130,7 @@ class SamTrainConfig:
     time_budget: float = 0.0
     freeze_batchnorm: bool = False
     stability_weight: float = 0.0
+    task_weights: Tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("steps", "images_per_step", "masks_per_image", "iterations", "checkpoint_every", "log_every"):
@@ -140,6 +145,11 @@ class SamTrainConfig:
             raise ValueError(f"box_prob must lie in [0, 1], got {self.box_prob}")
         if not self.stability_weight >= 0:
             raise ValueError(f"stability_weight must be >= 0, got {self.stability_weight}")
+        weights = tuple(self.task_weights)
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                   for w in weights):
+            raise ValueError(f"task_weights must be finite numbers > 0, got {self.task_weights!r}")
+        object.__setattr__(self, "task_weights", tuple(float(w) for w in weights))
 
 
 # ---------------------------------------------------------------- data
@@ -426,7 +436,15 @@ class Preparer:
                 return None
         if c.flat_steps and rng.random() < 1.0 - step / c.flat_steps:
             image = self._flat(masks, image.shape, rng)
-        keep = rng.permutation(masks.shape[0])[: c.masks_per_image]
+        if c.task_weights and tasks is not None and masks.shape[0] > c.masks_per_image:
+            tasks = np.asarray(tasks, np.int64)
+            if tasks.min() < 0 or tasks.max() >= len(c.task_weights):
+                raise ValueError(f"task_weights has {len(c.task_weights)} entries; a sample has task "
+                                 f"{int(tasks.max() if tasks.max() >= len(c.task_weights) else tasks.min())}")
+            w = np.asarray(c.task_weights)[tasks]
+            keep = rng.choice(masks.shape[0], size=c.masks_per_image, replace=False, p=w / w.sum())
+        else:
+            keep = rng.permutation(masks.shape[0])[: c.masks_per_image]
         masks = masks[keep]
         resized = self.transform.apply_image(np.ascontiguousarray(image))
         h, w = resized.shape[:2]

@@ -51,7 +51,7 @@ from samantic.train.sum import (PseudoLabelCache, PseudoLabelled, PseudoLabels, 
                                 UncertaintyPointSampler, open_labelled, open_pool, progress_bar)
 
 __all__ = ["REPLAY_SEED", "VARIANTS", "SumTrainConfig", "SumTrainer", "ReplayScenes", "UncertaintyCache", "Variant", "train_sum",
-           "with_replay"]
+           "parse_task_weights", "with_replay"]
 
 PathLike = Union[str, Path]
 UNCERTAINTY_FORMAT = "samantic.sum_uncertainty/1"
@@ -141,6 +141,40 @@ class SumTrainConfig:
         if not self.replay_labels and not (self.anchor_weight > 0 or self.distill_weight > 0):
             raise ValueError("replay_labels=False leaves the replayed scenes nothing to train: give them "
                              "anchor_weight or distill_weight")
+
+
+def parse_task_weights(spec: str) -> Tuple[float, ...]:
+    """``"part=3"`` or ``"unspecified=1,part=3"`` -> one weight per task of :data:`~samantic.models.tasks.TASKS`
+    (a task not named weighs 1; :class:`~samantic.train.sam.SamTrainConfig`'s ``task_weights``). Empty: ``()``.
+
+    Raises:
+        ValueError: an item that is not ``TASK=WEIGHT``, an unknown task, a task named twice, a weight that
+            is not a finite number > 0.
+    """
+    from samantic.models.tasks import TASKS, task_index
+
+    spec = spec.strip()
+    if not spec:
+        return ()
+    weights = [1.0] * len(TASKS)
+    named = set()
+    for item in spec.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"task weights: {item.strip()!r} is not TASK=WEIGHT (e.g. part=3; tasks: {', '.join(TASKS)})")
+        t = task_index(name)
+        if t in named:
+            raise ValueError(f"task weights: {name!r} is given twice")
+        named.add(t)
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"task weights: {name}={value.strip()!r} is not a number") from None
+        if not (np.isfinite(w) and w > 0):
+            raise ValueError(f"task weights: {name}={value.strip()} must be a finite number > 0")
+        weights[t] = w
+    return tuple(weights)
 
 
 REPLAY_SEED = 5_000_000  # plain scenes replayed beside the labelled set (training range, apart from the others)
@@ -378,9 +412,14 @@ def train_sum(model, labelled, unlabelled, out: PathLike, train_config: SamTrain
     from samantic.models.task_prompt import attach_task_prompt
     from samantic.train.sum_refine import UncertaintyEstimator, load_refiner
 
+    from samantic.models.tasks import TASKS
+
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors, got {out}")
+    if train_config.task_weights and len(train_config.task_weights) != len(TASKS):
+        raise ValueError(f"task_weights must have one weight per task ({', '.join(TASKS)}), "
+                         f"got {len(train_config.task_weights)}")
     variant = VARIANTS[sum_config.variant]
     if variant.uses_uncertainty:
         if refiner is None:

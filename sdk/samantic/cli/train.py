@@ -412,6 +412,7 @@ def train_sum_cmd(
     trainable: Annotated[str, typer.Option(help="Comma-separated parts to train besides the task table: image_encoder,prompt_encoder,mask_decoder.")] = "prompt_encoder,mask_decoder",
     freeze_batchnorm: Annotated[bool, typer.Option("--freeze-batchnorm/--train-batchnorm", help="Batch-norm layers keep their running statistics while their scales and shifts train (fine-tuning with small batches).")] = False,
     stability_weight: Annotated[float, typer.Option(min=0, help="Weight of a soft stability-score term on the first round's masks (keeps boundaries as sharp as segment-everything's stability filter expects; 0: off).")] = 0.0,
+    task_weights: Annotated[str, typer.Option(help="How often each task's labelled masks are among an image's prompted ones, relative: TASK=W,... (e.g. part=3; a task not named weighs 1; empty: every mask alike). The same for every variant: it chooses data, not prompts.")] = "",
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Write OUT.ckpt (for --resume) every this many steps.")] = 25,
     log_every: Annotated[int, typer.Option(min=1, help="Append to OUT.log.jsonl every this many steps.")] = 10,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, initialisation).")] = 0,
@@ -425,9 +426,9 @@ def train_sum_cmd(
     """SUM: fine-tune a SAM on labelled task masks and uncertainty-weighted pseudo-labels, with task prompts."""
     import torch
 
-    from samantic.models import create_model
+    from samantic.models import TASKS, create_model
     from samantic.train.sam import SamTrainConfig
-    from samantic.train.sum_train import SumTrainConfig, base_loss, train_sum
+    from samantic.train.sum_train import SumTrainConfig, base_loss, parse_task_weights, train_sum
 
     if threads:
         torch.set_num_threads(threads)
@@ -442,7 +443,8 @@ def train_sum_cmd(
             steps=steps, images_per_step=images_per_step, masks_per_image=masks_per_image, iterations=iterations,
             lr=lr, warmup_steps=warmup_steps, trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
             checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, time_budget=time_budget * 60,
-            freeze_batchnorm=freeze_batchnorm, stability_weight=stability_weight, **loss,
+            freeze_batchnorm=freeze_batchnorm, stability_weight=stability_weight,
+            task_weights=parse_task_weights(task_weights), **loss,
         )
         sum_config = SumTrainConfig(variant=variant, task_lr_scale=task_lr_scale, encoder_lr_scale=encoder_lr_scale,
                                     points_per_side=points_per_side,
@@ -458,6 +460,7 @@ def train_sum_cmd(
                    + f", unlabelled {unlabelled}; {steps} steps "
                    f"({images_per_step} images x {masks_per_image} masks x {iterations} rounds); trainable: "
                    f"{', '.join(config.trainable)}" + (" + task table" if variant == "sum" else "")
+                   + (f"; task weights {dict(zip(TASKS, config.task_weights))}" if config.task_weights else "")
                    + f"; loss {loss}")
         result = train_sum(sam, labelled, unlabelled, out, config, sum_config, refiner=refiner,
                            pseudo_cache=pseudo_cache, checkpoint=checkpoint, device=device, workers=workers,
