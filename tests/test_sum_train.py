@@ -367,6 +367,7 @@ def test_task_weights_parse_and_refuse_what_they_cannot_mean(tmp_path, nano):
     with pytest.raises(ValueError, match="task_weights must be finite numbers > 0"):
         SamTrainConfig(task_weights=(1.0, 0.0))
     assert SamTrainConfig(task_weights=[1, 2]).task_weights == (1.0, 2.0)  # as read back from a JSON header
+    assert SamTrainConfig(task_weights=np.array([1, 3])).task_weights == (1.0, 3.0)
     with pytest.raises(ValueError, match="one weight per task"):
         train_sum(nano, LABELLED, "shapes-panoptic:4000000:1", tmp_path / "a.safetensors",
                   _config(task_weights=(1.0, 2.0)), _sum_config("vanilla"))

@@ -38,6 +38,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import numbers
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -146,7 +147,7 @@ class SamTrainConfig:
         if not self.stability_weight >= 0:
             raise ValueError(f"stability_weight must be >= 0, got {self.stability_weight}")
         weights = tuple(self.task_weights)
-        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+        if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0
                    for w in weights):
             raise ValueError(f"task_weights must be finite numbers > 0, got {self.task_weights!r}")
         object.__setattr__(self, "task_weights", tuple(float(w) for w in weights))
