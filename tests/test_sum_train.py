@@ -404,3 +404,7 @@ def test_task_weights_choose_which_masks_an_image_prompts():
     prep = Preparer(64, 16, SamTrainConfig(masks_per_image=16, zoom_prob=0.0, task_weights=(1.0, 1.0, 1.0, 20.0)))
     out = prep(Sample(image, masks, tasks=tasks), np.random.default_rng(2), 0)
     assert sorted(out.tasks.tolist()) == sorted(tasks.tolist())
+    # a sample whose task has no weight is refused by its task index, not drawn with a wrong one
+    prep = Preparer(64, 16, SamTrainConfig(masks_per_image=2, zoom_prob=0.0, task_weights=(1.0, 1.0)))
+    with pytest.raises(ValueError, match="task_weights has 2 entries; a sample has task 3"):
+        prep(Sample(image, masks, tasks=tasks), np.random.default_rng(3), 0)

@@ -439,9 +439,9 @@ class Preparer:
             image = self._flat(masks, image.shape, rng)
         if c.task_weights and tasks is not None and masks.shape[0] > c.masks_per_image:
             tasks = np.asarray(tasks, np.int64)
-            if tasks.min() < 0 or tasks.max() >= len(c.task_weights):
-                raise ValueError(f"task_weights has {len(c.task_weights)} entries; a sample has task "
-                                 f"{int(tasks.max() if tasks.max() >= len(c.task_weights) else tasks.min())}")
+            bad = tasks[(tasks < 0) | (tasks >= len(c.task_weights))]
+            if bad.size:
+                raise ValueError(f"task_weights has {len(c.task_weights)} entries; a sample has task {int(bad[0])}")
             w = np.asarray(c.task_weights)[tasks]
             keep = rng.choice(masks.shape[0], size=c.masks_per_image, replace=False, p=w / w.sum())
         else:
