@@ -38,3 +38,16 @@ def test_the_part_rows_split_the_part_task_by_the_scene_s_own_parts():
         seen_composite += int(composite.sum())
         seen_simple += int(simple.sum())
     assert seen_composite > 0 and seen_simple > 0
+
+
+def test_training_seeds_are_refused_unless_asked_and_then_labelled_as_a_fit(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="reaches the training seeds"):
+        sum_task_ceiling.main(["--column", "base=sam_nano", "--seeds", "2999999:3000001", "--out", str(tmp_path / "a")])
+    assert not (tmp_path / "a.md").exists()
+    sum_task_ceiling.main(["--column", "base=sam_nano", "--seeds", "3000000:3000001", "--training-seeds",
+                           "--threads", "1", "--out", str(tmp_path / "b")])
+    text = (tmp_path / "b.md").read_text()
+    assert "--training-seeds" in text and "TRAINING-RANGE (fit, not held-out accuracy)" in text
+    assert "Held-out" not in text
