@@ -74,7 +74,8 @@ def main(argv: List[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     seeds = parse_seeds(a.seeds)
-    if seeds.stop > TRAIN_SEED_START and not a.training_seeds:
+    in_training_range = seeds.stop > TRAIN_SEED_START
+    if in_training_range and not a.training_seeds:
         raise SystemExit(f"--seeds {a.seeds}: reaches the training seeds (>= {TRAIN_SEED_START}); "
                          "--training-seeds to measure the fit on them")
     cols = {name: sam for name, _, sam in (load_column(s) for s in a.column)}
@@ -102,7 +103,7 @@ def main(argv: List[str] | None = None) -> int:
                    for t, v in per.items()} for q, per in d.items()} for c, d in acc.items()}
     cmd = ("python benchmarks/sum_task_ceiling.py " + " ".join(f"--column {s}" for s in a.column) + f" --seeds {a.seeds}"
            + (" --training-seeds" if a.training_seeds else ""))
-    held = "Held-out" if seeds.stop <= TRAIN_SEED_START else "TRAINING-RANGE (fit, not held-out accuracy)"
+    held = "TRAINING-RANGE (fit, not held-out accuracy)" if in_training_range else "Held-out"
     lines = [f"`{cmd}`", "", f"{held} v2 scenes {a.seeds}; one click at each task mask's centre; mIoU of the output "
              "with the highest predicted IoU (picked, what `samantic eval sum` scores) and of the best of the three "
              "against the ground truth (oracle).", "",

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -41,8 +42,6 @@ def test_the_part_rows_split_the_part_task_by_the_scene_s_own_parts():
 
 
 def test_training_seeds_are_refused_unless_asked_and_then_labelled_as_a_fit(tmp_path):
-    import pytest
-
     with pytest.raises(SystemExit, match="reaches the training seeds"):
         sum_task_ceiling.main(["--column", "base=sam_nano", "--seeds", "2999999:3000001", "--out", str(tmp_path / "a")])
     assert not (tmp_path / "a.md").exists()
