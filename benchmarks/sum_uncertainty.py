@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--refiner-minutes", type=float, default=d.refiner_minutes,
                     help="wall-clock cap on refiner training (0: none; the steps decide)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--lr", type=float, default=d.lr, help="refiner's peak learning rate (AdamW, cosine decay)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--cache-dir", default=d.cache_dir)
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
         model=args.model, labelled=args.labelled, pool=args.pool, heldout=args.heldout, heldout_seed=args.heldout_seed,
         points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_score_thresh, refiner_steps=args.refiner_steps,
-        refiner_minutes=args.refiner_minutes, batch_size=args.batch_size, seed=args.seed, cache_dir=args.cache_dir,
+        refiner_minutes=args.refiner_minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        cache_dir=args.cache_dir,
         refiner_out=args.refiner_out,
     )
     result = uncertainty_benchmark(config, progress=not args.no_progress)
@@ -88,8 +90,9 @@ def main(argv=None) -> int:
             "",
             f"`{result['command']}`",
             "",
-            f"- refiner: {rf['parameters']:,} parameters, trained {rf['steps']} steps (batch {config.batch_size}) in "
-            f"{hist[-1]['seconds']:.0f} s on {ex['pairs']} pairs from {ex['images']} labelled v2 scenes "
+            f"- refiner: {rf['parameters']:,} parameters, trained {rf['steps']} steps (batch {config.batch_size}, "
+            f"lr {config.lr:g}, seed {config.seed}) in {hist[-1]['seconds']:.0f} s on {ex['pairs']} pairs from "
+            f"{ex['images']} labelled v2 scenes "
             f"(seeds {config.labelled_seed}+; prompts {ex['by_prompt']}); SAM's IoU with the paired masks "
             f"{ex['coarse_iou']:.3f}; loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}",
             f"- pseudo-labels: {config.model} segment-everything, {config.points_per_side}x{config.points_per_side} "
