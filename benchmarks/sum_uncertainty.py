@@ -65,8 +65,7 @@ def main(argv=None) -> int:
         points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_score_thresh, refiner_steps=args.refiner_steps,
         refiner_minutes=args.refiner_minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        cache_dir=args.cache_dir,
-        refiner_out=args.refiner_out,
+        cache_dir=args.cache_dir, refiner_out=args.refiner_out,
     )
     result = uncertainty_benchmark(config, progress=not args.no_progress)
     result["machine"] = machine()

@@ -12,12 +12,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import sum_uncertainty  # noqa: E402
 
 
-def test_lr_and_seed_reach_the_refiner_and_the_report(tmp_path):
+def test_lr_and_seed_reach_the_refiner_and_the_report(tmp_path, one_thread):  # main sets torch's threads
     out = tmp_path / "report"
     rc = sum_uncertainty.main(["--labelled", "2", "--pool", "0", "--heldout", "1", "--refiner-steps", "2",
                                "--lr", "0.0007", "--seed", "3", "--cache-dir", str(tmp_path / "cache"),
                                "--refiner-out", str(tmp_path / "refiner.safetensors"), "--out", str(out),
-                               "--no-progress"])
+                               "--threads", "1", "--no-progress"])
     assert rc == 0
     result = json.loads((out / "sum_uncertainty.json").read_text())
     assert result["config"]["lr"] == 0.0007 and result["config"]["seed"] == 3
