@@ -6,8 +6,22 @@ IoU. Random weights give noise-like masks that every filter removes, which would
 make equivalence tests compare two empty lists.
 """
 
+import sys
+
 import numpy as np
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that calls a CLI or benchmark ``main`` with ``--threads`` sets torch's process-wide thread
+    count; put it back so that the tests after it keep the suite's."""
+    torch = sys.modules.get("torch")
+    n = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and n is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 class DiskWorld:

@@ -41,8 +41,7 @@ def test_the_part_rows_split_the_part_task_by_the_scene_s_own_parts():
     assert seen_composite > 0 and seen_simple > 0
 
 
-def test_training_seeds_are_refused_unless_asked_and_then_labelled_as_a_fit(tmp_path, one_thread):
-    # main() sets torch's threads (--threads 1); one_thread restores the suite's after the test
+def test_training_seeds_are_refused_unless_asked_and_then_labelled_as_a_fit(tmp_path):
     with pytest.raises(SystemExit, match="reaches the training seeds"):
         sum_task_ceiling.main(["--column", "base=sam_nano", "--seeds", "2999999:3000001", "--out", str(tmp_path / "a")])
     assert not (tmp_path / "a.md").exists()

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import sum_uncertainty  # noqa: E402
 
 
-def test_lr_and_seed_reach_the_refiner_and_the_report(tmp_path, one_thread):  # main sets torch's threads
+def test_lr_and_seed_reach_the_refiner_and_the_report(tmp_path):
     out = tmp_path / "report"
     rc = sum_uncertainty.main(["--labelled", "2", "--pool", "0", "--heldout", "1", "--refiner-steps", "2",
                                "--lr", "0.0007", "--seed", "3", "--cache-dir", str(tmp_path / "cache"),
