@@ -14,8 +14,10 @@ The chain (``samantic.train.sum_refine.uncertainty_benchmark``):
 
     python benchmarks/sum_uncertainty.py --labelled 120 --pool 10 --heldout 30 --out benchmarks/results/sum_uncertainty
 
-About 11 CPU minutes (1 thread): refiner data 1, refiner training 8 (1000 steps of 8), pool and
-held-out pseudo-labels 2.5, evaluation 0.2.
+About 20 CPU minutes (1 thread): refiner data 1, refiner training 16 (2000 steps of 8), pool and
+held-out pseudo-labels 2.5, evaluation 0.2. 2000 steps, not 1000: at 1000 the refiner's quality was a
+seed lottery (held-out AUROC of U 0.70-0.92 over five draws on sam_nano v7), at 2000 three draws gave
+0.889-0.909 (benchmarks/results/sum_v7/README.md, "The refiner's run-to-run spread").
 """
 
 from __future__ import annotations

@@ -660,7 +660,7 @@ class BenchmarkConfig:
     points_per_side: int = 16
     pred_iou_thresh: Optional[float] = None
     stability_score_thresh: Optional[float] = None
-    refiner_steps: int = 1000
+    refiner_steps: int = 2000  # at 1000 the refiner's quality depends on the seed (sum_uncertainty.py)
     refiner_minutes: float = 0.0
     batch_size: int = 8
     lr: float = 5e-3
