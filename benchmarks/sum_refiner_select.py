@@ -24,7 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_report  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from torchmetrics.functional import spearman_corrcoef
 
     from samantic.models import create_model
     from samantic.cli.eval import parse_seeds
@@ -82,29 +84,25 @@ def main(argv=None) -> int:
     ranked = [r for r in rows if "heldout_auroc" in r]
     corr = {}
     if len(ranked) >= 3:
-        def spearman(a, b):
-            ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-            return float(np.corrcoef(ra, rb)[0, 1])
-        h = [r["heldout_auroc"] for r in ranked]
-        corr = {"val_auroc": spearman([r["val_auroc"] for r in ranked], h),
-                "val_loss": spearman([-r["val_loss"] for r in ranked], h)}
+        h = torch.tensor([r["heldout_auroc"] for r in ranked])
+        corr = {"val_auroc": float(spearman_corrcoef(torch.tensor([r["val_auroc"] for r in ranked]), h)),
+                "val_loss": float(spearman_corrcoef(torch.tensor([-r["val_loss"] for r in ranked]), h))}
         print(f"Spearman with the held-out AUROC: val AUROC {corr['val_auroc']:.3f}, -val loss {corr['val_loss']:.3f}")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         cmd = "python benchmarks/sum_refiner_select.py " + " ".join(argv if argv is not None else sys.argv[1:])
         result = {"command": cmd, "val_seeds": args.val_seeds, "pairs": len(ex),
                   "wrong_fraction": float(wrong.mean()), "rows": rows, "spearman": corr}
-        (args.out / "sum_refiner_select.json").write_text(json.dumps(result, indent=1))
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        md = [f"`{cmd}`", "", f"Validation: labelled scenes {args.val_seeds}, {len(ex)} SAM outputs paired with their "
-              f"labelled masks ({wrong.mean():.3f} of the valid pixels wrong).", "",
-              "| refiner | val loss | val AUROC of U | held-out AUROC of U (every pixel / near) |", "|---|---|---|---|"]
-        md += [f"| {r['refiner']} | {r['val_loss']:.3f} | {r['val_auroc']:.3f} | {fmt(r.get('heldout_auroc'))} / "
-               f"{fmt(r.get('heldout_auroc_near'))} |" for r in rows]
+        preamble = [f"`{cmd}`", "", f"Validation: labelled scenes {args.val_seeds}, {len(ex)} SAM outputs paired with "
+                    f"their labelled masks ({wrong.mean():.3f} of the valid pixels wrong)."]
         if corr:
-            md += ["", f"Spearman rank correlation with the held-out AUROC: val AUROC {corr['val_auroc']:.3f}, "
-                       f"val loss (lower is better) {corr['val_loss']:.3f}."]
-        (args.out / "sum_refiner_select.md").write_text("\n".join(md) + "\n")
+            preamble += ["", f"Spearman rank correlation with the held-out AUROC: val AUROC {corr['val_auroc']:.3f}, "
+                             f"val loss (lower is better) {corr['val_loss']:.3f}."]
+        table = [[r["refiner"], f"{r['val_loss']:.3f}", f"{r['val_auroc']:.3f}",
+                  f"{fmt(r.get('heldout_auroc'))} / {fmt(r.get('heldout_auroc_near'))}"] for r in rows]
+        write_report(args.out, "sum_refiner_select", result, table,
+                     ["refiner", "val loss", "val AUROC of U", "held-out AUROC of U (every pixel / near)"],
+                     preamble="\n".join(preamble))
     return 0
 
 
