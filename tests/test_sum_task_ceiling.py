@@ -50,3 +50,37 @@ def test_training_seeds_are_refused_unless_asked_and_then_labelled_as_a_fit(tmp_
     text = (tmp_path / "b.md").read_text()
     assert "--training-seeds" in text and "TRAINING-RANGE (fit, not held-out accuracy)" in text
     assert "Held-out" not in text
+
+
+def test_one_click_scores_the_three_outputs_as_the_predictor_thresholds_them_and_their_mean():
+    import torch
+    from samantic.cli.eval import load_column
+    from samantic.pipeline.predictor import Predictor
+    from samantic.train.data.panoptic import render_panoptic
+    from samantic.train.metrics import mask_iou
+    from samantic.train.sum import scene_task_masks
+
+    scene = render_panoptic(0)
+    masks, tasks = scene_task_masks(scene)
+    masks, tasks = masks[:4], tasks[:4]
+    model = load_column("base=sam_nano")[2].eval()
+    pr = Predictor(model)
+    pr.set_image(scene.image)
+    with torch.no_grad():
+        iou, score, mean_iou = sum_task_ceiling.one_click(pr, scene.image, masks, np.zeros(len(masks), np.int64))
+        # the same clicks through the predictor's own thresholding (return_logits=False)
+        c = sum_task_ceiling.prompt_coords(pr, np.array([[sum_task_ceiling.centre_point(m)] for m in masks],
+                                                        np.float64), scene.image.shape[:2])
+        pred, scores, _ = pr.predict_torch(c, torch.ones(len(masks), 1, dtype=torch.int), multimask_output=True)
+    assert np.allclose(score, scores.numpy())
+    assert np.allclose(iou, [[mask_iou(p, g) for p in ps] for ps, g in zip(pred.numpy(), masks)])
+    assert iou.shape == (4, 3) and mean_iou.shape == (4,)
+    # three outputs made one (every output's token and hypernetwork copied from the first): the mean is that mask
+    dec = model.mask_decoder
+    with torch.no_grad():
+        for k in (2, 3):
+            dec.mask_tokens.weight[k] = dec.mask_tokens.weight[1]
+            dec.output_hypernetworks_mlps[k].load_state_dict(dec.output_hypernetworks_mlps[1].state_dict())
+        iou2, _, mean2 = sum_task_ceiling.one_click(pr, scene.image, masks, np.zeros(len(masks), np.int64))
+    assert np.allclose(iou2, iou2[:, :1]) and np.allclose(mean2, iou2[:, 0])
+    assert not np.allclose(iou, iou[:, :1])  # the trained model's three outputs differ
