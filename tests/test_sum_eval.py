@@ -201,3 +201,34 @@ def test_cli_eval_sum_calibrates_each_columns_own_thresholds(tmp_path):
     assert data["forgetting"]["base"]["own_thresholds"] == {k: cal.best[k] for k in ("pred_iou_thresh",
                                                                                        "stability_score_thresh")}
     assert "--calibration-stability 0.96,0.9812345 " in data["command"] + " "  # as given, to the last digit
+
+
+def test_a_column_at_another_input_side(tmp_path):
+    """``NAME=WEIGHTS@SIDE``: the same weights at another input side (conv encoders), registered model or file."""
+    import numpy as np
+    import torch
+
+    from samantic.cli.eval import load_column
+    from samantic.models import create_model, save_checkpoint
+
+    name, weights, sam = load_column("big=sam_nano@768")
+    assert (name, weights) == ("big", "sam_nano@768")
+    assert sam.image_encoder.img_size == 768 and tuple(sam.prompt_encoder.image_embedding_size) == (96, 96)
+    base = create_model("sam_nano")
+    for k, v in base.state_dict().items():  # the same weights
+        assert torch.equal(sam.state_dict()[k], v), k
+    x = torch.rand(1, 3, 768, 768)
+    with torch.no_grad():
+        assert sam.image_encoder(x).shape[-2:] == (96, 96)
+    path = tmp_path / "w@64.safetensors"  # a file, then a file with a suffix of its own
+    save_checkpoint(base, path)
+    assert load_column(f"f={path}@512")[2].image_encoder.img_size == 512
+    ckpt = tmp_path / "w@64"
+    ckpt.write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="w@64"):  # an existing file is read as a file (not w at side 64)
+        load_column(f"f={ckpt}")
+    for spec, msg in (("a=sam_nano@100", "multiple of 32"), ("a=sam_nano@0", "multiple of 32"),
+                      ("a=sam_vit_b@768", "convolutional encoder"), ("a=nowhere@768", "neither a registered")):
+        with pytest.raises((ValueError, FileNotFoundError), match=msg):
+            load_column(spec)
+    assert np.isclose(sam.mask_threshold, base.mask_threshold)

@@ -30,22 +30,41 @@ def parse_seeds(spec: str) -> range:
 
 
 def load_column(spec: str, model: str = "sam_nano") -> Tuple[str, str, Any]:
-    """``NAME=WEIGHTS`` (a registered model, or a file of ``model``'s) -> ``(name, weights, Sam)``.
+    """``NAME=WEIGHTS[@SIDE]`` (a registered model, or a file of ``model``'s) -> ``(name, weights, Sam)``.
+
+    ``@SIDE`` runs the model at another input side (pixels, the longest image side after resizing) than its
+    config's: a convolutional encoder's weights fit any side (a multiple of 32); a ViT's do not. ``weights`` is
+    returned with the suffix, as given. A file whose own name ends in ``@digits`` is taken as a file.
 
     Raises:
-        ValueError: not NAME=WEIGHTS. FileNotFoundError: WEIGHTS is neither a model nor a file.
+        ValueError: not NAME=WEIGHTS[@SIDE], a SIDE the model cannot take. FileNotFoundError: WEIGHTS is neither a
+        model nor a file.
     """
-    from samantic.models import create_model, list_models
+    from samantic.models import create_model, get_config, list_models
 
     name, sep, weights = spec.partition("=")
     name, weights = name.strip(), weights.strip()
     if not sep or not name or not weights:
-        raise ValueError(f"--column must be NAME=WEIGHTS, got {spec!r}")
-    if weights in list_models():
-        return name, weights, create_model(weights)
-    if Path(weights).is_file():
-        return name, weights, create_model(model, checkpoint=weights)
-    raise FileNotFoundError(f"--column {spec}: {weights!r} is neither a registered model nor a file")
+        raise ValueError(f"--column must be NAME=WEIGHTS[@SIDE], got {spec!r}")
+    source, at, side = weights.rpartition("@")
+    overrides = {}
+    if at and side.isdigit() and not Path(weights).is_file():
+        arch = source if source in list_models() else model
+        config = get_config(arch)
+        img_size = int(side)
+        if config.encoder_type != "conv":
+            raise ValueError(f"--column {spec}: {arch}'s {config.encoder_type} encoder is built for {config.img_size} px "
+                             "inputs; @SIDE needs a convolutional encoder")
+        if img_size < 32 or img_size % 32:
+            raise ValueError(f"--column {spec}: the input side must be a positive multiple of 32, got {img_size}")
+        overrides["img_size"] = img_size
+    else:
+        source = weights
+    if source in list_models():
+        return name, weights, create_model(source, **overrides)
+    if Path(source).is_file():
+        return name, weights, create_model(model, checkpoint=source, **overrides)
+    raise FileNotFoundError(f"--column {spec}: {source!r} is neither a registered model nor a file")
 
 
 def _thresholds(sam, pred_iou_thresh: Optional[float], stability_score_thresh: Optional[float]) -> dict:
@@ -418,7 +437,7 @@ def _own_thresholds_recall(sam, calib_seeds, recall_seeds, progress: bool, share
 
 @app.command("sum")
 def eval_sum(
-    column: Annotated[Optional[List[str]], typer.Option(help="NAME=WEIGHTS (repeatable, in column order): WEIGHTS a registered model name (its shipped weights) or a checkpoint file of --model's architecture. ")] = None,
+    column: Annotated[Optional[List[str]], typer.Option(help="NAME=WEIGHTS[@SIDE] (repeatable, in column order): WEIGHTS a registered model name (its shipped weights) or a checkpoint file of --model's architecture; @SIDE runs it at that input side in pixels (conv encoders; e.g. sum=runs/sum.safetensors@768).")] = None,
     model: Annotated[str, typer.Option(help="Architecture of checkpoint files given in --column.")] = "sam_nano",
     seeds: Annotated[str, typer.Option(help="Held-out v2 (panoptic) scene seeds, START:STOP.")] = "0:40",
     points: Annotated[str, typer.Option(help="Numbers of point prompts after which masks are scored, comma-separated.")] = "1,3,5",
