@@ -168,3 +168,26 @@ def test_eval_sam_cli_reports_the_ceiling(tmp_path):
     assert "resolution ceiling" in (tmp_path / "eval_sam.md").read_text()
     r = CliRunner().invoke(app, ["eval", "sam", "--seeds", "5:2"])
     assert r.exit_code != 0 and "START < STOP" in r.output
+
+
+def test_cli_eval_sam_at_another_input_side(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from samantic.cli.main import app
+
+    runs = {}
+    for side in (None, 448):
+        out = tmp_path / str(side)
+        args = ["eval", "sam", "--seeds", "0:1", "--amg-seeds", "0:1", "--no-ceiling", "--out", str(out), "--no-progress"]
+        r = CliRunner().invoke(app, args + (["--input-size", str(side)] if side else []))
+        assert r.exit_code == 0, r.output
+        runs[side] = json.loads((out / "eval_sam.json").read_text())
+    assert runs[None]["input_size"] == 384 and "--input-size" not in runs[None]["command"]
+    assert runs[448]["input_size"] == 448 and "--input-size 448 " in runs[448]["command"]
+    assert runs[448]["metrics"]["miou_1pt_top"] != runs[None]["metrics"]["miou_1pt_top"]  # another input, other masks
+    for args, msg in ((["--input-size", "100"], "multiple of 32"), (["--model", "sam_nano_vit", "--input-size", "448"],
+                                                                   "convolutional encoder")):
+        r = CliRunner().invoke(app, ["eval", "sam", "--seeds", "0:1", "--amg-seeds", "0:1", "--out", str(tmp_path / "x")] + args)
+        assert r.exit_code == 1 and msg in r.output, r.output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, List, Optional, Sequence, Tuple
+from typing import Annotated, Any, Dict, List, Optional, Sequence, Tuple
 
 import typer
 
@@ -27,6 +27,24 @@ def parse_seeds(spec: str) -> range:
     return range(a, b)
 
 
+def input_size_override(model: str, side: Optional[int]) -> Dict[str, int]:
+    """``create_model`` overrides that run ``model`` at input side ``side`` (``{}`` for None).
+
+    Raises:
+        ValueError: ``model``'s encoder is not convolutional (a ViT's position embeddings fix its side), or ``side``
+        is not a positive multiple of 32.
+    """
+    from samantic.models import get_config
+
+    if side is None:
+        return {}
+    config = get_config(model)
+    if config.encoder_type != "conv":
+        raise ValueError(f"{model}'s {config.encoder_type} encoder is built for {config.img_size} px inputs; another "
+                         "input side needs a convolutional encoder")
+    if side < 32 or side % 32:
+        raise ValueError(f"the input side must be a positive multiple of 32, got {side}")
+    return {"img_size": side}
 
 
 def load_column(spec: str, model: str = "sam_nano") -> Tuple[str, str, Any]:
@@ -40,7 +58,7 @@ def load_column(spec: str, model: str = "sam_nano") -> Tuple[str, str, Any]:
         ValueError: not NAME=WEIGHTS[@SIDE], a SIDE the model cannot take. FileNotFoundError: WEIGHTS is neither a
         model nor a file.
     """
-    from samantic.models import create_model, get_config, list_models
+    from samantic.models import create_model, list_models
 
     name, sep, weights = spec.partition("=")
     name, weights = name.strip(), weights.strip()
@@ -49,15 +67,10 @@ def load_column(spec: str, model: str = "sam_nano") -> Tuple[str, str, Any]:
     source, at, side = weights.rpartition("@")
     overrides = {}
     if at and side.isdigit() and not Path(weights).is_file():
-        arch = source if source in list_models() else model
-        config = get_config(arch)
-        img_size = int(side)
-        if config.encoder_type != "conv":
-            raise ValueError(f"--column {spec}: {arch}'s {config.encoder_type} encoder is built for {config.img_size} px "
-                             "inputs; @SIDE needs a convolutional encoder")
-        if img_size < 32 or img_size % 32:
-            raise ValueError(f"--column {spec}: the input side must be a positive multiple of 32, got {img_size}")
-        overrides["img_size"] = img_size
+        try:
+            overrides = input_size_override(source if source in list_models() else model, int(side))
+        except ValueError as e:
+            raise ValueError(f"--column {spec}: {e}") from None
     else:
         source = weights
     if source in list_models():
@@ -89,6 +102,7 @@ def eval_sam(
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall \\[default: the model's recommended, else segment-anything's 0.88].")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall \\[default: the model's recommended, else segment-anything's 0.95].")] = None,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Also report the resolution ceiling: the mIoU of ideal low-res logits after the model's post-processing.")] = True,
+    input_size: Annotated[Optional[int], typer.Option(help="Run the model at this input side in pixels instead of its config's (conv encoders; the recommended thresholds stay the shipped ones, chosen at the config's side).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     from samantic.io import atomic_write_bytes, atomic_write_json
@@ -97,16 +111,17 @@ def eval_sam(
 
     point_seeds, recall_seeds = parse_seeds(seeds), parse_seeds(amg_seeds)
     try:
-        sam = create_model(model, checkpoint=checkpoint)
+        sam = create_model(model, checkpoint=checkpoint, **input_size_override(model, input_size))
         amg = _thresholds(sam, pred_iou_thresh, stability_score_thresh)
         result = evaluate_sam(sam, point_seeds, recall_seeds, progress=progress, amg_kwargs=amg, ceiling=ceiling)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     command = f"samantic eval sam --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "") + \
-        f" --seeds {seeds} --amg-seeds {amg_seeds}"
+        (f" --input-size {input_size}" if input_size else "") + f" --seeds {seeds} --amg-seeds {amg_seeds}"
     command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in amg.items())
-    payload = {"model": model, "checkpoint": checkpoint, "seeds": seeds, "amg_seeds": amg_seeds, "command": command,
+    payload = {"model": model, "checkpoint": checkpoint, "input_size": int(sam.image_encoder.img_size), "seeds": seeds,
+               "amg_seeds": amg_seeds, "command": command,
                "segment_everything": amg, **result.to_dict()}
     atomic_write_json(out / "eval_sam.json", payload, indent=2)
     md = f"`{command}`\n\n{result.markdown()}\n"
