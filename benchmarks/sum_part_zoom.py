@@ -27,14 +27,11 @@ import torch
 
 from samantic.cli.eval import load_column, parse_seeds
 from samantic.io.atomic import atomic_write_bytes, atomic_write_json
-from samantic.models import TASKS
 from samantic.pipeline.predictor import Predictor
-from samantic.train.data.panoptic import render_panoptic
 from samantic.train.metrics import TRAIN_SEED_START, centre_point, mask_iou
-from samantic.train.sum import scene_task_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sum_task_ceiling import COMPOSITE, rows  # noqa: E402
+from sum_task_ceiling import COMPOSITE, rows, task_scenes  # noqa: E402
 
 # Bins of a part's area in encoder tokens at zoom 1: [lo, hi)
 BINS: Tuple[Tuple[float, float], ...] = ((0, 2), (2, 4), (4, float("inf")))
@@ -78,11 +75,7 @@ def measure(cols: Dict[str, object], seeds: Sequence[int], zooms: Sequence[float
                                                for z in zooms}} for c in cols}
     predictors = {c: Predictor(m.eval()) for c, m in cols.items()}
     with torch.no_grad():
-        for seed in seeds:
-            scene = render_panoptic(seed)
-            masks, tasks = scene_task_masks(scene)
-            if not len(masks):
-                continue
+        for scene, masks, tasks in task_scenes(seeds):
             for part in masks[dict(rows(masks, tasks))[COMPOSITE]]:
                 for c, pr in predictors.items():
                     out[c]["area"].append(token_area(part, pr.model))
@@ -110,7 +103,8 @@ def summarise(raw: Dict[str, dict], zooms: Sequence[float]) -> Dict[str, dict]:
 
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--column", action="append", required=True, help="NAME=registered model or sam_nano weights file")
+    p.add_argument("--column", action="append", required=True,
+                   help="NAME=WEIGHTS[@SIDE]: a registered model or sam_nano weights file, optionally at input side SIDE")
     p.add_argument("--seeds", default="0:30")
     p.add_argument("--zoom", default="1,2,3", help="comma-separated zoom factors (1: the whole image)")
     p.add_argument("--threads", type=int, default=0)

@@ -66,9 +66,19 @@ def rows(masks: np.ndarray, tasks: np.ndarray):
     yield SIMPLE, whole
 
 
+def task_scenes(seeds):
+    """``(scene, task masks, task ids)`` of every v2 scene of ``seeds`` that has task masks."""
+    for seed in seeds:
+        scene = render_panoptic(seed)
+        masks, tasks = scene_task_masks(scene)
+        if len(masks):
+            yield scene, masks, tasks
+
+
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--column", action="append", required=True, help="NAME=registered model or sam_nano weights file")
+    p.add_argument("--column", action="append", required=True,
+                   help="NAME=WEIGHTS[@SIDE]: a registered model or sam_nano weights file, optionally at input side SIDE")
     p.add_argument("--seeds", default="0:30")
     p.add_argument("--training-seeds", action="store_true",
                    help="allow seeds the training draws from (>= 1,000,000): how well a column fits its own "
@@ -90,11 +100,7 @@ def main(argv: List[str] | None = None) -> int:
         c: {q: {t: [[], [], []] for t in ROWS} for q in ("unspecified", "own")} for c in cols}
     predictors = {c: Predictor(m.eval()) for c, m in cols.items()}
     with torch.no_grad():
-        for seed in seeds:
-            scene = render_panoptic(seed)
-            masks, tasks = scene_task_masks(scene)
-            if not len(masks):
-                continue
+        for scene, masks, tasks in task_scenes(seeds):
             for c, pr in predictors.items():
                 pr.set_image(scene.image)
                 for q, ids in (("unspecified", np.zeros(len(masks), np.int64)), ("own", tasks.astype(np.int64))):
