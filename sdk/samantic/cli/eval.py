@@ -452,7 +452,7 @@ def _own_thresholds_recall(sam, calib_seeds, recall_seeds, progress: bool, share
 
 @app.command("sum")
 def eval_sum(
-    column: Annotated[Optional[List[str]], typer.Option(help="NAME=WEIGHTS[@SIDE] (repeatable, in column order): WEIGHTS a registered model name (its shipped weights) or a checkpoint file of --model's architecture; @SIDE runs it at that input side in pixels (conv encoders; e.g. sum=runs/sum.safetensors@768).")] = None,
+    column: Annotated[Optional[List[str]], typer.Option(help="NAME=WEIGHTS\\[@SIDE] (repeatable, in column order): WEIGHTS a registered model name (its shipped weights) or a checkpoint file of --model's architecture; @SIDE runs it at that input side in pixels (conv encoders; e.g. sum=runs/sum.safetensors@768).")] = None,
     model: Annotated[str, typer.Option(help="Architecture of checkpoint files given in --column.")] = "sam_nano",
     seeds: Annotated[str, typer.Option(help="Held-out v2 (panoptic) scene seeds, START:STOP.")] = "0:40",
     points: Annotated[str, typer.Option(help="Numbers of point prompts after which masks are scored, comma-separated.")] = "1,3,5",
