@@ -240,6 +240,41 @@ def test_cli_train_sum_reports_bad_options(tmp_path):
     assert r.exit_code == 1 and "shapes-panoptic:SEED[:N]" in r.output
 
 
+def test_train_sum_at_another_input_side_keys_its_pseudo_labels_by_it(tmp_path, nano):
+    import copy
+
+    from samantic.models import create_model
+
+    kw = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    at_config = PseudoLabelCache(tmp_path / "cache", nano, **kw)
+    assert "img_size" not in at_config.metadata  # the config side keeps the keys written before
+    small = create_model("sam_nano", img_size=256).eval()
+    at_256 = PseudoLabelCache(tmp_path / "cache", small, **kw)
+    assert at_256.metadata["img_size"] == 256 and at_256.key != at_config.key
+    # the same weights: only the side tells the two apart
+    assert at_256.metadata["state_sha256"] == at_config.metadata["state_sha256"]
+    out = tmp_path / "v.safetensors"
+    result = train_sum(copy.deepcopy(small), LABELLED, "shapes-panoptic:4000000:1", out, _config(1),
+                       _sum_config("vanilla"), pseudo_cache=tmp_path / "cache", workers=0, progress=False,
+                       log=lambda *_: None)
+    assert result.steps == 1 and result.data["img_size"] == 256 and result.data["pseudo_key"] == at_256.key
+    with safe_open(str(out), framework="pt") as f:
+        assert json.loads(f.metadata()["sum"])["img_size"] == 256
+
+
+def test_cli_train_sum_input_size_needs_a_conv_encoder(tmp_path):
+    from samantic.cli.main import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "sum", "--out", str(tmp_path / "x.safetensors"), "--variant", "vanilla",
+                            "--model", "sam_nano_vit", "--input-size", "512", "--no-progress"])
+    assert r.exit_code == 1 and "needs a convolutional encoder" in r.output
+    r = runner.invoke(app, ["train", "sum", "--out", str(tmp_path / "x.safetensors"), "--variant", "vanilla",
+                            "--input-size", "500", "--no-progress"])
+    assert r.exit_code == 1 and "multiple of 32" in r.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_base_loss_follows_the_base_weights_recipe(tmp_path, nano):
     from samantic.models import save_checkpoint
     from samantic.train.sum_train import base_loss

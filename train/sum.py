@@ -507,6 +507,9 @@ class PseudoLabelCache:
         name = getattr(model, "samantic_name", None) or type(model).__name__
         keyed = {"format": PSEUDO_FORMAT, "model": name, "state_sha256": state_sha256(model),
                  "points_per_side": pps, **thresholds, **GENERATOR_OPTIONS}
+        side = int(model.image_encoder.img_size)
+        if side != _config_side(name):  # the same weights at another input side label otherwise (keys at the
+            keyed["img_size"] = side    # config's side are those written before the side was part of the key)
         digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
         self.key = f"{name}-{digest}"
         self.dir = Path(out_dir) / self.key
@@ -592,6 +595,13 @@ class PseudoLabelCache:
     def get_or_compute(self, image: np.ndarray, source: str = "") -> PseudoLabels:
         entry = self.get(image)
         return self.compute(image, source) if entry is None else entry
+
+
+def _config_side(name: str) -> Optional[int]:
+    """The input side of registered model ``name``'s config (None for a model not registered)."""
+    from samantic.models import get_config, list_models
+
+    return int(get_config(name).img_size) if name in list_models() else None
 
 
 def _input_size(size: Sequence[int], img_size: int) -> Tuple[int, int]:

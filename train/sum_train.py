@@ -461,7 +461,8 @@ def train_sum(model, labelled, unlabelled, out: PathLike, train_config: SamTrain
                 ucache(image, labels)
             n_masks += len(labels)
             advance()
-    data_info = {"labelled": repr(labelled), "unlabelled": repr(pool), "pseudo_masks": n_masks,
+    data_info = {"img_size": int(model.image_encoder.img_size),
+                 "labelled": repr(labelled), "unlabelled": repr(pool), "pseudo_masks": n_masks,
                  "pseudo_key": cache.key, "pseudo_computed": computed, "pseudo_seconds": round(time.perf_counter() - t0, 1),
                  "uncertainty": None if ucache is None else str(ucache.dir)}
     log(f"pool: {len(pool)} images, {n_masks} pseudo-labels ({computed} computed) in {cache.dir}"

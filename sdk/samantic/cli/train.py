@@ -385,6 +385,7 @@ def train_sum_cmd(
     unlabelled: Annotated[str, typer.Option(help="Unlabelled pool: DIR of images or shapes-panoptic:SEED[:N] (images only; their ground truth is never read).")] = "shapes-panoptic:4000000:240",
     model: Annotated[str, typer.Option(help="Registered base SAM.")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Base weights (default: the model's shipped weights).")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Train (and pseudo-label) at this input side in pixels instead of the model's config side (a convolutional encoder, a multiple of 32); run the result at the same side (`--column NAME=WEIGHTS@SIDE`).")] = None,
     variant: Annotated[str, typer.Option(help="sum | no-task (no task prompt) | refine (uncertainty in the loss only) | vanilla (no uncertainty, no task prompt): the columns of the ablation.")] = "sum",
     refiner: Annotated[Optional[Path], typer.Option(help="Trained mask refiner (benchmarks/sum_uncertainty.py writes one); needed by every variant but vanilla.")] = None,
     pseudo_cache: Annotated[Path, typer.Option(help="Pseudo-label and uncertainty cache root (reused across runs; keyed by model, weights, grid, thresholds, refiner).")] = Path("runs/cache/sum"),
@@ -426,6 +427,7 @@ def train_sum_cmd(
     """SUM: fine-tune a SAM on labelled task masks and uncertainty-weighted pseudo-labels, with task prompts."""
     import torch
 
+    from samantic.cli.eval import input_size_override
     from samantic.models import TASKS, create_model
     from samantic.train.sam import SamTrainConfig
     from samantic.train.sum_train import SumTrainConfig, base_loss, parse_task_weights, train_sum
@@ -452,8 +454,9 @@ def train_sum_cmd(
                                     task_answers=task_answers, replay=replay, anchor_weight=anchor_weight,
                                     distill_weight=distill_weight, distill_points=distill_points,
                                     replay_labels=replay_labels)
-        sam = create_model(model, checkpoint=checkpoint)
-        typer.echo(f"SUM ({variant}) on {model}: labelled {labelled}" + (f" + {replay} plain scenes" if replay else "")
+        sam = create_model(model, checkpoint=checkpoint, **input_size_override(model, input_size))
+        typer.echo(f"SUM ({variant}) on {model}" + (f" at {input_size} px" if input_size else "")
+                   + f": labelled {labelled}" + (f" + {replay} plain scenes" if replay else "")
                    + (f" (encoder anchored, weight {anchor_weight:g})" if anchor_weight else "")
                    + (f" (outputs distilled, weight {distill_weight:g}, {distill_points} points)" if distill_weight else "")
                    + ("" if replay_labels else " (replayed masks not trained)")
