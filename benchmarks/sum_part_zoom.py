@@ -56,17 +56,22 @@ def token_area(mask: np.ndarray, sam) -> float:
     return float(mask.sum()) * (img_size / max(mask.shape)) ** 2 / stride ** 2
 
 
-def click_zoomed(predictor: Predictor, image: np.ndarray, part: np.ndarray, zoom: float, task: str) -> Tuple[float, float]:
-    """``(picked IoU, oracle IoU)`` of one click at the part's centre, on the crop of ``zoom`` (1: the whole image)."""
+def click_zoomed(predictor: Predictor, image: np.ndarray, part: np.ndarray, zoom: float,
+                 tasks: Sequence[str]) -> Dict[str, Tuple[float, float]]:
+    """task -> ``(picked IoU, oracle IoU)`` of one click at the part's centre, on the crop of ``zoom`` (1: the whole
+    image), the crop encoded once for every task asked."""
     x, y = centre_point(part)
     x0, y0, w, h = crop_box((x, y), image.shape[:2], zoom)
     predictor.set_image(np.ascontiguousarray(image[y0:y0 + h, x0:x0 + w]))
-    masks, scores, _ = predictor.predict(point_coords=np.array([[x - x0, y - y0]]), point_labels=np.array([1]),
-                                         multimask_output=True, task=task)
-    full = np.zeros((len(masks),) + part.shape, bool)
-    full[:, y0:y0 + h, x0:x0 + w] = masks
-    ious = [mask_iou(m, part) for m in full]
-    return float(ious[int(np.argmax(scores))]), float(max(ious))
+    res = {}
+    for task in tasks:
+        masks, scores, _ = predictor.predict(point_coords=np.array([[x - x0, y - y0]]), point_labels=np.array([1]),
+                                             multimask_output=True, task=task)
+        full = np.zeros((len(masks),) + part.shape, bool)
+        full[:, y0:y0 + h, x0:x0 + w] = masks
+        ious = [mask_iou(m, part) for m in full]
+        res[task] = (float(ious[int(np.argmax(scores))]), float(max(ious)))
+    return res
 
 
 def measure(cols: Dict[str, object], seeds: Sequence[int], zooms: Sequence[float]) -> Dict[str, dict]:
@@ -80,8 +85,7 @@ def measure(cols: Dict[str, object], seeds: Sequence[int], zooms: Sequence[float
                 for c, pr in predictors.items():
                     out[c]["area"].append(token_area(part, pr.model))
                     for z in zooms:
-                        for q in ASKED:
-                            picked, oracle = click_zoomed(pr, scene.image, part, z, q)
+                        for q, (picked, oracle) in click_zoomed(pr, scene.image, part, z, ASKED).items():
                             out[c][str(z)][q]["picked"].append(picked)
                             out[c][str(z)][q]["oracle"].append(oracle)
     return out
