@@ -108,7 +108,8 @@ def summarise(raw: Dict[str, dict], zooms: Sequence[float]) -> Dict[str, dict]:
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--column", action="append", required=True,
-                   help="NAME=WEIGHTS[@SIDE]: a registered model or sam_nano weights file, optionally at input side SIDE")
+                   help="NAME=WEIGHTS[@SIDE]: a registered model or sam_nano weights file, optionally at input side SIDE "
+                        "(default: the side the file was fine-tuned at, else the config's)")
     p.add_argument("--seeds", default="0:30")
     p.add_argument("--zoom", default="1,2,3", help="comma-separated zoom factors (1: the whole image)")
     p.add_argument("--threads", type=int, default=0)

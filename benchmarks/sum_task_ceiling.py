@@ -78,7 +78,8 @@ def task_scenes(seeds):
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--column", action="append", required=True,
-                   help="NAME=WEIGHTS[@SIDE]: a registered model or sam_nano weights file, optionally at input side SIDE")
+                   help="NAME=WEIGHTS[@SIDE]: a registered model or sam_nano weights file, optionally at input side SIDE "
+                        "(default: the side the file was fine-tuned at, else the config's)")
     p.add_argument("--seeds", default="0:30")
     p.add_argument("--training-seeds", action="store_true",
                    help="allow seeds the training draws from (>= 1,000,000): how well a column fits its own "

@@ -47,12 +47,30 @@ def input_size_override(model: str, side: Optional[int]) -> Dict[str, int]:
     return {"img_size": side}
 
 
+def trained_side(path: str) -> Optional[int]:
+    """The input side a weights file was fine-tuned at, from its header's SUM record (None: not recorded)."""
+    import json
+
+    from samantic.models import read_metadata
+
+    record = read_metadata(path).get("sum")
+    if not record:
+        return None
+    try:
+        side = json.loads(record).get("img_size")
+    except (ValueError, AttributeError):
+        return None
+    return int(side) if side else None
+
+
 def load_column(spec: str, model: str = "sam_nano") -> Tuple[str, str, Any]:
     """``NAME=WEIGHTS[@SIDE]`` (a registered model, or a file of ``model``'s) -> ``(name, weights, Sam)``.
 
     ``@SIDE`` runs the model at another input side (pixels, the longest image side after resizing) than its
     config's: a convolutional encoder's weights fit any side (a multiple of 32); a ViT's do not. ``weights`` is
-    returned with the suffix, as given. A file whose own name ends in ``@digits`` is taken as a file.
+    returned with the suffix, as given. A file whose own name ends in ``@digits`` is taken as a file. A file
+    without ``@SIDE`` runs at the side it was trained at where its header records one (``samantic train sum
+    --input-size``), else at the config's.
 
     Raises:
         ValueError: not NAME=WEIGHTS[@SIDE], a SIDE the model cannot take. FileNotFoundError: WEIGHTS is neither a
@@ -76,6 +94,10 @@ def load_column(spec: str, model: str = "sam_nano") -> Tuple[str, str, Any]:
     if source in list_models():
         return name, weights, create_model(source, **overrides)
     if Path(source).is_file():
+        if not overrides:
+            side = trained_side(source)
+            if side is not None:
+                overrides = input_size_override(model, side)
         return name, weights, create_model(model, checkpoint=source, **overrides)
     raise FileNotFoundError(f"--column {spec}: {source!r} is neither a registered model nor a file")
 
@@ -452,7 +474,7 @@ def _own_thresholds_recall(sam, calib_seeds, recall_seeds, progress: bool, share
 
 @app.command("sum")
 def eval_sum(
-    column: Annotated[Optional[List[str]], typer.Option(help="NAME=WEIGHTS\\[@SIDE] (repeatable, in column order): WEIGHTS a registered model name (its shipped weights) or a checkpoint file of --model's architecture; @SIDE runs it at that input side in pixels (conv encoders; e.g. sum=runs/sum.safetensors@768).")] = None,
+    column: Annotated[Optional[List[str]], typer.Option(help="NAME=WEIGHTS\\[@SIDE] (repeatable, in column order): WEIGHTS a registered model name (its shipped weights) or a checkpoint file of --model's architecture; @SIDE runs it at that input side in pixels (conv encoders; e.g. sum=runs/sum.safetensors@768); a file fine-tuned with `train sum --input-size` runs at that side unless @SIDE says otherwise.")] = None,
     model: Annotated[str, typer.Option(help="Architecture of checkpoint files given in --column.")] = "sam_nano",
     seeds: Annotated[str, typer.Option(help="Held-out v2 (panoptic) scene seeds, START:STOP.")] = "0:40",
     points: Annotated[str, typer.Option(help="Numbers of point prompts after which masks are scored, comma-separated.")] = "1,3,5",
