@@ -49,8 +49,6 @@ def input_size_override(model: str, side: Optional[int]) -> Dict[str, int]:
 
 def trained_side(path: str) -> Optional[int]:
     """The input side a weights file was fine-tuned at, from its header's SUM record (None: not recorded)."""
-    import json
-
     from samantic.models import read_metadata
 
     record = read_metadata(path).get("sum")
