@@ -21,6 +21,7 @@ from samantic.models import (
     list_models,
     load_checkpoint,
     read_metadata,
+    recorded_input_size,
     register_model,
     resolve_checkpoint,
     save_checkpoint,
@@ -268,6 +269,29 @@ def test_safetensors_round_trip_with_metadata(nano, tmp_path):
     assert SamConfig.from_json(header["config"]) == get_config("sam_nano")
     assert (header["step"], header["note"]) == ("7", "x")
     assert _state_equal(create_model("sam_nano", str(path)), nano)
+
+
+def test_conv_weights_load_at_the_side_they_were_saved_at(nano, tmp_path, nano_pth):
+    """A conv encoder's weights fit any side, so the side lives in the file's header: create_model builds the
+    model there unless told another (every caller with checkpoint=FILE: segment, Segmenter, train, bundles)."""
+    at_256 = create_model("sam_nano", nano_pth, img_size=256)
+    path = save_checkpoint(at_256, tmp_path / "at256.safetensors")
+    assert recorded_input_size(path) == 256
+    loaded = create_model("sam_nano", str(path))
+    assert loaded.samantic_config == get_config("sam_nano", img_size=256)
+    assert loaded.image_encoder.img_size == 256 and loaded.prompt_encoder.input_image_size == (256, 256)
+    grid = get_config("sam_nano", img_size=256).image_embedding_size
+    assert loaded.prompt_encoder.image_embedding_size == (grid, grid) and _state_equal(loaded, nano)
+    # the recorded side runs: a 256 px image gives the 256 grid's embedding
+    with torch.no_grad():
+        assert loaded.image_encoder(torch.zeros(1, 3, 256, 256)).shape[-2:] == (grid, grid)
+    assert create_model("sam_nano", str(path), img_size=320).image_encoder.img_size == 320  # an explicit side wins
+    # the config's side, a .pth (no header) and a header without a config keep the config's side
+    assert recorded_input_size(save_checkpoint(nano, tmp_path / "at384.safetensors")) == 384
+    assert recorded_input_size(nano_pth) is None
+    assert create_model("sam_nano", nano_pth).image_encoder.img_size == 384
+    bare = save_checkpoint(dict(nano.state_dict()), tmp_path / "bare.safetensors")
+    assert recorded_input_size(bare) is None and create_model("sam_nano", str(bare)).image_encoder.img_size == 384
 
 
 def test_save_checkpoint_rejects_other_suffix(nano, tmp_path):

@@ -260,15 +260,15 @@ def test_train_sum_at_another_input_side_keys_its_pseudo_labels_by_it(tmp_path, 
     assert result.steps == 1 and result.data["img_size"] == 256 and result.data["pseudo_key"] == at_256.key
     with safe_open(str(out), framework="pt") as f:
         assert json.loads(f.metadata()["sum"])["img_size"] == 256
-    # a column of these weights runs at the side they were trained at, unless told another
-    from samantic.cli.eval import load_column, trained_side
+    # these weights run at the side they were trained at (create_model reads it), unless told another
+    from samantic.cli.eval import load_column
+    from samantic.models import create_model as build, recorded_input_size, save_checkpoint
 
-    assert trained_side(str(out)) == 256 and load_column(f"v={out}")[2].image_encoder.img_size == 256
+    assert recorded_input_size(out) == 256 and build("sam_nano", str(out)).image_encoder.img_size == 256
+    assert load_column(f"v={out}")[2].image_encoder.img_size == 256
     assert load_column(f"v={out}@320")[2].image_encoder.img_size == 320
-    from samantic.models import save_checkpoint
-
-    plain = save_checkpoint(nano, tmp_path / "plain.safetensors")  # no SUM record: the config's side
-    assert trained_side(str(plain)) is None and load_column(f"p={plain}")[2].image_encoder.img_size == 384
+    plain = save_checkpoint(nano, tmp_path / "plain.safetensors")
+    assert recorded_input_size(plain) == 384 and load_column(f"p={plain}")[2].image_encoder.img_size == 384
 
 
 def test_cli_train_sum_input_size_needs_a_conv_encoder(tmp_path):

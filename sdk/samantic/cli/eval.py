@@ -47,28 +47,14 @@ def input_size_override(model: str, side: Optional[int]) -> Dict[str, int]:
     return {"img_size": side}
 
 
-def trained_side(path: str) -> Optional[int]:
-    """The input side a weights file was fine-tuned at, from its header's SUM record (None: not recorded)."""
-    from samantic.models import read_metadata
-
-    record = read_metadata(path).get("sum")
-    if not record:
-        return None
-    try:
-        side = json.loads(record).get("img_size")
-    except (ValueError, AttributeError):
-        return None
-    return int(side) if side else None
-
-
 def load_column(spec: str, model: str = "sam_nano") -> Tuple[str, str, Any]:
     """``NAME=WEIGHTS[@SIDE]`` (a registered model, or a file of ``model``'s) -> ``(name, weights, Sam)``.
 
     ``@SIDE`` runs the model at another input side (pixels, the longest image side after resizing) than its
     config's: a convolutional encoder's weights fit any side (a multiple of 32); a ViT's do not. ``weights`` is
     returned with the suffix, as given. A file whose own name ends in ``@digits`` is taken as a file. A file
-    without ``@SIDE`` runs at the side it was trained at where its header records one (``samantic train sum
-    --input-size``), else at the config's.
+    without ``@SIDE`` runs at the side its header records (``create_model``: weights fine-tuned with ``samantic
+    train sum --input-size``).
 
     Raises:
         ValueError: not NAME=WEIGHTS[@SIDE], a SIDE the model cannot take. FileNotFoundError: WEIGHTS is neither a
@@ -92,10 +78,6 @@ def load_column(spec: str, model: str = "sam_nano") -> Tuple[str, str, Any]:
     if source in list_models():
         return name, weights, create_model(source, **overrides)
     if Path(source).is_file():
-        if not overrides:
-            side = trained_side(source)
-            if side is not None:
-                overrides = input_size_override(model, side)
         return name, weights, create_model(model, checkpoint=source, **overrides)
     raise FileNotFoundError(f"--column {spec}: {source!r} is neither a registered model nor a file")
 

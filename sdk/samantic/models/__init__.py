@@ -14,6 +14,7 @@ from samantic.models.loading import (
     load_checkpoint,
     read_metadata,
     read_state_dict,
+    recorded_input_size,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "list_weights",
     "load_checkpoint",
     "read_metadata",
+    "recorded_input_size",
     "read_state_dict",
     "recommended_thresholds",
     "register_model",

@@ -153,6 +153,27 @@ def read_metadata(path: CheckpointLike) -> Dict[str, str]:
         raise ValueError(f"cannot read safetensors header of {path}: {e}") from None
 
 
+def recorded_input_size(path: CheckpointLike) -> Optional[int]:
+    """The input side a samantic safetensors file's weights were trained at, from its header's ``config``
+    (None: another format, no config recorded, or none readable).
+
+    A convolutional encoder's weights fit any side (``samantic train sum --input-size``), so the side is not in the
+    tensors' shapes; :func:`~samantic.models.create_model` builds such a file's model at the recorded side.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The safetensors header cannot be read.
+    """
+    saved = read_metadata(path).get("config")
+    if not saved:
+        return None
+    try:
+        side = json.loads(saved).get("img_size")
+    except (ValueError, AttributeError):
+        return None
+    return side if isinstance(side, int) and side > 0 else None
+
+
 def _same_architecture(saved_config: Optional[str], config) -> bool:
     """Whether a checkpoint's recorded config is ``config``: registered models that share one architecture
     (``sam_nano`` and ``sam_nano_panoptic``) load each other's weights."""

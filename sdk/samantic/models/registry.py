@@ -250,7 +250,11 @@ def create_model(
         progress: Show a progress bar if a download is needed.
         **overrides: :class:`SamConfig` fields to change, e.g. ``img_size=512``.
             Default weights are still loaded (strictly), so overrides that
-            change parameter shapes need ``pretrained=False``.
+            change parameter shapes need ``pretrained=False``. Without an
+            ``img_size`` override, a model with a convolutional encoder is
+            built at the input side its safetensors checkpoint file records
+            (weights fine-tuned at another side, ``samantic train sum
+            --input-size``).
 
     Returns:
         A ``segment_anything.modeling.Sam`` in eval mode.
@@ -278,6 +282,12 @@ def create_model(
                 )
             checkpoint = tags[0].tag
 
+    if checkpoint is not None and "img_size" not in overrides and config.encoder_type == "conv" \
+            and os.path.isfile(checkpoint):
+        # a conv encoder's weights fit any side: build the model at the side the file was trained at
+        side = loading.recorded_input_size(checkpoint)
+        if side is not None and side != config.img_size:
+            config = config.replace(img_size=side)
     model = build_sam(config)
     model.samantic_name = name
     model.samantic_config = config
