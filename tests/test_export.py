@@ -237,6 +237,22 @@ def test_torch_backend_from_bundle(nano, bundle_dir):
     assert matched_fraction(ref.masks, seg(image).masks) == 1.0
 
 
+def test_a_bundle_at_another_input_side_runs_there_on_every_backend(nano, tmp_path):
+    """A conv model exported at another side (weights fine-tuned there, ``train sum --input-size``): the graphs are
+    built at it, and the torch backend rebuilds the model there from the bundle's weights header."""
+    from samantic.models import create_model
+
+    at_256 = create_model("sam_nano", img_size=256)
+    out = export_bundle(at_256, tmp_path / "nano256", torch_weights=True, int8=False)
+    assert Bundle.load(out).img_size == 256
+    image = disk_image(101)
+    ref = Segmenter(at_256, **PARITY_KW)(image)
+    assert len(ref) and matched_fraction(ref.masks, Segmenter(nano, **PARITY_KW)(image).masks) < 1.0
+    seg = Segmenter.from_bundle(out, backend="torch", **PARITY_KW)
+    assert matched_fraction(ref.masks, seg(image).masks) == 1.0
+    assert matched_fraction(ref.masks, Segmenter.from_bundle(out, backend="onnxruntime", **PARITY_KW)(image).masks) >= 0.99
+
+
 def test_auto_backend_picks_tensorrt_only_for_a_gpu_with_an_engine(bundle_dir, monkeypatch):
     """backend="auto": an engine for GPU N is looked up with N, and never on device="cpu" (it would fail there)."""
     import samantic.runtime.tensorrt as trt
