@@ -158,9 +158,17 @@ def test_eval_sam_cli_reports_the_ceiling(tmp_path):
 
     from samantic.cli.main import app
 
-    r = CliRunner().invoke(app, ["eval", "sam", "--seeds", "0:1", "--amg-seeds", "0:1", "--out", str(tmp_path),
-                                 "--pred-iou-thresh", "0.5", "--stability-score-thresh", "0.8", "--no-progress"])
-    assert r.exit_code == 0, r.output
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(app, ["eval", "sam", "--seeds", "0:1", "--amg-seeds", "0:1", "--out", str(tmp_path),
+                                     "--pred-iou-thresh", "0.5", "--stability-score-thresh", "0.8", "--threads", "1",
+                                     "--no-progress"])
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 1  # --threads caps torch's CPU threads (every eval command has it)
+    finally:
+        torch.set_num_threads(before)
     data = json.loads((tmp_path / "eval_sam.json").read_text())
     m = data["metrics"]
     assert 0.0 < m["miou_1pt_top"] <= m["ceiling"] < 1.0  # the shipped sam_nano stays under its resolution ceiling

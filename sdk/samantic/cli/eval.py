@@ -10,6 +10,16 @@ import typer
 
 app = typer.Typer(no_args_is_help=True, help="Evaluate models on held-out shapes-world scenes.")
 
+Threads = Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default, all cores).")]
+
+
+def _use_threads(threads: int) -> None:
+    """Caps torch's CPU threads (0 leaves torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
 
 @app.callback()
 def _group() -> None:
@@ -105,12 +115,14 @@ def eval_sam(
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall \\[default: the model's recommended, else segment-anything's 0.95].")] = None,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Also report the resolution ceiling: the mIoU of ideal low-res logits after the model's post-processing.")] = True,
     input_size: Annotated[Optional[int], typer.Option(help="Run the model at this input side in pixels instead of its config's (conv encoders; the recommended thresholds stay the shipped ones, chosen at the config's side).")] = None,
+    threads: Threads = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     from samantic.io import atomic_write_bytes, atomic_write_json
     from samantic.models import create_model
     from samantic.train.metrics import evaluate_sam
 
+    _use_threads(threads)
     point_seeds, recall_seeds = parse_seeds(seeds), parse_seeds(amg_seeds)
     try:
         sam = create_model(model, checkpoint=checkpoint, **input_size_override(model, input_size))
@@ -142,6 +154,7 @@ def eval_thresholds(
     points_per_side: Annotated[int, typer.Option(min=1, help="Segment-everything grid: points per side.")] = 32,
     scenes: Annotated[str, typer.Option(help="v1: plain scenes, one mask per shape; v2: panoptic scenes, one mask per entity (thing or stuff region), for models trained on them.")] = "v1",
     out: Annotated[Path, typer.Option(help="Directory for eval_thresholds.json and eval_thresholds.md.")] = Path("runs/eval"),
+    threads: Threads = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Segment-everything recall, precision and masks per image for a grid of thresholds; the best F1 is the
@@ -150,6 +163,7 @@ def eval_thresholds(
     from samantic.models import create_model
     from samantic.train.metrics import calibrate_thresholds
 
+    _use_threads(threads)
     try:
         grid_iou = [float(v) for v in pred_iou.split(",") if v.strip()]
         grid_stab = [float(v) for v in stability.split(",") if v.strip()]
@@ -191,6 +205,7 @@ def eval_usam(
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="\\[default: the model's recommended, else 0.95]")] = None,
     score_thresh: Annotated[Optional[float], typer.Option(help="Class-probability threshold (default: the head's).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for eval_usam.json and eval_usam.md.")] = Path("runs/eval"),
+    threads: Threads = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Semantic mIoU and mask mAP50 of class-name segmentation on held-out scenes."""
@@ -201,6 +216,7 @@ def eval_usam(
     from samantic.train.data.shapes import SUPERCLASS_NAMES
     from samantic.train.metrics import evaluate_usam
 
+    _use_threads(threads)
     scene_seeds = parse_seeds(seeds)
     rows = []
     try:
@@ -249,6 +265,7 @@ def eval_probe(
     points_per_side: Annotated[int, typer.Option(min=1, help="Segment-everything grid: points per side.")] = 16,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training data.")] = 30,
     out: Annotated[Path, typer.Option(help="Directory for eval_probe.json and eval_probe.md.")] = Path("runs/eval"),
+    threads: Threads = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """The ceiling of a class head: a probe fitted on mask-level ground truth, per feature set."""
@@ -257,6 +274,7 @@ def eval_probe(
     from samantic.train.data.shapes import CLASSES
     from samantic.train.probe import collect_probe_data, parse_feature_sets, run_probe
 
+    _use_threads(threads)
     fit_range, test_range = parse_seeds(train_seeds), parse_seeds(seeds)
     if max(fit_range.start, test_range.start) < min(fit_range.stop, test_range.stop):
         raise typer.BadParameter(f"--train-seeds {train_seeds} and --seeds {seeds} overlap")
@@ -304,6 +322,7 @@ def eval_samcp(
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Heads also score the mirrored image, averaged (test-time augmentation) \\[default: as recorded with each head, else off].")] = None,
     oracle: Annotated[bool, typer.Option("--oracle/--no-oracle", help="Also a row for a perfect head (the training targets as scores, read from the cached overlaps with the ground truth): the ceiling the patches set.")] = False,
     out: Annotated[Path, typer.Option(help="Directory for eval_samcp.json and eval_samcp.md.")] = Path("runs/eval"),
+    threads: Threads = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """PQ / SQ / RQ, mask AP and semantic mIoU of SAM-CP heads on held-out scenes (same patches for every head)."""
@@ -313,6 +332,8 @@ def eval_samcp(
     from samantic.pipeline.panoptic import SamcpPredictor
     from samantic.train.data.shapes import CLASSES
     from samantic.train.samcp_eval import OracleSamcpScorer, evaluate_samcp
+
+    _use_threads(threads)
 
     def ablation(head) -> str:
         i = head.info
@@ -467,20 +488,17 @@ def eval_sum(
     calibration_seeds: Annotated[str, typer.Option(help="Held-out v1 scenes, START:STOP, disjoint from --amg-seeds: each forgetting column's own thresholds are chosen on them by `samantic eval thresholds`' rule (best F1 at IoU 0.5) and its recall is measured again at them ('' to skip).")] = "",
     calibration_stability: Annotated[str, typer.Option(help="Comma-separated stability_score_thresh values the --calibration-seeds search tries (a fine-tune trained for stability scores above the default grid needs more) \\[default: `samantic eval thresholds`' grid].")] = "",
     out: Annotated[Path, typer.Option(help="Directory for eval_sum.json and eval_sum.md.")] = Path("runs/eval"),
-    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
+    threads: Threads = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """SUM's ablation: interactive mIoU and boundary IoU per task (salient, entity, part, unspecified) at 1/3/5 points, and forgetting on plain scenes."""
-    import torch
-
     from samantic.io import atomic_write_bytes, atomic_write_json
     from samantic.models import get_model_entry
     from samantic.models.registry import SAM_THRESHOLDS
     from samantic.train.metrics import evaluate_sam
     from samantic.train.sum_eval import evaluate_sum, sum_table
 
-    if threads:
-        torch.set_num_threads(threads)
+    _use_threads(threads)
     if not column:
         typer.echo("error: give the columns: --column NAME=WEIGHTS, repeated (e.g. --column base=sam_nano "
                    "--column sum=runs/sum/sum.safetensors from `samantic train sum`)", err=True)
