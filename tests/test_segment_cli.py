@@ -164,6 +164,21 @@ def test_shipped_nano_segments_with_its_own_thresholds(tmp_path):
     assert len(anns) >= 1 and "no masks kept" not in r.stderr
 
 
+def test_weights_trained_at_another_side_run_there_and_say_so(inputs, tmp_path):
+    """A conv model's weights fine-tuned at another input side (`train sum --input-size`): segment runs them at the
+    side their header records and says so."""
+    from samantic.models import create_model, save_checkpoint
+
+    weights = save_checkpoint(create_model("sam_nano", img_size=256), tmp_path / "at256.safetensors")
+    r = run_segment([str(inputs / "good.png"), "--out", str(tmp_path / "o"), "--checkpoint", str(weights), *FAST])
+    assert r.returncode == 0, r.stderr
+    assert f"note: {weights} was trained at input side 256 px; sam_nano runs there (its config's side: 384 px)" in \
+        " ".join(r.stderr.split())
+    assert (tmp_path / "o" / "good.png.json").exists()
+    r = run_segment([str(inputs / "good.png"), "--out", str(tmp_path / "o2"), *FAST])
+    assert r.returncode == 0 and "trained at input side" not in r.stderr
+
+
 def test_samcp_head_brings_its_sam_when_no_model_is_named(tmp_path):
     """--samcp without --model runs the SAM whose patches the head learned from; another named SAM is refused, and
     without a head the default is sam_nano."""

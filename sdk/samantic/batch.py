@@ -194,7 +194,7 @@ def prepare(options: SegmentOptions) -> Prepared:
         FileNotFoundError: a missing file.
         ImportError: a backend's package is missing (the message names the extra).
     """
-    from samantic.models.registry import DEFAULT_MODEL, SAM_THRESHOLDS, get_model_entry
+    from samantic.models.registry import DEFAULT_MODEL, SAM_THRESHOLDS, get_config, get_model_entry
     from samantic.runtime import Segmenter
 
     o = options
@@ -278,6 +278,10 @@ def prepare(options: SegmentOptions) -> Prepared:
 
             head_module = load_head(o.head)
         sam = create_model(model, checkpoint=o.checkpoint)
+        side, config_side = int(sam.image_encoder.img_size), get_config(model).img_size
+        if side != config_side:  # a conv model's weights fine-tuned at another side (create_model reads their header)
+            notes.append(f"note: {o.checkpoint} was trained at input side {side} px; {model} runs there "
+                         f"(its config's side: {config_side} px)")
         if o.device.startswith("cuda"):  # the model too, not only the post-processing kernels
             import torch
 
