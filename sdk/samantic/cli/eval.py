@@ -114,7 +114,7 @@ def eval_sam(
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall \\[default: the model's recommended, else segment-anything's 0.88].")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall \\[default: the model's recommended, else segment-anything's 0.95].")] = None,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Also report the resolution ceiling: the mIoU of ideal low-res logits after the model's post-processing.")] = True,
-    input_size: Annotated[Optional[int], typer.Option(help="Run the model at this input side in pixels instead of its config's (conv encoders; the recommended thresholds stay the shipped ones, chosen at the config's side).")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Run the model at this input side in pixels (conv encoders; the recommended thresholds stay the shipped ones, chosen at the config's side) \\[default: the side --checkpoint's header records, else the config's].")] = None,
     threads: Threads = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:

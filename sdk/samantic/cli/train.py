@@ -385,7 +385,7 @@ def train_sum_cmd(
     unlabelled: Annotated[str, typer.Option(help="Unlabelled pool: DIR of images or shapes-panoptic:SEED[:N] (images only; their ground truth is never read).")] = "shapes-panoptic:4000000:240",
     model: Annotated[str, typer.Option(help="Registered base SAM.")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Base weights (default: the model's shipped weights).")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Train (and pseudo-label) at this input side in pixels instead of the model's config side (a convolutional encoder, a multiple of 32); run the result at the same side (`--column NAME=WEIGHTS@SIDE`).")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Train (and pseudo-label) at this input side in pixels (a convolutional encoder, a multiple of 32) \\[default: the side --checkpoint's header records, else the model's config side]; the result's header records it, and every command that loads the file runs it there.")] = None,
     variant: Annotated[str, typer.Option(help="sum | no-task (no task prompt) | refine (uncertainty in the loss only) | vanilla (no uncertainty, no task prompt): the columns of the ablation.")] = "sum",
     refiner: Annotated[Optional[Path], typer.Option(help="Trained mask refiner (benchmarks/sum_uncertainty.py writes one); needed by every variant but vanilla.")] = None,
     pseudo_cache: Annotated[Path, typer.Option(help="Pseudo-label and uncertainty cache root (reused across runs; keyed by model, weights, grid, thresholds, refiner).")] = Path("runs/cache/sum"),
