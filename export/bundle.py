@@ -203,6 +203,12 @@ def export_bundle(
     if samcp_entry is not None:
         thr.update(samcp_entry["patches"])  # the patches the SAM-CP head was trained on
     thr.update(thresholds or {})
+    # per-task thresholds the weights file recorded (the "unspecified" ones are in thr already); explicit
+    # thresholds= and a SAM-CP head's patch thresholds override them all
+    overridden = samcp_entry is not None or any(k in (thresholds or {}) for k in ("pred_iou_thresh",
+                                                                                 "stability_score_thresh"))
+    task_thr = {} if overridden else {t: dict(v) for t, v in (getattr(sam, "samantic_task_thresholds", None) or
+                                                              {}).items() if t != "unspecified"}
     pe = sam.prompt_encoder
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -221,6 +227,7 @@ def export_bundle(
             "token_dim": token_dim,
         },
         "thresholds": thr,
+        **({"task_thresholds": task_thr} if task_thr else {}),
         "tasks": list(TASKS),  # SUM's task prompts: the prompts graph's ``task`` input indexes this list
         "head": head_entry,
         "samcp": samcp_entry,

@@ -427,13 +427,17 @@ class ThresholdCalibration:
     n_candidates: int
     seconds: float
     scenes: str = "v1"
+    task: str = "unspecified"
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     def markdown(self) -> str:
-        what = "entities (things and stuff regions)" if self.scenes == "v2" else "objects"
-        lines = [f"{self.n_images} {self.scenes} scenes, {self.n_objects} {what}, {self.n_candidates} candidate masks; "
+        what = {"v2": "entities (things and stuff regions)", "v2-part": "part-task masks (parts; simple things whole)"
+                }.get(self.scenes, "objects")
+        asked = f" (task prompt {self.task!r})" if self.task != "unspecified" else ""
+        lines = [f"{self.n_images} {self.scenes} scenes, {self.n_objects} {what}, {self.n_candidates} candidate masks"
+                 f"{asked}; "
                  f"correlation of predicted and true IoU: {self.iou_correlation:.3f}", "",
                  "| pred_iou_thresh | stability_score_thresh | recall@0.5 | recall@0.75 | masks / image | precision@0.5 | F1@0.5 |",
                  "|---|---|---|---|---|---|---|"]
@@ -467,13 +471,25 @@ def _v2_objects(seed: int) -> Tuple[np.ndarray, np.ndarray]:
     return scene.image, scene.entity_masks
 
 
+def _v2_part_objects(seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A panoptic scene: its image and SUM's part-task masks (each thing's parts, a simple thing itself)."""
+    from samantic.train.data.panoptic import render_panoptic
+    from samantic.train.sum import PART, scene_task_masks
+
+    scene = render_panoptic(seed)
+    masks, tasks = scene_task_masks(scene)
+    return scene.image, masks[tasks == PART]
+
+
 # calibrate_thresholds' scene kinds: seed -> (image, the masks a model should give one each)
-_CALIBRATION_OBJECTS: Dict[str, Callable[[int], Tuple[np.ndarray, np.ndarray]]] = {"v1": _v1_objects, "v2": _v2_objects}
+_CALIBRATION_OBJECTS: Dict[str, Callable[[int], Tuple[np.ndarray, np.ndarray]]] = {
+    "v1": _v1_objects, "v2": _v2_objects, "v2-part": _v2_part_objects}
 
 
 def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[float] = PRED_IOU_GRID,
                          stability_grid: Sequence[float] = STABILITY_GRID, *, points_per_side: int = 32,
-                         box_nms_thresh: float = 0.7, scenes: str = "v1", progress: bool = True) -> ThresholdCalibration:
+                         box_nms_thresh: float = 0.7, scenes: str = "v1", task: str = "unspecified",
+                         progress: bool = True) -> ThresholdCalibration:
     """Measures segment-everything on held-out scenes for every pair of thresholds, and picks one.
 
     Each scene is segmented once with the loosest thresholds of the grid and no NMS; each
@@ -484,13 +500,17 @@ def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[fl
     Args:
         scenes: ``"v1"``: plain shapes-world scenes, the objects are the shape instances;
             ``"v2"``: panoptic scenes, the objects are the entities (every thing as a whole and
-            every stuff region), the masks a model trained on v2 scenes should give one each.
+            every stuff region), the masks a model trained on v2 scenes should give one each;
+            ``"v2-part"``: panoptic scenes, the objects are SUM's part-task masks (each thing's parts,
+            a simple thing as a whole), what a SUM model asked for ``task="part"`` should give.
+        task: SUM's task prompt segment-everything runs with (a model without a task table: "unspecified" only).
     """
+    from samantic.models.tasks import task_name
     from samantic.ops import nms, rle_encode, rle_iou
     from samantic.pipeline import AutomaticMaskGenerator
 
     if scenes not in _CALIBRATION_OBJECTS:
-        raise ValueError(f"scenes must be 'v1' or 'v2', got {scenes!r}")
+        raise ValueError(f"scenes must be one of {', '.join(_CALIBRATION_OBJECTS)}, got {scenes!r}")
     image_and_objects = _CALIBRATION_OBJECTS[scenes]
     seeds = list(seeds)
     for s in seeds:
@@ -498,7 +518,7 @@ def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[fl
             raise ValueError(f"seed {s} is a training seed (>= {TRAIN_SEED_START}); calibrate on held-out seeds")
     t0 = time.perf_counter()
     generator = AutomaticMaskGenerator(model, points_per_side=points_per_side, pred_iou_thresh=min(pred_iou_grid) - 1e-6,
-                                       stability_score_thresh=min(stability_grid), box_nms_thresh=1.0)
+                                       stability_score_thresh=min(stability_grid), box_nms_thresh=1.0, task=task)
     per_image = []
     pred_all, true_all = [], []
     with _progress(progress, len(seeds)) as advance:
@@ -548,4 +568,4 @@ def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[fl
                          "masks_per_image": kept / max(1, len(per_image)), "precision_50": precision, "f1_50": f1})
     best = max(rows, key=lambda r: (round(r["f1_50"], 3), r["recall_75"]))
     return ThresholdCalibration(rows, best, corr, len(per_image), n_obj, int(len(p)), time.perf_counter() - t0,
-                              scenes)
+                              scenes, task_name(task))

@@ -194,7 +194,7 @@ def prepare(options: SegmentOptions) -> Prepared:
         FileNotFoundError: a missing file.
         ImportError: a backend's package is missing (the message names the extra).
     """
-    from samantic.models.registry import DEFAULT_MODEL, SAM_THRESHOLDS, get_config, get_model_entry
+    from samantic.models.registry import DEFAULT_MODEL, SAM_THRESHOLDS, default_thresholds, get_config, get_model_entry
     from samantic.runtime import Segmenter
 
     o = options
@@ -226,8 +226,20 @@ def prepare(options: SegmentOptions) -> Prepared:
 
         check_class_names(o.classes, what="--classes list")
     thresholds = dict(SAM_THRESHOLDS)
-    if o.bundle is None and o.checkpoint is None and get_model_entry(model).thresholds:
-        thresholds.update(get_model_entry(model).thresholds)  # the shipped weights' calibrated defaults
+    if o.bundle is None:
+        # calibrated defaults: those the weights file records (for --task, else its "unspecified" ones), the
+        # shipped weights' (registry), else segment-anything's
+        found, source = default_thresholds(model, o.checkpoint, o.task)
+        thresholds.update(found)
+        flags = o.pred_iou_thresh is not None and o.stability_score_thresh is not None
+        if o.checkpoint is not None and not flags and o.samcp is None:
+            if source == "segment-anything":
+                notes.append(f"note: {o.checkpoint} records no calibrated thresholds: segment-anything's "
+                             f"{found['pred_iou_thresh']} / {found['stability_score_thresh']} used (`samantic eval "
+                             f"thresholds --checkpoint {o.checkpoint} --record` calibrates and records them)")
+            elif source == "recorded" and o.task != "unspecified":
+                notes.append(f"note: {o.checkpoint} records thresholds for --task unspecified, none for --task "
+                             f"{o.task}: those used ({found['pred_iou_thresh']} / {found['stability_score_thresh']})")
     bundle_info = None
     if o.bundle is not None:
         from samantic.runtime import Bundle
@@ -235,7 +247,7 @@ def prepare(options: SegmentOptions) -> Prepared:
         if o.head is not None or o.checkpoint is not None:
             raise ValueError("--bundle brings its own weights and head; leave out --head/--checkpoint")
         bundle_info = Bundle.load(o.bundle, verify=False)  # verified once, by from_bundle
-        thresholds.update({k: v for k, v in bundle_info.thresholds.items() if k in thresholds})
+        thresholds.update({k: v for k, v in bundle_info.thresholds_for(o.task).items() if k in thresholds})
         if o.classes is not None and bundle_info.samcp:
             from samantic.pipeline.panoptic import check_names
 

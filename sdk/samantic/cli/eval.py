@@ -152,18 +152,37 @@ def eval_thresholds(
     pred_iou: Annotated[str, typer.Option(help="Comma-separated pred_iou_thresh values to try.")] = "0.3,0.4,0.5,0.6,0.7,0.8,0.88",  # = PRED_IOU_GRID
     stability: Annotated[str, typer.Option(help="Comma-separated stability_score_thresh values to try.")] = "0.7,0.8,0.9,0.92,0.93,0.94,0.95",  # = STABILITY_GRID
     points_per_side: Annotated[int, typer.Option(min=1, help="Segment-everything grid: points per side.")] = 32,
-    scenes: Annotated[str, typer.Option(help="v1: plain scenes, one mask per shape; v2: panoptic scenes, one mask per entity (thing or stuff region), for models trained on them.")] = "v1",
+    scenes: Annotated[str, typer.Option(help="v1: plain scenes, one mask per shape; v2: panoptic scenes, one mask per entity (thing or stuff region), for models trained on them; v2-part: panoptic scenes, one mask per part (a simple thing whole), for SUM's --task part \\[default: v2-part with --task part, else v1].")] = "",
+    task: Annotated[str, typer.Option(help="SUM's task prompt segment-everything runs with (unspecified, salient, entity, part).")] = "unspecified",
+    record: Annotated[bool, typer.Option("--record", help="Record the chosen thresholds for --task in --checkpoint's header (the file is rewritten atomically, tensors unchanged): `samantic segment`, Segmenter and bundles then use them when given no threshold flags.")] = False,
     out: Annotated[Path, typer.Option(help="Directory for eval_thresholds.json and eval_thresholds.md.")] = Path("runs/eval"),
     threads: Threads = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Segment-everything recall, precision and masks per image for a grid of thresholds; the best F1 is the
-    model's recommended default (what a registry entry's `thresholds` should say)."""
+    model's recommended default (what a registry entry's `thresholds` should say, or, with --record, what a
+    weights file records)."""
     from samantic.io import atomic_write_bytes, atomic_write_json
-    from samantic.models import create_model
+    from samantic.models import create_model, record_thresholds
+    from samantic.models.tasks import task_name
     from samantic.train.metrics import calibrate_thresholds
 
     _use_threads(threads)
+    try:
+        task = task_name(task)
+    except ValueError as e:
+        typer.echo(f"error: --task: {e}", err=True)
+        raise typer.Exit(1)
+    scenes = scenes or ("v2-part" if task == "part" else "v1")
+    if record and (checkpoint is None or not Path(checkpoint).is_file()):
+        typer.echo("error: --record writes the thresholds into --checkpoint FILE (a .safetensors file); the shipped "
+                   "weights' thresholds live in the model's registry entry" if checkpoint is None else
+                   f"error: --record: checkpoint file not found: {checkpoint}", err=True)
+        raise typer.Exit(1)
+    if record and Path(checkpoint).suffix.lower() != ".safetensors":
+        typer.echo(f"error: --record: thresholds are recorded in a .safetensors header; {checkpoint} is not one",
+                   err=True)
+        raise typer.Exit(1)
     try:
         grid_iou = [float(v) for v in pred_iou.split(",") if v.strip()]
         grid_stab = [float(v) for v in stability.split(",") if v.strip()]
@@ -176,21 +195,30 @@ def eval_thresholds(
     try:
         sam = create_model(model, checkpoint=checkpoint)
         result = calibrate_thresholds(sam, parse_seeds(seeds), grid_iou, grid_stab, points_per_side=points_per_side,
-                                      scenes=scenes, progress=progress)
+                                      scenes=scenes, task=task, progress=progress)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     command = f"samantic eval thresholds --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "") + \
         f" --seeds {seeds} --pred-iou {pred_iou} --stability {stability} --points-per-side {points_per_side}" + \
-        (f" --scenes {scenes}" if scenes != "v1" else "")
+        (f" --scenes {scenes}" if scenes != "v1" else "") + (f" --task {task}" if task != "unspecified" else "")
     atomic_write_json(out / "eval_thresholds.json", {"model": model, "checkpoint": checkpoint, "seeds": seeds,
-                                                      "command": command, **result.to_dict()}, indent=2)
+                                                      "task": task, "command": command, **result.to_dict()}, indent=2)
     md = f"`{command}`\n\n{result.markdown()}\n"
     atomic_write_bytes(out / "eval_thresholds.md", md.encode())
     typer.echo(md)
     b = result.best
+    chosen = {k: float(b[k]) for k in ("pred_iou_thresh", "stability_score_thresh")}
     typer.echo(f"recommended: pred_iou_thresh {b['pred_iou_thresh']}, stability_score_thresh "
                f"{b['stability_score_thresh']} (F1@0.5 {b['f1_50']:.3f}); saved {out / 'eval_thresholds.md'}")
+    if record:
+        try:
+            record_thresholds(checkpoint, chosen, task, source=command)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            typer.echo(f"error: --record: {e}", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"recorded in {checkpoint} for --task {task}: `samantic segment --checkpoint {checkpoint}"
+                   + (f" --task {task}" if task != "unspecified" else "") + "` uses them when given no threshold flags")
 
 
 @app.command("usam")

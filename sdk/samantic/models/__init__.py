@@ -14,7 +14,9 @@ from samantic.models.loading import (
     load_checkpoint,
     read_metadata,
     read_state_dict,
+    record_thresholds,
     recorded_input_size,
+    recorded_thresholds,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -22,11 +24,13 @@ from samantic.models.registry import (
     ModelEntry,
     build_sam,
     create_model,
+    default_thresholds,
     get_config,
     get_model_entry,
     list_models,
     recommended_thresholds,
     register_model,
+    thresholds_source,
 )
 from samantic.models.tasks import TASKS, task_index, task_name
 from samantic.models.weights import (
@@ -53,6 +57,7 @@ __all__ = [
     "attach_task_prompt",
     "build_sam",
     "create_model",
+    "default_thresholds",
     "get_config",
     "get_model_entry",
     "get_weight",
@@ -61,13 +66,16 @@ __all__ = [
     "load_checkpoint",
     "read_metadata",
     "read_state_dict",
-    "recorded_input_size",
     "recommended_thresholds",
+    "record_thresholds",
+    "recorded_input_size",
+    "recorded_thresholds",
     "register_model",
     "resolve_checkpoint",
     "save_checkpoint",
     "task_index",
     "task_name",
+    "thresholds_source",
 ]
 
 

@@ -24,6 +24,8 @@ __all__ = [
     "load_checkpoint",
     "read_metadata",
     "read_state_dict",
+    "record_thresholds",
+    "recorded_thresholds",
     "resolve_checkpoint",
     "save_checkpoint",
 ]
@@ -172,6 +174,99 @@ def recorded_input_size(path: CheckpointLike) -> Optional[int]:
     except (ValueError, AttributeError):
         return None
     return side if isinstance(side, int) and side > 0 else None
+
+
+THRESHOLDS_KEY = "thresholds"  # header entry: {task: {"pred_iou_thresh": .., "stability_score_thresh": ..}}
+_THRESHOLD_NAMES = ("pred_iou_thresh", "stability_score_thresh")
+
+
+def _check_thresholds(value: Any, where: str) -> Dict[str, float]:
+    if not isinstance(value, Mapping) or set(value) != set(_THRESHOLD_NAMES) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0 for v in value.values()):
+        raise ValueError(f"{where}: thresholds must be {{{', '.join(_THRESHOLD_NAMES)}}}, each in [0, 1]; got {value!r}")
+    return {k: float(value[k]) for k in _THRESHOLD_NAMES}
+
+
+def recorded_thresholds(path: CheckpointLike) -> Dict[str, Dict[str, float]]:
+    """Segment-everything thresholds calibrated for a samantic safetensors file's weights, per SUM task
+    (``{"unspecified": {"pred_iou_thresh": .., "stability_score_thresh": ..}, "part": {..}}``), as
+    :func:`record_thresholds` wrote them; ``{}`` when the file records none (or is not safetensors).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The header cannot be read, or its ``thresholds`` entry is malformed (the message names the file).
+    """
+    from samantic.models.tasks import TASKS
+
+    saved = read_metadata(path).get(THRESHOLDS_KEY)
+    if not saved:
+        return {}
+    try:
+        data = json.loads(saved)
+    except ValueError:
+        raise ValueError(f"{path}: the header's {THRESHOLDS_KEY!r} entry is not JSON: {saved[:80]!r}") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: the header's {THRESHOLDS_KEY!r} entry must map task names to thresholds, got {saved[:80]!r}")
+    out = {}
+    for task, value in data.items():
+        if task not in TASKS:
+            raise ValueError(f"{path}: the header's {THRESHOLDS_KEY!r} entry names an unknown task {task!r} "
+                             f"(tasks: {', '.join(TASKS)})")
+        out[task] = _check_thresholds(value, f"{path}, task {task!r}")
+    return out
+
+
+def record_thresholds(path: CheckpointLike, thresholds: Mapping[str, float], task: str = "unspecified",
+                      source: Optional[str] = None) -> Path:
+    """Records segment-everything thresholds calibrated for ``task`` in a samantic safetensors file's header
+    (other tasks' entries and every tensor kept), so that :func:`~samantic.models.create_model`, ``samantic segment``,
+    :class:`~samantic.runtime.Segmenter` and exported bundles use them when the user gives none.
+
+    The file is rewritten atomically (an interrupted run leaves the old file).
+
+    Args:
+        path: A ``.safetensors`` file written by samantic (``save_checkpoint``, ``samantic train ...``).
+        thresholds: ``{"pred_iou_thresh": .., "stability_score_thresh": ..}``, each in [0, 1].
+        task: The SUM task the thresholds were calibrated for (a name from ``TASKS`` or its index).
+        source: How they were chosen (e.g. the ``samantic eval thresholds`` command), kept beside them.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: Not a safetensors file, bad thresholds, an unknown task, or a malformed header.
+    """
+    from safetensors.torch import load_file
+
+    from samantic.models.tasks import task_name
+
+    path = Path(path)
+    name = task_name(task)
+    value = _check_thresholds(thresholds, f"thresholds for {path}")
+    if path.suffix.lower() != SAFETENSORS_SUFFIX:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise ValueError(f"{path}: thresholds are recorded in a {SAFETENSORS_SUFFIX} header; convert the file first "
+                         f"(samantic writes {SAFETENSORS_SUFFIX})")
+    header = read_metadata(path)
+    table = recorded_thresholds(path)
+    table[name] = value
+    header[THRESHOLDS_KEY] = json.dumps(table, sort_keys=True)
+    if source is not None:
+        sources = {}
+        try:
+            sources = json.loads(header.get("thresholds_source", "{}"))
+        except ValueError:
+            pass
+        sources = sources if isinstance(sources, dict) else {}
+        sources[name] = source
+        header["thresholds_source"] = json.dumps(sources, sort_keys=True)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot read the tensors of {path}: {e}") from None
+    return save_checkpoint(tensors, path, metadata=header)
 
 
 def _same_architecture(saved_config: Optional[str], config) -> bool:

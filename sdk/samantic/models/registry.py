@@ -13,7 +13,7 @@ import fnmatch
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union, overload
 
 from samantic.models.configs import SamConfig
 
@@ -24,11 +24,13 @@ __all__ = [
     "ModelEntry",
     "build_sam",
     "create_model",
+    "default_thresholds",
     "get_config",
     "get_model_entry",
     "list_models",
     "recommended_thresholds",
     "register_model",
+    "thresholds_source",
 ]
 
 ConfigFn = Callable[[], SamConfig]
@@ -291,18 +293,75 @@ def create_model(
     model = build_sam(config)
     model.samantic_name = name
     model.samantic_config = config
-    # the recommended thresholds belong to the default weights (other weights: segment-anything's)
-    shipped = checkpoint is not None and checkpoint == entry.default_weights
-    model.samantic_thresholds = dict(entry.thresholds) if shipped and entry.thresholds else None
+    # the recommended thresholds: those a weights file records (`samantic eval thresholds --record`), the
+    # registry entry's for the default weights, else segment-anything's (recommended_thresholds)
+    model.samantic_thresholds, model.samantic_task_thresholds = _weights_thresholds(entry, checkpoint)
     if checkpoint is not None:
         loading.load_checkpoint(model, checkpoint, model_name=name, progress=progress)
     return model.eval()
 
 
-def recommended_thresholds(model) -> Dict[str, float]:
-    """Segment-everything thresholds for a model built by :func:`create_model`: its registry entry's
-    recommendation when it carries the default weights, else segment-anything's 0.88 / 0.95."""
-    return dict(getattr(model, "samantic_thresholds", None) or SAM_THRESHOLDS)
+def recommended_thresholds(model, task: Optional[Union[str, int]] = None) -> Dict[str, float]:
+    """Segment-everything thresholds for a model built by :func:`create_model` (see :func:`thresholds_source`)."""
+    return thresholds_source(model, task)[0]
+
+
+def thresholds_source(model, task: Optional[Union[str, int]] = None) -> Tuple[Dict[str, float], str]:
+    """The thresholds segment-everything uses for ``model`` (built by :func:`create_model`) when the user gives
+    none, and where they come from, for SUM's ``task`` (None: "unspecified"):
+
+    - ``"recorded for <task>"``: calibrated for that task and recorded in the weights file's header
+      (``samantic eval thresholds --checkpoint FILE --task T --record``);
+    - ``"recorded"``: the file's "unspecified" calibration, for a task the file records none for;
+    - ``"registry"``: the registry entry's recommendation, when the model carries its default weights;
+    - ``"segment-anything"``: segment-anything's 0.88 / 0.95.
+
+    Raises:
+        ValueError: an unknown task.
+    """
+    return _pick_thresholds(getattr(model, "samantic_thresholds", None),
+                            getattr(model, "samantic_task_thresholds", None) or {}, task)
+
+
+def default_thresholds(name: str, checkpoint: Optional[str] = None,
+                       task: Optional[Union[str, int]] = None) -> Tuple[Dict[str, float], str]:
+    """:func:`thresholds_source` of ``create_model(name, checkpoint=checkpoint)`` without building the model
+    (None: the default weights).
+
+    Raises:
+        KeyError: an unregistered model. FileNotFoundError / ValueError: an unreadable weights file or header.
+        ValueError: an unknown task.
+    """
+    entry = get_model_entry(name)
+    return _pick_thresholds(*_weights_thresholds(entry, entry.default_weights if checkpoint is None else checkpoint),
+                            task)
+
+
+def _weights_thresholds(entry: ModelEntry, checkpoint: Optional[str]) -> Tuple[Optional[Dict[str, float]], Dict]:
+    """(the registry entry's thresholds when ``checkpoint`` is its default weights, else None;
+    the per-task thresholds a weights file records)."""
+    shipped = checkpoint is not None and checkpoint == entry.default_weights
+    registry = dict(entry.thresholds) if shipped and entry.thresholds else None
+    recorded = {}
+    if checkpoint is not None and not shipped and os.path.isfile(checkpoint):
+        from samantic.models import loading
+
+        recorded = loading.recorded_thresholds(checkpoint)
+    return registry, recorded
+
+
+def _pick_thresholds(registry: Optional[Mapping[str, float]], recorded: Mapping[str, Mapping[str, float]],
+                     task: Optional[Union[str, int]]) -> Tuple[Dict[str, float], str]:
+    from samantic.models.tasks import task_name
+
+    name = "unspecified" if task is None else task_name(task)
+    if name in recorded:
+        return dict(recorded[name]), f"recorded for {name}"
+    if "unspecified" in recorded:
+        return dict(recorded["unspecified"]), "recorded"
+    if registry:
+        return dict(registry), "registry"
+    return dict(SAM_THRESHOLDS), "segment-anything"
 
 
 def _import_torch_sam():

@@ -186,6 +186,19 @@ class Bundle:
         return dict(self.manifest.get("thresholds", {}))
 
     @property
+    def task_thresholds(self) -> Dict[str, Dict[str, float]]:
+        """SUM task -> ``{"pred_iou_thresh", "stability_score_thresh"}`` calibrated for that task (those the
+        exported weights file recorded, ``samantic eval thresholds --task T --record``); ``{}`` when none were.
+        A task without an entry uses :attr:`thresholds`."""
+        return {t: dict(v) for t, v in (self.manifest.get("task_thresholds") or {}).items()}
+
+    def thresholds_for(self, task: Optional[str] = None) -> Dict[str, Any]:
+        """:attr:`thresholds` with ``task``'s calibrated ones on top (None: "unspecified")."""
+        out = self.thresholds
+        out.update(self.task_thresholds.get(task or "unspecified", {}))
+        return out
+
+    @property
     def profiles(self) -> Dict[str, Dict[str, int]]:
         """Dynamic dimension name -> ``{"min", "opt", "max"}`` (TensorRT optimization profiles)."""
         return dict(self.manifest.get("profiles", {}))

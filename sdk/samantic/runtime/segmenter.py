@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 
 import numpy as np
 
+from samantic.models.tasks import task_name
 from samantic.pipeline.config import AmgConfig
 from samantic.pipeline.engine import Engine
 from samantic.pipeline.generator import MaskGenerator, MaskSet
@@ -219,7 +220,9 @@ class Segmenter:
         classes: requested names (head classes and/or groups; None: all classes).
         score_thresh: class threshold (None: the head's).
         config: generator options; defaults to :class:`AmgConfig` with ``output_mode="coco_rle"`` and the
-            model's recommended thresholds (:func:`samantic.models.recommended_thresholds`).
+            model's recommended thresholds for ``options``' task (:func:`samantic.models.thresholds_source`:
+            those its weights file records, the shipped weights', else segment-anything's). A call's own
+            ``task`` keeps the Segmenter's thresholds: build one Segmenter per task to get each task's.
         mask_scorer: an extra scoring hook on the mask tokens (see :class:`MaskGenerator`).
         engine: an already built :class:`~samantic.pipeline.engine.Engine` (instead of ``model``).
         head_info: ``{"classes", "groups", "score_thresh"}`` of a head the engine runs.
@@ -296,12 +299,13 @@ class Segmenter:
         elif head is not None:
             raise ValueError("head= is for the torch backend; an engine runs its own head (pass head_info=)")
         if config is None:
-            # a model's own recommended thresholds (sam_nano's shipped weights), else segment-anything's
+            # the model's recommended thresholds for the task asked for: those its weights file records, the
+            # shipped weights' (registry), else segment-anything's
             thresholds = {}
             if model is not None:
                 from samantic.models import recommended_thresholds
 
-                thresholds = recommended_thresholds(model)
+                thresholds = recommended_thresholds(model, options.get("task"))
             config = AmgConfig(output_mode="coco_rle", **thresholds)
         if options:
             config = config.replace(**options)
@@ -447,7 +451,9 @@ class Segmenter:
             bundle = Bundle.load(path, verify=verify)
         if config is None:
             known = set(AmgConfig.__dataclass_fields__)
-            config = AmgConfig(output_mode="coco_rle", **{k: v for k, v in bundle.thresholds.items() if k in known})
+            task = options.get("task")
+            defaults = bundle.thresholds_for(None if task is None else task_name(task))  # the task's, if recorded
+            config = AmgConfig(output_mode="coco_rle", **{k: v for k, v in defaults.items() if k in known})
         kw = dict(classes=classes, score_thresh=score_thresh, config=config, **options)
         if bundle.samcp and score_thresh is not None:
             samcp_options = {**(samcp_options or {}), "score_thresh": score_thresh}
