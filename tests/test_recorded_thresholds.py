@@ -107,10 +107,14 @@ def _thresholds(config):
     return {"pred_iou_thresh": config.pred_iou_thresh, "stability_score_thresh": config.stability_score_thresh}
 
 
-def test_segment_uses_the_recorded_thresholds_and_says_when_there_are_none(weights):
+def test_segment_uses_the_recorded_thresholds_and_says_when_there_are_none(weights, nano, tmp_path):
     prepared = prepare(SegmentOptions(checkpoint=str(weights), task="part"))
     assert _thresholds(prepared.config) == SAM_THRESHOLDS
     assert any("records no calibrated thresholds" in n and "--record" in n for n in prepared.notes)
+    pth = tmp_path / "official_style.pth"  # a .pth (the official checkpoints' format): SAM's own, no note
+    torch.save(nano.state_dict(), pth)
+    prepared = prepare(SegmentOptions(checkpoint=str(pth)))
+    assert _thresholds(prepared.config) == SAM_THRESHOLDS and not prepared.notes
     record_thresholds(weights, PART, "part")
     prepared = prepare(SegmentOptions(checkpoint=str(weights), task="part"))
     assert _thresholds(prepared.config) == PART and not any("calibrated" in n for n in prepared.notes)

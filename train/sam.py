@@ -610,13 +610,17 @@ def decode_prompts(mask_decoder, src: torch.Tensor, image_pe: torch.Tensor, spar
     output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
     output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
     tokens = torch.cat((output_tokens, sparse), dim=1)
+    skip = None
+    split = getattr(dec, "split_embedding", None)
+    if split is not None:  # a decoder whose image embedding packs extra features for its upscaling
+        src, skip = split(src)
     src = src + dense
     b, c, h, w = src.shape
     hs, src = dec.transformer(src, image_pe, tokens)  # a [1, C, h, w] positional encoding broadcasts
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1 : (1 + dec.num_mask_tokens), :]
     src = src.transpose(1, 2).reshape(b, c, h, w)
-    upscaled = dec.output_upscaling(src)
+    upscaled = dec.output_upscaling(src) if skip is None else dec.upscale(src, skip)
     hyper_in = torch.stack([dec.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
                             for i in range(dec.num_mask_tokens)], dim=1)
     b, c, h, w = upscaled.shape

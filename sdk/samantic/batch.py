@@ -232,7 +232,8 @@ def prepare(options: SegmentOptions) -> Prepared:
         found, source = default_thresholds(model, o.checkpoint, o.task)
         thresholds.update(found)
         flags = o.pred_iou_thresh is not None and o.stability_score_thresh is not None
-        if o.checkpoint is not None and not flags and o.samcp is None:
+        ours = o.checkpoint is not None and o.checkpoint.lower().endswith(".safetensors")  # not an official .pth
+        if ours and not flags and o.samcp is None:
             if source == "segment-anything":
                 notes.append(f"note: {o.checkpoint} records no calibrated thresholds: segment-anything's "
                              f"{found['pred_iou_thresh']} / {found['stability_score_thresh']} used (`samantic eval "
