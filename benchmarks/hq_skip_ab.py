@@ -114,14 +114,21 @@ def transformer_ms(model: Sam, grid: int, prompts: int = 16, seconds: float = 3.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=30.0, help="CPU minutes of decoder fine-tuning")
+    ap.add_argument("--minutes", type=float, default=30.0, help="CPU minutes of fine-tuning (0: evaluate --init as it is)")
+    ap.add_argument("--init", type=Path, default=None, help="start from these candidate weights (default: v7 + zero skip)")
+    ap.add_argument("--trainable", default="mask_decoder", help="comma-separated parts that train")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--freeze-batchnorm", action="store_true")
+    ap.add_argument("--name", default="skip", help="the run's name: NAME.safetensors and a row of result_NAME.json")
     ap.add_argument("--seeds", default="0:100", help="held-out scenes for the point mIoU")
     ap.add_argument("--data", default="shapes:44000000", help="training scenes (seeds >= 1,000,000)")
+    ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True, help="also evaluate v7")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("runs/hq_skip_ab"))
-    ap.add_argument("--eval-only", action="store_true", help="evaluate --out/skip.safetensors (no training)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+
+    from safetensors.torch import load_file
 
     from samantic.models import create_model
     from samantic.train.metrics import evaluate_sam
@@ -130,29 +137,32 @@ def main() -> None:
     a, b = (int(v) for v in args.seeds.split(":"))
     v7 = create_model("sam_nano")
     cand = skip_model(v7)
+    if args.init is not None:
+        cand.load_state_dict(load_file(str(args.init)))
     args.out.mkdir(parents=True, exist_ok=True)
-    weights = args.out / "skip.safetensors"
-    if not args.eval_only:
-        cfg = SamTrainConfig(steps=1_000_000, images_per_step=4, masks_per_image=6, iterations=2, lr=2e-4,
+    if args.minutes > 0:
+        weights = args.out / f"{args.name}.safetensors"
+        cfg = SamTrainConfig(steps=1_000_000, images_per_step=4, masks_per_image=6, iterations=2, lr=args.lr,
                              warmup_steps=50, focal_weight=2.0, focal_alpha=0.5, focal_gamma=0.0,
-                             trainable=("mask_decoder",), time_budget=60 * args.minutes, checkpoint_every=200,
-                             log_every=20)
-        SamTrainer(cand, cfg, open_dataset(args.data)).train(weights, resume=(args.out / "skip.safetensors.ckpt").exists(),
+                             trainable=tuple(args.trainable.split(",")), time_budget=60 * args.minutes,
+                             freeze_batchnorm=args.freeze_batchnorm, checkpoint_every=200, log_every=20)
+        SamTrainer(cand, cfg, open_dataset(args.data)).train(weights, resume=Path(f"{weights}.ckpt").exists(),
                                                             progress=False)
-    from safetensors.torch import load_file
-
-    cand.load_state_dict(load_file(str(weights)))
+        cand.load_state_dict(load_file(str(weights)))
+    models = [("v7 (shipped)", v7)] if args.reference else []
+    models.append((args.name, cand))
     rows = {}
-    for name, model, grid in (("v7 (shipped)", v7, v7.prompt_encoder.image_embedding_size[0]),
-                              ("stride-16 transformer + stride-8 skip", cand, cand.prompt_encoder.image_embedding_size[0])):
+    for name, model in models:
+        grid = model.prompt_encoder.image_embedding_size[0]
         t0 = time.perf_counter()
         r = evaluate_sam(model.eval(), range(a, b), amg_seeds=range(0), progress=False)
         rows[name] = {**{k: r.metrics[k] for k in ("miou_1pt_top", "miou_1pt_oracle", "miou_3pt") if k in r.metrics},
                       "eval_s": time.perf_counter() - t0, "tokens": grid * grid,
                       "transformer_ms_per_prompt": transformer_ms(model, grid)}
-        print(name, json.dumps(rows[name], default=str), flush=True)
-    (args.out / "result.json").write_text(json.dumps({"minutes": args.minutes, "seeds": args.seeds, "rows": rows},
-                                                     indent=2, default=str))
+        print(name, json.dumps(rows[name]), flush=True)
+    record = {"command": "python benchmarks/hq_skip_ab.py " + " ".join(__import__("sys").argv[1:]),
+              "minutes": args.minutes, "seeds": args.seeds, "rows": rows}
+    (args.out / f"result_{args.name}.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
