@@ -503,7 +503,8 @@ def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[fl
             every stuff region), the masks a model trained on v2 scenes should give one each;
             ``"v2-part"``: panoptic scenes, the objects are SUM's part-task masks (each thing's parts,
             a simple thing as a whole), what a SUM model asked for ``task="part"`` should give.
-        task: SUM's task prompt segment-everything runs with (a model without a task table: "unspecified" only).
+        task: SUM's task prompt segment-everything runs with (a model without a task table decodes every task as
+            "unspecified").
     """
     from samantic.models.tasks import task_name
     from samantic.ops import nms, rle_encode, rle_iou
