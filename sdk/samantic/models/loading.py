@@ -177,14 +177,14 @@ def recorded_input_size(path: CheckpointLike) -> Optional[int]:
 
 
 THRESHOLDS_KEY = "thresholds"  # header entry: {task: {"pred_iou_thresh": .., "stability_score_thresh": ..}}
-_THRESHOLD_NAMES = ("pred_iou_thresh", "stability_score_thresh")
+THRESHOLD_NAMES = ("pred_iou_thresh", "stability_score_thresh")  # segment-everything's calibrated pair
 
 
 def _check_thresholds(value: Any, where: str) -> Dict[str, float]:
-    if not isinstance(value, Mapping) or set(value) != set(_THRESHOLD_NAMES) or not all(
+    if not isinstance(value, Mapping) or set(value) != set(THRESHOLD_NAMES) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0 for v in value.values()):
-        raise ValueError(f"{where}: thresholds must be {{{', '.join(_THRESHOLD_NAMES)}}}, each in [0, 1]; got {value!r}")
-    return {k: float(value[k]) for k in _THRESHOLD_NAMES}
+        raise ValueError(f"{where}: thresholds must be {{{', '.join(THRESHOLD_NAMES)}}}, each in [0, 1]; got {value!r}")
+    return {k: float(value[k]) for k in THRESHOLD_NAMES}
 
 
 def recorded_thresholds(path: CheckpointLike) -> Dict[str, Dict[str, float]]:
@@ -196,9 +196,13 @@ def recorded_thresholds(path: CheckpointLike) -> Dict[str, Dict[str, float]]:
         FileNotFoundError: The file does not exist.
         ValueError: The header cannot be read, or its ``thresholds`` entry is malformed (the message names the file).
     """
+    return _parse_thresholds(read_metadata(path).get(THRESHOLDS_KEY), path)
+
+
+def _parse_thresholds(saved: Optional[str], path: CheckpointLike) -> Dict[str, Dict[str, float]]:
+    """:func:`recorded_thresholds` of a header's ``thresholds`` entry (``path`` names the file in errors)."""
     from samantic.models.tasks import TASKS
 
-    saved = read_metadata(path).get(THRESHOLDS_KEY)
     if not saved:
         return {}
     try:
@@ -250,7 +254,7 @@ def record_thresholds(path: CheckpointLike, thresholds: Mapping[str, float], tas
         raise ValueError(f"{path}: thresholds are recorded in a {SAFETENSORS_SUFFIX} header; convert the file first "
                          f"(samantic writes {SAFETENSORS_SUFFIX})")
     header = read_metadata(path)
-    table = recorded_thresholds(path)
+    table = _parse_thresholds(header.get(THRESHOLDS_KEY), path)
     table[name] = value
     header[THRESHOLDS_KEY] = json.dumps(table, sort_keys=True)
     if source is not None:

@@ -16,6 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union, overload
 
 from samantic.models.configs import SamConfig
+from samantic.models.loading import THRESHOLD_NAMES
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -73,7 +74,6 @@ def register_model(*, default_weights: Optional[str] = None,
                    thresholds: Optional[Mapping[str, float]] = None) -> Callable[[ConfigFn], ConfigFn]: ...
 
 
-THRESHOLD_NAMES = ("pred_iou_thresh", "stability_score_thresh")
 DEFAULT_MODEL = "sam_nano"  # the SAM used when none is named (`samantic segment`, a SAM-CP head recording none)
 SAM_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}  # segment-anything's defaults
 PRED_IOU_NANO, STABILITY_NANO = 0.8, 0.95  # sam_nano (v7): best F1 at IoU 0.5 on seeds 500-559 (model card; v6 0.7, v5 0.6 / 0.95)
