@@ -475,6 +475,42 @@ def train_sum_cmd(
     typer.echo(f"saved: {result.output} (steps {result.steps}, {result.seconds / 60:.1f} min); log: {result.log}")
 
 
+@app.command("iou-head", help="Refit a SAM's IoU head for segment-everything (every other weight, so every mask, unchanged): targets are the true IoU of masks prompted anywhere on training scenes, background included.")
+def train_iou_head(
+    out: Annotated[Path, typer.Option(help="Output weights (.safetensors), written atomically; calibrate them next with `samantic eval thresholds --checkpoint OUT --record`.")],
+    model: Annotated[str, typer.Option(help="Registered model.")] = "sam_nano",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Weights whose head to refit (default: the model's shipped weights).")] = None,
+    scenes: Annotated[int, typer.Option(min=1, help="Training scenes (rendered on the fly).")] = 800,
+    first_seed: Annotated[int, typer.Option(help="Seed of the first training scene (training seeds are >= 1,000,000).")] = 46_000_000,
+    val_seeds: Annotated[str, typer.Option(help="Held-out scene seeds START:STOP on which the head is measured before and after.")] = "600:660",
+    kind: Annotated[str, typer.Option(help="Scene kind: v1 (plain scenes, shape instances) or v2 (panoptic scenes, entities).")] = "v1",
+    points: Annotated[int, typer.Option(min=1, help="Uniformly drawn points per scene (besides one at each object's centre).")] = 48,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the collected examples.")] = 30,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one cycle).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Random seed (point draws, batch order).")] = 0,
+    cache: Annotated[Optional[Path], typer.Option(help="Keep the collected examples here; a rerun with the same scenes trains on them at once.")] = None,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads for torch (0: torch's default).")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    from samantic.cli.eval import parse_seeds
+    from samantic.train.iou_head import refit_iou_head
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        result = refit_iou_head(model, out, checkpoint=checkpoint, first_seed=first_seed, n_scenes=scenes,
+                                val_seeds=parse_seeds(val_seeds), scenes=kind, uniform_points=points, epochs=epochs,
+                                lr=lr, seed=seed, cache=cache, progress=progress, log=typer.echo)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(result.markdown())
+    typer.echo(f"saved: {result.output} ({result.seconds / 60:.1f} min); its scores changed scale, so it records no "
+               f"thresholds: `samantic eval thresholds --model {model} --checkpoint {result.output} --record`")
+
+
 @app.command("blend")
 def train_blend(
     fine_tune: Annotated[Path, typer.Argument(help="A fine-tune's weights (e.g. from `samantic train sum`).")],

@@ -1,0 +1,153 @@
+"""`samantic train iou-head`: refits the IoU head alone, on true IoUs that segment-anything's own predictor agrees with."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from samantic.cli.main import app
+from samantic.models import create_model
+from samantic.models.loading import read_metadata, read_state_dict, record_thresholds
+from samantic.train.iou_head import (HEAD_PREFIX, IouExamples, collect_iou_examples, fit_iou_head, iou_head_quality,
+                                     refit_iou_head, write_refitted)
+from samantic.train.metrics import mask_iou
+
+SEEDS = [600, 601]
+
+
+@pytest.fixture(scope="module")
+def nano():
+    torch.manual_seed(0)
+    return create_model("sam_nano").eval()
+
+
+@pytest.fixture(scope="module")
+def examples(nano):
+    return collect_iou_examples(nano, SEEDS, uniform_points=3, progress=False)
+
+
+def test_targets_are_the_true_iou_of_segment_anythings_own_masks(nano, examples):
+    from segment_anything import SamPredictor
+
+    from samantic.train.data.shapes import render_scene
+
+    # rebuild the first scene's prompts: the same draw, then each object's centre
+    scene = render_scene(SEEDS[0])
+    h, w = scene.image.shape[:2]
+    rng = np.random.default_rng(0)
+    pts = np.stack([rng.uniform(0, w, 3), rng.uniform(0, h, 3)], 1)
+    from samantic.train.metrics import centre_point
+
+    pts = np.concatenate([pts, np.array([centre_point(m) for m in scene.masks]).reshape(-1, 2)])
+    assert len(scene.masks) > 0
+    predictor = SamPredictor(nano)
+    predictor.set_image(scene.image)
+    n = len(pts)
+    assert examples.kinds[:n].tolist() == [0] * 3 + [1] * len(scene.masks)
+    for i, p in enumerate(pts):
+        masks, scores, _ = predictor.predict(np.array([p], np.float32), np.array([1]), multimask_output=True)
+        want = [max(mask_iou(m, g) for g in scene.masks) for m in masks]
+        np.testing.assert_allclose(examples.trues[i, 1:], want, atol=1e-5)
+        np.testing.assert_allclose(examples.preds[i, 1:], scores, atol=1e-5)
+    assert examples.feats.shape == (len(examples), nano.mask_decoder.transformer_dim)
+    assert examples.trues.shape == examples.preds.shape == (len(examples), 4)
+    # the recorded features are what the head scores
+    with torch.no_grad():
+        again = nano.mask_decoder.iou_prediction_head(torch.from_numpy(examples.feats)).numpy()
+    np.testing.assert_allclose(again, examples.preds, atol=1e-5)
+
+
+def test_examples_round_trip_and_a_wrong_file_is_named(examples, tmp_path):
+    back = IouExamples.load(examples.save(tmp_path / "ex.npz"))
+    for k in ("feats", "preds", "trues", "kinds"):
+        np.testing.assert_array_equal(getattr(back, k), getattr(examples, k))
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(ValueError, match="other.npz.*not a file of IoU-head examples"):
+        IouExamples.load(tmp_path / "other.npz")
+
+
+def test_fitting_lowers_the_error_on_what_it_fits(nano, examples):
+    before = float(np.mean((examples.preds - examples.trues) ** 2))
+    head, history = fit_iou_head(nano.mask_decoder.iou_prediction_head, examples, examples, epochs=40, lr=3e-3)
+    with torch.no_grad():
+        after_pred = head(torch.from_numpy(examples.feats)).numpy()
+    after = float(np.mean((after_pred - examples.trues) ** 2))
+    assert after < 0.7 * before, (before, after)
+    assert len(history) == 40 and history[-1]["train_mse"] < history[0]["train_mse"]
+    q = iou_head_quality(after_pred, examples)
+    assert q["centre_oracle"] >= q["centre_picked"]
+    # the model's own head is untouched
+    with torch.no_grad():
+        np.testing.assert_allclose(nano.mask_decoder.iou_prediction_head(torch.from_numpy(examples.feats)).numpy(),
+                                   examples.preds, atol=1e-5)
+
+
+def test_the_written_file_changes_only_the_head_and_drops_stale_thresholds(nano, examples, tmp_path):
+    from samantic.models.loading import resolve_checkpoint
+
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(resolve_checkpoint("pkg:assets/sam_nano.safetensors").read_bytes())
+    record_thresholds(src, {"pred_iou_thresh": 0.8, "stability_score_thresh": 0.95})
+    head, _ = fit_iou_head(nano.mask_decoder.iou_prediction_head, examples, epochs=3)
+    out = write_refitted(src, head, tmp_path / "out.safetensors", {"note": "test"})
+    a, b = read_state_dict(src), read_state_dict(out)
+    assert set(a) == set(b)
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(HEAD_PREFIX) for k in changed)
+    assert all(b[k].dtype == a[k].dtype for k in a)
+    meta_a, meta_b = read_metadata(src), read_metadata(out)
+    assert "thresholds" in meta_a and "thresholds" not in meta_b
+    assert json.loads(meta_b["iou_head_refit"]) == {"note": "test"}
+    assert meta_b["config"] == meta_a["config"]
+    # masks are the source's, bit for bit; the scores are the new head's
+    m_a = create_model("sam_nano", checkpoint=str(src)).eval()
+    m_b = create_model("sam_nano", checkpoint=str(out)).eval()
+    x = torch.rand(1, 3, 384, 384) * 255
+    with torch.no_grad():
+        emb = m_a.image_encoder(m_a.preprocess(x))
+        sparse, dense = m_a.prompt_encoder(points=(torch.tensor([[[100.0, 120.0]]]), torch.ones(1, 1, dtype=torch.int)),
+                                           boxes=None, masks=None)
+        pe = m_a.prompt_encoder.get_dense_pe()
+        low_a, iou_a = m_a.mask_decoder.predict_masks(emb, pe, sparse, dense)
+        low_b, iou_b = m_b.mask_decoder.predict_masks(emb, pe, sparse, dense)
+    assert torch.equal(low_a, low_b) and not torch.equal(iou_a, iou_b)
+
+
+def test_refusals_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="below 1,000,000"):
+        refit_iou_head("sam_nano", tmp_path / "x.safetensors", first_seed=5, progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="validation seed 2000000 is a training seed"):
+        refit_iou_head("sam_nano", tmp_path / "x.safetensors", val_seeds=[2_000_000], progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="scenes must be one of v1, v2"):
+        refit_iou_head("sam_nano", tmp_path / "x.safetensors", scenes="v3", progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="x.pt: the refitted weights are written as .safetensors"):
+        refit_iou_head("sam_nano", tmp_path / "x.pt", progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="sam_nano_vit ships no weights"):
+        refit_iou_head("sam_nano_vit", tmp_path / "x.safetensors", progress=False, log=lambda s: None)
+    from samantic.models import attach_task_prompt
+
+    m = create_model("sam_nano", pretrained=False)
+    attach_task_prompt(m)
+    with pytest.raises(ValueError, match="task table"):
+        collect_iou_examples(m, [600], progress=False)
+
+
+def test_cli_refits_caches_and_says_how_to_calibrate(tmp_path):
+    out, cache = tmp_path / "refit.safetensors", tmp_path / "cache"
+    args = ["train", "iou-head", "--out", str(out), "--scenes", "2", "--first-seed", "46000000", "--val-seeds",
+            "600:602", "--points", "4", "--epochs", "2", "--cache", str(cache), "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert out.exists() and "saved:" in r.output and f"--checkpoint {out} --record" in r.output
+    assert "| 1 point at object centres: true IoU of the output it picks |" in r.output
+    assert len(list(cache.glob("*.npz"))) == 2
+    with safe_open(str(out), framework="pt") as f:
+        rec = json.loads(f.metadata()["iou_head_refit"])
+    assert rec["train_seeds"] == "46000000:46000002" and rec["val_seeds"] == "600:602"
+    r2 = CliRunner().invoke(app, args)
+    assert r2.exit_code == 0 and r2.output.count("(cached)") == 2, r2.output
+    bad = CliRunner().invoke(app, ["train", "iou-head", "--out", str(tmp_path / "y.safetensors"), "--first-seed", "3"])
+    assert bad.exit_code == 1 and "error:" in bad.output and "held-out seeds" in bad.output
