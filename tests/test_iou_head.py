@@ -15,7 +15,7 @@ from samantic.train.iou_head import (HEAD_PREFIX, IouExamples, collect_iou_examp
                                      refit_iou_head, write_refitted)
 from samantic.train.metrics import mask_iou
 
-SEEDS = [600, 601]
+SEEDS = [601, 600]  # 601 first: clicked at their centres, some objects give a mask that matches another better
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def examples(nano):
 
 
 def test_targets_are_the_true_iou_of_segment_anythings_own_masks(nano, examples):
+    """The IoU with the object under the point (the centres' are their own objects), else with the best object."""
     from segment_anything import SamPredictor
 
     from samantic.train.data.shapes import render_scene
@@ -47,11 +48,20 @@ def test_targets_are_the_true_iou_of_segment_anythings_own_masks(nano, examples)
     predictor.set_image(scene.image)
     n = len(pts)
     assert examples.kinds[:n].tolist() == [0] * 3 + [1] * len(scene.masks)
+    branches, differs = set(), False
     for i, p in enumerate(pts):
         masks, scores, _ = predictor.predict(np.array([p], np.float32), np.array([1]), multimask_output=True)
-        want = [max(mask_iou(m, g) for g in scene.masks) for m in masks]
+        x, y = int(p[0]), int(p[1])
+        under = [j for j, g in enumerate(scene.masks) if g[y, x]]
+        want = [mask_iou(m, scene.masks[under[0]]) if under else max(mask_iou(m, g) for g in scene.masks)
+                for m in masks]
+        branches.add(bool(under))
+        best = [max(mask_iou(m, g) for g in scene.masks) for m in masks]
+        differs = differs or not np.allclose(want, best)
         np.testing.assert_allclose(examples.trues[i, 1:], want, atol=1e-5)
         np.testing.assert_allclose(examples.preds[i, 1:], scores, atol=1e-5)
+    assert branches == {True, False}  # points on an object and on nothing both checked
+    assert differs  # and the object under the point is not always the best-matching one
     assert examples.feats.shape == (len(examples), nano.mask_decoder.transformer_dim)
     assert examples.trues.shape == examples.preds.shape == (len(examples), 4)
     # the recorded features are what the head scores
