@@ -475,7 +475,7 @@ def train_sum_cmd(
     typer.echo(f"saved: {result.output} (steps {result.steps}, {result.seconds / 60:.1f} min); log: {result.log}")
 
 
-@app.command("iou-head", help="Refit a SAM's IoU head for segment-everything (every other weight, so every mask, unchanged): targets are the true IoU of masks prompted anywhere on training scenes, background included.")
+@app.command("iou-head", help="Refit a SAM's IoU head for segment-everything (every other weight, so every mask, unchanged) on masks prompted anywhere on training scenes: the target is each mask's IoU with the object under its point, or with the best-matching object for a point on nothing.")
 def train_iou_head(
     out: Annotated[Path, typer.Option(help="Output weights (.safetensors), written atomically; calibrate them next with `samantic eval thresholds --checkpoint OUT --record`.")],
     model: Annotated[str, typer.Option(help="Registered model.")] = "sam_nano",
