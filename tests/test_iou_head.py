@@ -126,6 +126,15 @@ def test_the_written_file_changes_only_the_head_and_drops_stale_thresholds(nano,
     assert torch.equal(low_a, low_b) and not torch.equal(iou_a, iou_b)
 
 
+def test_panoptic_scenes_score_against_their_entities(nano):
+    ex = collect_iou_examples(nano, [600], scenes="v2", uniform_points=2, progress=False)
+    from samantic.train.data.panoptic import render_panoptic
+
+    n_entities = len(render_panoptic(600).entity_masks)
+    assert ex.kinds.tolist() == [0, 0] + [1] * n_entities
+    assert ex.trues.min() >= 0 and ex.trues.max() <= 1 and ex.trues[2:, 1:].max(1).mean() > 0.3
+
+
 def test_refusals_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="below 1,000,000"):
         refit_iou_head("sam_nano", tmp_path / "x.safetensors", first_seed=5, progress=False, log=lambda s: None)

@@ -480,7 +480,7 @@ def train_iou_head(
     out: Annotated[Path, typer.Option(help="Output weights (.safetensors), written atomically; calibrate them next with `samantic eval thresholds --checkpoint OUT --record`.")],
     model: Annotated[str, typer.Option(help="Registered model.")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Weights whose head to refit (default: the model's shipped weights).")] = None,
-    scenes: Annotated[int, typer.Option(min=1, help="Training scenes (rendered on the fly).")] = 800,
+    scenes: Annotated[int, typer.Option(min=1, help="Training scenes (rendered on the fly).")] = 400,
     first_seed: Annotated[int, typer.Option(help="Seed of the first training scene (training seeds are >= 1,000,000).")] = 46_000_000,
     val_seeds: Annotated[str, typer.Option(help="Held-out scene seeds START:STOP on which the head is measured before and after.")] = "600:660",
     kind: Annotated[str, typer.Option(help="Scene kind: v1 (plain scenes, shape instances) or v2 (panoptic scenes, entities).")] = "v1",
