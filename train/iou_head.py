@@ -101,6 +101,8 @@ def collect_iou_examples(model, seeds: Iterable[int], *, scenes: str = "v1", uni
     """
     from segment_anything import SamPredictor
 
+    from samantic.ops import rle_encode, rle_iou
+
     _check_model(model)
     image_and_objects = _objects(scenes)
     seeds = list(seeds)
@@ -123,8 +125,7 @@ def collect_iou_examples(model, seeds: Iterable[int], *, scenes: str = "v1", uni
                     np.stack([rng.uniform(0, w, uniform_points), rng.uniform(0, h, uniform_points)], 1),
                     np.array([centre_point(m) for m in objects], np.float64).reshape(-1, 2)]).astype(np.float32)
                 out["kinds"].append(np.r_[np.zeros(uniform_points, np.int8), np.ones(len(objects), np.int8)])
-                gt = torch.from_numpy(objects.reshape(len(objects), h * w)).float()
-                gt_area = gt.sum(1)
+                gt_rles = rle_encode(objects) if len(objects) else None
                 # the object under each point (-1: none); visible masks do not overlap, the first one wins if they do
                 px = np.clip(pts.astype(np.int64), 0, [w - 1, h - 1])
                 hit = objects[:, px[:, 1], px[:, 0]] if len(objects) else np.zeros((0, len(pts)), bool)
@@ -139,13 +140,11 @@ def collect_iou_examples(model, seeds: Iterable[int], *, scenes: str = "v1", uni
                     out["feats"].append(captured[0].float().numpy())
                     out["preds"].append(iou_pred.float().numpy())
                     up = model.postprocess_masks(low, predictor.input_size, predictor.original_size)
-                    m = (up > model.mask_threshold).reshape(up.shape[0] * up.shape[1], h * w).float()
                     k = up.shape[1]
-                    if len(gt):
-                        inter = m @ gt.T
-                        union = m.sum(1, keepdim=True) + gt_area[None] - inter
-                        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
-                        iou = iou.reshape(-1, k, len(gt))
+                    if gt_rles is not None:
+                        masks = (up > model.mask_threshold).reshape(-1, h, w).numpy()
+                        iou = torch.from_numpy(np.asarray(rle_iou(rle_encode(masks), gt_rles), np.float32))
+                        iou = iou.reshape(-1, k, len(objects))
                         # a point on an object asks for that object; a point on nothing, for whatever it finds
                         target = iou.max(2).values
                         on = under[i:i + chunk]
