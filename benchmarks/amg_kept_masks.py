@@ -6,6 +6,7 @@ duplicate (IoU >= 0.5 with an object already matched), background (under 30% of 
 
     python benchmarks/amg_kept_masks.py v7 0.8 0.95                          # the shipped weights
     python benchmarks/amg_kept_masks.py FILE.safetensors 0.5 0.93 --seeds 500:530
+    python benchmarks/amg_kept_masks.py v7 0.8 0.9 --box-nms 0.3             # at another box NMS (default 0.7)
 """
 import argparse
 
@@ -23,13 +24,15 @@ def main() -> None:
     ap.add_argument("weights", help="sam_nano weights, or v7 for the shipped file")
     ap.add_argument("pred_iou", type=float)
     ap.add_argument("stability", type=float)
+    ap.add_argument("--box-nms", type=float, default=0.7, help="the generator's box_nms_thresh")
     ap.add_argument("--seeds", default="500:530")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     lo, hi = (int(v) for v in a.seeds.split(":"))
     model = create_model("sam_nano", checkpoint=None if a.weights == "v7" else a.weights).eval()
-    gen = AutomaticMaskGenerator(model, pred_iou_thresh=a.pred_iou, stability_score_thresh=a.stability)
+    gen = AutomaticMaskGenerator(model, pred_iou_thresh=a.pred_iou, stability_score_thresh=a.stability,
+                                 box_nms_thresh=a.box_nms)
     cats = dict(match=0, duplicate=0, background=0, merged=0, partial=0)
     n_obj, missed = 0, []
     for s in range(lo, hi):

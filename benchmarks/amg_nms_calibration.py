@@ -23,7 +23,7 @@ def main() -> None:
         model = create_model("sam_nano", checkpoint=None if w == "v7" else w).eval()
         for nms in (float(v) for v in a.nms.split(",")):
             r = calibrate_thresholds(model, range(lo, hi), (0.5, 0.6, 0.7, 0.8), (0.9, 0.93, 0.95),
-                                     box_nms_thresh=nms, progress=False)
+                                     box_nms_grid=(nms,), progress=False)
             at = next(x for x in r.rows if (x["pred_iou_thresh"], x["stability_score_thresh"]) == (0.5, 0.93))
             fmt = lambda row: ", ".join(f"{k} {v:.3f}" for k, v in row.items())  # noqa: E731
             print(f"{w} box NMS {nms}: best F1: {fmt(r.best)}; at 0.5 / 0.93: {fmt(at)}", flush=True)

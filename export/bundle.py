@@ -201,7 +201,8 @@ def export_bundle(
 
     thr.update(recommended_thresholds(sam))  # the model's own (sam_nano's shipped weights), else segment-anything's
     if samcp_entry is not None:
-        thr.update(samcp_entry["patches"])  # the patches the SAM-CP head was trained on
+        # the patches the SAM-CP head was trained on (at segment-anything's box NMS unless they record one)
+        thr.update({"box_nms_thresh": defaults.box_nms_thresh, **samcp_entry["patches"]})
     thr.update(thresholds or {})
     # per-task thresholds the weights file recorded (the "unspecified" ones are in thr already); explicit
     # thresholds= and a SAM-CP head's patch thresholds override them all
@@ -209,6 +210,17 @@ def export_bundle(
                                                                                  "stability_score_thresh"))
     task_thr = {} if overridden else {t: dict(v) for t, v in (getattr(sam, "samantic_task_thresholds", None) or
                                                               {}).items() if t != "unspecified"}
+    if weights_entry is not None:
+        # the weights' own calibration travels in their header too, so that `segment --checkpoint model.safetensors`
+        # keeps what the model would (the shipped sam_nano's registry thresholds, a file's recorded ones)
+        from samantic.models import record_thresholds, thresholds_source
+
+        own, source = thresholds_source(sam)
+        if source != "segment-anything":
+            record_thresholds(out / "model.safetensors", own, source=f"{source} thresholds of {model_id}")
+            for t, v in (getattr(sam, "samantic_task_thresholds", None) or {}).items():
+                if t != "unspecified":
+                    record_thresholds(out / "model.safetensors", v, t)
     pe = sam.prompt_encoder
     manifest = {
         "format": BUNDLE_FORMAT,

@@ -138,12 +138,13 @@ def test_shipped_nano_carries_recommended_thresholds_and_other_weights_do_not(tm
     from samantic.runtime import Segmenter
 
     entry = get_model_entry("sam_nano")
-    assert set(entry.thresholds) == {"pred_iou_thresh", "stability_score_thresh"}
+    assert set(entry.thresholds) == {"pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"}
     shipped = create_model("sam_nano")
     assert recommended_thresholds(shipped) == entry.thresholds
     seg = Segmenter(shipped)
-    assert (seg.config.pred_iou_thresh, seg.config.stability_score_thresh) == (
-        entry.thresholds["pred_iou_thresh"], entry.thresholds["stability_score_thresh"])
+    assert (seg.config.pred_iou_thresh, seg.config.stability_score_thresh, seg.config.box_nms_thresh) == (
+        entry.thresholds["pred_iou_thresh"], entry.thresholds["stability_score_thresh"],
+        entry.thresholds["box_nms_thresh"])
     assert Segmenter(shipped, pred_iou_thresh=0.7).config.pred_iou_thresh == 0.7  # the user's word wins
     # weights other than the shipped ones, and models without a recommendation: segment-anything's
     path = save_checkpoint(shipped, tmp_path / "mine.safetensors")
@@ -160,13 +161,19 @@ def test_register_model_refuses_bad_thresholds():
         register_model(thresholds={"pred_iou": 0.5})
     with pytest.raises(ValueError, match="thresholds take"):
         register_model(thresholds={"pred_iou_thresh": 1.5})
+    with pytest.raises(ValueError, match="optionally \\('box_nms_thresh',\\)"):
+        register_model(thresholds={"pred_iou_thresh": 0.5, "box_nms_thresh": 0.3})  # the pair is needed
+    with pytest.raises(ValueError, match="thresholds take"):
+        register_model(thresholds={"pred_iou_thresh": 0.5, "stability_score_thresh": 0.9, "box_nms_thresh": 2})
+    assert callable(register_model(thresholds={"pred_iou_thresh": 0.5, "stability_score_thresh": 0.9,
+                                               "box_nms_thresh": 0.3}))  # a decorator, nothing registered yet
 
 
 def test_threshold_calibration_on_two_scenes():
     from samantic.train.metrics import calibrate_thresholds
 
     r = calibrate_thresholds(create_model("sam_nano"), range(500, 502), (0.3, 0.9), (0.8,), points_per_side=8,
-                             progress=False)
+                             box_nms_grid=(0.7,), progress=False)
     assert len(r.rows) == 2 and r.n_images == 2 and r.n_objects > 0 and r.n_candidates > 0
     loose, strict = r.rows
     assert loose["masks_per_image"] >= strict["masks_per_image"]  # a higher bar keeps no more masks
@@ -174,9 +181,31 @@ def test_threshold_calibration_on_two_scenes():
     for row in r.rows:
         assert 0 <= row["precision_50"] <= 1 and row["recall_75"] <= row["recall_50"]
     assert r.best in r.rows and -1 <= r.iou_correlation <= 1
-    assert "(chosen)" in r.markdown()
+    assert "(chosen)" in r.markdown() and "box_nms_thresh" in r.markdown()
     with pytest.raises(ValueError, match="training seed"):
         calibrate_thresholds(create_model("sam_nano"), [2_000_000], progress=False)
+
+
+def test_threshold_calibration_rows_are_the_generator_run_at_their_box_nms():
+    """Each row of the box-NMS grid keeps what segment-everything run at that triple keeps (masks per image,
+    recall), and a lower box NMS keeps no more masks."""
+    from samantic.train.data.shapes import render_scene
+    from samantic.train.metrics import calibrate_thresholds, evaluate_sam
+
+    nano = create_model("sam_nano")
+    r = calibrate_thresholds(nano, [502], (0.3,), (0.8,), points_per_side=8, box_nms_grid=(0.7, 0.5, 0.2),
+                             progress=False)
+    assert [row["box_nms_thresh"] for row in r.rows] == [0.7, 0.5, 0.2]
+    kept = [row["masks_per_image"] for row in r.rows]
+    assert kept[0] > kept[1] > kept[2]  # the grid changes what is kept on this scene
+    for row in r.rows:
+        amg = {"points_per_side": 8, "pred_iou_thresh": 0.3, "stability_score_thresh": 0.8,
+               "box_nms_thresh": row["box_nms_thresh"]}
+        reference = SamAutomaticMaskGenerator(nano, **amg)  # segment-anything's, at the row's triple
+        assert len(reference.generate(render_scene(502).image)) == row["masks_per_image"]
+        m = evaluate_sam(nano, [], [502], progress=False, amg_kwargs=amg).metrics
+        assert m["masks_per_image"] == pytest.approx(row["masks_per_image"])
+        assert m["recall_50"] == pytest.approx(row["recall_50"]) and m["recall_75"] == pytest.approx(row["recall_75"])
 
 
 def test_threshold_calibration_on_panoptic_scenes_counts_entities(tmp_path):

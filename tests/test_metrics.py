@@ -85,11 +85,14 @@ def test_calibration_grids_of_the_cli_are_the_library_defaults():
     import inspect
 
     from samantic.cli.eval import eval_thresholds
-    from samantic.train.metrics import PRED_IOU_GRID, STABILITY_GRID
+    from samantic.train.metrics import BOX_NMS_GRID, PRED_IOU_GRID, SAM_BOX_NMS, STABILITY_GRID, calibrate_thresholds
 
     params = inspect.signature(eval_thresholds).parameters
     assert [float(v) for v in params["pred_iou"].default.split(",")] == list(PRED_IOU_GRID)
     assert [float(v) for v in params["stability"].default.split(",")] == list(STABILITY_GRID)
+    assert [float(v) for v in params["box_nms"].default.split(",")] == list(BOX_NMS_GRID)
+    assert inspect.signature(calibrate_thresholds).parameters["box_nms_grid"].default == BOX_NMS_GRID
+    assert SAM_BOX_NMS in BOX_NMS_GRID  # segment-anything's own stays a candidate
     assert {0.92, 0.93, 0.94} <= set(STABILITY_GRID)  # fine steps under 0.95 for fine-tuned models
 
 
@@ -172,7 +175,11 @@ def test_eval_sam_cli_reports_the_ceiling(tmp_path):
     data = json.loads((tmp_path / "eval_sam.json").read_text())
     m = data["metrics"]
     assert 0.0 < m["miou_1pt_top"] <= m["ceiling"] < 1.0  # the shipped sam_nano stays under its resolution ceiling
-    assert data["command"].endswith("--pred-iou-thresh 0.5 --stability-score-thresh 0.8")
+    from samantic.models.registry import BOX_NMS_NANO
+
+    # the flags given, and the model's own box NMS (not given): the command reproduces the run
+    assert data["command"].endswith(f"--pred-iou-thresh 0.5 --stability-score-thresh 0.8 --box-nms-thresh {BOX_NMS_NANO}")
+    assert data["segment_everything"]["box_nms_thresh"] == BOX_NMS_NANO
     assert "resolution ceiling" in (tmp_path / "eval_sam.md").read_text()
     r = CliRunner().invoke(app, ["eval", "sam", "--seeds", "5:2"])
     assert r.exit_code != 0 and "START < STOP" in r.output

@@ -152,6 +152,45 @@ def test_a_bundle_carries_the_recorded_thresholds_per_task(weights, tmp_path):
     assert plain.task_thresholds == {} and plain.thresholds_for("part")["pred_iou_thresh"] == 0.4
 
 
+def test_a_calibrated_box_nms_travels_with_the_pair_and_a_file_without_one_keeps_segment_anythings(weights, tmp_path):
+    from samantic.export.bundle import export_bundle
+
+    nms = dict(PLAIN, box_nms_thresh=0.5)
+    record_thresholds(weights, nms)
+    record_thresholds(weights, PART, "part")  # recorded before box NMS was calibrated: a pair alone
+    assert recorded_thresholds(weights) == {"unspecified": nms, "part": PART}
+    model = create_model("sam_nano", checkpoint=str(weights))
+    assert recommended_thresholds(model) == nms
+    assert Segmenter(model).config.box_nms_thresh == 0.5
+    assert Segmenter(model, task="part").config.box_nms_thresh == 0.7  # segment-anything's, as calibrated
+    assert Segmenter(model, box_nms_thresh=0.6).config.box_nms_thresh == 0.6
+    assert prepare(SegmentOptions(checkpoint=str(weights))).config.box_nms_thresh == 0.5
+    assert prepare(SegmentOptions(checkpoint=str(weights), task="part")).config.box_nms_thresh == 0.7
+    assert prepare(SegmentOptions(checkpoint=str(weights), box_nms_thresh=0.3)).config.box_nms_thresh == 0.3
+    bundle = Bundle.load(export_bundle(model, tmp_path / "b", int8=False, torch_weights=True))
+    assert bundle.thresholds["box_nms_thresh"] == 0.5 and bundle.thresholds_for("part")["box_nms_thresh"] == 0.5
+    # the bundle's torch weights carry the calibration too: `--checkpoint` on them runs as the bundle does
+    inside = str(tmp_path / "b" / bundle.manifest["torch_weights"]["file"])
+    assert recorded_thresholds(inside) == {"unspecified": nms, "part": PART}
+    assert prepare(SegmentOptions(checkpoint=inside)).config.box_nms_thresh == 0.5
+    bundle.verify()  # recorded before the files were hashed
+    assert Segmenter.from_bundle(bundle, backend="onnxruntime").config.box_nms_thresh == 0.5
+    assert prepare(SegmentOptions(bundle=str(tmp_path / "b"))).config.box_nms_thresh == 0.5
+    assert prepare(SegmentOptions(bundle=str(tmp_path / "b"), box_nms_thresh=0.6)).config.box_nms_thresh == 0.6
+    with pytest.raises(ValueError, match="optionally box_nms_thresh"):
+        record_thresholds(weights, dict(PLAIN, box_nms=0.5))
+    with pytest.raises(ValueError, match="each in \\[0, 1\\]"):
+        record_thresholds(weights, dict(PLAIN, box_nms_thresh=1.5))
+    # `eval sam` measures segment-everything at the recommended box NMS, or the one given
+    args = ["eval", "sam", "--checkpoint", str(weights), "--seeds", "0:1", "--amg-seeds", "0:1", "--no-ceiling",
+            "--out", str(tmp_path / "e"), "--no-progress"]
+    for flag, want in (([], nms), (["--box-nms-thresh", "0.6"], dict(nms, box_nms_thresh=0.6))):
+        res = CliRunner().invoke(app, [*args, *flag])
+        assert res.exit_code == 0, res.output
+        saved = json.loads((tmp_path / "e" / "eval_sam.json").read_text())
+        assert saved["segment_everything"] == want and f"--box-nms-thresh {want['box_nms_thresh']}" in saved["command"]
+
+
 def test_eval_thresholds_record_writes_the_chosen_pair_for_the_task(weights, tmp_path):
     runner = CliRunner()
     args = ["eval", "thresholds", "--checkpoint", str(weights), "--seeds", "500:501", "--pred-iou", "0.3,0.6",
@@ -160,8 +199,10 @@ def test_eval_thresholds_record_writes_the_chosen_pair_for_the_task(weights, tmp
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "e" / "eval_thresholds.json").read_text())
     assert saved["task"] == "part" and saved["scenes"] == "v2-part" and "--task part" in saved["command"]
-    best = {k: saved["best"][k] for k in PART}
+    best = {k: saved["best"][k] for k in (*PART, "box_nms_thresh")}  # the box NMS calibrated with the pair
     assert recorded_thresholds(weights) == {"part": best}
+    assert "--box-nms 0.7,0.6,0.5,0.4,0.3" in saved["command"] and {r["box_nms_thresh"] for r in saved["rows"]} == {
+        0.7, 0.6, 0.5, 0.4, 0.3}
     assert f"recorded in {weights} for --task part" in " ".join(res.output.split())
     # refused: no file to record in, an unknown task
     res = runner.invoke(app, ["eval", "thresholds", "--record", "--seeds", "500:501", "--out", str(tmp_path / "f")])

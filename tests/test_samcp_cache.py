@@ -240,9 +240,11 @@ def test_thresholds_default_to_the_models_recommended_ones(nano, tmp_path):
     from samantic.models import create_model, recommended_thresholds
 
     cache = PatchCache(tmp_path, nano, points_per_side=GRID)
-    rec = recommended_thresholds(nano)
+    rec = {k: v for k, v in recommended_thresholds(nano).items() if k != "box_nms_thresh"}
     assert rec == {"pred_iou_thresh": PRED_IOU_NANO, "stability_score_thresh": STABILITY_NANO}  # the shipped calibration
     assert {k: cache.metadata[k] for k in rec} == rec
+    # the model's box NMS is not the patches': SAM-CP merges over-segmented patches (segment-anything's 0.7)
+    assert recommended_thresholds(nano)["box_nms_thresh"] < 0.7 and cache.metadata["box_nms_thresh"] == 0.7
     assert cache.metadata["thresholds_source"] == {"pred_iou_thresh": "model", "stability_score_thresh": "model"}
     assert PatchCache(tmp_path, nano, points_per_side=GRID, pred_iou_thresh=PRED_IOU_NANO).key == cache.key
     # other weights: another key, and no file to name

@@ -144,7 +144,9 @@ def test_an_empty_result_says_which_filters_to_loosen(inputs, tmp_path):
     assert r.returncode == 0
     assert json.loads((tmp_path / "o" / "good.png.json").read_text())["annotations"] == []
     assert "note: no masks kept in 1 image(s)" in r.stderr and "--pred-iou-thresh 0.999" in r.stderr
-    assert "--stability-score-thresh 0.95" in r.stderr  # sam_nano's own, since the flag was not given
+    from samantic.models.registry import STABILITY_NANO
+
+    assert f"--stability-score-thresh {STABILITY_NANO}" in r.stderr  # sam_nano's own, since the flag was not given
 
 
 def test_shipped_nano_segments_with_its_own_thresholds(tmp_path):
@@ -193,3 +195,25 @@ def test_samcp_head_brings_its_sam_when_no_model_is_named(tmp_path):
     with pytest.raises(ValueError, match="trained on patches of sam_nano_panoptic, not sam_nano"):
         prepare(SegmentOptions(samcp=str(path), model="sam_nano"))
     assert prepare(SegmentOptions()).model == "sam_nano"
+
+
+def test_samcp_patches_run_at_the_thresholds_and_box_nms_the_head_was_trained_with(tmp_path):
+    """A SAM-CP head's patches: its recorded grid, thresholds and box NMS (segment-anything's 0.7 when it records
+    none, whatever the SAM's own recommendation); flags win."""
+    import json
+
+    from samantic.batch import SegmentOptions, prepare
+    from samantic.heads.samcp import SamcpHead, SamcpInfo, save_samcp
+
+    def head(patches):
+        info = SamcpInfo(classes=("circle",), stuff=("wall",), d_model=32, layers=1, encoder_layers=1, ffn_dim=32,
+                         model="sam_nano_panoptic", extra={"patches": json.dumps(patches)})
+        return str(save_samcp(SamcpHead(info), tmp_path / f"h{len(patches)}.safetensors"))
+
+    old = head({"points_per_side": 16, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.9})
+    cfg = prepare(SegmentOptions(samcp=old)).config
+    assert (cfg.points_per_side, cfg.pred_iou_thresh, cfg.stability_score_thresh, cfg.box_nms_thresh) == (
+        16, 0.6, 0.9, 0.7)
+    new = head({"points_per_side": 16, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.9, "box_nms_thresh": 0.5})
+    assert prepare(SegmentOptions(samcp=new)).config.box_nms_thresh == 0.5
+    assert prepare(SegmentOptions(samcp=new, box_nms_thresh=0.6)).config.box_nms_thresh == 0.6

@@ -28,7 +28,8 @@ from samantic.runtime import Bundle, Segmenter
 
 from conftest import BLOCK_TORCH, disk_image
 
-KW = dict(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.6)
+# box NMS given too: the generator's default is segment-anything's, a Segmenter's the model's own
+KW = dict(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.6, box_nms_thresh=0.7)
 TABLE_KEY = "task_prompt.embed.weight"
 PART = TASKS.index("part")
 
@@ -435,7 +436,8 @@ def test_torch_free_cli_runs_a_task_on_a_bundle(sum_nano, sum_bundle, tmp_path):
     image = disk_image(102, (199, 301))
     Image.fromarray(image).save(tmp_path / "disk.png")
     exe = str(Path(sys.executable).with_name("samantic"))
-    flags = ["--points-per-side", "8", "--pred-iou-thresh", "0.5", "--stability-score-thresh", "0.6", "--no-progress"]
+    flags = ["--points-per-side", "8", "--pred-iou-thresh", "0.5", "--stability-score-thresh", "0.6", "--box-nms-thresh",
+             str(KW["box_nms_thresh"]), "--no-progress"]
     proc = subprocess.run([exe, "segment", str(tmp_path / "disk.png"), "--bundle", str(sum_bundle), "--backend",
                            "onnxruntime", "--task", "part", "--out", str(tmp_path / "out"), *flags],
                           env=dict(os.environ, PYTHONPATH=str(blocker)), capture_output=True, text=True, timeout=600)

@@ -19,6 +19,7 @@ plus the task's embedding), as segment-everything is.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -408,10 +409,10 @@ def evaluate_usam(segmenter, seeds: Iterable[int], level: str = "class", *, prog
 
 @dataclass
 class ThresholdCalibration:
-    """Segment-everything quality per (pred_iou_thresh, stability_score_thresh) on held-out scenes.
+    """Segment-everything quality per (pred_iou_thresh, stability_score_thresh, box_nms_thresh) on held-out scenes.
 
     Attributes:
-        rows: one dict per grid point: thresholds, recall at IoU 0.5 / 0.75, masks per image,
+        rows: one dict per grid point: the three thresholds, recall at IoU 0.5 / 0.75, masks per image,
             precision (kept masks that match a distinct object at IoU 0.5) and F1 at 0.5.
         best: the row with the highest F1 at IoU 0.5 (ties: higher recall at 0.75).
         iou_correlation: Pearson correlation of predicted and true IoU over every candidate mask
@@ -439,20 +440,28 @@ class ThresholdCalibration:
         lines = [f"{self.n_images} {self.scenes} scenes, {self.n_objects} {what}, {self.n_candidates} candidate masks"
                  f"{asked}; "
                  f"correlation of predicted and true IoU: {self.iou_correlation:.3f}", "",
-                 "| pred_iou_thresh | stability_score_thresh | recall@0.5 | recall@0.75 | masks / image | precision@0.5 | F1@0.5 |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| pred_iou_thresh | stability_score_thresh | box_nms_thresh | recall@0.5 | recall@0.75 | masks / image "
+                 "| precision@0.5 | F1@0.5 |",
+                 "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             mark = " **(chosen)**" if r is self.best or r == self.best else ""
-            lines.append(f"| {r['pred_iou_thresh']:.2f} | {r['stability_score_thresh']:.2f} | {r['recall_50']:.3f} | "
+            lines.append(f"| {r['pred_iou_thresh']:.2f} | {r['stability_score_thresh']:.2f} | "
+                         f"{r.get('box_nms_thresh', SAM_BOX_NMS):.2f} | {r['recall_50']:.3f} | "
                          f"{r['recall_75']:.3f} | {r['masks_per_image']:.1f} | {r['precision_50']:.3f} | "
                          f"{r['f1_50']:.3f}{mark} |")
         return "\n".join(lines)
 
 
+SAM_BOX_NMS = 0.7  # segment-anything's box_nms_thresh
 PRED_IOU_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88)
 # fine steps just under 0.95: a fine-tuned model's stability scores shift by a hundredth or two, and
 # on the coarse grid its best pair sits a whole step away (measured: benchmarks/results/sum_calibrated/)
 STABILITY_GRID = (0.7, 0.8, 0.9, 0.92, 0.93, 0.94, 0.95)
+# box NMS under segment-anything's 0.7: a small model's second masks of one object (a part, the object with a
+# neighbour's edge) overlap its first by more than half, yet their boxes by less than 0.7; down to 0.3, not under:
+# lower ones gain under 0.02 F1 on the shapes world and drop any object whose box overlaps a kept one's (measured:
+# benchmarks/results/box_nms_calibrated/)
+BOX_NMS_GRID = (0.7, 0.6, 0.5, 0.4, 0.3)
 
 
 def _v1_objects(seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -488,16 +497,19 @@ _CALIBRATION_OBJECTS: Dict[str, Callable[[int], Tuple[np.ndarray, np.ndarray]]] 
 
 def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[float] = PRED_IOU_GRID,
                          stability_grid: Sequence[float] = STABILITY_GRID, *, points_per_side: int = 32,
-                         box_nms_thresh: float = 0.7, scenes: str = "v1", task: str = "unspecified",
-                         progress: bool = True) -> ThresholdCalibration:
-    """Measures segment-everything on held-out scenes for every pair of thresholds, and picks one.
+                         box_nms_grid: Sequence[float] = BOX_NMS_GRID, scenes: str = "v1",
+                         task: str = "unspecified", progress: bool = True) -> ThresholdCalibration:
+    """Measures segment-everything on held-out scenes for every triple of thresholds (pred_iou_thresh,
+    stability_score_thresh, box_nms_thresh), and picks one.
 
     Each scene is segmented once with the loosest thresholds of the grid and no NMS; each
-    grid point then filters those candidates and runs the generator's box NMS (the same
-    kept set as running the generator at that grid point, since filtering comes before NMS
-    there too).
+    grid point then filters those candidates and runs the generator's box NMS at its
+    box_nms_thresh (the same kept set as running the generator at that grid point, since
+    filtering comes before NMS there too).
 
     Args:
+        box_nms_grid: the generator's box-NMS IoU thresholds to try: a lower one drops more of an object's second
+            masks, and more of the masks of objects that overlap; ``(0.7,)`` keeps segment-anything's.
         scenes: ``"v1"``: plain shapes-world scenes, the objects are the shape instances;
             ``"v2"``: panoptic scenes, the objects are the entities (every thing as a whole and
             every stuff region), the masks a model trained on v2 scenes should give one each;
@@ -540,33 +552,34 @@ def calibrate_thresholds(model, seeds: Iterable[int], pred_iou_grid: Sequence[fl
     corr = float(np.corrcoef(p, t)[0, 1]) if len(p) > 2 and p.std() > 0 and t.std() > 0 else float("nan")
     n_obj = sum(it[3].shape[1] for it in per_image)
     rows = []
-    for pi in pred_iou_grid:
-        for st in stability_grid:
-            hit50 = hit75 = kept = true_pos = 0
-            for boxes, ious, stab, iou in per_image:
-                sel = np.nonzero((ious > pi) & (stab >= st))[0]
-                if len(sel):
-                    sel = sel[nms(boxes[sel], ious[sel], box_nms_thresh)]
-                kept += len(sel)
-                if iou.shape[1] == 0 or len(sel) == 0:
-                    continue
-                m = iou[sel]
-                hit50 += int((m.max(0) >= 0.5).sum())
-                hit75 += int((m.max(0) >= 0.75).sum())
-                # precision: each object matched by at most one kept mask (greedy by IoU)
-                free = np.ones(m.shape[1], bool)
-                for i in np.argsort(-m.max(1)):
-                    row = np.where(free, m[i], -1.0)
-                    g = int(np.argmax(row))
-                    if row[g] >= 0.5:
-                        free[g] = False
-                        true_pos += 1
-            recall50 = hit50 / n_obj if n_obj else float("nan")
-            precision = true_pos / kept if kept else 0.0
-            f1 = 2 * precision * recall50 / (precision + recall50) if precision + recall50 > 0 else 0.0
-            rows.append({"pred_iou_thresh": float(pi), "stability_score_thresh": float(st), "recall_50": recall50,
-                         "recall_75": hit75 / n_obj if n_obj else float("nan"),
-                         "masks_per_image": kept / max(1, len(per_image)), "precision_50": precision, "f1_50": f1})
-    best = max(rows, key=lambda r: (round(r["f1_50"], 3), r["recall_75"]))
+    for pi, st, bn in itertools.product(pred_iou_grid, stability_grid, box_nms_grid):
+        hit50 = hit75 = kept = true_pos = 0
+        for boxes, ious, stab, iou in per_image:
+            sel = np.nonzero((ious > pi) & (stab >= st))[0]
+            if len(sel):
+                sel = sel[nms(boxes[sel], ious[sel], bn)]
+            kept += len(sel)
+            if iou.shape[1] == 0 or len(sel) == 0:
+                continue
+            m = iou[sel]
+            hit50 += int((m.max(0) >= 0.5).sum())
+            hit75 += int((m.max(0) >= 0.75).sum())
+            # precision: each object matched by at most one kept mask (greedy by IoU)
+            free = np.ones(m.shape[1], bool)
+            for i in np.argsort(-m.max(1)):
+                row = np.where(free, m[i], -1.0)
+                g = int(np.argmax(row))
+                if row[g] >= 0.5:
+                    free[g] = False
+                    true_pos += 1
+        recall50 = hit50 / n_obj if n_obj else float("nan")
+        precision = true_pos / kept if kept else 0.0
+        f1 = 2 * precision * recall50 / (precision + recall50) if precision + recall50 > 0 else 0.0
+        rows.append({"pred_iou_thresh": float(pi), "stability_score_thresh": float(st),
+                     "box_nms_thresh": float(bn), "recall_50": recall50,
+                     "recall_75": hit75 / n_obj if n_obj else float("nan"),
+                     "masks_per_image": kept / max(1, len(per_image)), "precision_50": precision, "f1_50": f1})
+    # ties: the higher recall at 0.75, then the NMS threshold nearer segment-anything's (the higher)
+    best = max(rows, key=lambda r: (round(r["f1_50"], 3), r["recall_75"], r["box_nms_thresh"]))
     return ThresholdCalibration(rows, best, corr, len(per_image), n_obj, int(len(p)), time.perf_counter() - t0,
                               scenes, task_name(task))

@@ -48,7 +48,9 @@ meta               str (0-d)        JSON: meta.json's fields plus image_sha256, 
 =================  ===============  ================================================
 
 Thresholds default to the model's calibrated ones
-(:func:`samantic.models.recommended_thresholds`), not the paper's 0.8 / 0.9.
+(:func:`samantic.models.recommended_thresholds`), not the paper's 0.8 / 0.9; the box NMS stays
+segment-anything's 0.7 whatever the model recommends (SAM-CP merges over-segmented patches; a lower
+one would drop patches the head can use).
 """
 
 from __future__ import annotations

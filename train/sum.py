@@ -484,7 +484,8 @@ class PseudoLabelCache:
         model: a SAM from :func:`~samantic.models.create_model` (e.g. ``"sam_nano"``).
         points_per_side: the prompt grid is ``points_per_side`` squared.
         pred_iou_thresh, stability_score_thresh: None for the model's recommended ones
-            (:func:`~samantic.models.recommended_thresholds`).
+            (:func:`~samantic.models.recommended_thresholds`); the box NMS stays segment-anything's 0.7
+            (``GENERATOR_OPTIONS``) whatever the model recommends, as the pseudo-labels were made.
         checkpoint: the file or tag the weights came from, for the record
             (:func:`~samantic.train.samcp_cache.weights_sha256`).
     """

@@ -103,7 +103,7 @@ class SegmentOptions:
     pred_iou_thresh: Optional[float] = None  # None: the model's, the bundle's or segment-anything's
     stability_score_thresh: Optional[float] = None
     stability_score_offset: float = _AMG["stability_score_offset"]
-    box_nms_thresh: float = _AMG["box_nms_thresh"]
+    box_nms_thresh: Optional[float] = None  # None: the model's, the bundle's or segment-anything's 0.7
     crop_n_layers: int = _AMG["crop_n_layers"]
     crop_nms_thresh: float = _AMG["crop_nms_thresh"]
     crop_overlap_ratio: float = _AMG["crop_overlap_ratio"]
@@ -194,6 +194,7 @@ def prepare(options: SegmentOptions) -> Prepared:
         FileNotFoundError: a missing file.
         ImportError: a backend's package is missing (the message names the extra).
     """
+    from samantic.models.loading import OPTIONAL_THRESHOLD_NAMES, THRESHOLD_NAMES
     from samantic.models.registry import DEFAULT_MODEL, SAM_THRESHOLDS, default_thresholds, get_config, get_model_entry
     from samantic.runtime import Segmenter
 
@@ -225,7 +226,8 @@ def prepare(options: SegmentOptions) -> Prepared:
         from samantic.pipeline.scoring import check_class_names
 
         check_class_names(o.classes, what="--classes list")
-    thresholds = dict(SAM_THRESHOLDS)
+    thresholds = dict(SAM_THRESHOLDS, box_nms_thresh=_AMG["box_nms_thresh"])
+    calibrated = THRESHOLD_NAMES + OPTIONAL_THRESHOLD_NAMES
     if o.bundle is None:
         # calibrated defaults: those the weights file records (for --task, else its "unspecified" ones), the
         # shipped weights' (registry), else segment-anything's
@@ -248,7 +250,7 @@ def prepare(options: SegmentOptions) -> Prepared:
         if o.head is not None or o.checkpoint is not None:
             raise ValueError("--bundle brings its own weights and head; leave out --head/--checkpoint")
         bundle_info = Bundle.load(o.bundle, verify=False)  # verified once, by from_bundle
-        thresholds.update({k: v for k, v in bundle_info.thresholds_for(o.task).items() if k in thresholds})
+        thresholds.update({k: v for k, v in bundle_info.thresholds_for(o.task).items() if k in calibrated})
         if o.classes is not None and bundle_info.samcp:
             from samantic.pipeline.panoptic import check_names
 
@@ -259,15 +261,19 @@ def prepare(options: SegmentOptions) -> Prepared:
         trained = patch_options(samcp_head.info)
     elif bundle_info is not None and bundle_info.samcp:
         trained = dict(bundle_info.samcp.get("patches") or {})
-    thresholds.update({k: v for k, v in trained.items() if k in thresholds})
+    if trained:  # the SAM-CP head's patches: its thresholds, and segment-anything's box NMS unless it records one
+        thresholds.update({k: v for k, v in trained.items() if k in calibrated})
+        thresholds["box_nms_thresh"] = trained.get("box_nms_thresh", _AMG["box_nms_thresh"])
     points_per_side = o.points_per_side if o.points_per_side is not None else int(trained.get("points_per_side", 32))
     if o.pred_iou_thresh is not None:
         thresholds["pred_iou_thresh"] = o.pred_iou_thresh
     if o.stability_score_thresh is not None:
         thresholds["stability_score_thresh"] = o.stability_score_thresh
+    if o.box_nms_thresh is not None:
+        thresholds["box_nms_thresh"] = o.box_nms_thresh
     config = AmgConfig(
         points_per_side=points_per_side, points_per_batch=o.points_per_batch, **thresholds,
-        stability_score_offset=o.stability_score_offset, box_nms_thresh=o.box_nms_thresh,
+        stability_score_offset=o.stability_score_offset,
         crop_n_layers=o.crop_n_layers, crop_nms_thresh=o.crop_nms_thresh, crop_overlap_ratio=o.crop_overlap_ratio,
         crop_n_points_downscale_factor=o.crop_n_points_downscale_factor,
         min_mask_region_area=o.min_mask_region_area, output_mode="coco_rle", adaptive=o.adaptive,

@@ -92,7 +92,8 @@ def load_column(spec: str, model: str = "sam_nano") -> Tuple[str, str, Any]:
     raise FileNotFoundError(f"--column {spec}: {source!r} is neither a registered model nor a file")
 
 
-def _thresholds(sam, pred_iou_thresh: Optional[float], stability_score_thresh: Optional[float]) -> dict:
+def _thresholds(sam, pred_iou_thresh: Optional[float], stability_score_thresh: Optional[float],
+                box_nms_thresh: Optional[float] = None) -> dict:
     """The model's recommended segment-everything thresholds (as `samantic segment` uses them), with the user's on top."""
     from samantic.models import recommended_thresholds
 
@@ -101,6 +102,8 @@ def _thresholds(sam, pred_iou_thresh: Optional[float], stability_score_thresh: O
         amg["pred_iou_thresh"] = pred_iou_thresh
     if stability_score_thresh is not None:
         amg["stability_score_thresh"] = stability_score_thresh
+    if box_nms_thresh is not None:
+        amg["box_nms_thresh"] = box_nms_thresh
     return amg
 
 
@@ -113,6 +116,7 @@ def eval_sam(
     out: Annotated[Path, typer.Option(help="Directory for eval_sam.json and eval_sam.md.")] = Path("runs/eval"),
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall \\[default: the model's recommended, else segment-anything's 0.88].")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="Segment-everything setting for the recall \\[default: the model's recommended, else segment-anything's 0.95].")] = None,
+    box_nms_thresh: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Segment-everything's box NMS for the recall \\[default: the model's recommended, else segment-anything's 0.7].")] = None,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Also report the resolution ceiling: the mIoU of ideal low-res logits after the model's post-processing.")] = True,
     input_size: Annotated[Optional[int], typer.Option(help="Run the model at this input side in pixels (conv encoders; the recommended thresholds stay the shipped ones, chosen at the config's side) \\[default: the side --checkpoint's header records, else the config's].")] = None,
     threads: Threads = 0,
@@ -126,7 +130,7 @@ def eval_sam(
     point_seeds, recall_seeds = parse_seeds(seeds), parse_seeds(amg_seeds)
     try:
         sam = create_model(model, checkpoint=checkpoint, **input_size_override(model, input_size))
-        amg = _thresholds(sam, pred_iou_thresh, stability_score_thresh)
+        amg = _thresholds(sam, pred_iou_thresh, stability_score_thresh, box_nms_thresh)
         result = evaluate_sam(sam, point_seeds, recall_seeds, progress=progress, amg_kwargs=amg, ceiling=ceiling)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -151,6 +155,7 @@ def eval_thresholds(
     seeds: Annotated[str, typer.Option(help="Held-out scene seeds, START:STOP (keep them apart from the seeds you report on).")] = "500:560",
     pred_iou: Annotated[str, typer.Option(help="Comma-separated pred_iou_thresh values to try.")] = "0.3,0.4,0.5,0.6,0.7,0.8,0.88",  # = PRED_IOU_GRID
     stability: Annotated[str, typer.Option(help="Comma-separated stability_score_thresh values to try.")] = "0.7,0.8,0.9,0.92,0.93,0.94,0.95",  # = STABILITY_GRID
+    box_nms: Annotated[str, typer.Option(help="Comma-separated box_nms_thresh values to try (segment-everything's box NMS: a lower one drops more second masks of one object).")] = "0.7,0.6,0.5,0.4,0.3",  # = BOX_NMS_GRID
     points_per_side: Annotated[int, typer.Option(min=1, help="Segment-everything grid: points per side.")] = 32,
     scenes: Annotated[str, typer.Option(help="v1: plain scenes, one mask per shape; v2: panoptic scenes, one mask per entity (thing or stuff region), for models trained on them; v2-part: panoptic scenes, one mask per part (a simple thing whole), for SUM's --task part \\[default: v2-part with --task part, else v1].")] = "",
     task: Annotated[str, typer.Option(help="SUM's task prompt segment-everything runs with (unspecified, salient, entity, part).")] = "unspecified",
@@ -186,21 +191,23 @@ def eval_thresholds(
     try:
         grid_iou = [float(v) for v in pred_iou.split(",") if v.strip()]
         grid_stab = [float(v) for v in stability.split(",") if v.strip()]
+        grid_nms = [float(v) for v in box_nms.split(",") if v.strip()]
     except ValueError:
-        typer.echo("error: --pred-iou and --stability take comma-separated numbers", err=True)
+        typer.echo("error: --pred-iou, --stability and --box-nms take comma-separated numbers", err=True)
         raise typer.Exit(1)
-    if not grid_iou or not grid_stab or not all(0 <= v <= 1 for v in grid_iou + grid_stab):
-        typer.echo("error: --pred-iou and --stability need values in [0, 1]", err=True)
+    if not grid_iou or not grid_stab or not grid_nms or not all(0 <= v <= 1 for v in grid_iou + grid_stab + grid_nms):
+        typer.echo("error: --pred-iou, --stability and --box-nms need values in [0, 1]", err=True)
         raise typer.Exit(1)
     try:
         sam = create_model(model, checkpoint=checkpoint)
         result = calibrate_thresholds(sam, parse_seeds(seeds), grid_iou, grid_stab, points_per_side=points_per_side,
-                                      scenes=scenes, task=task, progress=progress)
+                                      box_nms_grid=grid_nms, scenes=scenes, task=task, progress=progress)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     command = f"samantic eval thresholds --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "") + \
-        f" --seeds {seeds} --pred-iou {pred_iou} --stability {stability} --points-per-side {points_per_side}" + \
+        f" --seeds {seeds} --pred-iou {pred_iou} --stability {stability} --box-nms {box_nms}" + \
+        f" --points-per-side {points_per_side}" + \
         (f" --scenes {scenes}" if scenes != "v1" else "") + (f" --task {task}" if task != "unspecified" else "")
     atomic_write_json(out / "eval_thresholds.json", {"model": model, "checkpoint": checkpoint, "seeds": seeds,
                                                       "task": task, "command": command, **result.to_dict()}, indent=2)
@@ -208,9 +215,10 @@ def eval_thresholds(
     atomic_write_bytes(out / "eval_thresholds.md", md.encode())
     typer.echo(md)
     b = result.best
-    chosen = {k: float(b[k]) for k in ("pred_iou_thresh", "stability_score_thresh")}
+    chosen = {k: float(b[k]) for k in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")}
     typer.echo(f"recommended: pred_iou_thresh {b['pred_iou_thresh']}, stability_score_thresh "
-               f"{b['stability_score_thresh']} (F1@0.5 {b['f1_50']:.3f}); saved {out / 'eval_thresholds.md'}")
+               f"{b['stability_score_thresh']}, box_nms_thresh {b['box_nms_thresh']} (F1@0.5 {b['f1_50']:.3f}); "
+               f"saved {out / 'eval_thresholds.md'}")
     if record:
         try:
             record_thresholds(checkpoint, chosen, task, source=command)
@@ -488,10 +496,14 @@ def _own_thresholds_recall(sam, calib_seeds, recall_seeds, progress: bool, share
     every column measures that shift along with the segmentation. ``at_shared``: its metrics at the
     ``shared`` setting, reused when its own pair is that one. ``stability_grid``: the stability
     thresholds tried (default: ``samantic eval thresholds``' grid)."""
-    from samantic.train.metrics import STABILITY_GRID, calibrate_thresholds, evaluate_sam
+    from samantic.train.metrics import SAM_BOX_NMS, STABILITY_GRID, calibrate_thresholds, evaluate_sam
 
-    cal = calibrate_thresholds(sam, calib_seeds, stability_grid=stability_grid or STABILITY_GRID, progress=progress)
+    nms = float(shared.get("box_nms_thresh", SAM_BOX_NMS))  # the pair calibrated at the shared setting's box NMS
+    cal = calibrate_thresholds(sam, calib_seeds, stability_grid=stability_grid or STABILITY_GRID, box_nms_grid=(nms,),
+                               progress=progress)
     own = {k: float(cal.best[k]) for k in ("pred_iou_thresh", "stability_score_thresh")}
+    if "box_nms_thresh" in shared:
+        own["box_nms_thresh"] = nms
     if own == {k: float(shared[k]) for k in own} and set(shared) <= set(own):
         metrics = at_shared
     else:

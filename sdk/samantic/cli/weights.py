@@ -70,7 +70,7 @@ def _models_table() -> Table:
     from samantic.models import get_model_entry, list_models, list_weights
     from samantic.models.registry import SAM_THRESHOLDS
 
-    table = Table(title="Models (--model)", caption="default thresholds: pred_iou_thresh / stability_score_thresh")
+    table = Table(title="Models (--model)", caption="default thresholds: pred_iou_thresh / stability_score_thresh / box_nms_thresh")
     for column in ("model", "weights", "default thresholds", "description"):
         table.add_column(column)
     for name in list_models():
@@ -85,8 +85,8 @@ def _models_table() -> Table:
         else:
             weights = "none (architecture only)"
         thresholds = entry.thresholds or SAM_THRESHOLDS
-        table.add_row(name, weights, f"{thresholds['pred_iou_thresh']:g} / {thresholds['stability_score_thresh']:g}",
-                      entry.description)
+        table.add_row(name, weights, f"{thresholds['pred_iou_thresh']:g} / {thresholds['stability_score_thresh']:g}"
+                      f" / {thresholds.get('box_nms_thresh', 0.7):g}", entry.description)
     return table
 
 

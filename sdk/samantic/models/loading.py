@@ -176,15 +176,20 @@ def recorded_input_size(path: CheckpointLike) -> Optional[int]:
     return side if isinstance(side, int) and side > 0 else None
 
 
-THRESHOLDS_KEY = "thresholds"  # header entry: {task: {"pred_iou_thresh": .., "stability_score_thresh": ..}}
+THRESHOLDS_KEY = "thresholds"  # header entry: {task: {"pred_iou_thresh": .., "stability_score_thresh": ..[, "box_nms_thresh": ..]}}
 THRESHOLD_NAMES = ("pred_iou_thresh", "stability_score_thresh")  # segment-everything's calibrated pair
+# calibrated with the pair since `samantic eval thresholds --box-nms`; files and entries from before carry none
+# (segment-anything's 0.7 then, what they were calibrated at)
+OPTIONAL_THRESHOLD_NAMES = ("box_nms_thresh",)
 
 
 def _check_thresholds(value: Any, where: str) -> Dict[str, float]:
-    if not isinstance(value, Mapping) or set(value) != set(THRESHOLD_NAMES) or not all(
+    names = THRESHOLD_NAMES + OPTIONAL_THRESHOLD_NAMES
+    if not isinstance(value, Mapping) or not set(THRESHOLD_NAMES) <= set(value) <= set(names) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0 for v in value.values()):
-        raise ValueError(f"{where}: thresholds must be {{{', '.join(THRESHOLD_NAMES)}}}, each in [0, 1]; got {value!r}")
-    return {k: float(value[k]) for k in THRESHOLD_NAMES}
+        raise ValueError(f"{where}: thresholds must be {{{', '.join(THRESHOLD_NAMES)}}} (and optionally "
+                         f"{', '.join(OPTIONAL_THRESHOLD_NAMES)}), each in [0, 1]; got {value!r}")
+    return {k: float(value[k]) for k in names if k in value}
 
 
 def recorded_thresholds(path: CheckpointLike) -> Dict[str, Dict[str, float]]:
@@ -230,7 +235,8 @@ def record_thresholds(path: CheckpointLike, thresholds: Mapping[str, float], tas
 
     Args:
         path: A ``.safetensors`` file written by samantic (``save_checkpoint``, ``samantic train ...``).
-        thresholds: ``{"pred_iou_thresh": .., "stability_score_thresh": ..}``, each in [0, 1].
+        thresholds: ``{"pred_iou_thresh": .., "stability_score_thresh": ..}``, optionally with ``"box_nms_thresh"``,
+            each in [0, 1].
         task: The SUM task the thresholds were calibrated for (a name from ``TASKS`` or its index).
         source: How they were chosen (e.g. the ``samantic eval thresholds`` command), kept beside them.
 

@@ -131,7 +131,8 @@ def patch_options(info: Any) -> Dict[str, Any]:
         got = json.loads(raw)
     except ValueError:
         return {}
-    return {k: got[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh") if k in got}
+    return {k: got[k] for k in ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")
+            if k in got}
 
 
 class TorchSamcpScorer:
