@@ -395,3 +395,24 @@ def test_voc_palette_and_label_png(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b.png")), big)
     with pytest.raises(ValueError, match=r"\[H, W\]"):
         write_label_png(tmp_path / "c.png", np.zeros((2, 2, 3)))
+
+
+def test_eval_usam_cli_runs_segment_everything_at_the_models_own_thresholds(tmp_path):
+    """`eval usam` measures at what `segment` would use: the shipped model's recommended pair and box NMS unless
+    flags say otherwise; the command it records says all three."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from samantic.cli.main import app
+    from samantic.models import get_model_entry
+
+    head = UsamHead(HeadInfo(classes=("circle", "star"), token_dim=128, model="sam_nano"))
+    head_path = head.save(tmp_path / "head.safetensors")
+    own = get_model_entry("sam_nano").thresholds
+    base = ["eval", "usam", "--head", str(head_path), "--seeds", "0:1", "--points-per-side", "4", "--no-progress"]
+    for flags, want in (([], own), (["--box-nms-thresh", "0.6"], dict(own, box_nms_thresh=0.6))):
+        res = CliRunner().invoke(app, [*base, *flags, "--out", str(tmp_path / "e")])
+        assert res.exit_code == 0, res.output
+        command = json.loads((tmp_path / "e" / "eval_usam.json").read_text())["command"]
+        assert all(f"--{k.replace('_', '-')} {v}" in command for k, v in want.items()), command

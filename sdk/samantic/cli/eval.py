@@ -239,6 +239,7 @@ def eval_usam(
     points_per_side: Annotated[int, typer.Option(min=1, help="Segment-everything grid: points per side.")] = 32,
     pred_iou_thresh: Annotated[Optional[float], typer.Option(help="\\[default: the model's recommended, else 0.88]")] = None,
     stability_score_thresh: Annotated[Optional[float], typer.Option(help="\\[default: the model's recommended, else 0.95]")] = None,
+    box_nms_thresh: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="\\[default: the model's recommended, else 0.7]")] = None,
     score_thresh: Annotated[Optional[float], typer.Option(help="Class-probability threshold (default: the head's).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for eval_usam.json and eval_usam.md.")] = Path("runs/eval"),
     threads: Threads = 0,
@@ -257,13 +258,13 @@ def eval_usam(
     rows = []
     try:
         sam = create_model(model, checkpoint=checkpoint)
-        thresholds = _thresholds(sam, pred_iou_thresh, stability_score_thresh)
-        pred_iou_thresh, stability_score_thresh = thresholds["pred_iou_thresh"], thresholds["stability_score_thresh"]
+        thresholds = _thresholds(sam, pred_iou_thresh, stability_score_thresh, box_nms_thresh)
+        thresholds.setdefault("box_nms_thresh", 0.7)  # segment-anything's, for a model that recommends none
         for path in head:
             h = load_head(path)
             h.check_model(sam, model, path)
             seg = Segmenter(sam, h, classes=classes, score_thresh=score_thresh, points_per_side=points_per_side,
-                            pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh)
+                            **thresholds)
             level = "superclass" if all(n in SUPERCLASS_NAMES for n in seg.names) else "class"
             result = evaluate_usam(seg, scene_seeds, level, progress=progress)
             method = json.loads(h.info.extra.get("training", "{}")).get("method", "?")
@@ -273,8 +274,8 @@ def eval_usam(
         raise typer.Exit(1)
     command = (f"samantic eval usam --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "")
                + "".join(f" --head {p}" for p in head) + (f" --classes {classes}" if classes else "")
-               + f" --seeds {seeds} --points-per-side {points_per_side} --pred-iou-thresh {pred_iou_thresh}"
-               + f" --stability-score-thresh {stability_score_thresh}")
+               + f" --seeds {seeds} --points-per-side {points_per_side}"
+               + "".join(f" --{k.replace('_', '-')} {v}" for k, v in thresholds.items()))
     payload = {"model": model, "checkpoint": checkpoint, "seeds": seeds, "command": command,
                "heads": [{"head": str(p), "method": m, **r.to_dict()} for p, m, r in rows]}
     atomic_write_json(out / "eval_usam.json", payload, indent=2)
