@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from samantic.models.registry import SAM_BOX_NMS
+
 TRAIN_SEED_START = 1_000_000  # training scenes are rendered from here up
 
 
@@ -452,7 +454,6 @@ class ThresholdCalibration:
         return "\n".join(lines)
 
 
-SAM_BOX_NMS = 0.7  # segment-anything's box_nms_thresh
 PRED_IOU_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88)
 # fine steps just under 0.95: a fine-tuned model's stability scores shift by a hundredth or two, and
 # on the coarse grid its best pair sits a whole step away (measured: benchmarks/results/sum_calibrated/)

@@ -262,8 +262,8 @@ def prepare(options: SegmentOptions) -> Prepared:
     elif bundle_info is not None and bundle_info.samcp:
         trained = dict(bundle_info.samcp.get("patches") or {})
     if trained:  # the SAM-CP head's patches: its thresholds, and segment-anything's box NMS unless it records one
-        thresholds.update({k: v for k, v in trained.items() if k in calibrated})
-        thresholds["box_nms_thresh"] = trained.get("box_nms_thresh", _AMG["box_nms_thresh"])
+        thresholds.update({"box_nms_thresh": _AMG["box_nms_thresh"],
+                           **{k: v for k, v in trained.items() if k in calibrated}})
     points_per_side = o.points_per_side if o.points_per_side is not None else int(trained.get("points_per_side", 32))
     if o.pred_iou_thresh is not None:
         thresholds["pred_iou_thresh"] = o.pred_iou_thresh

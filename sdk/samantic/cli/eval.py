@@ -249,6 +249,7 @@ def eval_usam(
     from samantic.heads.usam import load_head
     from samantic.io import atomic_write_bytes, atomic_write_json
     from samantic.models import create_model
+    from samantic.models.registry import SAM_BOX_NMS
     from samantic.runtime import Segmenter
     from samantic.train.data.shapes import SUPERCLASS_NAMES
     from samantic.train.metrics import evaluate_usam
@@ -259,7 +260,7 @@ def eval_usam(
     try:
         sam = create_model(model, checkpoint=checkpoint)
         thresholds = _thresholds(sam, pred_iou_thresh, stability_score_thresh, box_nms_thresh)
-        thresholds.setdefault("box_nms_thresh", 0.7)  # segment-anything's, for a model that recommends none
+        thresholds.setdefault("box_nms_thresh", SAM_BOX_NMS)  # segment-anything's, for a model that recommends none
         for path in head:
             h = load_head(path)
             h.check_model(sam, model, path)

@@ -68,7 +68,7 @@ def _models_table() -> Table:
     """The registry: each model's weights (shipped in the package, a download, or none) and the
     segment-everything thresholds used when a command is given none."""
     from samantic.models import get_model_entry, list_models, list_weights
-    from samantic.models.registry import SAM_THRESHOLDS
+    from samantic.models.registry import SAM_BOX_NMS, SAM_THRESHOLDS
 
     table = Table(title="Models (--model)", caption="default thresholds: pred_iou_thresh / stability_score_thresh / box_nms_thresh")
     for column in ("model", "weights", "default thresholds", "description"):
@@ -86,7 +86,7 @@ def _models_table() -> Table:
             weights = "none (architecture only)"
         thresholds = entry.thresholds or SAM_THRESHOLDS
         table.add_row(name, weights, f"{thresholds['pred_iou_thresh']:g} / {thresholds['stability_score_thresh']:g}"
-                      f" / {thresholds.get('box_nms_thresh', 0.7):g}", entry.description)
+                      f" / {thresholds.get('box_nms_thresh', SAM_BOX_NMS):g}", entry.description)
     return table
 
 
