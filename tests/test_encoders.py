@@ -88,6 +88,13 @@ def test_batched_decoding_matches_segment_anythings_decoder(multimask):
     with torch.no_grad():
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=masks_in)
         got_masks, got_iou = decode_prompts(model.mask_decoder, emb[index], pe, sparse, dense, multimask)
+        again = decode_prompts(model.mask_decoder, emb[index], pe, sparse, dense, multimask, return_tokens=True)
+        torch.testing.assert_close(again[0], got_masks, rtol=0, atol=0)
+        got_tokens = again[2]
+        dec = model.mask_decoder
+        assert got_tokens.shape == (5, 3 if multimask else 1, dec.transformer_dim)
+        seen = []  # the output mask tokens segment-anything's decoder computes: its transformer's token outputs
+        hook = dec.transformer.register_forward_hook(lambda m, i, o: seen.append(o[0][:, 1 : 1 + dec.num_mask_tokens]))
         for img in (0, 1):
             sel = index == img
             ref_masks, ref_iou = model.mask_decoder(image_embeddings=emb[img : img + 1], image_pe=pe,
@@ -95,6 +102,9 @@ def test_batched_decoding_matches_segment_anythings_decoder(multimask):
                                                     dense_prompt_embeddings=dense[sel], multimask_output=multimask)
             torch.testing.assert_close(got_masks[sel], ref_masks, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(got_iou[sel], ref_iou, rtol=1e-4, atol=1e-4)
+            ref_tokens = seen[-1][:, 1:] if multimask else seen[-1][:, :1]
+            torch.testing.assert_close(got_tokens[sel], ref_tokens, rtol=1e-4, atol=1e-4)
+        hook.remove()
 
 
 def test_preparer_gives_low_res_soft_masks_and_boxes():

@@ -161,7 +161,8 @@ class Sample:
     """One training image and its instance masks (uint8 RGB [H, W, 3], bool [N, H, W]).
 
     Optional per-instance extras (see the module docstring for who reads them):
-    ``tasks`` int64 [N], SUM task indices; ``uncertainty`` float [N, H, W] in [0, 1].
+    ``tasks`` int64 [N], SUM task indices; ``uncertainty`` float [N, H, W] in [0, 1];
+    ``classes`` int64 [N], class indices (-1: unknown) for a trainer with a ``token_classifier``.
     ``anchor``: the image's embedding is pulled toward a reference encoder's when the trainer has
     one (:class:`SamTrainer`'s ``anchor_encoder``: what the model did on such images is kept).
     """
@@ -171,6 +172,7 @@ class Sample:
     tasks: Optional[np.ndarray] = None
     uncertainty: Optional[np.ndarray] = None
     anchor: bool = False
+    classes: Optional[np.ndarray] = None
 
 
 class CocoInstances:
@@ -186,6 +188,10 @@ class CocoInstances:
         self.images = sorted(data["images"], key=lambda im: im["id"])
         if not self.images:
             raise ValueError(f"{ann}: the dataset has no images")
+        self.class_names: Tuple[str, ...] = tuple(c["name"] for c in sorted(data.get("categories", []),
+                                                                           key=lambda c: c["id"]))
+        self._class_index = {c["id"]: i for i, c in enumerate(sorted(data.get("categories", []),
+                                                                    key=lambda c: c["id"]))}
         self.anns: Dict[int, List[dict]] = {im["id"]: [] for im in self.images}
         for a in data["annotations"]:
             self.anns.setdefault(a["image_id"], []).append(a)
@@ -204,15 +210,19 @@ class CocoInstances:
             masks = rle_decode([a["segmentation"] for a in anns]).astype(bool)
         else:
             masks = np.zeros((0,) + image.shape[:2], bool)
-        return Sample(image, masks)
+        classes = np.array([self._class_index.get(a.get("category_id"), -1) for a in anns], np.int64)
+        return Sample(image, masks, classes=classes)
 
 
 class ShapesStream:
     """Endless shapes-world scenes rendered on the fly (seed, seed + 1, ...); no disk needed."""
 
     def __init__(self, seed: int = 0, size: Optional[Tuple[int, int]] = None) -> None:
+        from samantic.train.data.shapes import CLASSES
+
         self.seed = seed
         self.size = size
+        self.class_names: Tuple[str, ...] = tuple(CLASSES)
 
     def __len__(self) -> int:
         return 1 << 30
@@ -224,13 +234,17 @@ class ShapesStream:
         from samantic.train.data.shapes import render_scene
 
         scene = render_scene(self.seed + i, size=self.size)
-        return Sample(scene.image, scene.masks)
+        return Sample(scene.image, scene.masks, classes=np.asarray(scene.labels, np.int64))
 
 
 class PanopticShapesStream(ShapesStream):
     """Endless v2 (panoptic) scenes rendered on the fly; the masks are every entity (things whole,
     stuff regions) and the parts of the composite things, so SAM learns every granularity SAM-CP
-    and SUM ask of it."""
+    and SUM ask of it. No class indices (``class_names`` empty)."""
+
+    def __init__(self, seed: int = 0, size: Optional[Tuple[int, int]] = None) -> None:
+        super().__init__(seed, size)
+        self.class_names = ()
 
     def __repr__(self) -> str:
         return f"shapes-panoptic:{self.seed}"
@@ -390,6 +404,7 @@ class Prepared:
         uncertainty: float16 [M, L, L] uncertainty maps at the low-res size (area-averaged, 0 in the
             padding), when the sample has them.
         anchor: the sample's ``anchor`` flag.
+        classes: int64 [M] class indices (-1: unknown), when the sample has them.
     """
 
     image: np.ndarray
@@ -398,6 +413,7 @@ class Prepared:
     tasks: Optional[np.ndarray] = None
     uncertainty: Optional[np.ndarray] = None
     anchor: bool = False
+    classes: Optional[np.ndarray] = None
 
 
 class Preparer:
@@ -416,7 +432,7 @@ class Preparer:
 
         c = self.config
         image, masks = sample.image, sample.masks
-        tasks, unc = sample.tasks, sample.uncertainty  # per-instance extras follow the masks
+        tasks, unc, classes = sample.tasks, sample.uncertainty, sample.classes  # per-instance extras follow the masks
         if masks.shape[0] == 0:
             return None
         if rng.random() < 0.5:  # horizontal flip
@@ -432,6 +448,7 @@ class Preparer:
                 kept = masks.reshape(len(masks), -1).sum(1) >= 16
                 masks = masks[kept]
                 tasks = None if tasks is None else tasks[kept]
+                classes = None if classes is None else classes[kept]
                 unc = None if unc is None else unc[kept, y0 : y0 + side, x0 : x0 + side]
             if masks.shape[0] == 0:
                 return None
@@ -468,6 +485,8 @@ class Preparer:
             low_unc = np.clip(up.reshape(len(up), lr, f, lr, f).mean((2, 4)), 0.0, 1.0).astype(np.float16)
         if tasks is not None:
             tasks = np.asarray(tasks, np.int64)[keep][ok]
+        if classes is not None:
+            classes = np.asarray(classes, np.int64)[keep][ok]
         boxes = np.empty((len(full), 4), np.float32)
         for i, mk in enumerate(full):
             ys = np.flatnonzero(mk.any(1))
@@ -478,7 +497,7 @@ class Preparer:
             boxes[i] = [x0 + noise[0], y0 + noise[1], x1 + noise[2], y1 + noise[3]]
         np.clip(boxes, 0, s - 1, out=boxes)
         return Prepared(np.ascontiguousarray(resized), soft.astype(np.float16), boxes, tasks, low_unc,
-                        bool(sample.anchor))
+                        bool(sample.anchor), classes)
 
     @staticmethod
     def _flat(masks: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
@@ -566,8 +585,8 @@ def collate(items: Sequence[Prepared]) -> Dict[str, torch.Tensor]:
     """Images padded to one square batch (uint8 NHWC) with their sizes; instances concatenated with image indexes.
 
     ``tasks`` (int64 [P]) and ``uncertainty`` (float16 [P, L, L]) are added when any item has them;
-    the instances of items without them get task 0 and zero uncertainty. ``anchor`` (bool [B]) is
-    added when any item is anchored.
+    the instances of items without them get task 0 and zero uncertainty. ``classes`` (int64 [P]) likewise,
+    -1 for instances without one. ``anchor`` (bool [B]) is added when any item is anchored.
     """
     side = max(max(it.image.shape[:2]) for it in items)
     images = np.zeros((len(items), side, side, 3), np.uint8)
@@ -589,6 +608,9 @@ def collate(items: Sequence[Prepared]) -> Dict[str, torch.Tensor]:
     if any(it.uncertainty is not None for it in items):
         batch["uncertainty"] = torch.from_numpy(np.concatenate(
             [it.uncertainty if it.uncertainty is not None else np.zeros(it.soft.shape, np.float16) for it in items]))
+    if any(it.classes is not None for it in items):
+        batch["classes"] = torch.from_numpy(np.concatenate(
+            [it.classes if it.classes is not None else np.full(len(it.soft), -1, np.int64) for it in items]))
     if any(it.anchor for it in items):
         batch["anchor"] = torch.tensor([it.anchor for it in items], dtype=torch.bool)
     return batch
@@ -598,13 +620,15 @@ def collate(items: Sequence[Prepared]) -> Dict[str, torch.Tensor]:
 
 
 def decode_prompts(mask_decoder, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                   dense: torch.Tensor, multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                   dense: torch.Tensor, multimask: bool, return_tokens: bool = False):
     """segment-anything's ``MaskDecoder.forward`` with one image embedding per prompt.
 
     ``MaskDecoder`` repeats a single image's embedding for every prompt; training
     decodes the prompts of many images in one call, so ``src`` is already per
     prompt ([P, C, h, w]: ``embeddings[image_index]``). Same modules and math
-    (tested against ``MaskDecoder`` for a single image).
+    (tested against ``MaskDecoder`` for a single image). Returns (masks, predicted IoUs) of the
+    selected outputs and, with ``return_tokens``, their output mask tokens [P, K, C] too (what the
+    hypernetworks, U-SAM's head and ``eval probe`` read).
     """
     dec = mask_decoder
     output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
@@ -627,6 +651,8 @@ def decode_prompts(mask_decoder, src: torch.Tensor, image_pe: torch.Tensor, spar
     masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
     iou_pred = dec.iou_prediction_head(iou_token_out)
     sel = slice(1, None) if multimask else slice(0, 1)
+    if return_tokens:
+        return masks[:, sel], iou_pred[:, sel], mask_tokens_out[:, sel]
     return masks[:, sel], iou_pred[:, sel]
 
 
@@ -687,6 +713,13 @@ class SamTrainer:
         distill_points: prompts per anchored image.
         anchor_labels: False: anchored images' instances get no mask loss (their images serve the
             anchor and distillation terms only: the base's outputs are the only target there).
+        token_classifier: a module from the decoder's output mask tokens [..., C] to class logits
+            (e.g. ``torch.nn.Linear(C, n_classes)``), trained with the model: every output token of every
+            round whose prompted instance has a class (data with ``classes``, e.g. ``ShapesStream``) adds
+            ``class_weight`` times the cross-entropy of its class to the loss. SAM's recipe asks the tokens
+            nothing about classes; this asks them, so that a head reading them (U-SAM's, ``eval probe``)
+            finds the class there. Saved beside the weights (``OUT-stem.token_classes.safetensors``).
+        class_weight: weight of that term (> 0 with a ``token_classifier``).
         device: where the model trains (``"cpu"``, ``"cuda"``, ...).
         workers: data-preparation processes (0 = in the training process).
         amp: bfloat16 autocast for the forward pass (default: on for CUDA).
@@ -697,7 +730,10 @@ class SamTrainer:
                  device: str = "cpu", workers: int = 0, amp: Optional[bool] = None,
                  task_answers: bool = False, anchor_encoder: Optional[torch.nn.Module] = None,
                  anchor_weight: float = 0.0, reference: Optional[torch.nn.Module] = None,
-                 distill_weight: float = 0.0, distill_points: int = 16, anchor_labels: bool = True) -> None:
+                 distill_weight: float = 0.0, distill_points: int = 16, anchor_labels: bool = True,
+                 token_classifier: Optional[torch.nn.Module] = None, class_weight: float = 0.0) -> None:
+        if token_classifier is not None and not class_weight > 0:
+            raise ValueError(f"class_weight must be > 0 with a token_classifier, got {class_weight}")
         if reference is not None:
             if not distill_weight > 0:
                 raise ValueError(f"distill_weight must be > 0 with a reference model, got {distill_weight}")
@@ -737,6 +773,11 @@ class SamTrainer:
         for name in PARTS:
             getattr(model, name).requires_grad_(name in config.trainable)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.token_classifier = None
+        self.class_weight = float(class_weight)
+        if token_classifier is not None:
+            self.token_classifier = token_classifier.to(self.device).train()
+            self.params += list(self.token_classifier.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         self.elapsed = 0.0  # training seconds before this run (resumed runs)
@@ -775,7 +816,7 @@ class SamTrainer:
 
     # -- one step
 
-    def _decode(self, emb, index, coords, labels, boxes, mask_input, multimask, tasks=None):
+    def _decode(self, emb, index, coords, labels, boxes, mask_input, multimask, tasks=None, return_tokens=False):
         sparse, dense = self.model.prompt_encoder(
             points=(coords, labels) if coords is not None else None, boxes=boxes, masks=mask_input
         )
@@ -786,18 +827,20 @@ class SamTrainer:
         elif self.prompt_hook is not None:
             sparse, dense = self.prompt_hook(sparse, dense)
         return decode_prompts(self.model.mask_decoder, emb[index], self.model.prompt_encoder.get_dense_pe(),
-                              sparse, dense, multimask)
+                              sparse, dense, multimask, return_tokens=return_tokens)
 
     def _batch_loss(self, emb: torch.Tensor, index: torch.Tensor, soft: torch.Tensor,
                     box_prompts: Optional[torch.Tensor], uncertainty: Optional[torch.Tensor] = None,
-                    tasks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                    tasks: Optional[torch.Tensor] = None,
+                    classes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Loss of all prompted instances of a batch; soft: [P, L, L] ground truth at the low-res size.
 
         Losses, IoU targets and error regions live at the decoder's low-res
         mask size (S / 4), against area-averaged (soft) ground truth: 16x
         fewer pixels than full size, for the same gradients in expectation.
         ``uncertainty`` [P, L, L] goes to the sampler and the loss that take it,
-        ``tasks`` [P] to a prompt hook that takes it.
+        ``tasks`` [P] to a prompt hook that takes it; ``classes`` [P] (-1: unknown) to the token
+        classifier's cross-entropy.
         """
         c = self.config
         scale = self.img_size / self.low_res
@@ -810,6 +853,7 @@ class SamTrainer:
         prev_pred = None
         sampler_extra = {"uncertainty": uncertainty} if self._sampler_takes_uncertainty and uncertainty is not None \
             else {}
+        classify = self.token_classifier is not None and classes is not None and bool((classes >= 0).any())
         for it in range(c.iterations):
             if it == 0 and boxes is not None:
                 multimask = False
@@ -824,8 +868,16 @@ class SamTrainer:
                 labels = nl if labels is None else torch.cat([labels, nl], 1)
                 multimask = False
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                low_res, iou_pred = self._decode(emb, index, coords, labels, boxes, mask_input, multimask, tasks)
-            low_res, iou_pred = low_res.float(), iou_pred.float()  # [P, K, L, L], [P, K]
+                out = self._decode(emb, index, coords, labels, boxes, mask_input, multimask, tasks, classify)
+            low_res, iou_pred = out[0].float(), out[1].float()  # [P, K, L, L], [P, K]
+            if classify:
+                known = classes >= 0
+                logits = self.token_classifier(out[2][known].float())  # [P', K, n_classes]
+                target = classes[known][:, None].expand(-1, logits.shape[1])
+                class_loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+                total = total + self.class_weight * class_loss
+                stats[f"class_loss_{it}"] = class_loss.detach()
+                stats[f"class_acc_{it}"] = (logits.argmax(-1) == target).float().mean().detach()
             m, k = low_res.shape[:2]
             if self._loss_takes_uncertainty and uncertainty is not None:
                 per = self.loss(low_res.flatten(0, 1), soft.repeat_interleave(k, 0),
@@ -902,6 +954,8 @@ class SamTrainer:
         uncertainty = None if uncertainty is None else uncertainty.to(self.device, non_blocking=True).float()
         tasks = batch.get("tasks")
         tasks = None if tasks is None else tasks.to(self.device, non_blocking=True)
+        classes = batch.get("classes")
+        classes = None if classes is None else classes.to(self.device, non_blocking=True)
         with torch.set_grad_enabled("image_encoder" in c.trainable), \
                 torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             emb = self.model.image_encoder(x)
@@ -912,8 +966,9 @@ class SamTrainer:
             boxes = None if boxes is None else boxes[keep]
             uncertainty = None if uncertainty is None else uncertainty[keep]
             tasks = None if tasks is None else tasks[keep]
+            classes = None if classes is None else classes[keep]
         if len(index):
-            loss, stats = self._batch_loss(emb, index, soft, boxes, uncertainty, tasks)
+            loss, stats = self._batch_loss(emb, index, soft, boxes, uncertainty, tasks, classes)
         else:
             loss, stats = emb.new_zeros((), dtype=torch.float32), {}
         if anchor is not None and bool(anchor.any()) and (self.anchor_encoder is not None or self.reference is not None):
@@ -1013,6 +1068,11 @@ class SamTrainer:
                 "data": getattr(self.data, "root", repr(self.data))}
         meta["training"]["trainable"] = list(c.trainable)
         save_checkpoint(self.model, out, metadata={"training": json.dumps(meta, default=str)})
+        if self.token_classifier is not None:
+            self.token_classifier.eval()
+            names = getattr(self.data, "class_names", ())
+            save_checkpoint(self.token_classifier.state_dict(), token_classes_path(out),
+                            metadata={"class_names": json.dumps(list(names)), "class_weight": str(self.class_weight)})
         return TrainResult(out, self.step, time.perf_counter() - t_start, last, log_path, history)
 
     # -- resumable state (loaded with weights_only=True: tensors and primitives only)
@@ -1027,6 +1087,8 @@ class SamTrainer:
             "numpy_rng": json.dumps(self.rng.bit_generator.state),
             "config": json.dumps(asdict(self.config)),
         }
+        if self.token_classifier is not None:
+            state["token_classifier"] = self.token_classifier.state_dict()
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
@@ -1034,6 +1096,10 @@ class SamTrainer:
     def load_state(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
+        if self.token_classifier is not None:
+            if "token_classifier" not in state:
+                raise ValueError(f"{path}: a checkpoint without a token classifier; resume it without one")
+            self.token_classifier.load_state_dict(state["token_classifier"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
@@ -1042,6 +1108,12 @@ class SamTrainer:
         except RuntimeError:  # saved on another device type: a fresh stream, seeded by the step
             self.gen.manual_seed(self.config.seed * 1000003 + self.step)
         self.rng.bit_generator.state = json.loads(state["numpy_rng"])
+
+
+def token_classes_path(out: Path) -> Path:
+    """Where :class:`SamTrainer` writes its token classifier beside the weights ``out``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".token_classes.safetensors")
 
 
 def _takes(fn: Callable, name: str) -> bool:

@@ -47,6 +47,7 @@ def train_sam(
     dice_weight: Annotated[float, typer.Option(help="Weight of the dice term.")] = 1.0,
     freeze_batchnorm: Annotated[bool, typer.Option("--freeze-batchnorm/--train-batchnorm", help="Batch-norm layers keep their running statistics while their scales and shifts train (fine-tuning with small batches).")] = False,
     stability_weight: Annotated[float, typer.Option(min=0, help="Weight of a soft stability-score term on the first round's masks (keeps boundaries as sharp as segment-everything's stability filter expects; 0: off).")] = 0.0,
+    class_weight: Annotated[float, typer.Option(min=0, help="Weight of a class term: a linear classifier trained with the model names each prompted instance's class from the decoder's output mask tokens (data with classes: shapes:SEED or a COCO DIR; the classifier goes to OUT-stem.token_classes.safetensors; 0: off, SAM's recipe).")] = 0.0,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Write OUT.ckpt (for --resume) every this many steps.")] = 50,
     log_every: Annotated[int, typer.Option(min=1, help="Append to OUT.log.jsonl every this many steps.")] = 10,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, initialisation).")] = 0,
@@ -76,6 +77,13 @@ def train_sam(
             raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device")
         torch.manual_seed(seed)  # a from-scratch model's initialisation follows --seed
         sam = create_model(model, checkpoint=checkpoint, pretrained=False if checkpoint is None else None)
+        token_classifier = None
+        if class_weight > 0:
+            names = tuple(getattr(dataset, "class_names", ()))
+            if not names:
+                raise ValueError(f"--class-weight {class_weight:g}: the data {data} has no instance classes "
+                                 "(use shapes:SEED or a COCO DIR with categories)")
+            token_classifier = torch.nn.Linear(sam.mask_decoder.transformer_dim, len(names))
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
@@ -84,8 +92,13 @@ def train_sam(
     if torch_device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    trainer = SamTrainer(sam, config, dataset, device=device, workers=workers)
-    result = trainer.train(out, resume=resume, progress=progress)
+    trainer = SamTrainer(sam, config, dataset, device=device, workers=workers, token_classifier=token_classifier,
+                         class_weight=class_weight)
+    try:
+        result = trainer.train(out, resume=resume, progress=progress)
+    except ValueError as e:  # a checkpoint that does not match the run (--resume)
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
     _note_time_budget(time_budget, result.steps, steps)
     typer.echo(f"saved: {result.output} (steps {result.steps}, last loss {result.last_loss:.4f}, "
                f"{result.seconds / 60:.1f} min); log: {result.log}")
