@@ -161,7 +161,7 @@ def test_cli_class_weight_needs_data_with_classes(tmp_path):
     res = runner.invoke(app, ["train", "sam", "--data", "shapes-panoptic:0", "--out", str(tmp_path / "m.safetensors"),
                               "--class-weight", "0.2", "--steps", "1", "--no-progress"])
     assert res.exit_code == 1
-    assert "shapes-panoptic:0 has no instance classes" in res.output
+    assert "shapes-panoptic:0 does not give every instance a class" in res.output
     res = runner.invoke(app, ["train", "sam", "--data", "shapes:0", "--out", str(tmp_path / "m.safetensors"),
                               "--class-weight", "0.2", "--steps", "1", "--images-per-step", "1",
                               "--masks-per-image", "1", "--iterations", "1", "--workers", "0", "--no-progress",

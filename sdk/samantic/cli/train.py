@@ -81,8 +81,8 @@ def train_sam(
         if class_weight > 0:
             names = tuple(getattr(dataset, "class_names", ()))
             if not names:
-                raise ValueError(f"--class-weight {class_weight:g}: the data {data} has no instance classes "
-                                 "(use shapes:SEED or a COCO DIR with categories)")
+                raise ValueError(f"--class-weight {class_weight:g}: the data {data} does not give every instance a "
+                                 "class (use shapes:SEED or a COCO DIR with categories)")
             token_classifier = torch.nn.Linear(sam.mask_decoder.transformer_dim, len(names))
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
