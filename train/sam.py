@@ -188,10 +188,9 @@ class CocoInstances:
         self.images = sorted(data["images"], key=lambda im: im["id"])
         if not self.images:
             raise ValueError(f"{ann}: the dataset has no images")
-        self.class_names: Tuple[str, ...] = tuple(c["name"] for c in sorted(data.get("categories", []),
-                                                                           key=lambda c: c["id"]))
-        self._class_index = {c["id"]: i for i, c in enumerate(sorted(data.get("categories", []),
-                                                                    key=lambda c: c["id"]))}
+        categories = sorted(data.get("categories", []), key=lambda c: c["id"])
+        self.class_names: Tuple[str, ...] = tuple(c["name"] for c in categories)
+        self._class_index = {c["id"]: i for i, c in enumerate(categories)}
         self.anns: Dict[int, List[dict]] = {im["id"]: [] for im in self.images}
         for a in data["annotations"]:
             self.anns.setdefault(a["image_id"], []).append(a)
