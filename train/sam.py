@@ -41,7 +41,7 @@ import math
 import numbers
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -281,6 +281,30 @@ class MixedStream:
         k = len(self.streams)
         stream = self.streams[i % k]
         return stream[(i // k) % len(stream)]
+
+
+class Anchored:
+    """``data`` with every sample marked ``anchor``: a trainer with a frozen ``reference`` (or an
+    ``anchor_encoder``) holds the model's outputs on every training image to the reference's while the
+    samples' masks (and classes) still train. Length, class names and items are ``data``'s."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+        self.class_names: Tuple[str, ...] = tuple(getattr(data, "class_names", ()))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return repr(self.data)
+
+    def __getattr__(self, name: str):  # e.g. a dataset's ``root``
+        if name == "data":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    def __getitem__(self, i: int) -> Sample:
+        return replace(self.data[i], anchor=True)
 
 
 _STREAMS = {"shapes": ShapesStream, "shapes-panoptic": PanopticShapesStream}
@@ -1066,6 +1090,10 @@ class SamTrainer:
         meta = {"training": asdict(c), "steps_done": self.step, "seconds": round(self.elapsed, 1),
                 "data": getattr(self.data, "root", repr(self.data))}
         meta["training"]["trainable"] = list(c.trainable)
+        if self.reference is not None:  # trainer terms outside the config: the weights record them too
+            meta["distill"] = {"weight": self.distill_weight, "points": self.distill_points}
+        if self.token_classifier is not None:
+            meta["class_weight"] = self.class_weight
         save_checkpoint(self.model, out, metadata={"training": json.dumps(meta, default=str)})
         if self.token_classifier is not None:
             self.token_classifier.eval()

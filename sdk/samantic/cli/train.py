@@ -48,6 +48,8 @@ def train_sam(
     freeze_batchnorm: Annotated[bool, typer.Option("--freeze-batchnorm/--train-batchnorm", help="Batch-norm layers keep their running statistics while their scales and shifts train (fine-tuning with small batches).")] = False,
     stability_weight: Annotated[float, typer.Option(min=0, help="Weight of a soft stability-score term on the first round's masks (keeps boundaries as sharp as segment-everything's stability filter expects; 0: off).")] = 0.0,
     class_weight: Annotated[float, typer.Option(min=0, help="Weight of a class term: a linear classifier trained with the model names each prompted instance's class from the decoder's output mask tokens (data with classes: shapes:SEED or a COCO DIR; the classifier goes to OUT-stem.token_classes.safetensors; 0: off, SAM's recipe).")] = 0.0,
+    distill_weight: Annotated[float, typer.Option(min=0, help="Hold the outputs to the starting weights': on every training image, random single-point prompts' logits (boundary band) and predicted IoUs are pulled toward those of a frozen copy of --checkpoint with this weight, while the masks train as usual (learning without forgetting: new terms such as --class-weight without losing the masks; needs --checkpoint; 0: off).")] = 0.0,
+    distill_points: Annotated[int, typer.Option(min=1, help="Random point prompts per image for --distill-weight.")] = 16,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Write OUT.ckpt (for --resume) every this many steps.")] = 50,
     log_every: Annotated[int, typer.Option(min=1, help="Append to OUT.log.jsonl every this many steps.")] = 10,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, initialisation).")] = 0,
@@ -57,12 +59,17 @@ def train_sam(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt if it exists.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
+    import copy
+
     import torch
 
     from samantic.models import create_model
-    from samantic.train.sam import SamTrainConfig, SamTrainer, open_dataset
+    from samantic.train.sam import Anchored, SamTrainConfig, SamTrainer, open_dataset
 
     try:
+        if distill_weight > 0 and checkpoint is None:
+            raise ValueError(f"--distill-weight {distill_weight:g} holds the outputs to the starting weights': give "
+                             "them with --checkpoint (a from-scratch model has no outputs worth keeping)")
         config = SamTrainConfig(
             steps=steps, images_per_step=images_per_step, masks_per_image=masks_per_image, iterations=iterations,
             lr=lr, warmup_steps=warmup_steps, trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
@@ -84,16 +91,23 @@ def train_sam(
                 raise ValueError(f"--class-weight {class_weight:g}: the data {data} does not give every instance a "
                                  "class (use shapes:SEED or a COCO DIR with categories)")
             token_classifier = torch.nn.Linear(sam.mask_decoder.transformer_dim, len(names))
+        reference = None
+        if distill_weight > 0:
+            reference = copy.deepcopy(sam).eval()  # the starting weights, before any step (also on --resume)
+            dataset = Anchored(dataset)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(f"training {model} on {data} for {steps} steps ({images_per_step} images x {masks_per_image} masks x "
-               f"{iterations} rounds per step); trainable: {', '.join(config.trainable)}")
+               f"{iterations} rounds per step); trainable: {', '.join(config.trainable)}"
+               + (f"; outputs held to {checkpoint} (weight {distill_weight:g}, {distill_points} points per image)"
+                  if reference is not None else ""))
     if torch_device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     trainer = SamTrainer(sam, config, dataset, device=device, workers=workers, token_classifier=token_classifier,
-                         class_weight=class_weight)
+                         class_weight=class_weight, reference=reference, distill_weight=distill_weight,
+                         distill_points=distill_points)
     try:
         result = trainer.train(out, resume=resume, progress=progress)
     except ValueError as e:  # a checkpoint that does not match the run (--resume)
