@@ -6,7 +6,8 @@
 #   $OUT/results.tar.gz     gpu-check/ (logs, JSON, markdown) and nano/ (training logs, eval.json, summary.md)
 #
 #   scripts/gpu_session.sh continue [MINUTES]          (default) sam_nano trained on from its shipped weights
-#                                                      (6 min; warm restart at lr 5e-4), then evaluated;
+#                                                      (6 min; warm restart at lr 5e-4; with v8's token-class
+#                                                      term, --class-weight 0.05), then evaluated;
 #                                                      NANO_FROM=FILE starts from other weights (a file carried
 #                                                      in the tree, e.g. an earlier call's output copied to .whl/);
 #                                                      NANO_OPTS="--zoom-prob 0.1 ..." appends options of
@@ -63,7 +64,7 @@ else
     SEED=$(( 3000000 + $(date +%s) % 1000000 * 100 ))
     python3 scripts/gpu_train_nano.py --out "$WORK/nano" --ab-minutes "$MINUTES" --final-minutes 0 \
         --models sam_nano -- "${RECIPE[@]/shapes:1000000/shapes:$SEED}" --checkpoint "${NANO_FROM:-pkg:assets/sam_nano.safetensors}" \
-        --lr 5e-4 --warmup-steps 50 ${NANO_OPTS:-} > "$WORK/nano/train.log" 2>&1 &
+        --lr 5e-4 --warmup-steps 50 --class-weight 0.05 ${NANO_OPTS:-} > "$WORK/nano/train.log" 2>&1 &
 fi
 TRAIN=$!
 
