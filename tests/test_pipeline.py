@@ -409,7 +409,8 @@ def test_adaptive_keeps_the_shipped_nanos_masks_on_held_out_scenes(shipped_nano)
 
     kw = dict(shipped_nano.samantic_thresholds)
     skipped, found, total = 0, 0, 0
-    for seed in (900004, 900006, 900008):
+    seeds = (900001, 900004, 900006, 900008)  # v8 keeps 6 / 6 / 6 / 7 masks there
+    for seed in seeds:
         image = render_scene(seed, size=(480, 640)).image
         exact = AutomaticMaskGenerator(shipped_nano, **kw).generate_masks(image)
         gen = AutomaticMaskGenerator(shipped_nano, adaptive=True, **kw)
@@ -420,7 +421,7 @@ def test_adaptive_keeps_the_shipped_nanos_masks_on_held_out_scenes(shipped_nano)
             found += int((rle_iou(ad.rles, exact.rles).max(0) >= 0.9).sum())
     assert total >= 20, "the scenes must have masks at these thresholds for the test to mean anything"
     assert found >= 0.95 * total, (found, total)
-    assert skipped >= 0.15 * 3 * 1024, skipped  # v5: 598 of 3072 (284 quiet, 314 covered)
+    assert skipped >= 0.15 * len(seeds) * 1024, skipped  # v5: 598 of 3072 (284 quiet, 314 covered); v8: 1925 of 4096
 
 
 class _Square(torch.nn.Module):  # not an activation the pixelwise path knows: the modules run as they are
