@@ -18,8 +18,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from samantic.models import create_model
-from samantic.models.registry import get_model_entry
+from samantic.models import create_model, recommended_thresholds
+from samantic.models.registry import SAM_BOX_NMS
 from samantic.ops import nms, rle_encode, rle_iou
 from samantic.pipeline import AutomaticMaskGenerator
 from samantic.train.data.shapes import render_scene
@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="sam_nano")
     ap.add_argument("--weights", default=None, help="weights file (default: the model's shipped weights)")
-    ap.add_argument("--pred-iou", type=float, default=None, help="default: the model's own threshold")
+    ap.add_argument("--pred-iou", type=float, default=None, help="default: the weights' own threshold")
     ap.add_argument("--stability", type=float, default=None)
     ap.add_argument("--box-nms", type=float, default=None)
     ap.add_argument("--seeds", default="500:560")
@@ -69,13 +69,12 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the counts here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    entry = get_model_entry(a.model)
-    own = dict(entry.thresholds or {})
-    pi = a.pred_iou if a.pred_iou is not None else own.get("pred_iou_thresh", 0.88)
-    st = a.stability if a.stability is not None else own.get("stability_score_thresh", 0.95)
-    bn = a.box_nms if a.box_nms is not None else own.get("box_nms_thresh", 0.7)
     lo, hi = (int(v) for v in a.seeds.split(":"))
     model = create_model(a.model, checkpoint=a.weights).eval()
+    own = recommended_thresholds(model)  # what segment-everything uses for these weights when given none
+    pi = a.pred_iou if a.pred_iou is not None else own["pred_iou_thresh"]
+    st = a.stability if a.stability is not None else own["stability_score_thresh"]
+    bn = a.box_nms if a.box_nms is not None else own.get("box_nms_thresh", SAM_BOX_NMS)
     gen = AutomaticMaskGenerator(model, pred_iou_thresh=min(0.3, pi) - 1e-6, stability_score_thresh=min(0.7, st),
                                  box_nms_thresh=1.0)
     counts = {label: Counter() for *_, label in SIZES}
