@@ -1,8 +1,9 @@
-"""Segment-everything per image on this CPU: sam_nano v4 (ViT, 24x24 embedding) vs v5 (conv, 48x48).
+"""Segment-everything per image on this CPU: sam_nano v4 (ViT, 24x24 embedding) vs the shipped sam_nano (conv, 48x48).
 
 Both run through samantic's generator in one process, alternating, on the same images, at each
-model's own thresholds (v4: the 0.25 / 0.8 its demo used; v5: its registry entry's 0.6 / 0.95) and
-at one common setting. v4's weights come from git history (the commit before v5 shipped).
+model's own thresholds (v4: the 0.25 / 0.8 its demo used; the shipped one: its recommended thresholds,
+box NMS included) and at one common setting. v4's weights come from git history (the commit before v5
+shipped); the shipped weights' version (their header's ``version``) names the second column.
 
     python benchmarks/nano_versions.py --out benchmarks/results [--v4-commit 36c2f97]
 """
@@ -41,6 +42,17 @@ def v4_model(commit: str):
     return model
 
 
+def shipped_version() -> str:
+    """The shipped sam_nano weights' version, from their safetensors header (``"shipped"`` if it names none)."""
+    from safetensors import safe_open
+
+    import samantic
+
+    path = Path(samantic.__file__).resolve().parent / "assets" / "sam_nano.safetensors"
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("version", "shipped")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -55,8 +67,11 @@ def main() -> None:
     from samantic.pipeline import AutomaticMaskGenerator
 
     torch.set_grad_enabled(False)
-    models = {"v4": v4_model(args.v4_commit), "v5": create_model("sam_nano")}
-    own = {"v4": V4_THRESHOLDS, "v5": dict(models["v5"].samantic_thresholds)}
+    from samantic.models import recommended_thresholds
+
+    new = shipped_version()
+    models = {"v4": v4_model(args.v4_commit), new: create_model("sam_nano")}
+    own = {"v4": V4_THRESHOLDS, new: dict(recommended_thresholds(models[new]))}
     rows = []
     for name in args.images.split(","):
         image = load_image(name)
@@ -78,19 +93,21 @@ def main() -> None:
                 row[v] = {"seconds": statistics.median(times[v]), "masks": stages[v][1],
                           "thresholds": own[v] if setting == "own" else COMMON,
                           "stages": {k: round(s, 3) for k, s in stages[v][0].items()}}
-            row["v5_over_v4"] = row["v5"]["seconds"] / row["v4"]["seconds"]
+            row["new"] = new
+            row["new_over_v4"] = row[new]["seconds"] / row["v4"]["seconds"]
             rows.append(row)
-            print(f"{name} {setting}: v4 {row['v4']['seconds']:.2f} s, v5 {row['v5']['seconds']:.2f} s "
-                  f"({row['v5_over_v4']:.2f}x)", flush=True)
-    preamble = ("# sam_nano v4 vs v5: segment-everything per image on this CPU\n\n"
+            print(f"{name} {setting}: v4 {row['v4']['seconds']:.2f} s, {new} {row[new]['seconds']:.2f} s "
+                  f"({row['new_over_v4']:.2f}x)", flush=True)
+    mine = ", ".join(f"{k} {v}" for k, v in own[new].items())
+    preamble = (f"# sam_nano v4 vs {new}: segment-everything per image on this CPU\n\n"
                 f"`python benchmarks/nano_versions.py --out {args.out}`; median of {args.repeats} calls each, "
                 "alternating, after a warm-up; 32 x 32 points; samantic's generator for both. Own thresholds: v4 "
-                "0.25 / 0.8 (its demo's), v5 0.6 / 0.95 (its registry entry); common: 0.5 / 0.9.")
-    header = ["image", "size", "thresholds", "v4 s", "v5 s", "v5 / v4", "v4 masks", "v5 masks", "v4 decoder s",
-              "v5 decoder s"]
+                f"0.25 / 0.8 (its demo's), {new} {mine} (its recommended thresholds); common: 0.5 / 0.9.")
+    header = ["image", "size", "thresholds", "v4 s", f"{new} s", f"{new} / v4", "v4 masks", f"{new} masks",
+              "v4 decoder s", f"{new} decoder s"]
     table = [[r["image"], f"{r['size'][1]}x{r['size'][0]}", r["setting"], f"{r['v4']['seconds']:.2f}",
-              f"{r['v5']['seconds']:.2f}", f"**{r['v5_over_v4']:.2f}x**", str(r["v4"]["masks"]), str(r["v5"]["masks"]),
-              f"{r['v4']['stages'].get('decoder', 0):.2f}", f"{r['v5']['stages'].get('decoder', 0):.2f}"] for r in rows]
+              f"{r[new]['seconds']:.2f}", f"**{r['new_over_v4']:.2f}x**", str(r["v4"]["masks"]), str(r[new]["masks"]),
+              f"{r['v4']['stages'].get('decoder', 0):.2f}", f"{r[new]['stages'].get('decoder', 0):.2f}"] for r in rows]
     write_report(args.out, "nano_versions", {"machine": machine(), "rows": rows}, table, header, preamble)
 
 if __name__ == "__main__":
