@@ -44,13 +44,9 @@ def v4_model(commit: str):
 
 def shipped_version() -> str:
     """The shipped sam_nano weights' version, from their safetensors header (``"shipped"`` if it names none)."""
-    from safetensors import safe_open
+    from samantic.models import get_model_entry, read_metadata, resolve_checkpoint
 
-    import samantic
-
-    path = Path(samantic.__file__).resolve().parent / "assets" / "sam_nano.safetensors"
-    with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}).get("version", "shipped")
+    return read_metadata(resolve_checkpoint(get_model_entry("sam_nano").default_weights)).get("version", "shipped")
 
 
 def main() -> None:
