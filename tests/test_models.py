@@ -54,8 +54,8 @@ def nano_pth(nano, tmp_path):
 
 
 def test_registered_names():
-    assert list_models() == ["sam_nano", "sam_nano_conv", "sam_nano_conv512", "sam_nano_panoptic", "sam_nano_vit",
-                             "sam_vit_b", "sam_vit_h", "sam_vit_l"]
+    assert list_models() == ["sam_nano", "sam_nano_conv", "sam_nano_conv512", "sam_nano_panoptic", "sam_nano_sum",
+                             "sam_nano_vit", "sam_vit_b", "sam_vit_h", "sam_vit_l"]
     assert list_models("sam_vit_*") == ["sam_vit_b", "sam_vit_h", "sam_vit_l"]
     assert list_models("nothing*") == []
 
@@ -84,7 +84,7 @@ SHIPPED_FILES = [registry.get_model_entry(n).default_weights for n in SHIPPED] +
 
 
 def test_the_shipped_models_are_the_embedded_ones():
-    assert SHIPPED == ["sam_nano", "sam_nano_panoptic"]
+    assert SHIPPED == ["sam_nano", "sam_nano_panoptic", "sam_nano_sum"]
     assets = resolve_checkpoint(SHIPPED_FILES[0]).parent
     assert sorted(f"pkg:assets/{p.name}" for p in assets.glob("*.safetensors")) == sorted(SHIPPED_FILES)
 

@@ -16,7 +16,8 @@ from http_server import FileServer
 from samantic.cli import weights as cli
 from samantic.models import weights
 from samantic.models.weights import ChecksumError, DownloadError, WeightSpec
-from samantic.models.registry import PRED_IOU_NANO, PRED_IOU_PANOPTIC, STABILITY_NANO, STABILITY_PANOPTIC
+from samantic.models.registry import (PRED_IOU_NANO, PRED_IOU_PANOPTIC, PRED_IOU_SUM, STABILITY_NANO, STABILITY_PANOPTIC,
+                                     STABILITY_SUM)
 
 # Three 1 MiB download chunks and a bit: interruptions land mid-stream.
 PAYLOAD = random.Random(0).randbytes(3 * (1 << 20) + 12345)
@@ -299,6 +300,7 @@ def test_cli_list_shows_the_registered_models(monkeypatch):
     assert set(list_models()) <= set(rows)
     assert "shipped" in rows["sam_nano"] and f"{PRED_IOU_NANO} / {STABILITY_NANO}" in rows["sam_nano"]
     assert f"{PRED_IOU_PANOPTIC} / {STABILITY_PANOPTIC}" in rows["sam_nano_panoptic"]
+    assert "shipped" in rows["sam_nano_sum"] and f"{PRED_IOU_SUM} / {STABILITY_SUM}" in rows["sam_nano_sum"]
     assert "download: sam_vit_b.sa1b" in rows["sam_vit_b"] and "0.88 / 0.95" in rows["sam_vit_b"]
     assert "none" in rows["sam_nano_vit"]
     assert get_model_entry("sam_nano").description[:30] in rows["sam_nano"]

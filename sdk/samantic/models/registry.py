@@ -81,6 +81,9 @@ SAM_BOX_NMS = 0.7  # segment-anything's box_nms_thresh: what a model or file rec
 # 0.8 / 0.93 / 0.3, v7 0.8 / 0.9 / 0.3; at segment-anything's box NMS 0.7 alone v7 0.8 / 0.95, v6 0.7, v5 0.6 / 0.95)
 PRED_IOU_NANO, STABILITY_NANO, BOX_NMS_NANO = 0.7, 0.94, 0.3
 PRED_IOU_PANOPTIC, STABILITY_PANOPTIC = 0.7, 0.92  # sam_nano_panoptic v2: best F1 at IoU 0.5 on v2 seeds 500-523
+# sam_nano_sum v1, task "unspecified": best F1 at IoU 0.5 on v1 seeds 500-559 (its file's header records these and
+# the part task's, calibrated on v2 seeds 500-559; model card)
+PRED_IOU_SUM, STABILITY_SUM, BOX_NMS_SUM = 0.8, 0.93, 0.3
 
 
 def register_model(fn: Optional[ConfigFn] = None, *, default_weights: Optional[str] = None,
@@ -344,14 +347,18 @@ def default_thresholds(name: str, checkpoint: Optional[str] = None,
 
 def _weights_thresholds(entry: ModelEntry, checkpoint: Optional[str]) -> Tuple[Optional[Dict[str, float]], Dict]:
     """(the registry entry's thresholds when ``checkpoint`` is its default weights, else None;
-    the per-task thresholds a weights file records)."""
+    the per-task thresholds a weights file records, a file shipped in the package included: sam_nano_sum's
+    records its tasks' own)."""
+    from samantic.models import loading
+
     shipped = checkpoint is not None and checkpoint == entry.default_weights
     registry = dict(entry.thresholds) if shipped and entry.thresholds else None
+    path = checkpoint
+    if isinstance(checkpoint, str) and checkpoint.startswith(loading.PACKAGE_PREFIX):
+        path = str(loading.resolve_checkpoint(checkpoint))
     recorded = {}
-    if checkpoint is not None and not shipped and os.path.isfile(checkpoint):
-        from samantic.models import loading
-
-        recorded = loading.recorded_thresholds(checkpoint)
+    if path is not None and os.path.isfile(path):
+        recorded = loading.recorded_thresholds(path)
     return registry, recorded
 
 
@@ -436,6 +443,17 @@ def sam_nano() -> SamConfig:
                 thresholds={"pred_iou_thresh": PRED_IOU_PANOPTIC, "stability_score_thresh": STABILITY_PANOPTIC})
 def sam_nano_panoptic() -> SamConfig:
     """sam_nano fine-tuned on panoptic (v2) scenes too: stuff regions and parts; SAM-CP's patch source; trained by samantic."""
+    return _nano_conv(384, 8)
+
+
+# sam_nano's architecture with SUM's task table, fine-tuned from sam_nano v9 by `samantic train sum` on 120 labelled
+# panoptic (v2) scenes and the pseudo-labels of 240 unlabelled ones: `task=` (unspecified, salient, entity, part)
+# picks the granularity. See assets/sam_nano_sum.md (the model card).
+@register_model(default_weights="pkg:assets/sam_nano_sum.safetensors",
+                thresholds={"pred_iou_thresh": PRED_IOU_SUM, "stability_score_thresh": STABILITY_SUM,
+                            "box_nms_thresh": BOX_NMS_SUM})
+def sam_nano_sum() -> SamConfig:
+    """sam_nano fine-tuned with SUM: task prompts (unspecified, salient, entity, part) on v2 scenes; trained by samantic."""
     return _nano_conv(384, 8)
 
 
