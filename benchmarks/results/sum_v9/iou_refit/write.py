@@ -1,6 +1,7 @@
 """Diagnostic (stop 71, not a tool): refit the IoU head from pick.py's saved features (full-batch Adam, MSE on the three multimask outputs' true IoUs; deterministic) and write a checkpoint.
 
     python benchmarks/results/sum_v9/iou_refit/write.py runs/sum_v9/ft/sum.safetensors runs/pick/feats_sum.npz runs/pick/sum_refit.safetensors 3e-4 300
+"""
 import sys, json, copy
 import numpy as np, torch
 from samantic.models.loading import read_metadata, read_state_dict, save_checkpoint
