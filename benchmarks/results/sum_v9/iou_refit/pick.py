@@ -4,7 +4,6 @@
 """
 import sys, copy, time
 import numpy as np, torch
-sys.path.insert(0, 'benchmarks')
 from samantic.cli.eval import load_column
 from samantic.pipeline.predictor import Predictor
 from samantic.train.data.panoptic import render_panoptic
@@ -16,7 +15,7 @@ spec = sys.argv[1]
 _, _, sam = load_column(spec)
 sam.eval(); pr = Predictor(sam)
 feats = []
-h = sam.mask_decoder.iou_prediction_head.register_forward_hook(lambda m, i, o: feats.append(i[0].detach().clone()))
+sam.mask_decoder.iou_prediction_head.register_forward_hook(lambda m, i, o: feats.append(i[0].detach().clone()))
 def collect(seeds):
     F, T, K = [], [], []
     with torch.no_grad():
