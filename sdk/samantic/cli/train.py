@@ -502,18 +502,21 @@ def train_sum_cmd(
     typer.echo(f"saved: {result.output} (steps {result.steps}, {result.seconds / 60:.1f} min); log: {result.log}")
 
 
-@app.command("iou-head", help="Refit a SAM's IoU head for segment-everything (every other weight, so every mask, unchanged) on masks prompted anywhere on training scenes: the target is each mask's IoU with the object under its point, or with the best-matching object for a point on nothing.")
+@app.command("iou-head", help="Refit a SAM's IoU head (every other weight, so every mask, unchanged). --kind v1/v2: for segment-everything, on masks prompted anywhere on training scenes (the target: each mask's IoU with the object under its point, or with the best-matching object for a point on nothing). --kind tasks: for a SUM fine-tune's one-click pick, on its labelled scenes' task masks clicked at their centres and inside, each asked with its task (--replay adds plain scenes).")
 def train_iou_head(
     out: Annotated[Path, typer.Option(help="Output weights (.safetensors), written atomically; calibrate them next with `samantic eval thresholds --checkpoint OUT --record`.")],
     model: Annotated[str, typer.Option(help="Registered model.")] = "sam_nano",
     checkpoint: Annotated[Optional[str], typer.Option(help="Weights whose head to refit (default: the model's shipped weights).")] = None,
-    scenes: Annotated[int, typer.Option(min=1, help="Training scenes (rendered on the fly).")] = 400,
-    first_seed: Annotated[int, typer.Option(help="Seed of the first training scene (training seeds are >= 1,000,000).")] = 46_000_000,
+    scenes: Annotated[Optional[int], typer.Option(min=1, help="Training scenes (rendered on the fly; default 400, or 120 for --kind tasks: SUM's labelled set).")] = None,
+    first_seed: Annotated[Optional[int], typer.Option(help="Seed of the first training scene (training seeds are >= 1,000,000; default 46,000,000, or 3,000,000 for --kind tasks).")] = None,
     val_seeds: Annotated[str, typer.Option(help="Held-out scene seeds START:STOP on which the head is measured before and after.")] = "600:660",
-    kind: Annotated[str, typer.Option(help="Scene kind: v1 (plain scenes, shape instances) or v2 (panoptic scenes, entities).")] = "v1",
-    points: Annotated[int, typer.Option(min=1, help="Uniformly drawn points per scene (besides one at each object's centre).")] = 48,
+    kind: Annotated[str, typer.Option(help="v1 (plain scenes, shape instances), v2 (panoptic scenes, entities) or tasks (panoptic scenes, SUM's task masks, each asked with its task).")] = "v1",
+    points: Annotated[int, typer.Option(min=1, help="Uniformly drawn points per plain or panoptic scene (besides one at each object's centre).")] = 48,
+    clicks: Annotated[int, typer.Option(min=0, help="--kind tasks: random clicks inside each task mask besides its centre.")] = 4,
+    replay: Annotated[int, typer.Option(min=0, help="--kind tasks: plain (v1) training scenes added, asked as 'unspecified' (segment-everything's candidates).")] = 0,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the collected examples.")] = 30,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one cycle).")] = 1e-3,
+    centre_weight: Annotated[float, typer.Option(help="Weight (> 0) of the clicks at objects' (task masks') centres in the loss, the 1-point measure's clicks; other prompts weigh 1.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Random seed (point draws, batch order).")] = 0,
     cache: Annotated[Optional[Path], typer.Option(help="Keep the collected examples here; a rerun with the same scenes trains on them at once.")] = None,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads for torch (0: torch's default).")] = 0,
@@ -528,14 +531,17 @@ def train_iou_head(
         torch.set_num_threads(threads)
     try:
         result = refit_iou_head(model, out, checkpoint=checkpoint, first_seed=first_seed, n_scenes=scenes,
-                                val_seeds=parse_seeds(val_seeds), scenes=kind, uniform_points=points, epochs=epochs,
-                                lr=lr, seed=seed, cache=cache, progress=progress, log=typer.echo)
+                                val_seeds=parse_seeds(val_seeds), scenes=kind, uniform_points=points, clicks=clicks,
+                                replay=replay, epochs=epochs, lr=lr, centre_weight=centre_weight, seed=seed, cache=cache,
+                                progress=progress,
+                                log=typer.echo)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(result.markdown())
+    tasks = " (and with --task part for a SUM model's part thresholds)" if kind == "tasks" else ""
     typer.echo(f"saved: {result.output} ({result.seconds / 60:.1f} min); its scores changed scale, so it records no "
-               f"thresholds: `samantic eval thresholds --model {model} --checkpoint {result.output} --record`")
+               f"thresholds: `samantic eval thresholds --model {model} --checkpoint {result.output} --record`{tasks}")
 
 
 @app.command("blend")
