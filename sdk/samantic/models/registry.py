@@ -81,9 +81,9 @@ SAM_BOX_NMS = 0.7  # segment-anything's box_nms_thresh: what a model or file rec
 # 0.8 / 0.93 / 0.3, v7 0.8 / 0.9 / 0.3; at segment-anything's box NMS 0.7 alone v7 0.8 / 0.95, v6 0.7, v5 0.6 / 0.95)
 PRED_IOU_NANO, STABILITY_NANO, BOX_NMS_NANO = 0.7, 0.94, 0.3
 PRED_IOU_PANOPTIC, STABILITY_PANOPTIC = 0.7, 0.92  # sam_nano_panoptic v2: best F1 at IoU 0.5 on v2 seeds 500-523
-# sam_nano_sum v1, task "unspecified": best F1 at IoU 0.5 on v1 seeds 500-559 (its file's header records these and
-# the part task's, calibrated on v2 seeds 500-559; model card)
-PRED_IOU_SUM, STABILITY_SUM, BOX_NMS_SUM = 0.8, 0.93, 0.3
+# sam_nano_sum v2, task "unspecified": best F1 at IoU 0.5 on v1 seeds 500-559 (its file's header records these and
+# the part task's, calibrated on v2 seeds 500-559; model card; v1 0.8 / 0.93 / 0.3 before its IoU head was refitted)
+PRED_IOU_SUM, STABILITY_SUM, BOX_NMS_SUM = 0.7, 0.93, 0.3
 
 
 def register_model(fn: Optional[ConfigFn] = None, *, default_weights: Optional[str] = None,
@@ -448,7 +448,8 @@ def sam_nano_panoptic() -> SamConfig:
 
 # sam_nano's architecture with SUM's task table, fine-tuned from sam_nano v9 by `samantic train sum` on 120 labelled
 # panoptic (v2) scenes and the pseudo-labels of 240 unlabelled ones: `task=` (unspecified, salient, entity, part)
-# picks the granularity. See assets/sam_nano_sum.md (the model card).
+# picks the granularity; v2's IoU head refitted on those labelled scenes' task clicks (`samantic train iou-head
+# --kind tasks`). See assets/sam_nano_sum.md (the model card).
 @register_model(default_weights="pkg:assets/sam_nano_sum.safetensors",
                 thresholds={"pred_iou_thresh": PRED_IOU_SUM, "stability_score_thresh": STABILITY_SUM,
                             "box_nms_thresh": BOX_NMS_SUM})
