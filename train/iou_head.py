@@ -286,8 +286,8 @@ def fit_iou_head(head: torch.nn.Module, train: IouExamples, val: Optional[IouExa
     """Trains a copy of ``head`` on ``train`` (mean squared error of all four outputs; AdamW, one-cycle schedule).
 
     ``centre_weight``: how much a click at an object's (or task mask's) centre counts in the loss against any other
-    prompt (the 1-point measure clicks there). Returns the trained copy (float32, eval mode) and one record per epoch (training loss and, with ``val``,
-    :func:`iou_head_quality` there); ``log`` is called with each record."""
+    prompt (the 1-point measure clicks there). Returns the trained copy (float32, eval mode) and one record per
+    epoch (training loss and, with ``val``, :func:`iou_head_quality` there); ``log`` is called with each record."""
     if len(train) == 0:
         raise ValueError("no training examples")
     if not centre_weight > 0:

@@ -532,9 +532,8 @@ def train_iou_head(
     try:
         result = refit_iou_head(model, out, checkpoint=checkpoint, first_seed=first_seed, n_scenes=scenes,
                                 val_seeds=parse_seeds(val_seeds), scenes=kind, uniform_points=points, clicks=clicks,
-                                replay=replay, epochs=epochs, lr=lr, centre_weight=centre_weight, seed=seed, cache=cache,
-                                progress=progress,
-                                log=typer.echo)
+                                replay=replay, epochs=epochs, lr=lr, centre_weight=centre_weight, seed=seed,
+                                cache=cache, progress=progress, log=typer.echo)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
