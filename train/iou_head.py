@@ -135,8 +135,7 @@ class _Decoder:
             sparse, dense = model.prompt_encoder(points=(c, torch.ones(len(c), 1, dtype=torch.int)), boxes=None,
                                                  masks=None)
             if self.table is not None:  # each prompt asked with its task, as the predictor and generator do
-                dense = add_task(dense.expand(len(c), -1, -1, -1),
-                                 torch.as_tensor(tasks[i:i + self.chunk], dtype=torch.long), self.table)
+                dense = add_task(dense, torch.as_tensor(tasks[i:i + self.chunk], dtype=torch.long), self.table)
             self.captured.clear()
             low, iou_pred = model.mask_decoder.predict_masks(p.features, self.pe, sparse, dense)
             feats.append(self.captured[0].float().numpy())
